@@ -1,0 +1,3 @@
+from mclx.cli import main
+
+main()

@@ -1,0 +1,123 @@
+"""Self-describing checkpoints and the fingerprint that ties derived artifacts to them.
+
+A checkpoint is a plain dict loadable with ``torch.load(weights_only=True)``::
+
+    {"format": "mclx-checkpoint", "format_version": 1,
+     "model": ModelCfg dict, "preprocess": PreprocessCfg dict,
+     "provenance": {sections, epochs, seed, mclx version, ...},
+     "fingerprint": sha256 of the weights (16 hex digits), "state_dict": {...}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mclx.config import ModelCfg, PreprocessCfg, from_dict, to_dict
+from mclx.errors import FormatError
+from mclx.io import atomic_path
+
+FORMAT = "mclx-checkpoint"
+FORMAT_VERSION = 1
+
+
+def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes of every tensor, sorted by name."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: configs, provenance and the built model."""
+
+    model: nn.Module
+    model_cfg: ModelCfg
+    preprocess: PreprocessCfg
+    provenance: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str = ""
+    path: Path | None = None
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    preprocess: PreprocessCfg,
+    provenance: dict[str, Any] | None = None,
+) -> str:
+    """Write ``model`` atomically to ``path``; return its fingerprint."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    fp = fingerprint(state)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": to_dict(model.cfg),
+        "preprocess": to_dict(preprocess),
+        "provenance": dict(provenance or {}),
+        "fingerprint": fp,
+        "state_dict": state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return fp
+
+
+def read_checkpoint_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and validate the raw dict (no model built)."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: checkpoint does not exist"
+        raise FileNotFoundError(msg)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        msg = f"{path}: not a readable mclx checkpoint ({exc.__class__.__name__})"
+        raise FormatError(msg) from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        msg = f"{path}: not an mclx checkpoint (no '{FORMAT}' format tag)"
+        raise FormatError(msg)
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        msg = (
+            f"{path}: checkpoint format version {version} is newer than this mclx "
+            f"supports ({FORMAT_VERSION}); upgrade mclx"
+        )
+        raise FormatError(msg)
+    for key in ("model", "preprocess", "state_dict", "fingerprint"):
+        if key not in payload:
+            msg = f"{path}: checkpoint lacks '{key}'"
+            raise FormatError(msg)
+    return payload
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Checkpoint:
+    """Rebuild the model from a checkpoint and check its fingerprint."""
+    from mclx.models import create_model
+
+    path = Path(path)
+    payload = read_checkpoint_dict(path)
+    try:
+        model_cfg = from_dict(ModelCfg, payload["model"])
+        pre = from_dict(PreprocessCfg, payload["preprocess"])
+        model = create_model(model_cfg, encoder_weights=None)
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        msg = f"{path}: checkpoint does not match its model config ({exc})"
+        raise FormatError(msg) from exc
+    fp = fingerprint(payload["state_dict"])
+    if fp != payload["fingerprint"]:
+        msg = f"{path}: weights do not match the recorded fingerprint (corrupt file?)"
+        raise FormatError(msg)
+    model.to(map_location).eval()
+    return Checkpoint(model, model_cfg, pre, payload.get("provenance", {}), fp, path)

@@ -1,0 +1,226 @@
+"""``mclx`` command line: one click group, thin commands over library functions.
+
+Every failure a user can cause ends as one line, ``mclx: error: ...``, on stderr with a
+non-zero exit; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from mclx import __version__
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+DEFAULT_DATA = "../shared/data/her2st"
+
+
+def _split(values: Sequence[str]) -> list[str]:
+    """``("C2,C3", "C4")`` -> ``["C2", "C3", "C4"]``."""
+    return [s for v in values for s in v.split(",") if s]
+
+
+def data_option(f: Callable) -> Callable:
+    return click.option(
+        "--data", "data", type=click.Path(path_type=Path), envvar="MCLX_HER2ST",
+        default=DEFAULT_DATA, show_default=True,
+        help="her2st-layout folder (ST-cnts/, ST-spotfiles/, ST-imgs/). Env: MCLX_HER2ST.",
+    )(f)
+
+
+def model_options(f: Callable) -> Callable:
+    """Model choice, gene selection, ablations and training recipe (train and evaluate)."""
+    opts = [
+        click.option("--model", "model", type=click.Choice(["mclstexp", "bleep", "stnet"]),
+                     default="mclstexp", show_default=True, help="Method to train."),
+        click.option("--encoder", default="densenet121", show_default=True,
+                     help="Image encoder from the registry (densenet121, resnet50, tiny_cnn)."),
+        click.option("--encoder-weights", default="auto", show_default=True,
+                     help="FILE, 'imagenet' (torchvision cache), 'auto' (cache if present, "
+                          "else random init with a warning) or 'none'."),
+        click.option("--genes", "genes_file", type=click.Path(path_type=Path),
+                     help="Gene list (.npy or one per line); default her_hvg_cut_1000.npy."),
+        click.option("--n-hvg", type=click.IntRange(1), help="Use N scanpy HVGs instead."),
+        click.option("--log-base", type=click.Choice(["10", "e"]), default="10",
+                     show_default=True, help="log(1 + x) base after library-size scaling."),
+        click.option("--epochs", type=click.IntRange(1), default=90, show_default=True),
+        click.option("--batch-size", type=click.IntRange(2), default=128, show_default=True),
+        click.option("--lr", type=float, default=1e-4, show_default=True),
+        click.option("--weight-decay", type=float, default=1e-3, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--freeze-encoder", is_flag=True,
+                     help="Cache encoder features once; train heads and spot encoder only."),
+        click.option("--no-augment", is_flag=True, help="Disable the reference augmentation."),
+        click.option("--no-pos-embed", is_flag=True, help="Ablation: no positional embeddings."),
+        click.option("--depth", type=click.IntRange(0), default=None,
+                     help="Spot Transformer blocks (0 = ablation without Transformer)."),
+        click.option("--context", type=click.Choice(["batch", "section"]), default=None,
+                     help="Attention context of the spot encoder (default batch)."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _encoder_weights(value: str) -> str | None:
+    return None if value.lower() == "none" else value
+
+
+def _train_cfg(kw: dict[str, Any]):
+    from mclx.config import TrainCfg
+
+    return TrainCfg(
+        epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"],
+        weight_decay=kw["weight_decay"], seed=kw["seed"],
+        freeze_encoder=kw["freeze_encoder"], augment=not kw["no_augment"],
+    )
+
+
+def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"encoder": kw["encoder"]}
+    if kw["no_pos_embed"]:
+        out["pos_embed"] = False
+    if kw["depth"] is not None:
+        out["depth"] = kw["depth"]
+    if kw["context"] is not None:
+        out["context"] = kw["context"]
+    return out
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="mclx")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """mclx: spatial gene expression from H&E histology (mclSTExp).
+
+    \b
+    Data flow: train -> checkpoint -> evaluate / bank / export -> infer.
+    Run `mclx COMMAND --help` for examples.
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@data_option
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
+              help="Checkpoint to write (.pt).")
+@click.option("--sections", multiple=True, help="Training sections (default: all with images).")
+@click.option("--holdout", multiple=True, help="Sections to leave out of training.")
+@model_options
+def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
+    """Train a model and write a self-describing checkpoint.
+
+    \b
+    Examples:
+      mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt
+      mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
+    """
+    from mclx.checkpoint import save_checkpoint
+    from mclx.data.her2st import list_sections, read_her2st
+    from mclx.errors import DataError
+    from mclx.experiment import (
+        PatchCache, choose_genes, make_preprocess, new_model, pos_size, provenance, train_model,
+    )
+
+    cfg = _train_cfg(kw)
+    wanted = _split(sections) or list_sections(data, with_image=True)
+    held = set(_split(holdout))
+    unknown = held - set(list_sections(data))
+    if unknown:
+        msg = f"{data}: holdout section(s) {sorted(unknown)} do not exist"
+        raise KeyError(msg)
+    names = [s for s in wanted if s not in held]
+    if not names:
+        msg = f"{data}: no training section left after --holdout"
+        raise DataError(msg)
+    adatas = read_her2st(data, names, with_image=True)
+    genes = choose_genes(data, adatas, genes_file=kw["genes_file"], n_hvg=kw["n_hvg"])
+    pre = make_preprocess(genes, list(adatas.values()), log_base=kw["log_base"])
+    net = new_model(kw["model"], pre, pos_size(list(adatas.values())), seed=cfg.seed,
+                    encoder_weights=_encoder_weights(kw["encoder_weights"]), **_overrides(kw))
+    cache = PatchCache(adatas, pre.patch_size)
+    history, table = train_model(net, cache, names, pre, cfg, progress=not kw["quiet"])
+    prov = provenance(names, cfg, history, data=str(data), holdout=sorted(held),
+                      encoder_weights=kw["encoder_weights"], n_spots=len(table))
+    fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
+    click.echo(
+        f"mclx: trained {kw['model']} on {len(table)} spots of {', '.join(names)}; "
+        f"loss {history[0]:.4f} -> {history[-1]:.4f}; wrote {out} (fingerprint {fp})"
+    )
+
+
+@cli.command(context_settings=CONTEXT)
+@data_option
+@click.option("--sections", multiple=True, help="Sections to cross-validate (default: all with images).")
+@click.option("--bank-sections", multiple=True,
+              help="Extra sections (image not needed) whose spots join every fold's bank.")
+@click.option("--k", type=click.IntRange(1), default=None,
+              help="Neighbours retrieved (default: 200 mclSTExp, 50 BLEEP).")
+@click.option("--distance", type=click.Choice(["l1", "l2"]), default=None,
+              help="Distance of the inverse-square weights (default l2).")
+@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
+              help="Results JSON (per-gene PCC CSV beside it). Default: evaluate_MODEL.json.")
+@model_options
+def evaluate(data: Path, sections, bank_sections, k, distance, out, **kw: Any) -> None:
+    """Leave-one-section-out cross-validation: the paper's Table 1.
+
+    \b
+    Prints PCC over all genes (ACG), PCC over the 50 most expressed genes of the test
+    section (HEG), MSE and MAE per section and mean +- std.
+    \b
+    Examples:
+      mclx evaluate --data ../shared/data/her2st --freeze-encoder --epochs 90
+      mclx evaluate --model bleep --freeze-encoder --out bleep.json
+      mclx evaluate --freeze-encoder --bank-sections A1,A2,B1 --distance l1
+    """
+    from mclx.evaluate import cross_validate, format_table, write_results
+
+    res = cross_validate(
+        data, model=kw["model"], sections=_split(sections) or None,
+        bank_sections=_split(bank_sections), train_cfg=_train_cfg(kw), k=k, distance=distance,
+        genes_file=kw["genes_file"], n_hvg=kw["n_hvg"],
+        encoder_weights=_encoder_weights(kw["encoder_weights"]),
+        model_overrides=_overrides(kw) | {"encoder": kw["encoder"]},
+        progress=not kw["quiet"],
+    )
+    c = res["config"]
+    click.echo(format_table(
+        res, title=f"{kw['model']}: k={c['k']} distance={c['distance']} genes={c['n_genes']} "
+                   f"epochs={kw['epochs']} ({c['seconds']} s)"))
+    json_path, csv_path = write_results(res, out or Path(f"evaluate_{kw['model']}.json"))
+    click.echo(f"mclx: wrote {json_path} and {csv_path}")
+
+
+def _message(exc: BaseException) -> str:
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(text).split()) or exc.__class__.__name__
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point: run the group, turning failures into one ``mclx: error:`` line."""
+    from mclx.errors import MclxError
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        cli.main(args=args, prog_name="mclx", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        click.echo(f"mclx: error: {_message(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("mclx: error: interrupted", err=True)
+        sys.exit(130)
+    except (MclxError, OSError, ValueError, KeyError, RuntimeError, MemoryError) as exc:
+        if debug:
+            raise
+        click.echo(f"mclx: error: {_message(exc)}", err=True)
+        sys.exit(1)

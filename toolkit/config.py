@@ -1,0 +1,128 @@
+"""Configuration dataclasses. Each round-trips through a checkpoint as a plain dict.
+
+- :class:`PreprocessCfg`: how counts become model inputs (genes, normalisation, log base)
+  and how pixels become patches (patch size, µm/px, pixel scaling). Read by training,
+  bank building, export and the runtime alike.
+- :class:`ModelCfg`: architecture (which model, which image encoder, ablations).
+- :class:`TrainCfg`: the optimisation recipe (defaults are the reference recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ModelName = Literal["mclstexp", "bleep", "stnet"]
+Context = Literal["batch", "section"]
+Distance = Literal["l1", "l2"]
+Weighting = Literal["inverse_square", "mean"]
+LogBase = Literal["10", "e"]
+
+
+@dataclass(frozen=True)
+class PreprocessCfg:
+    """Expression and pixel preprocessing, stored with every artifact.
+
+    Attributes:
+        genes: ordered gene names (the model's output / input columns).
+        target_sum: library size each spot is scaled to, over ``genes`` only.
+        log_base: ``"10"`` for log10(1 + x) (reference code, scprep's default) or ``"e"``.
+        patch_size: side of the square patch centred on a spot, in pixels at ``mpp``.
+        mpp: µm per pixel of the training images (None when unknown).
+        pixel_scale: ``"unit"``: uint8 / 255 with no mean/std (reference code).
+        mean, std: per-channel normalisation applied after scaling (identity by default).
+    """
+
+    genes: tuple[str, ...] = ()
+    target_sum: float = 1e4
+    log_base: LogBase = "10"
+    patch_size: int = 224
+    mpp: float | None = None
+    pixel_scale: Literal["unit"] = "unit"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ModelCfg:
+    """Architecture of one of the registered models.
+
+    Attributes:
+        name: ``mclstexp`` (the paper), ``bleep`` or ``stnet`` (comparison methods).
+        encoder: image encoder registry name (``densenet121`` by default).
+        n_genes: number of genes G (spot encoder width, ST-Net output size).
+        embed_dim: shared embedding size of the projection heads.
+        dropout: dropout of projection heads.
+        temperature: softmax temperature of the contrastive loss.
+        pos_embed: learnable x/y positional embeddings (mclSTExp); False is an ablation.
+        pos_size: rows of the x and y embedding tables, sized from the data.
+        depth: number of pre-norm Transformer blocks over spots; 0 is an ablation.
+        heads, dim_head: attention heads and their width.
+        context: attention context, ``batch`` (reference) or ``section``.
+        k, distance, weighting: retrieval defaults stored for inference.
+    """
+
+    name: ModelName = "mclstexp"
+    encoder: str = "densenet121"
+    n_genes: int = 785
+    embed_dim: int = 256
+    dropout: float = 0.1
+    temperature: float = 1.0
+    pos_embed: bool = True
+    pos_size: tuple[int, int] = (64, 64)
+    depth: int = 2
+    heads: int = 8
+    dim_head: int = 64
+    context: Context = "batch"
+    k: int = 200
+    distance: Distance = "l2"
+    weighting: Weighting = "inverse_square"
+
+    @classmethod
+    def for_model(cls, name: str, **overrides: Any) -> ModelCfg:
+        """Defaults of each published method, then ``overrides``.
+
+        BLEEP has no positions and no Transformer and averages its top 50 neighbours.
+        """
+        base: dict[str, Any] = {"name": name}
+        if name == "bleep":
+            base.update(pos_embed=False, depth=0, k=50, weighting="mean")
+        elif name == "stnet":
+            base.update(pos_embed=False, depth=0, k=0)
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass(frozen=True)
+class TrainCfg:
+    """Optimisation recipe; the defaults are the reference code's."""
+
+    epochs: int = 90
+    batch_size: int = 128
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    seed: int = 0
+    freeze_encoder: bool = False
+    augment: bool = True
+    num_threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Dataclass -> plain dict of str/int/float/bool/list (safe for ``weights_only``)."""
+    out = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Inverse of :func:`to_dict`; unknown keys are an error, tuples restored."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(names)
+    if unknown:
+        msg = f"{cls.__name__}: unknown fields {sorted(unknown)}"
+        raise ValueError(msg)
+    kwargs = {}
+    for key, value in data.items():
+        kwargs[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)

@@ -1,0 +1,77 @@
+"""Sections (AnnData) -> one table of model-ready arrays for training and banks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from mclx.config import PreprocessCfg
+from mclx.data.patches import section_patches
+from mclx.data.preprocess import normalize_expression
+
+
+@dataclass
+class SpotTable:
+    """Spots of several sections, row-aligned.
+
+    Attributes:
+        expr: (N, G) float32 preprocessed expression.
+        pos: (N, 2) int64 array coordinates (x, y).
+        coords: (N, 2) float64 pixel coordinates (x, y).
+        section: (N,) section name of each spot.
+        obs_names: (N,) spot ids ``"{section}_{x}x{y}"``.
+        patches: (N, S, S, 3) uint8 patches, or None when not cut.
+    """
+
+    expr: np.ndarray
+    pos: np.ndarray
+    coords: np.ndarray
+    section: np.ndarray
+    obs_names: np.ndarray
+    patches: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.expr)
+
+    @property
+    def sections(self) -> list[str]:
+        """Section names in order of first appearance."""
+        return list(dict.fromkeys(self.section.tolist()))
+
+    def rows(self, section: str) -> np.ndarray:
+        return np.flatnonzero(self.section == section)
+
+    def subset(self, rows: np.ndarray) -> SpotTable:
+        return SpotTable(
+            self.expr[rows], self.pos[rows], self.coords[rows], self.section[rows],
+            self.obs_names[rows], None if self.patches is None else self.patches[rows],
+        )
+
+
+def build_table(
+    adatas: Mapping[str, object], pre: PreprocessCfg, *, with_patches: bool = False
+) -> SpotTable:
+    """Preprocess every section with ``pre`` and concatenate (and cut patches if asked)."""
+    parts = []
+    for name, a in adatas.items():
+        patches = section_patches(a, pre.patch_size) if with_patches else None
+        parts.append(
+            SpotTable(
+                expr=normalize_expression(a, pre),
+                pos=a.obs[["x", "y"]].to_numpy(np.int64),
+                coords=np.asarray(a.obsm["spatial"], np.float64),
+                section=np.full(a.n_obs, name, dtype=object),
+                obs_names=np.asarray(a.obs_names, dtype=object),
+                patches=patches,
+            )
+        )
+    return SpotTable(
+        expr=np.concatenate([p.expr for p in parts]),
+        pos=np.concatenate([p.pos for p in parts]),
+        coords=np.concatenate([p.coords for p in parts]),
+        section=np.concatenate([p.section for p in parts]),
+        obs_names=np.concatenate([p.obs_names for p in parts]),
+        patches=np.concatenate([p.patches for p in parts]) if with_patches else None,
+    )

@@ -1,0 +1,214 @@
+"""Reader for the her2st layout (github.com/almaan/her2st).
+
+Each section becomes one AnnData:
+
+- ``X``: raw UMI counts (CSR, float32), ``var_names`` the genes of the counts file;
+- ``obs``: ``x``, ``y`` (integer array coordinates), ``pixel_x``, ``pixel_y``, ``section``;
+  ``obs_names`` are ``"{section}_{x}x{y}"``;
+- ``obsm["spatial"]``: spot centres in full-resolution image pixels (x, y);
+- ``uns``: ``section``, ``image_path`` (None when the section has no image), ``mpp``
+  (µm/px estimated from the spot grid: legacy ST spots are 200 µm apart) and the source
+  files.
+
+Counts and spot files are joined on ``"{x}x{y}"`` and only ``selected == 1`` spots kept.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mclx.errors import DataError
+
+ST_PITCH_UM = 200.0  # centre-to-centre distance of legacy ST array positions
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+ENV_VAR = "MCLX_HER2ST"
+
+
+def find_data_root(path: str | os.PathLike) -> Path:
+    """Return the folder that holds ``ST-cnts``: ``path`` itself or ``path/data``."""
+    path = Path(path)
+    if not path.exists():
+        msg = f"{path}: data folder does not exist"
+        raise FileNotFoundError(msg)
+    for cand in (path, path / "data"):
+        if (cand / "ST-cnts").is_dir():
+            return cand
+    msg = f"{path}: not a her2st data folder (no ST-cnts/ in it or in data/)"
+    raise FileNotFoundError(msg)
+
+
+def list_sections(root: str | os.PathLike, *, with_image: bool = False) -> list[str]:
+    """Section names that have a counts file (and an image when ``with_image``)."""
+    root = find_data_root(root)
+    names = sorted(p.name.split(".")[0] for p in (root / "ST-cnts").glob("*.tsv*"))
+    if with_image:
+        names = [s for s in names if _image_path(root, s) is not None]
+    return names
+
+
+def _image_path(root: Path, section: str) -> Path | None:
+    folder = root / "ST-imgs" / section[0] / section
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return files[0] if files else None
+
+
+def _counts_path(root: Path, section: str) -> Path:
+    for name in (f"{section}.tsv.gz", f"{section}.tsv"):
+        if (root / "ST-cnts" / name).is_file():
+            return root / "ST-cnts" / name
+    known = list_sections(root)
+    msg = f"{root / 'ST-cnts'}: no counts file for section {section!r} (known: {', '.join(known)})"
+    raise FileNotFoundError(msg)
+
+
+def read_counts(path: Path) -> pd.DataFrame:
+    """Spots x genes counts table, validated (finite, non-negative, unique spots)."""
+    try:
+        df = pd.read_csv(path, sep="\t", index_col=0)
+    except (OSError, EOFError, ValueError, pd.errors.ParserError) as exc:
+        msg = f"{path}: cannot read counts table ({exc})"
+        raise DataError(msg) from exc
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        msg = f"{path}: counts table is empty"
+        raise DataError(msg)
+    try:
+        values = df.to_numpy(dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        msg = f"{path}: counts table has non-numeric values"
+        raise DataError(msg) from exc
+    if not np.isfinite(values).all():
+        msg = f"{path}: counts contain NaN or infinite values"
+        raise DataError(msg)
+    if (values < 0).any():
+        msg = f"{path}: counts contain negative values"
+        raise DataError(msg)
+    dup = df.index[df.index.duplicated()]
+    if len(dup):
+        msg = f"{path}: duplicate spots {list(dup[:5])}"
+        raise DataError(msg)
+    if df.columns.duplicated().any():
+        msg = f"{path}: duplicate gene columns {list(df.columns[df.columns.duplicated()][:5])}"
+        raise DataError(msg)
+    return df
+
+
+def read_spots(path: Path) -> pd.DataFrame:
+    """Selected spots of a ``*_selection.tsv`` file, indexed by ``"{x}x{y}"``."""
+    try:
+        spots = pd.read_csv(path, sep="\t")
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        msg = f"{path}: cannot read spot file ({exc})"
+        raise DataError(msg) from exc
+    need = {"x", "y", "pixel_x", "pixel_y"}
+    if not need <= set(spots.columns):
+        msg = f"{path}: spot file lacks columns {sorted(need - set(spots.columns))}"
+        raise DataError(msg)
+    if "selected" in spots.columns:
+        spots = spots[spots["selected"] == 1]
+    if spots[list(need)].isna().any().any():
+        msg = f"{path}: spot file has missing coordinates"
+        raise DataError(msg)
+    spots = spots.assign(x=spots["x"].astype(int), y=spots["y"].astype(int))
+    spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"])]
+    if spots.index.duplicated().any():
+        msg = f"{path}: duplicate spots {list(spots.index[spots.index.duplicated()][:5])}"
+        raise DataError(msg)
+    return spots
+
+
+def estimate_mpp(obs: pd.DataFrame, pitch_um: float = ST_PITCH_UM) -> float | None:
+    """µm/px from the spot grid: least-squares pixels per array step, x and y pooled."""
+    slopes = []
+    for a, p in (("x", "pixel_x"), ("y", "pixel_y")):
+        if obs[a].nunique() > 1:
+            slopes.append(abs(np.polyfit(obs[a].to_numpy(float), obs[p].to_numpy(float), 1)[0]))
+    if not slopes or min(slopes) <= 0:
+        return None
+    return float(pitch_um / np.mean(slopes))
+
+
+def read_section(root: str | os.PathLike, section: str, *, check_image: bool = True):
+    """Read one section as AnnData (see module docstring)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    root = find_data_root(root)
+    counts_path = _counts_path(root, section)
+    spots_path = root / "ST-spotfiles" / f"{section}_selection.tsv"
+    if not spots_path.is_file():
+        msg = f"{spots_path}: spot file for section {section!r} does not exist"
+        raise FileNotFoundError(msg)
+    counts = read_counts(counts_path)
+    spots = read_spots(spots_path)
+    common = counts.index.intersection(spots.index, sort=False)
+    if len(common) == 0:
+        msg = f"{counts_path}: no spot in common with {spots_path}"
+        raise DataError(msg)
+    counts = counts.loc[common]
+    spots = spots.loc[common]
+    obs = pd.DataFrame(
+        {
+            "x": spots["x"].to_numpy(),
+            "y": spots["y"].to_numpy(),
+            "pixel_x": spots["pixel_x"].to_numpy(float),
+            "pixel_y": spots["pixel_y"].to_numpy(float),
+            "section": section,
+        },
+        index=[f"{section}_{i}" for i in common],
+    )
+    image = _image_path(root, section)
+    if image is not None and check_image:
+        _check_spots_inside(image, obs)
+    adata = ad.AnnData(
+        X=sp.csr_matrix(counts.to_numpy(dtype=np.float32)),
+        obs=obs,
+        var=pd.DataFrame(index=counts.columns.astype(str)),
+    )
+    adata.obsm["spatial"] = obs[["pixel_x", "pixel_y"]].to_numpy(float)
+    adata.uns["section"] = section
+    adata.uns["image_path"] = str(image) if image is not None else None
+    adata.uns["mpp"] = estimate_mpp(obs)
+    adata.uns["counts_path"] = str(counts_path)
+    adata.uns["spots_path"] = str(spots_path)
+    return adata
+
+
+def _check_spots_inside(image: Path, obs: pd.DataFrame) -> None:
+    from mclx.data.patches import image_size
+
+    width, height = image_size(image)
+    px, py = obs["pixel_x"].to_numpy(), obs["pixel_y"].to_numpy()
+    outside = (px < 0) | (py < 0) | (px >= width) | (py >= height)
+    if outside.any():
+        first = obs.index[outside][0]
+        msg = (
+            f"{image}: {int(outside.sum())} spots lie outside the {width}x{height} image "
+            f"(first: {first})"
+        )
+        raise DataError(msg)
+
+
+def read_her2st(
+    root: str | os.PathLike, sections: list[str] | None = None, *, with_image: bool = False
+) -> dict[str, object]:
+    """Read several sections (all, or those with an image) into ``{name: AnnData}``."""
+    root = find_data_root(root)
+    available = list_sections(root, with_image=with_image)
+    if sections is None:
+        sections = available
+    else:
+        everything = list_sections(root)
+        for s in sections:
+            if s not in everything:
+                msg = f"{root}: section {s!r} does not exist (known: {', '.join(everything)})"
+                raise KeyError(msg)
+            if with_image and s not in available:
+                msg = f"{root}: section {s!r} has no image under ST-imgs/"
+                raise DataError(msg)
+    return {s: read_section(root, s) for s in sections}

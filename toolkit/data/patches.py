@@ -1,0 +1,81 @@
+"""Image loading and patch extraction around spot centres.
+
+Patches are ``patch_size`` square, centred on the spot, zero-padded where they cross the
+image border (as PIL's ``crop`` does in the reference code). They stay uint8 NHWC until
+the model's input transform scales them (``[0, 1]``, no mean/std by default).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mclx.errors import DataError
+
+MAX_PIXELS = 2_000_000_000  # her2st images are ~92 Mpx, above PIL's bomb guard
+
+
+def _open(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    if not path.is_file():
+        msg = f"{path}: image does not exist"
+        raise FileNotFoundError(msg)
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError as exc:
+        msg = f"{path}: not an image PIL can read"
+        raise DataError(msg) from exc
+    except OSError as exc:
+        msg = f"{path}: cannot open image ({exc})"
+        raise DataError(msg) from exc
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the header, without decoding the pixels."""
+    with _open(Path(path)) as im:
+        return im.size
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Whole image as an RGB uint8 array (H, W, 3)."""
+    path = Path(path)
+    with _open(path) as im:
+        try:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as exc:
+            msg = f"{path}: truncated or corrupt image ({exc})"
+            raise DataError(msg) from exc
+
+
+def extract_patches(image: np.ndarray, centers: np.ndarray, size: int = 224) -> np.ndarray:
+    """Square uint8 patches (N, size, size, 3) centred on ``centers`` (N, 2) as (x, y).
+
+    A patch spans ``[c - size//2, c - size//2 + size)`` on each axis with the centre
+    rounded down to a pixel (PIL ``crop`` semantics); pixels outside the image are zero.
+    """
+    centers = np.asarray(centers, dtype=np.float64)
+    h, w = image.shape[:2]
+    out = np.zeros((len(centers), size, size, image.shape[2]), dtype=image.dtype)
+    half = size // 2
+    for i, (cx, cy) in enumerate(np.floor(centers).astype(np.int64)):
+        x0, y0 = cx - half, cy - half
+        sx0, sy0 = max(x0, 0), max(y0, 0)
+        sx1, sy1 = min(x0 + size, w), min(y0 + size, h)
+        if sx1 <= sx0 or sy1 <= sy0:
+            continue
+        out[i, sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0:sy1, sx0:sx1]
+    return out
+
+
+def section_patches(adata, size: int = 224) -> np.ndarray:
+    """Patches of every spot of a section that has an image."""
+    path = adata.uns.get("image_path")
+    if not path:
+        msg = f"section {adata.uns.get('section')}: has no image, cannot cut patches"
+        raise DataError(msg)
+    return extract_patches(load_image(path), adata.obsm["spatial"], size)

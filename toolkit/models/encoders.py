@@ -1,0 +1,136 @@
+"""Image encoders: torchvision backbones -> global average pool -> feature vector.
+
+Every encoder answers ``num_features``, ``forward_features`` (the feature map) and
+``forward`` (pooled features). Weights come from torchvision's local cache when present,
+or from ``weights_file``; nothing is downloaded. Random initialisation is allowed, with a
+warning, so that tests and air-gapped machines still work.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mclx.models.registry import Registry
+
+ENCODERS = Registry("image encoder")
+
+
+class ImageEncoder(nn.Module):
+    """A backbone's feature extractor followed by ReLU (DenseNet) and average pooling."""
+
+    def __init__(self, features: nn.Module, num_features: int, final_relu: bool) -> None:
+        super().__init__()
+        self.features = features
+        self.num_features = num_features
+        self.final_relu = final_relu
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return torch.relu(x) if self.final_relu else x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean(dim=(2, 3))
+
+
+def _cached_weights(weights) -> Path | None:
+    """Path of torchvision's cached file for ``weights`` when it is on disk."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+    return path if path.is_file() else None
+
+
+_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _load_backbone_weights(model: nn.Module, path: Path) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        msg = f"{path}: cannot load encoder weights ({exc.__class__.__name__}: {exc})"
+        raise ValueError(msg) from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    fixed = {}
+    for key, value in state.items():
+        m = _DENSENET_KEY.match(key)
+        fixed[m.group(1) + m.group(2) if m else key] = value
+    missing, unexpected = model.load_state_dict(fixed, strict=False)
+    missing = [k for k in missing if not k.startswith(("classifier", "fc"))]
+    if missing:
+        msg = f"{path}: encoder weights lack {len(missing)} tensors (first: {missing[0]})"
+        raise ValueError(msg)
+
+
+def _build(ctor, weights_enum, weights: str | os.PathLike | None, *, name: str) -> nn.Module:
+    """Construct a torchvision model, loading weights only from local files.
+
+    ``weights``: ``"imagenet"`` (torchvision's cache, error when absent), ``"auto"``
+    (cache when present, else random init with a warning), a file path, or None (random).
+    """
+    if weights in ("auto", "imagenet"):
+        cached = _cached_weights(weights_enum)
+        if cached is not None:
+            return ctor(weights=weights_enum)
+        if weights == "imagenet":
+            msg = f"{name}: ImageNet weights not in torchvision's cache ({torch.hub.get_dir()})"
+            raise FileNotFoundError(msg)
+        warnings.warn(
+            f"{name}: no ImageNet weights in {torch.hub.get_dir()}/checkpoints and no "
+            "--encoder-weights file; using random initialisation",
+            stacklevel=3,
+        )
+        return ctor(weights=None)
+    model = ctor(weights=None)
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            msg = f"{path}: encoder weights file does not exist"
+            raise FileNotFoundError(msg)
+        _load_backbone_weights(model, path)
+    return model
+
+
+@ENCODERS.register
+def densenet121(weights: str | os.PathLike | None = "auto") -> ImageEncoder:
+    """DenseNet-121 (1024 features), the mclSTExp / ST-Net / BLEEP image encoder."""
+    from torchvision.models import DenseNet121_Weights
+    from torchvision.models import densenet121 as ctor
+
+    model = _build(ctor, DenseNet121_Weights.IMAGENET1K_V1, weights, name="densenet121")
+    return ImageEncoder(model.features, 1024, final_relu=True)
+
+
+@ENCODERS.register
+def resnet50(weights: str | os.PathLike | None = "auto") -> ImageEncoder:
+    """ResNet-50 (2048 features)."""
+    from torchvision.models import ResNet50_Weights
+    from torchvision.models import resnet50 as ctor
+
+    model = _build(ctor, ResNet50_Weights.IMAGENET1K_V2, weights, name="resnet50")
+    features = nn.Sequential(*list(model.children())[:-2])
+    return ImageEncoder(features, 2048, final_relu=False)
+
+
+@ENCODERS.register
+def tiny_cnn(weights: str | os.PathLike | None = None) -> ImageEncoder:
+    """A 4-layer CNN (64 features) for fast tests and demos; never pretrained."""
+    layers: list[nn.Module] = []
+    chans = [3, 16, 32, 64, 64]
+    for cin, cout in zip(chans[:-1], chans[1:]):
+        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+    features = nn.Sequential(*layers)
+    if weights not in (None, "auto"):
+        _load_backbone_weights(features, Path(weights))
+    return ImageEncoder(features, 64, final_relu=False)
+
+
+def create_encoder(name: str, *, weights: str | os.PathLike | None = "auto") -> ImageEncoder:
+    """Build a registered image encoder (``KeyError`` with close matches if unknown)."""
+    return ENCODERS.create(name, weights=weights)
