@@ -15,6 +15,7 @@ from typing import Any
 import click
 
 from mclx import __version__
+from mclx.io import check_output
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_DATA = "../shared/data/her2st"
@@ -27,8 +28,12 @@ def _split(values: Sequence[str]) -> list[str]:
 
 def data_option(f: Callable) -> Callable:
     return click.option(
-        "--data", "data", type=click.Path(path_type=Path), envvar="MCLX_HER2ST",
-        default=DEFAULT_DATA, show_default=True,
+        "--data",
+        "data",
+        type=click.Path(path_type=Path),
+        envvar="MCLX_HER2ST",
+        default=DEFAULT_DATA,
+        show_default=True,
         help="her2st-layout folder (ST-cnts/, ST-spotfiles/, ST-imgs/). Env: MCLX_HER2ST.",
     )(f)
 
@@ -36,31 +41,65 @@ def data_option(f: Callable) -> Callable:
 def model_options(f: Callable) -> Callable:
     """Model choice, gene selection, ablations and training recipe (train and evaluate)."""
     opts = [
-        click.option("--model", "model", type=click.Choice(["mclstexp", "bleep", "stnet"]),
-                     default="mclstexp", show_default=True, help="Method to train."),
-        click.option("--encoder", default="densenet121", show_default=True,
-                     help="Image encoder from the registry (densenet121, resnet50, tiny_cnn)."),
-        click.option("--encoder-weights", default="auto", show_default=True,
-                     help="FILE, 'imagenet' (torchvision cache), 'auto' (cache if present, "
-                          "else random init with a warning) or 'none'."),
-        click.option("--genes", "genes_file", type=click.Path(path_type=Path),
-                     help="Gene list (.npy or one per line); default her_hvg_cut_1000.npy."),
+        click.option(
+            "--model",
+            "model",
+            type=click.Choice(["mclstexp", "bleep", "stnet"]),
+            default="mclstexp",
+            show_default=True,
+            help="Method to train.",
+        ),
+        click.option(
+            "--encoder",
+            default="densenet121",
+            show_default=True,
+            help="Image encoder from the registry (densenet121, resnet50, tiny_cnn).",
+        ),
+        click.option(
+            "--encoder-weights",
+            default="auto",
+            show_default=True,
+            help="FILE, 'imagenet' (torchvision cache), 'auto' (cache if present, "
+            "else random init with a warning) or 'none'.",
+        ),
+        click.option(
+            "--genes",
+            "genes_file",
+            type=click.Path(path_type=Path),
+            help="Gene list (.npy or one per line); default her_hvg_cut_1000.npy.",
+        ),
         click.option("--n-hvg", type=click.IntRange(1), help="Use N scanpy HVGs instead."),
-        click.option("--log-base", type=click.Choice(["10", "e"]), default="10",
-                     show_default=True, help="log(1 + x) base after library-size scaling."),
+        click.option(
+            "--log-base",
+            type=click.Choice(["10", "e"]),
+            default="10",
+            show_default=True,
+            help="log(1 + x) base after library-size scaling.",
+        ),
         click.option("--epochs", type=click.IntRange(1), default=90, show_default=True),
         click.option("--batch-size", type=click.IntRange(2), default=128, show_default=True),
         click.option("--lr", type=float, default=1e-4, show_default=True),
         click.option("--weight-decay", type=float, default=1e-3, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
-        click.option("--freeze-encoder", is_flag=True,
-                     help="Cache encoder features once; train heads and spot encoder only."),
+        click.option(
+            "--freeze-encoder",
+            is_flag=True,
+            help="Cache encoder features once; train heads and spot encoder only.",
+        ),
         click.option("--no-augment", is_flag=True, help="Disable the reference augmentation."),
         click.option("--no-pos-embed", is_flag=True, help="Ablation: no positional embeddings."),
-        click.option("--depth", type=click.IntRange(0), default=None,
-                     help="Spot Transformer blocks (0 = ablation without Transformer)."),
-        click.option("--context", type=click.Choice(["batch", "section"]), default=None,
-                     help="Attention context of the spot encoder (default batch)."),
+        click.option(
+            "--depth",
+            type=click.IntRange(0),
+            default=None,
+            help="Spot Transformer blocks (0 = ablation without Transformer).",
+        ),
+        click.option(
+            "--context",
+            type=click.Choice(["batch", "section"]),
+            default=None,
+            help="Attention context of the spot encoder (default batch).",
+        ),
         click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
     ]
     for opt in reversed(opts):
@@ -76,9 +115,13 @@ def _train_cfg(kw: dict[str, Any]):
     from mclx.config import TrainCfg
 
     return TrainCfg(
-        epochs=kw["epochs"], batch_size=kw["batch_size"], lr=kw["lr"],
-        weight_decay=kw["weight_decay"], seed=kw["seed"],
-        freeze_encoder=kw["freeze_encoder"], augment=not kw["no_augment"],
+        epochs=kw["epochs"],
+        batch_size=kw["batch_size"],
+        lr=kw["lr"],
+        weight_decay=kw["weight_decay"],
+        seed=kw["seed"],
+        freeze_encoder=kw["freeze_encoder"],
+        augment=not kw["no_augment"],
     )
 
 
@@ -107,8 +150,9 @@ def cli(debug: bool) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @data_option
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True,
-              help="Checkpoint to write (.pt).")
+@click.option(
+    "--out", "-o", type=click.Path(path_type=Path), required=True, help="Checkpoint to write (.pt)."
+)
 @click.option("--sections", multiple=True, help="Training sections (default: all with images).")
 @click.option("--holdout", multiple=True, help="Sections to leave out of training.")
 @model_options
@@ -124,9 +168,16 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
     from mclx.data.her2st import list_sections, read_her2st
     from mclx.errors import DataError
     from mclx.experiment import (
-        PatchCache, choose_genes, make_preprocess, new_model, pos_size, provenance, train_model,
+        PatchCache,
+        choose_genes,
+        make_preprocess,
+        new_model,
+        pos_size,
+        provenance,
+        train_model,
     )
 
+    check_output(out)
     cfg = _train_cfg(kw)
     wanted = _split(sections) or list_sections(data, with_image=True)
     held = set(_split(holdout))
@@ -141,12 +192,25 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
     adatas = read_her2st(data, names, with_image=True)
     genes = choose_genes(data, adatas, genes_file=kw["genes_file"], n_hvg=kw["n_hvg"])
     pre = make_preprocess(genes, list(adatas.values()), log_base=kw["log_base"])
-    net = new_model(kw["model"], pre, pos_size(list(adatas.values())), seed=cfg.seed,
-                    encoder_weights=_encoder_weights(kw["encoder_weights"]), **_overrides(kw))
+    net = new_model(
+        kw["model"],
+        pre,
+        pos_size(list(adatas.values())),
+        seed=cfg.seed,
+        encoder_weights=_encoder_weights(kw["encoder_weights"]),
+        **_overrides(kw),
+    )
     cache = PatchCache(adatas, pre.patch_size)
     history, table = train_model(net, cache, names, pre, cfg, progress=not kw["quiet"])
-    prov = provenance(names, cfg, history, data=str(data), holdout=sorted(held),
-                      encoder_weights=kw["encoder_weights"], n_spots=len(table))
+    prov = provenance(
+        names,
+        cfg,
+        history,
+        data=str(data),
+        holdout=sorted(held),
+        encoder_weights=kw["encoder_weights"],
+        n_spots=len(table),
+    )
     fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
     click.echo(
         f"mclx: trained {kw['model']} on {len(table)} spots of {', '.join(names)}; "
@@ -156,15 +220,33 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
 
 @cli.command(context_settings=CONTEXT)
 @data_option
-@click.option("--sections", multiple=True, help="Sections to cross-validate (default: all with images).")
-@click.option("--bank-sections", multiple=True,
-              help="Extra sections (image not needed) whose spots join every fold's bank.")
-@click.option("--k", type=click.IntRange(1), default=None,
-              help="Neighbours retrieved (default: 200 mclSTExp, 50 BLEEP).")
-@click.option("--distance", type=click.Choice(["l1", "l2"]), default=None,
-              help="Distance of the inverse-square weights (default l2).")
-@click.option("--out", "-o", type=click.Path(path_type=Path), default=None,
-              help="Results JSON (per-gene PCC CSV beside it). Default: evaluate_MODEL.json.")
+@click.option(
+    "--sections", multiple=True, help="Sections to cross-validate (default: all with images)."
+)
+@click.option(
+    "--bank-sections",
+    multiple=True,
+    help="Extra sections (image not needed) whose spots join every fold's bank.",
+)
+@click.option(
+    "--k",
+    type=click.IntRange(1),
+    default=None,
+    help="Neighbours retrieved (default: 200 mclSTExp, 50 BLEEP).",
+)
+@click.option(
+    "--distance",
+    type=click.Choice(["l1", "l2"]),
+    default=None,
+    help="Distance of the inverse-square weights (default l2).",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Results JSON (per-gene PCC CSV beside it). Default: evaluate_MODEL.json.",
+)
 @model_options
 def evaluate(data: Path, sections, bank_sections, k, distance, out, **kw: Any) -> None:
     """Leave-one-section-out cross-validation: the paper's Table 1.
@@ -180,19 +262,30 @@ def evaluate(data: Path, sections, bank_sections, k, distance, out, **kw: Any) -
     """
     from mclx.evaluate import cross_validate, format_table, write_results
 
+    out = check_output(out or Path(f"evaluate_{kw['model']}.json"))
     res = cross_validate(
-        data, model=kw["model"], sections=_split(sections) or None,
-        bank_sections=_split(bank_sections), train_cfg=_train_cfg(kw), k=k, distance=distance,
-        genes_file=kw["genes_file"], n_hvg=kw["n_hvg"],
+        data,
+        model=kw["model"],
+        sections=_split(sections) or None,
+        bank_sections=_split(bank_sections),
+        train_cfg=_train_cfg(kw),
+        k=k,
+        distance=distance,
+        genes_file=kw["genes_file"],
+        n_hvg=kw["n_hvg"],
         encoder_weights=_encoder_weights(kw["encoder_weights"]),
         model_overrides=_overrides(kw) | {"encoder": kw["encoder"]},
         progress=not kw["quiet"],
     )
     c = res["config"]
-    click.echo(format_table(
-        res, title=f"{kw['model']}: k={c['k']} distance={c['distance']} genes={c['n_genes']} "
-                   f"epochs={kw['epochs']} ({c['seconds']} s)"))
-    json_path, csv_path = write_results(res, out or Path(f"evaluate_{kw['model']}.json"))
+    click.echo(
+        format_table(
+            res,
+            title=f"{kw['model']}: k={c['k']} distance={c['distance']} genes={c['n_genes']} "
+            f"epochs={kw['epochs']} ({c['seconds']} s)",
+        )
+    )
+    json_path, csv_path = write_results(res, out)
     click.echo(f"mclx: wrote {json_path} and {csv_path}")
 
 

@@ -58,7 +58,9 @@ def cross_validate(
     if len(adatas) < 2:
         msg = f"{root}: cross-validation needs at least two sections with images"
         raise ValueError(msg)
-    extra = read_her2st(root, [s for s in bank_sections if s not in adatas]) if bank_sections else {}
+    extra = (
+        read_her2st(root, [s for s in bank_sections if s not in adatas]) if bank_sections else {}
+    )
     cache = PatchCache(adatas, PreprocessCfg().patch_size)
     results: dict[str, Any] = {}
     genes_out: dict[str, dict[str, float]] = {}
@@ -66,12 +68,19 @@ def cross_validate(
     t0 = time.perf_counter()
     for test in adatas:
         train_secs = [s for s in adatas if s != test]
-        genes = choose_genes(root, {s: adatas[s] for s in train_secs}, genes_file=genes_file,
-                             n_hvg=n_hvg)
+        genes = choose_genes(
+            root, {s: adatas[s] for s in train_secs}, genes_file=genes_file, n_hvg=n_hvg
+        )
         pre = make_preprocess(genes, list(adatas.values()))
         bank_adatas = {s: adatas[s] for s in train_secs} | extra
-        net = new_model(model, pre, pos_size(list(bank_adatas.values())), seed=cfg.seed,
-                        encoder_weights=encoder_weights, **(model_overrides or {}))
+        net = new_model(
+            model,
+            pre,
+            pos_size(list(bank_adatas.values())),
+            seed=cfg.seed,
+            encoder_weights=encoder_weights,
+            **(model_overrides or {}),
+        )
         k_eff = k if k is not None else net.cfg.k
         dist = distance or net.cfg.distance
         history, _ = train_model(net, cache, train_secs, pre, cfg, progress=progress)
@@ -84,25 +93,26 @@ def cross_validate(
         if net.kind == "contrastive":
             bank = build_table(bank_adatas, pre)
             keys = spot_embeddings(net, bank, seq_len=cfg.batch_size)
-            pred = retrieve(out, keys, bank.expr, k_eff, distance=dist,
-                            weighting=net.cfg.weighting)
+            pred = retrieve(out, keys, bank.expr, k_eff, distance=dist, weighting=net.cfg.weighting)
         else:
             pred = out
         s = score(pred, test_table.expr)
         genes_out[test] = dict(zip(genes, s.pop("pcc_genes").tolist()))
         results[test] = s | {"n_spots": len(test_table), "final_loss": history[-1]}
         run_cfg = {
-            "model": to_dict(net.cfg), "train": {k_: v for k_, v in to_dict(cfg).items()
-                                                 if k_ != "extra"},
-            "k": k_eff, "distance": dist, "weighting": net.cfg.weighting,
-            "n_genes": len(genes), "bank_sections": list(bank_sections),
+            "model": to_dict(net.cfg),
+            "train": {k_: v for k_, v in to_dict(cfg).items() if k_ != "extra"},
+            "k": k_eff,
+            "distance": dist,
+            "weighting": net.cfg.weighting,
+            "n_genes": len(genes),
+            "bank_sections": list(bank_sections),
             "encoder_weights": str(encoder_weights),
         }
     mean = {m: float(np.mean([r[m] for r in results.values()])) for m in METRICS}
     std = {m: float(np.std([r[m] for r in results.values()])) for m in METRICS}
     run_cfg["seconds"] = round(time.perf_counter() - t0, 1)
-    return {"sections": results, "mean": mean, "std": std, "config": run_cfg,
-            "genes": genes_out}
+    return {"sections": results, "mean": mean, "std": std, "config": run_cfg, "genes": genes_out}
 
 
 def format_table(res: dict[str, Any], title: str = "") -> str:

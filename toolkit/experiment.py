@@ -93,8 +93,13 @@ class PatchCache:
 
 
 def new_model(
-    name: str, pre: PreprocessCfg, pos: tuple[int, int], *, seed: int,
-    encoder_weights: str | os.PathLike | None = "auto", **overrides: Any,
+    name: str,
+    pre: PreprocessCfg,
+    pos: tuple[int, int],
+    *,
+    seed: int,
+    encoder_weights: str | os.PathLike | None = "auto",
+    **overrides: Any,
 ):
     """Seeded model of ``name`` sized for ``pre.genes`` and ``pos``."""
     from mclx.models import create_model
@@ -112,8 +117,13 @@ def encoder_fingerprint(model) -> str:
 
 
 def train_model(
-    model, cache: PatchCache, sections: Sequence[str], pre: PreprocessCfg, cfg: TrainCfg,
-    *, progress: bool = True,
+    model,
+    cache: PatchCache,
+    sections: Sequence[str],
+    pre: PreprocessCfg,
+    cfg: TrainCfg,
+    *,
+    progress: bool = True,
 ) -> tuple[list[float], SpotTable]:
     """Fit ``model`` on the image spots of ``sections``; return loss history and table."""
     from mclx.train import fit

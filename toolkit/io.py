@@ -27,7 +27,8 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         msg = f"{path}: output folder {folder} does not exist"
         raise FileNotFoundError(msg)
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=".tmp" + (path.suffix if suffix is None else suffix),
+        prefix=f".{path.name}.",
+        suffix=".tmp" + (path.suffix if suffix is None else suffix),
         dir=folder,
     )
     os.close(fd)
@@ -41,6 +42,22 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def check_output(path: str | os.PathLike) -> Path:
+    """Fail before any work when ``path`` cannot be written (missing or read-only folder)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        msg = f"{path}: output folder {folder} does not exist"
+        raise FileNotFoundError(msg)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        msg = f"{path}: output folder {folder} is not writable"
+        raise PermissionError(msg)
+    if path.is_dir():
+        msg = f"{path}: output path is a folder"
+        raise IsADirectoryError(msg)
+    return path
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

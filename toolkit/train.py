@@ -138,7 +138,7 @@ def fit(
     for p in model.image_encoder.parameters():
         p.requires_grad_(not frozen)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     rng = np.random.default_rng(cfg.seed)
     expr = torch.as_tensor(table.expr, device=device)
     pos = torch.as_tensor(table.pos, device=device)

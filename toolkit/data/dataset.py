@@ -45,8 +45,12 @@ class SpotTable:
 
     def subset(self, rows: np.ndarray) -> SpotTable:
         return SpotTable(
-            self.expr[rows], self.pos[rows], self.coords[rows], self.section[rows],
-            self.obs_names[rows], None if self.patches is None else self.patches[rows],
+            self.expr[rows],
+            self.pos[rows],
+            self.coords[rows],
+            self.section[rows],
+            self.obs_names[rows],
+            None if self.patches is None else self.patches[rows],
         )
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from mclx.models.registry import Registry
 
 ENCODERS = Registry("image encoder")
+_WARNED: set[str] = set()  # warn about random initialisation once per encoder
 
 
 class ImageEncoder(nn.Module):
@@ -81,11 +82,13 @@ def _build(ctor, weights_enum, weights: str | os.PathLike | None, *, name: str) 
         if weights == "imagenet":
             msg = f"{name}: ImageNet weights not in torchvision's cache ({torch.hub.get_dir()})"
             raise FileNotFoundError(msg)
-        warnings.warn(
-            f"{name}: no ImageNet weights in {torch.hub.get_dir()}/checkpoints and no "
-            "--encoder-weights file; using random initialisation",
-            stacklevel=3,
-        )
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(
+                f"{name}: no ImageNet weights in {torch.hub.get_dir()}/checkpoints and no "
+                "--encoder-weights file; using random initialisation",
+                stacklevel=2,
+            )
         return ctor(weights=None)
     model = ctor(weights=None)
     if weights is not None:
@@ -120,11 +123,18 @@ def resnet50(weights: str | os.PathLike | None = "auto") -> ImageEncoder:
 
 @ENCODERS.register
 def tiny_cnn(weights: str | os.PathLike | None = None) -> ImageEncoder:
-    """A 4-layer CNN (64 features) for fast tests and demos; never pretrained."""
+    """A 4-layer CNN (64 features) for fast tests and demos; never pretrained.
+
+    Kaiming-initialised and without normalisation layers, so that even untrained its
+    pooled features keep the scale of the input's colour and texture.
+    """
     layers: list[nn.Module] = []
     chans = [3, 16, 32, 64, 64]
     for cin, cout in zip(chans[:-1], chans[1:]):
-        layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1), nn.BatchNorm2d(cout), nn.ReLU()]
+        conv = nn.Conv2d(cin, cout, 3, stride=2, padding=1)
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU()]
     features = nn.Sequential(*layers)
     if weights not in (None, "auto"):
         _load_backbone_weights(features, Path(weights))

@@ -51,8 +51,11 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(dim, heads, dim_head, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.ff = nn.Sequential(
-            nn.Linear(dim, mlp_dim), nn.GELU(), nn.Dropout(dropout),
-            nn.Linear(mlp_dim, dim), nn.Dropout(dropout),
+            nn.Linear(dim, mlp_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mlp_dim, dim),
+            nn.Dropout(dropout),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

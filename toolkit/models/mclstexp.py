@@ -50,9 +50,11 @@ class SpotEncoder(nn.Module):
         x = expr
         if self.x_embed is not None:
             pos = pos.long()
-            if (pos < 0).any() or (pos[:, 0] >= self.pos_size[0]).any() or (
-                pos[:, 1] >= self.pos_size[1]
-            ).any():
+            if (
+                (pos < 0).any()
+                or (pos[:, 0] >= self.pos_size[0]).any()
+                or (pos[:, 1] >= self.pos_size[1]).any()
+            ):
                 msg = (
                     f"spot array coordinates up to ({int(pos[:, 0].max())}, "
                     f"{int(pos[:, 1].max())}) exceed the model's positional tables "

@@ -1,0 +1,30 @@
+# Set-up on a fresh machine is part of every target: a venv in .venv with mclx and its
+# test/bench dependencies. torch/torchvision ranges admit the releases on local disk.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mclx-installed
+
+.PHONY: install test demo bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/python -m mclx.demo
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench --benchmark-only
+
+lint: $(STAMP)
+	$(BIN)/ruff check toolkit export kernels tests bench
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache .benchmarks

@@ -1,0 +1,202 @@
+"""The command line as a user runs it: subprocess, real arguments, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mclx.checkpoint import load_checkpoint
+
+
+def mclx(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "mclx", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+
+
+def assert_one_line_error(res, *needles):
+    assert res.returncode != 0
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1, res.stderr
+    assert err[0].startswith("mclx: error: "), err[0]
+    assert "Traceback" not in res.stderr
+    for n in needles:
+        assert n in err[0], err[0]
+
+
+def test_help_and_version():
+    res = mclx("--help")
+    assert res.returncode == 0 and "train" in res.stdout and "evaluate" in res.stdout
+    assert "Examples" in mclx("train", "--help").stdout
+    assert mclx("--version").stdout.startswith("mclx, version")
+
+
+def test_train_writes_checkpoint_that_loads(synthetic, tmp_path):
+    out = tmp_path / "m.pt"
+    res = mclx(
+        "train",
+        "--data",
+        synthetic,
+        "--holdout",
+        "S3",
+        "--encoder",
+        "tiny_cnn",
+        "--encoder-weights",
+        "none",
+        "--genes",
+        synthetic / "genes.txt",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--freeze-encoder",
+        "-q",
+        "--out",
+        out,
+    )
+    assert res.returncode == 0, res.stderr
+    ck = load_checkpoint(out)
+    assert ck.provenance["sections"] == ["S1", "S2"] and ck.provenance["holdout"] == ["S3"]
+    assert ck.provenance["epochs"] == 3 and len(ck.provenance["loss_history"]) == 3
+    assert len(ck.preprocess.genes) == 40 and ck.preprocess.log_base == "10"
+    assert ck.preprocess.mpp == pytest.approx(200 / 224, rel=0.01)
+    assert ck.model_cfg.pos_size == (11, 11)
+    raw = torch.load(out, weights_only=True)
+    assert raw["fingerprint"] == ck.fingerprint
+
+
+def test_evaluate_learns_the_synthetic_signal(synthetic, tmp_path):
+    out = tmp_path / "res.json"
+    res = mclx(
+        "evaluate",
+        "--data",
+        synthetic,
+        "--encoder",
+        "tiny_cnn",
+        "--encoder-weights",
+        "none",
+        "--genes",
+        synthetic / "genes.txt",
+        "--epochs",
+        "40",
+        "--batch-size",
+        "32",
+        "--lr",
+        "1e-3",
+        "--freeze-encoder",
+        "--k",
+        "20",
+        "--bank-sections",
+        "S4",
+        "-q",
+        "--out",
+        out,
+    )
+    assert res.returncode == 0, res.stderr
+    assert "PCC(ACG)" in res.stdout and "mean±std" in res.stdout
+    data = json.loads(out.read_text())
+    assert set(data["sections"]) == {"S1", "S2", "S3"}
+    assert data["config"]["bank_sections"] == ["S4"] and data["config"]["k"] == 20
+    for m in ("pcc_acg", "pcc_heg", "mse", "mae"):
+        vals = [r[m] for r in data["sections"].values()]
+        assert data["mean"][m] == pytest.approx(np.mean(vals))
+        assert data["std"][m] == pytest.approx(np.std(vals))
+    # images carry the expression programmes: retrieval must beat chance clearly
+    assert data["mean"]["pcc_acg"] > 0.25, data["mean"]
+    genes_csv = tmp_path / "res.genes.csv"
+    assert genes_csv.read_text().startswith("gene,S1,S2,S3")
+
+
+def test_stnet_and_bleep_run(synthetic, tmp_path):
+    for model in ("stnet", "bleep"):
+        out = tmp_path / f"{model}.json"
+        res = mclx(
+            "evaluate",
+            "--data",
+            synthetic,
+            "--sections",
+            "S1,S2",
+            "--model",
+            model,
+            "--encoder",
+            "tiny_cnn",
+            "--encoder-weights",
+            "none",
+            "--genes",
+            synthetic / "genes.txt",
+            "--epochs",
+            "2",
+            "--freeze-encoder",
+            "-q",
+            "--out",
+            out,
+        )
+        assert res.returncode == 0, res.stderr
+        cfg = json.loads(out.read_text())["config"]
+        assert cfg["model"]["name"] == model
+        if model == "bleep":
+            assert cfg["k"] == 50 and cfg["weighting"] == "mean"
+
+
+def test_missing_data_folder(tmp_path):
+    res = mclx("train", "--data", tmp_path / "nothing", "--out", tmp_path / "m.pt")
+    assert_one_line_error(res, "nothing", "does not exist")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_unknown_section(synthetic, tmp_path):
+    res = mclx("train", "--data", synthetic, "--sections", "S1,Q7", "--out", tmp_path / "m.pt")
+    assert_one_line_error(res, "Q7", "does not exist")
+    res = mclx("evaluate", "--data", synthetic, "--sections", "S1,Q7", "--out", tmp_path / "r.json")
+    assert_one_line_error(res, "Q7")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gene_list_with_absent_genes(synthetic, tmp_path):
+    genes = tmp_path / "genes.txt"
+    genes.write_text("GENE001\nNOT_A_GENE\n")
+    res = mclx(
+        "train",
+        "--data",
+        synthetic,
+        "--genes",
+        genes,
+        "--out",
+        tmp_path / "m.pt",
+        "--encoder",
+        "tiny_cnn",
+    )
+    assert_one_line_error(res, "S1.tsv.gz", "NOT_A_GENE", "missing")
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_unwritable_output_folder(synthetic, tmp_path):
+    res = mclx(
+        "train",
+        "--data",
+        synthetic,
+        "--sections",
+        "S1,S2",
+        "--encoder",
+        "tiny_cnn",
+        "--encoder-weights",
+        "none",
+        "--genes",
+        synthetic / "genes.txt",
+        "--epochs",
+        "1",
+        "--freeze-encoder",
+        "-q",
+        "--out",
+        tmp_path / "no" / "m.pt",
+    )
+    assert_one_line_error(res, "m.pt", "does not exist")

@@ -1,0 +1,35 @@
+"""Package conventions: cheap import, version agreement, layout of the import name."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_import_mclx_loads_no_heavy_modules():
+    code = (
+        "import sys, mclx, mclx.kernels, mclx.export; "
+        "heavy = {'torch', 'scanpy', 'tensorrt', 'cupy', 'onnxruntime', 'openslide'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_version_matches_pyproject():
+    import mclx
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert mclx.__version__ == meta["project"]["version"]
+
+
+def test_subpackages_map_to_top_level_folders():
+    import mclx.export
+    import mclx.kernels
+
+    assert Path(mclx.__file__).parent == ROOT / "toolkit"
+    assert Path(mclx.kernels.__file__).parent == ROOT / "kernels"
+    assert Path(mclx.export.__file__).parent == ROOT / "export"
