@@ -1,12 +1,13 @@
 """Retrieval kernels: exact cosine top-k over a spot bank and weighted aggregation.
 
-The same code serves numpy arrays (CPU) and CuPy arrays (GPU, bank in device memory):
-the array module follows the inputs.
+One torch implementation serves numpy arrays (CPU) and CuPy arrays (GPU, bank in device
+memory, zero-copy through DLPack): the array type of the result follows the inputs.
 """
 
 from __future__ import annotations
 
 from mclx.kernels.retrieval import (
+    cpu_has_fast_bf16,
     aggregate,
     neighbour_weights,
     retrieve,
@@ -14,4 +15,4 @@ from mclx.kernels.retrieval import (
     topk_cosine,
 )
 
-__all__ = ["aggregate", "neighbour_weights", "retrieve", "retrieve_reference", "topk_cosine"]
+__all__ = ["cpu_has_fast_bf16", "aggregate", "neighbour_weights", "retrieve", "retrieve_reference", "topk_cosine"]

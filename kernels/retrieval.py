@@ -1,41 +1,100 @@
 """Exact chunked cosine top-k, inverse-square-distance weights, weighted aggregation.
 
-Cost model for Q queries, a bank of N keys of width D, k neighbours and G genes:
-scores take 2·Q·N·D flops and read N·D key values; distances and aggregation touch
-Q·k·(D + G) values. Keys are processed ``chunk`` rows at a time with a running top-k
-merge, so scratch memory is O(Q·(chunk + k)), never O(Q·N).
+One implementation in torch serves every array type: numpy arrays run on the CPU
+(zero-copy ``torch.from_numpy``), CuPy arrays on their GPU (zero-copy DLPack), and the
+result comes back as the caller's array type.
+
+Cost for Q queries, a bank of N keys of width D, k neighbours and G genes: scores take
+2·Q·N·D flops and read N·D key values; re-ranking, distances and aggregation touch
+O(Q·k·(D + G)) values. Keys are scored ``chunk`` rows at a time with a running top-m
+merge, so scratch memory is O(Q·chunk), never O(Q·N).
+
+``precision="bf16"`` scores in bfloat16 (AMX / AVX512-BF16 on CPU, tensor cores on GPU),
+keeps m > k candidates, and re-ranks them in float32. bfloat16 rounding moves a cosine of
+unit vectors by at most ``BF16_EPS``; a query whose m-th candidate lies within
+``2 * BF16_EPS`` of its k-th is redone in float32, so the result equals the float32 one.
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
 
 Distance = Literal["l1", "l2"]
 Weighting = Literal["inverse_square", "mean"]
+Precision = Literal["auto", "fp32", "bf16"]
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20  # scratch for one Q x chunk score block
+SCRATCH_BYTES = 256 * 2**20  # one Q x chunk score block
+# bf16 keeps 8 significand bits: inputs round by <= 2^-9 each (product <= 2^-8 of
+# sum|q_i k_i| <= 1 for unit vectors), the output by <= 2^-9; 10% margin on top.
+BF16_EPS = 1.1 * (2.0**-8 + 2.0**-9)
 
 
-def get_array_module(*arrays: Any):
-    """``cupy`` when any input is a CuPy array (only if CuPy is already imported), else numpy."""
+def _torch():
+    import torch
+
+    return torch
+
+
+def _as_tensor(x: Any):
+    """numpy -> CPU tensor, CuPy -> CUDA tensor (both zero-copy), tensors unchanged."""
+    torch = _torch()
+    if isinstance(x, torch.Tensor):
+        return x
     cp = sys.modules.get("cupy")
-    if cp is not None and any(isinstance(a, cp.ndarray) for a in arrays):
-        return cp
-    return np
+    if cp is not None and isinstance(x, cp.ndarray):
+        return torch.from_dlpack(x)
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
-def _check(queries, keys, k: int, values=None) -> None:
-    if queries.ndim != 2 or keys.ndim != 2:
-        msg = f"queries {queries.shape} and keys {keys.shape} must be 2-d"
+def _like(t, ref: Any):
+    """Return tensor ``t`` as the array type of ``ref``."""
+    torch = _torch()
+    if isinstance(ref, torch.Tensor):
+        return t
+    cp = sys.modules.get("cupy")
+    if cp is not None and isinstance(ref, cp.ndarray):
+        return cp.from_dlpack(t.contiguous())
+    return t.cpu().numpy()
+
+
+@lru_cache(maxsize=1)
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 on this CPU (Linux /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def _resolve_precision(precision: Precision, device) -> str:
+    if precision == "auto":
+        torch = _torch()
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        msg = f"unknown precision {precision!r} (auto, fp32 or bf16)"
+        raise ValueError(msg)
+    return precision
+
+
+def _check(q, keys, k: int, values=None) -> None:
+    torch = _torch()
+    if q.ndim != 2 or keys.ndim != 2:
+        msg = f"queries {tuple(q.shape)} and keys {tuple(keys.shape)} must be 2-d"
         raise ValueError(msg)
     if keys.shape[0] == 0:
         msg = "the bank is empty (0 keys)"
         raise ValueError(msg)
-    if queries.shape[1] != keys.shape[1]:
-        msg = f"query width {queries.shape[1]} differs from key width {keys.shape[1]}"
+    if q.shape[1] != keys.shape[1]:
+        msg = f"query width {q.shape[1]} differs from key width {keys.shape[1]}"
         raise ValueError(msg)
     if not 1 <= k <= keys.shape[0]:
         msg = f"k={k} must be between 1 and the bank size {keys.shape[0]}"
@@ -43,96 +102,146 @@ def _check(queries, keys, k: int, values=None) -> None:
     if values is not None and values.shape[0] != keys.shape[0]:
         msg = f"values have {values.shape[0]} rows but keys {keys.shape[0]}"
         raise ValueError(msg)
-    xp = get_array_module(queries, keys)
-    for name, a in (("queries", queries), ("keys", keys), ("values", values)):
-        if a is not None and not bool(xp.isfinite(a).all()):
+    for name, a in (("queries", q), ("keys", keys), ("values", values)):
+        if a is not None and a.numel() and not bool(torch.isfinite(a).all()):
             msg = f"{name} contain NaN or infinite values"
             raise ValueError(msg)
 
 
-def _normalize(x, xp):
-    x = x.astype(xp.float32, copy=False)
-    norm = xp.sqrt((x * x).sum(axis=1, keepdims=True))
-    return x / xp.maximum(norm, xp.float32(1e-12))
+def _unit(x):
+    x = x.float()
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
-def topk_cosine(queries, keys, k: int, chunk: int | None = None):
+def _merge(best_s, best_i, s, start: int, m: int):
+    """Keep the ``m`` best of the running candidates and a new score block."""
+    torch = _torch()
+    top = min(m, s.shape[1])
+    cs, ci = torch.topk(s, top, dim=1, sorted=False)
+    ci = ci + start
+    if best_s is None:
+        return cs.float(), ci
+    cs = torch.cat([best_s, cs.float()], 1)
+    ci = torch.cat([best_i, ci], 1)
+    if cs.shape[1] > m:
+        cs, j = torch.topk(cs, m, dim=1, sorted=False)
+        ci = torch.gather(ci, 1, j)
+    return cs, ci
+
+
+def _scan(qn, keys, m: int, chunk: int, dtype):
+    """Running top-``m`` of ``qn @ unit(keys).T`` computed in ``dtype``, chunk by chunk."""
+    best_s = best_i = None
+    qd = qn.to(dtype)
+    for start in range(0, keys.shape[0], chunk):
+        kc = _unit(keys[start : start + chunk]).to(dtype)
+        best_s, best_i = _merge(best_s, best_i, qd @ kc.T, start, m)
+    return best_s, best_i
+
+
+def _sort(s, i, k: int):
+    """Top ``k`` of candidate scores, sorted by score then index (deterministic ties)."""
+    torch = _torch()
+    o = torch.argsort(i, dim=1)
+    s, i = torch.gather(s, 1, o), torch.gather(i, 1, o)
+    o = torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]
+    return torch.gather(s, 1, o), torch.gather(i, 1, o)
+
+
+def _rerank(qn, keys, cand):
+    """Exact float32 cosine of each query with its candidate keys (Q, m)."""
+    torch = _torch()
+    nb = _unit(keys[cand.reshape(-1)]).view(*cand.shape, -1)
+    return torch.bmm(nb, qn.unsqueeze(2)).squeeze(2)
+
+
+def _topk(q, keys, k: int, chunk: int | None, precision: Precision):
+    torch = _torch()
+    n = keys.shape[0]
+    qn = _unit(q)
+    if chunk is None:
+        chunk = max(1024, SCRATCH_BYTES // (4 * max(len(qn), 1)))
+    chunk = max(int(chunk), 1)
+    mode = _resolve_precision(precision, qn.device)
+    if mode == "fp32" or n <= k:
+        s, i = _scan(qn, keys, k, chunk, torch.float32)
+        return _sort(s, i, k)
+    m = min(n, k + max(64, k))
+    approx, cand = _scan(qn, keys, m, chunk, torch.bfloat16)
+    exact = _rerank(qn, keys, cand)
+    s, i = _sort(exact, cand, k)
+    if m < n:  # did the candidates cover everything within 2 eps of the k-th score?
+        kth = torch.topk(approx, k, dim=1).values[:, -1]
+        unsure = torch.nonzero(approx.min(dim=1).values >= kth - 2 * BF16_EPS).flatten()
+        if len(unsure):
+            s_u, i_u = _scan(qn[unsure], keys, k, chunk, torch.float32)
+            s_u, i_u = _sort(s_u, i_u, k)
+            s[unsure], i[unsure] = s_u, i_u
+    return s, i
+
+
+def topk_cosine(queries, keys, k: int, chunk: int | None = None, *, precision: Precision = "auto"):
     """Exact top-``k`` keys by cosine similarity for every query.
 
     Args:
-        queries: (Q, D) array; keys: (N, D) array (numpy or CuPy, same module).
+        queries: (Q, D) numpy, CuPy or torch array; keys: (N, D) of the same kind.
         k: neighbours to keep, ``1 <= k <= N``.
-        chunk: keys per block (default: ~256 MiB of float32 scores).
+        chunk: keys scored per block (default: ~256 MiB of scores).
+        precision: ``fp32``, ``bf16`` (low-precision candidates, float32 re-rank: same
+            result) or ``auto`` (bf16 where the hardware is fast at it).
 
     Returns:
-        ``(scores, indices)``, each (Q, k), sorted by decreasing score; ties go to the
-        lower index.
+        ``(scores, indices)``, each (Q, k), best first; ties go to the lower index.
     """
-    _check(queries, keys, k)
-    xp = get_array_module(queries, keys)
-    q = _normalize(queries, xp)
-    n = keys.shape[0]
-    if chunk is None:
-        chunk = max(k, DEFAULT_CHUNK_BYTES // (4 * max(len(q), 1)))
-    chunk = max(int(chunk), 1)
-    best_s = xp.full((len(q), 0), -xp.inf, dtype=xp.float32)
-    best_i = xp.zeros((len(q), 0), dtype=xp.int64)
-    for start in range(0, n, chunk):
-        kc = _normalize(keys[start : start + chunk], xp)
-        s = q @ kc.T
-        idx = xp.broadcast_to(xp.arange(start, start + len(kc), dtype=xp.int64), s.shape)
-        cand_s = xp.concatenate([best_s, s], axis=1)
-        cand_i = xp.concatenate([best_i, idx], axis=1)
-        if cand_s.shape[1] > k:
-            part = xp.argpartition(-cand_s, k - 1, axis=1)[:, :k]
-            cand_s = xp.take_along_axis(cand_s, part, axis=1)
-            cand_i = xp.take_along_axis(cand_i, part, axis=1)
-        best_s, best_i = cand_s, cand_i
-    order = xp.lexsort(xp.stack([best_i, -best_s]), axis=-1) if xp is np else None
-    if order is None:  # cupy.lexsort has no axis argument: sort by index, then stably by score
-        o1 = xp.argsort(best_i, axis=1)
-        best_s = xp.take_along_axis(best_s, o1, axis=1)
-        best_i = xp.take_along_axis(best_i, o1, axis=1)
-        order = xp.argsort(-best_s, axis=1, kind="stable")
-    return xp.take_along_axis(best_s, order, axis=1), xp.take_along_axis(best_i, order, axis=1)
+    torch = _torch()
+    q, kk = _as_tensor(queries), _as_tensor(keys)
+    _check(q, kk, k)
+    with torch.inference_mode():
+        s, i = _topk(q, kk, k, chunk, precision)
+    return _like(s, queries), _like(i, queries)
 
 
 def neighbour_weights(dist, weighting: Weighting = "inverse_square"):
-    """Rows of weights over k neighbours from their distances (Q, k), summing to 1.
+    """Weights over the k neighbours (Q, k) from their distances, each row summing to 1.
 
     ``inverse_square``: ``d^-2 / sum d^-2``, computed as ``(d_min / d)^2`` normalised so
     nothing overflows; a row with exact matches (d = 0) shares all weight among them.
     ``mean``: uniform.
     """
-    xp = get_array_module(dist)
-    dist = dist.astype(xp.float64, copy=False)
+    torch = _torch()
+    d = _as_tensor(dist).double()
     if weighting == "mean":
-        return xp.full(dist.shape, 1.0 / dist.shape[1])
-    if weighting != "inverse_square":
+        w = torch.full_like(d, 1.0 / d.shape[1])
+    elif weighting == "inverse_square":
+        dmin = d.min(dim=1, keepdim=True).values
+        exact = (d == 0).double()
+        w = torch.where(dmin == 0, exact, (dmin / d.clamp_min(1e-300)) ** 2)
+    else:
         msg = f"unknown weighting {weighting!r} (inverse_square or mean)"
         raise ValueError(msg)
-    dmin = dist.min(axis=1, keepdims=True)
-    exact = dmin == 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        w = xp.where(exact, (dist == 0).astype(xp.float64), (dmin / dist) ** 2)
-    return w / w.sum(axis=1, keepdims=True)
+    return _like(w / w.sum(dim=1, keepdim=True), dist)
 
 
-def _distances(q, nb, distance: Distance, xp):
-    diff = nb - q[:, None, :]
+def _distances(q, keys, idx, distance: Distance):
+    diff = keys[idx.reshape(-1)].view(*idx.shape, -1).double() - q.double().unsqueeze(1)
     if distance == "l2":
-        return xp.sqrt((diff * diff).sum(axis=2))
-    if distance == "l1":
-        return xp.abs(diff).sum(axis=2)
-    msg = f"unknown distance {distance!r} (l1 or l2)"
-    raise ValueError(msg)
+        return diff.square().sum(2).sqrt()
+    return diff.abs().sum(2)
 
 
 def aggregate(weights, indices, values):
-    """``sum_j w_qj · values[indices_qj]`` for every query -> (Q, G) float32."""
-    xp = get_array_module(weights, values)
-    out = xp.einsum("qk,qkg->qg", weights, values[indices].astype(xp.float64))
-    return out.astype(xp.float32)
+    """``sum_j w_qj · values[indices_qj]`` as a sparse (Q x N) @ (N x G) product, float32."""
+    torch = _torch()
+    w, idx, v = _as_tensor(weights), _as_tensor(indices), _as_tensor(values)
+    q, k = idx.shape
+    crow = torch.arange(0, q * k + 1, k, device=idx.device, dtype=torch.int64)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        sparse = torch.sparse_csr_tensor(
+            crow, idx.reshape(-1).long(), w.reshape(-1).float(), size=(q, v.shape[0]),
+            check_invariants=False,
+        )
+        return _like(sparse @ v.float(), values)
 
 
 def retrieve(
@@ -144,32 +253,33 @@ def retrieve(
     distance: Distance = "l2",
     weighting: Weighting = "inverse_square",
     chunk: int | None = None,
-    query_block: int = 1024,
+    precision: Precision = "auto",
+    query_block: int = 4096,
 ):
     """Predict each query's expression from its top-``k`` cosine neighbours in the bank.
 
     Weights are ``d^-2`` normalised over the neighbours, ``d`` the L1 or L2 distance
     between the *unnormalised* embeddings; ``weighting="mean"`` averages (BLEEP).
-    Queries are handled ``query_block`` at a time to bound the Q·k·G gather.
+    Queries go ``query_block`` at a time, bounding the Q·k·D distance gather.
 
     Returns:
-        (Q, G) float32 predictions.
+        (Q, G) float32 predictions, as the caller's array type.
     """
-    _check(queries, keys, k, values)
+    torch = _torch()
     if distance not in ("l1", "l2"):
         msg = f"unknown distance {distance!r} (l1 or l2)"
         raise ValueError(msg)
-    xp = get_array_module(queries, keys, values)
+    q, kk, v = _as_tensor(queries), _as_tensor(keys), _as_tensor(values)
+    _check(q, kk, k, v)
     out = []
-    for start in range(0, len(queries), query_block):
-        qb = queries[start : start + query_block]
-        _, idx = topk_cosine(qb, keys, k, chunk)
-        nb = keys[idx].astype(xp.float64)
-        d = _distances(qb.astype(xp.float64), nb, distance, xp)
-        out.append(aggregate(neighbour_weights(d, weighting), idx, values))
-    if not out:
-        return xp.zeros((0, values.shape[1]), dtype=xp.float32)
-    return xp.concatenate(out, axis=0)
+    with torch.inference_mode():
+        for start in range(0, len(q), query_block):
+            qb = q[start : start + query_block]
+            _, idx = _topk(qb, kk, k, chunk, precision)
+            w = neighbour_weights(_distances(qb, kk, idx, distance), weighting)
+            out.append(aggregate(w, idx, v))
+        pred = torch.cat(out) if out else torch.zeros((0, v.shape[1]), device=v.device)
+    return _like(pred, queries)
 
 
 def retrieve_reference(queries, keys, values, k, *, distance="l2", weighting="inverse_square"):

@@ -17,16 +17,37 @@ def _data(seed, q=7, n=53, d=16, g=5):
     )
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("chunk", [None, 1, 10, 53, 100])
 @pytest.mark.parametrize("distance", ["l1", "l2"])
-def test_matches_reference(chunk, distance):
+def test_matches_reference(chunk, distance, precision):
     q, keys, vals = _data(0)
     for k in (1, 5, 53):
-        pred = retrieve(q, keys, vals, k, distance=distance, chunk=chunk)
+        pred = retrieve(q, keys, vals, k, distance=distance, chunk=chunk, precision=precision)
         ref, ref_idx = retrieve_reference(q, keys, vals, k, distance=distance)
         np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-6)
-        _, idx = topk_cosine(q, keys, k, chunk=chunk)
+        _, idx = topk_cosine(q, keys, k, chunk=chunk, precision=precision)
         np.testing.assert_array_equal(np.sort(idx, 1), np.sort(ref_idx, 1))
+
+
+@pytest.mark.parametrize("clustered", [False, True])
+def test_bf16_candidates_with_float32_rerank_are_exact(clustered):
+    """A bank large enough that bf16 keeps only m < N candidates; clustered keys make
+    bf16 scores tie so the float32 fallback must kick in."""
+    rng = np.random.default_rng(5)
+    q = rng.normal(size=(40, 32)).astype(np.float32)
+    keys = rng.normal(size=(3000, 32)).astype(np.float32)
+    if clustered:  # all keys within ~1e-2 cosine of query 0: below bf16 resolution
+        keys = q[0] + rng.normal(scale=0.1, size=keys.shape).astype(np.float32)
+    vals = rng.normal(size=(3000, 4)).astype(np.float32)
+    s32, i32 = topk_cosine(q, keys, 20, chunk=700, precision="fp32")
+    s16, i16 = topk_cosine(q, keys, 20, chunk=700, precision="bf16")
+    np.testing.assert_array_equal(i16, i32)
+    np.testing.assert_allclose(s16, s32, rtol=1e-6)
+    ref, ref_idx = retrieve_reference(q, keys, vals, 20)
+    np.testing.assert_array_equal(np.sort(i32, 1), np.sort(ref_idx, 1))
+    pred = retrieve(q, keys, vals, 20, chunk=700, precision="bf16")
+    np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-6)
 
 
 @settings(max_examples=40, deadline=None)
@@ -46,7 +67,8 @@ def test_property_same_neighbours_and_predictions(q, n, d, seed, chunk, data):
     if n > 2:
         keys[1] = keys[0]  # duplicate bank rows
     vals = rng.normal(size=(n, 3)).astype(np.float32)
-    scores, idx = topk_cosine(queries, keys, k, chunk=chunk)
+    precision = data.draw(st.sampled_from(["fp32", "bf16"]))
+    scores, idx = topk_cosine(queries, keys, k, chunk=chunk, precision=precision)
     ref_pred, ref_idx = retrieve_reference(queries, keys, vals, k)
     qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)
@@ -58,7 +80,7 @@ def test_property_same_neighbours_and_predictions(q, n, d, seed, chunk, data):
         assert np.all(sims[i, idx[i]] >= kth - 1e-5)
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # sorted, best first
     if all(set(idx[i]) == set(ref_idx[i]) for i in range(q)):
-        pred = retrieve(queries, keys, vals, k, chunk=chunk)
+        pred = retrieve(queries, keys, vals, k, chunk=chunk, precision=precision)
         np.testing.assert_allclose(pred, ref_pred, rtol=1e-5, atol=1e-5)
 
 

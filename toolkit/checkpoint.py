@@ -113,7 +113,9 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
         model = create_model(model_cfg, encoder_weights=None)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        msg = f"{path}: checkpoint does not match its model config ({exc})"
+        detail = " ".join(str(exc).split())
+        detail = detail if len(detail) < 160 else detail[:157] + "..."
+        msg = f"{path}: checkpoint does not match its model config ({detail})"
         raise FormatError(msg) from exc
     fp = fingerprint(payload["state_dict"])
     if fp != payload["fingerprint"]:

@@ -289,6 +289,55 @@ def evaluate(data: Path, sections, bank_sections, k, distance, out, **kw: Any) -
     click.echo(f"mclx: wrote {json_path} and {csv_path}")
 
 
+@cli.group(context_settings=CONTEXT)
+def bank() -> None:
+    """Build and inspect spot banks (embeddings + expressions for retrieval)."""
+
+
+@bank.command("build", context_settings=CONTEXT)
+@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="Checkpoint (.pt).")
+@data_option
+@click.option(
+    "--sections",
+    multiple=True,
+    help="Sections to embed (default: every section with counts, image or not).",
+)
+@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Bank (.npz).")
+def bank_build(ckpt: Path, data: Path, sections, out: Path) -> None:
+    """Embed spots with a checkpoint's spot encoder and write a bank.
+
+    \b
+    Examples:
+      mclx bank build --ckpt model.pt --data ../shared/data/her2st --out her2.npz
+      mclx bank build --ckpt model.pt --sections C3,C4,C5,C6 --out images_only.npz
+    """
+    from mclx.bank import build_bank, save_bank
+
+    check_output(out)
+    b = build_bank(ckpt, data, sections=_split(sections) or None)
+    save_bank(b, out)
+    click.echo(
+        f"mclx: wrote {out}: {len(b)} spots from {len(set(b.sections.tolist()))} sections, "
+        f"{len(b.genes)} genes, fingerprint {b.fingerprint}"
+    )
+
+
+@bank.command("info", context_settings=CONTEXT)
+@click.argument("path", type=click.Path(path_type=Path))
+def bank_info(path: Path) -> None:
+    """Describe a bank: size, sections, genes, the checkpoint it came from."""
+    from mclx.bank import load_bank
+
+    b = load_bank(path)
+    secs = sorted(set(b.sections.tolist()))
+    click.echo(
+        f"{path}: {len(b)} spots x {b.embeddings.shape[1]}-d embeddings, {len(b.genes)} genes"
+    )
+    click.echo(f"sections ({len(secs)}): {', '.join(secs)}")
+    click.echo(f"checkpoint: {b.checkpoint} (fingerprint {b.fingerprint}, model {b.model})")
+    click.echo(f"defaults: k={b.k} distance={b.distance} weighting={b.weighting}")
+
+
 def _message(exc: BaseException) -> str:
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return " ".join(str(text).split()) or exc.__class__.__name__
