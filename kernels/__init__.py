@@ -7,12 +7,19 @@ memory, zero-copy through DLPack): the array type of the result follows the inpu
 from __future__ import annotations
 
 from mclx.kernels.retrieval import (
-    cpu_has_fast_bf16,
     aggregate,
+    cpu_has_fast_bf16,
     neighbour_weights,
     retrieve,
     retrieve_reference,
     topk_cosine,
 )
 
-__all__ = ["cpu_has_fast_bf16", "aggregate", "neighbour_weights", "retrieve", "retrieve_reference", "topk_cosine"]
+__all__ = [
+    "cpu_has_fast_bf16",
+    "aggregate",
+    "neighbour_weights",
+    "retrieve",
+    "retrieve_reference",
+    "topk_cosine",
+]

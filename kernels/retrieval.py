@@ -238,7 +238,10 @@ def aggregate(weights, indices, values):
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         sparse = torch.sparse_csr_tensor(
-            crow, idx.reshape(-1).long(), w.reshape(-1).float(), size=(q, v.shape[0]),
+            crow,
+            idx.reshape(-1).long(),
+            w.reshape(-1).float(),
+            size=(q, v.shape[0]),
             check_invariants=False,
         )
         return _like(sparse @ v.float(), values)
