@@ -21,7 +21,8 @@ demo: $(STAMP)
 	$(BIN)/python -m mclx.demo
 
 bench: $(STAMP)
-	$(BIN)/python -m pytest bench --benchmark-only
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,bench]"
+	$(BIN)/python -m pytest bench --benchmark-only --benchmark-group-by=group
 
 lint: $(STAMP)
 	$(BIN)/ruff check toolkit export kernels tests bench

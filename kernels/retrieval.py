@@ -29,6 +29,7 @@ Weighting = Literal["inverse_square", "mean"]
 Precision = Literal["auto", "fp32", "bf16"]
 
 SCRATCH_BYTES = 256 * 2**20  # one Q x chunk score block
+GATHER_BLOCK = 512  # queries whose neighbour vectors are gathered at once
 # bf16 keeps 8 significand bits: inputs round by <= 2^-9 each (product <= 2^-8 of
 # sum|q_i k_i| <= 1 for unit vectors), the output by <= 2^-9; 10% margin on top.
 BF16_EPS = 1.1 * (2.0**-8 + 2.0**-9)
@@ -102,10 +103,11 @@ def _check(q, keys, k: int, values=None) -> None:
     if values is not None and values.shape[0] != keys.shape[0]:
         msg = f"values have {values.shape[0]} rows but keys {keys.shape[0]}"
         raise ValueError(msg)
-    for name, a in (("queries", q), ("keys", keys), ("values", values)):
-        if a is not None and a.numel() and not bool(torch.isfinite(a).all()):
-            msg = f"{name} contain NaN or infinite values"
-            raise ValueError(msg)
+    if q.numel() and not bool(torch.isfinite(q).all()):
+        msg = "queries contain NaN or infinite values"
+        raise ValueError(msg)
+    # keys are checked chunk by chunk as they are scored, values on the predictions:
+    # a full-bank check would allocate a mask as large as the bank
 
 
 def _unit(x):
@@ -131,10 +133,15 @@ def _merge(best_s, best_i, s, start: int, m: int):
 
 def _scan(qn, keys, m: int, chunk: int, dtype):
     """Running top-``m`` of ``qn @ unit(keys).T`` computed in ``dtype``, chunk by chunk."""
+    torch = _torch()
     best_s = best_i = None
     qd = qn.to(dtype)
     for start in range(0, keys.shape[0], chunk):
-        kc = _unit(keys[start : start + chunk]).to(dtype)
+        kc = _unit(keys[start : start + chunk])
+        if not bool(torch.isfinite(kc).all()):
+            msg = f"keys contain NaN or infinite values (rows {start}-{start + len(kc) - 1})"
+            raise ValueError(msg)
+        kc = kc.to(dtype)
         best_s, best_i = _merge(best_s, best_i, qd @ kc.T, start, m)
     return best_s, best_i
 
@@ -148,11 +155,16 @@ def _sort(s, i, k: int):
     return torch.gather(s, 1, o), torch.gather(i, 1, o)
 
 
-def _rerank(qn, keys, cand):
-    """Exact float32 cosine of each query with its candidate keys (Q, m)."""
+def _rerank(qn, keys, cand, block: int = GATHER_BLOCK):
+    """Exact float32 cosine of each query with its candidate keys (Q, m), gathering the
+    candidates ``block`` queries at a time to bound scratch memory."""
     torch = _torch()
-    nb = _unit(keys[cand.reshape(-1)]).view(*cand.shape, -1)
-    return torch.bmm(nb, qn.unsqueeze(2)).squeeze(2)
+    out = torch.empty(cand.shape, dtype=torch.float32, device=cand.device)
+    for b in range(0, len(cand), block):
+        c = cand[b : b + block]
+        nb = _unit(keys[c.reshape(-1)]).view(*c.shape, -1)
+        out[b : b + block] = torch.bmm(nb, qn[b : b + block].unsqueeze(2)).squeeze(2)
+    return out
 
 
 def _topk(q, keys, k: int, chunk: int | None, precision: Precision):
@@ -223,10 +235,18 @@ def neighbour_weights(dist, weighting: Weighting = "inverse_square"):
 
 
 def _distances(q, keys, idx, distance: Distance):
-    diff = keys[idx.reshape(-1)].view(*idx.shape, -1).double() - q.double().unsqueeze(1)
-    if distance == "l2":
-        return diff.square().sum(2).sqrt()
-    return diff.abs().sum(2)
+    """L1 or L2 distances (Q, k) between queries and their neighbours, float64 sums of
+    float32 differences, gathered ``GATHER_BLOCK`` queries at a time."""
+    torch = _torch()
+    out = torch.empty(idx.shape, dtype=torch.float64, device=idx.device)
+    for b in range(0, len(idx), GATHER_BLOCK):
+        i = idx[b : b + GATHER_BLOCK]
+        diff = keys[i.reshape(-1)].view(*i.shape, -1).float() - q[b : b + GATHER_BLOCK, None, :]
+        if distance == "l2":
+            out[b : b + GATHER_BLOCK] = diff.square().sum(2, dtype=torch.float64).sqrt()
+        else:
+            out[b : b + GATHER_BLOCK] = diff.abs().sum(2, dtype=torch.float64)
+    return out
 
 
 def aggregate(weights, indices, values):
@@ -257,13 +277,14 @@ def retrieve(
     weighting: Weighting = "inverse_square",
     chunk: int | None = None,
     precision: Precision = "auto",
-    query_block: int = 4096,
+    query_block: int = 16384,
 ):
     """Predict each query's expression from its top-``k`` cosine neighbours in the bank.
 
     Weights are ``d^-2`` normalised over the neighbours, ``d`` the L1 or L2 distance
     between the *unnormalised* embeddings; ``weighting="mean"`` averages (BLEEP).
-    Queries go ``query_block`` at a time, bounding the Q·k·D distance gather.
+    Queries are scored ``query_block`` at a time (one pass over the bank each); their
+    neighbour vectors are gathered in smaller blocks, bounding scratch memory.
 
     Returns:
         (Q, G) float32 predictions, as the caller's array type.
@@ -279,9 +300,12 @@ def retrieve(
         for start in range(0, len(q), query_block):
             qb = q[start : start + query_block]
             _, idx = _topk(qb, kk, k, chunk, precision)
-            w = neighbour_weights(_distances(qb, kk, idx, distance), weighting)
+            w = neighbour_weights(_distances(qb.float(), kk, idx, distance), weighting)
             out.append(aggregate(w, idx, v))
         pred = torch.cat(out) if out else torch.zeros((0, v.shape[1]), device=v.device)
+        if not bool(torch.isfinite(pred).all()):
+            msg = "values contain NaN or infinite values in rows chosen as neighbours"
+            raise ValueError(msg)
     return _like(pred, queries)
 
 

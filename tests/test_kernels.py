@@ -110,6 +110,8 @@ def test_mean_weighting_averages():
         (dict(keys=np.ones((53, 15), np.float32)), "width"),
         (dict(queries=np.full((2, 16), np.nan, np.float32)), "NaN"),
         (dict(distance="cosine"), "unknown distance"),
+        (dict(keys=np.full((53, 16), np.inf, np.float32)), "keys contain NaN"),
+        (dict(values=np.full((53, 5), np.nan, np.float32)), "values contain NaN"),
     ],
 )
 def test_bad_arguments(args, match):
