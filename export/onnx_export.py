@@ -1,0 +1,135 @@
+"""PyTorch -> ONNX (FP32) and ONNX Runtime static INT8 quantisation of the image encoder.
+
+The graph maps an image batch (float32, N x 3 x H x W, the checkpoint's pixel scale) to
+its embeddings (DenseNet + projection head), with a dynamic batch axis. The TorchScript
+exporter (``dynamo=False``) is used: it gives a correct graph for DenseNet's concatenations.
+The file is saved after ONNX Runtime's basic (portable, ONNX-only) optimisations, so
+TensorRT can still parse it; the runtime enables the rest when it opens a session.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from mclx.export.formats import metadata
+from mclx.io import atomic_path
+
+INPUT, OUTPUT = "images", "embeddings"
+
+
+def _set_metadata(model_proto, meta: dict[str, str]) -> None:
+    del model_proto.metadata_props[:]
+    for key, value in meta.items():
+        entry = model_proto.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The mclx metadata dict of an ONNX file (without loading its weights)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17) -> Path:
+    """Write checkpoint ``ck``'s image encoder to ``out`` as ONNX; return the path."""
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    out = Path(out)
+    size = ck.preprocess.patch_size
+    module = ck.model.cpu().eval()  # forward: images -> embeddings
+    with atomic_path(out) as tmp:
+        raw = tmp.with_name(tmp.name + ".raw.onnx")
+        try:
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    module,
+                    (torch.rand(2, 3, size, size),),
+                    str(raw),
+                    dynamo=False,
+                    input_names=[INPUT],
+                    output_names=[OUTPUT],
+                    opset_version=opset,
+                    dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                )
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            so.optimized_model_filepath = str(tmp)
+            ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
+        finally:
+            raw.unlink(missing_ok=True)
+        proto = onnx.load(str(tmp))
+        _set_metadata(proto, metadata(ck))
+        onnx.checker.check_model(proto, full_check=True)
+        onnx.save(proto, str(tmp))
+    return out
+
+
+class _Reader:
+    """ONNX Runtime calibration reader over uint8 patches."""
+
+    def __init__(self, images: np.ndarray, batch: int = 8) -> None:
+        self.batches = [images[i : i + batch] for i in range(0, len(images), batch)]
+        self.i = 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {INPUT: self.batches[self.i - 1]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def quantize_int8(fp32_path: str | os.PathLike, out: str | os.PathLike, calib: np.ndarray) -> Path:
+    """Static INT8 (QDQ, per-channel weights) of an FP32 ONNX file, calibrated on ``calib``
+    (float32 N x 3 x H x W in the model's pixel scale).
+
+    Only Conv, MatMul and Gemm are quantised. DenseNet's pre-activation layers run
+    BatchNorm + ReLU on every concatenation; quantising those too puts a
+    Quantize/Dequantize pair around each of them, which costs more than the int8
+    convolutions save (the slowdown seen with out-of-the-box QDQ).
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, out = Path(fp32_path), Path(out)
+    meta = read_metadata(fp32_path)
+    with atomic_path(out) as tmp:
+        prep = tmp.with_name(tmp.name + ".prep.onnx")
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
+                quantize_static(
+                    str(prep),
+                    str(tmp),
+                    _Reader(calib),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=True,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                    calibrate_method=CalibrationMethod.MinMax,
+                )
+        finally:
+            prep.unlink(missing_ok=True)
+        proto = onnx.load(str(tmp))
+        _set_metadata(proto, meta | {"precision": "int8"})
+        onnx.save(proto, str(tmp))
+    return out

@@ -1,0 +1,136 @@
+"""ONNX / INT8 / bf16 exports against PyTorch, metadata, dynamic batch, backend choice."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mclx.checkpoint import load_checkpoint, save_checkpoint
+from mclx.config import ModelCfg, PreprocessCfg, from_dict
+from mclx.export.backends import OnnxRuntimeBackend, TorchBackend, create_backend
+from mclx.export.exporter import ParityError, export
+from mclx.export.formats import artifact_path, read_report
+from mclx.export.onnx_export import read_metadata
+from mclx.export.parity import compare
+from mclx.kernels import cpu_has_fast_bf16
+from mclx.models import create_model
+
+PRE = PreprocessCfg(genes=tuple(f"G{i}" for i in range(12)), mpp=0.7)
+
+
+def _ckpt(path, encoder="tiny_cnn", seed=0):
+    torch.manual_seed(seed)
+    net = create_model(ModelCfg(encoder=encoder, n_genes=12, pos_size=(4, 4))).eval()
+    save_checkpoint(path, net, preprocess=PRE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, synthetic):
+    ck = _ckpt(tmp_path_factory.mktemp("exp") / "model.pt")
+    report = export(ck, int8=True, calib_data=synthetic, n_patches=24, log=lambda *_: None)
+    return ck, report
+
+
+def test_fp32_parity_and_metadata(exported):
+    ck, report = exported
+    assert report["onnx"]["max_rel_err"] < 1e-4 and report["onnx-int8"]["min_cosine"] >= 0.99
+    meta = read_metadata(artifact_path(ck, "onnx"))
+    loaded = load_checkpoint(ck)
+    assert meta["fingerprint"] == loaded.fingerprint
+    assert from_dict(PreprocessCfg, json.loads(meta["preprocess"])) == PRE
+    assert json.loads(meta["model"])["encoder"] == "tiny_cnn"
+    assert read_report(ck)["fingerprint"] == loaded.fingerprint
+
+
+def test_dynamic_batch_gives_same_per_image_results(exported):
+    ck, _ = exported
+    ort_be = OnnxRuntimeBackend(artifact_path(ck, "onnx"))
+    ref = TorchBackend(load_checkpoint(ck))
+    imgs = np.random.default_rng(0).integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
+    full = ort_be(imgs)
+    np.testing.assert_allclose(ort_be(imgs[:1]), full[:1], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ort_be(imgs[:7]), full[:7], rtol=1e-5, atol=1e-5)
+    assert compare(ref(imgs), full)["max_rel_err"] < 1e-4
+
+
+def test_reduced_precision_paths(exported):
+    ck, _ = exported
+    imgs = np.random.default_rng(1).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
+    ref = TorchBackend(load_checkpoint(ck))(imgs)
+    int8 = create_backend(ck, backend="onnxruntime", precision="int8")
+    assert int8.precision == "int8"
+    assert compare(ref, int8(imgs))["min_cosine"] >= 0.99
+    bf16 = TorchBackend(load_checkpoint(ck), precision="bf16")
+    assert compare(ref, bf16(imgs))["min_cosine"] >= 0.99
+    auto = create_backend(ck)
+    expected = ("torch", "bf16") if cpu_has_fast_bf16() else ("onnxruntime", "int8")
+    assert (auto.name, auto.precision) == expected
+
+
+def test_parity_failure_keeps_the_good_file(exported, monkeypatch, tmp_path):
+    ck, _ = exported
+    dst = tmp_path / "model.pt"
+    shutil.copy(ck, dst)
+    shutil.copy(artifact_path(ck, "onnx"), artifact_path(dst, "onnx"))
+    good = artifact_path(dst, "onnx").read_bytes()
+    monkeypatch.setattr(
+        "mclx.export.parity.compare", lambda a, b: {"max_rel_err": 0.5, "min_cosine": 0.5, "n": 1}
+    )
+    with pytest.raises(ParityError, match="FP32 parity failed"):
+        export(dst, n_patches=4, log=lambda *_: None)
+    assert artifact_path(dst, "onnx").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pt"]
+
+
+def test_encoder_from_another_checkpoint_is_refused(exported, tmp_path):
+    ck, _ = exported
+    other = _ckpt(tmp_path / "model.pt", seed=1)
+    shutil.copy(artifact_path(ck, "onnx"), artifact_path(other, "onnx"))
+    from mclx.errors import FingerprintMismatch
+
+    with pytest.raises(FingerprintMismatch, match="re-export"):
+        create_backend(other, backend="onnxruntime")
+
+
+@pytest.mark.slow
+def test_densenet121_exports_within_fp32_bound(tmp_path):
+    ck = _ckpt(tmp_path / "dense.pt", encoder="densenet121")
+    report = export(ck, n_patches=8, log=lambda *_: None)
+    assert report["onnx"]["max_rel_err"] < 1e-4
+    assert report["onnx"]["min_cosine"] > 0.99999
+
+
+def test_trt_on_cpu_fails_cleanly_after_onnx(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the CPU error path does not apply")
+    ck = _ckpt(tmp_path / "m.pt")
+    res = subprocess.run(
+        [sys.executable, "-m", "mclx", "export", "--ckpt", str(ck), "--trt", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mclx: error: --trt:"), res.stderr
+    assert "Traceback" not in res.stderr
+    assert artifact_path(ck, "onnx").is_file() and not artifact_path(ck, "engine").exists()
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_parity(tmp_path):
+    pytest.importorskip("tensorrt", reason="TensorRT not installed (pip install .[gpu])")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    ck = _ckpt(tmp_path / "m.pt", encoder="densenet121")
+    report = export(ck, trt=True, n_patches=16, max_batch=32, log=lambda *_: None)
+    assert report["engine"]["min_cosine"] >= 0.99
+    side = json.loads(artifact_path(ck, "engine").with_suffix(".engine.json").read_text())
+    assert side["fingerprint"] == report["fingerprint"] and side["profile"]["max"] == 32
