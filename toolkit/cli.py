@@ -392,6 +392,102 @@ def export_cmd(ckpt: Path, onnx_path, opset, int8, calib_data, trt, fp16, max_ba
     click.echo(f"mclx: exported {ckpt} (fingerprint {report['fingerprint']})")
 
 
+@cli.command(context_settings=CONTEXT)
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option(
+    "--bank",
+    "bank_path",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Spot bank (.npz) from 'mclx bank build'.",
+)
+@click.option(
+    "--model",
+    type=click.Path(path_type=Path),
+    help="Checkpoint, .onnx or .engine (default: the bank's checkpoint, with the "
+    "best artifact exported beside it).",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--spots",
+    type=click.Path(path_type=Path),
+    help="Tiles at these spots: her2st spot file, Visium tissue_positions, or CSV x,y.",
+)
+@click.option("--k", type=click.IntRange(1), default=None, help="Neighbours (default: bank's).")
+@click.option("--distance", type=click.Choice(["l1", "l2"]), default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option(
+    "--stride",
+    type=click.IntRange(1),
+    default=None,
+    help="Grid step in level-0 px (default: tile size; smaller overlaps).",
+)
+@click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Slide µm/px when its metadata lacks it.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Reader threads prefetching tiles.",
+)
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Predictions (.h5ad). Default: SLIDE stem + .pred.h5ad in the current folder.",
+)
+@click.option("--plot", "plot", multiple=True, help="Write a PNG map for this gene (repeatable).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def infer(slide: Path, bank_path: Path, out, plot, quiet, **kw: Any) -> None:
+    """Predict spatial expression over a whole slide (or at given spots).
+
+    \b
+    Examples:
+      mclx infer slide.svs --bank her2.npz --plot ERBB2 --plot GNAS
+      mclx infer C2.jpg --bank her2.npz --spots C2_selection.tsv --out C2.h5ad
+      mclx infer slide.tif --bank her2.npz --model model.onnx --batch-size 128
+    """
+    from mclx.runtime import infer as run_infer
+    from mclx.writer import plot_genes, write_predictions
+
+    out = check_output(out or Path(f"{slide.stem}.pred.h5ad"))
+    adata = run_infer(slide, bank_path=bank_path, progress=not quiet, **kw)
+    missing = [g for g in plot if g not in adata.var_names]
+    if missing:
+        msg = f"--plot: genes not in the bank: {', '.join(missing[:5])}"
+        raise KeyError(msg)
+    write_predictions(adata, out)
+    pngs = plot_genes(adata, slide, plot, out.with_suffix(""), mpp=kw["mpp"]) if plot else []
+    t = adata.uns["mclx"]["timings"]
+    click.echo(
+        f"mclx: {adata.n_obs} tiles in {t['total']:.1f} s ({adata.n_obs / t['total']:.1f} "
+        f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, retrieve "
+        f"{t['retrieve']:.1f} s, write {t['write']:.2f} s) with {adata.uns['mclx']['backend']}/"
+        f"{adata.uns['mclx']['precision']}; wrote {out}"
+        + (f" and {len(pngs)} plots ({', '.join(str(p) for p in pngs)})" if pngs else "")
+    )
+
+
 def _message(exc: BaseException) -> str:
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return " ".join(str(text).split()) or exc.__class__.__name__

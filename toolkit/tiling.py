@@ -1,0 +1,193 @@
+"""Where tiles go: a grid over detected tissue, or given spot coordinates.
+
+Tissue is found on a thumbnail: Otsu threshold on HSV saturation, then small objects
+removed and small holes filled (scikit-image). Tiles are squares of ``size`` level-0
+pixels (the patch size scaled by checkpoint µm/px over slide µm/px), described by
+their centres in level-0 pixels.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mclx.errors import DataError
+
+
+@dataclass
+class Tiles:
+    """Tile centres (N, 2) as level-0 (x, y), their ids, and the tile side in level-0 px."""
+
+    centres: np.ndarray
+    ids: list[str]
+    size: int
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def origin(self, i: int) -> tuple[int, int]:
+        """Top-left level-0 pixel of tile ``i`` (PIL ``crop`` semantics, as in training)."""
+        cx, cy = np.floor(self.centres[i]).astype(np.int64)
+        return int(cx - self.size // 2), int(cy - self.size // 2)
+
+
+def tissue_mask(thumb: np.ndarray, *, min_object_frac: float = 1e-3) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail (Otsu on saturation, cleaned)."""
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_holes, remove_small_objects
+
+    sat = rgb2hsv(thumb[..., :3])[..., 1]
+    if float(sat.max() - sat.min()) < 0.05:
+        return np.zeros(sat.shape, bool)  # flat image: nothing to threshold
+    mask = sat > max(threshold_otsu(sat), 0.05)
+    area = max(16, int(min_object_frac * mask.size))
+    mask = remove_small_objects(mask, min_size=area)
+    return remove_small_holes(mask, area_threshold=area)
+
+
+def grid_tiles(slide, *, size: int, stride: int | None = None, min_tissue: float = 0.5) -> Tiles:
+    """A grid of ``size`` level-0 px tiles every ``stride`` px (default ``size``), kept
+    where at least ``min_tissue`` of the tile is tissue on the thumbnail mask."""
+    stride = stride or size
+    thumb, f = slide.thumbnail(2048)
+    mask = tissue_mask(thumb)
+    if not mask.any():
+        msg = f"{slide.path}: no tissue found (saturation threshold on the thumbnail)"
+        raise DataError(msg)
+    W, H = slide.dimensions
+    xs = np.arange(0, max(W - size, 0) + 1, stride)
+    ys = np.arange(0, max(H - size, 0) + 1, stride)
+    gx, gy = np.meshgrid(xs, ys)
+    gx, gy = gx.ravel(), gy.ravel()
+    # fraction of tissue in each tile, from the summed-area table of the mask
+    sat = np.pad(mask.astype(np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    mh, mw = mask.shape
+    x0 = np.clip(np.floor(gx / f).astype(int), 0, mw)
+    y0 = np.clip(np.floor(gy / f).astype(int), 0, mh)
+    x1 = np.clip(np.ceil((gx + size) / f).astype(int), 0, mw)
+    y1 = np.clip(np.ceil((gy + size) / f).astype(int), 0, mh)
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    frac = (sat[y1, x1] - sat[y0, x1] - sat[y1, x0] + sat[y0, x0]) / area
+    keep = frac >= min_tissue
+    if not keep.any():
+        msg = f"{slide.path}: no tile has {min_tissue:.0%} tissue at tile size {size} px"
+        raise DataError(msg)
+    centres = np.stack([gx[keep] + size // 2, gy[keep] + size // 2], 1).astype(np.float64)
+    ids = [f"tile_{int(x)}_{int(y)}" for x, y in zip(gx[keep], gy[keep])]
+    return Tiles(centres, ids, size)
+
+
+def read_spots(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
+    """Spot centres from a her2st spot file, a Visium tissue_positions file or a CSV
+    with ``x,y`` (level-0 pixels, optional ``id``). Returns (frame[id, x, y, ...], kind)."""
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{path}: spot file does not exist"
+        raise FileNotFoundError(msg)
+    sep = "\t" if path.suffix in (".tsv", ".txt") else ","
+    try:
+        df = pd.read_csv(path, sep=sep)
+    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
+        msg = f"{path}: cannot read spot file ({exc.__class__.__name__})"
+        raise DataError(msg) from exc
+    cols = set(df.columns)
+    if {"x", "y", "pixel_x", "pixel_y"} <= cols:  # her2st / ST spot file
+        from mclx.data.her2st import read_spots as her2st_spots
+
+        sel = her2st_spots(path)
+        out = pd.DataFrame(
+            {
+                "id": sel.index,
+                "x": sel["pixel_x"],
+                "y": sel["pixel_y"],
+                "array_x": sel["x"],
+                "array_y": sel["y"],
+            }
+        )
+        kind = "her2st"
+    elif {"pxl_row_in_fullres", "pxl_col_in_fullres"} <= cols or len(df.columns) == 6:
+        if not {"pxl_row_in_fullres"} <= cols:  # tissue_positions_list.csv has no header
+            df = pd.read_csv(
+                path,
+                header=None,
+                names=[
+                    "barcode",
+                    "in_tissue",
+                    "array_row",
+                    "array_col",
+                    "pxl_row_in_fullres",
+                    "pxl_col_in_fullres",
+                ],
+            )
+        df = df[df["in_tissue"] == 1]
+        out = pd.DataFrame(
+            {
+                "id": df["barcode"].astype(str),
+                "x": df["pxl_col_in_fullres"],
+                "y": df["pxl_row_in_fullres"],
+                "array_x": df["array_col"],
+                "array_y": df["array_row"],
+            }
+        )
+        kind = "visium"
+    elif {"x", "y"} <= cols:
+        ids = df["id"].astype(str) if "id" in cols else [f"spot_{i}" for i in range(len(df))]
+        out = pd.DataFrame({"id": ids, "x": df["x"], "y": df["y"]})
+        kind = "csv"
+    else:
+        msg = f"{path}: not a spot file (need x,y columns, a her2st or a Visium layout)"
+        raise DataError(msg)
+    out = out.reset_index(drop=True)
+    if out.empty:
+        msg = f"{path}: no spots"
+        raise DataError(msg)
+    if not np.isfinite(out[["x", "y"]].to_numpy(float)).all():
+        msg = f"{path}: spot coordinates are missing or not finite"
+        raise DataError(msg)
+    if out["id"].duplicated().any() or out[["x", "y"]].duplicated().any():
+        msg = f"{path}: duplicate spots"
+        raise DataError(msg)
+    return out, kind
+
+
+def spot_mpp(spots: pd.DataFrame, kind: str) -> float | None:
+    """µm/px from the array grid: pixels per array-column step against its pitch in µm
+    (legacy ST: 200 µm per step; Visium: 50 µm, columns step by 2 between spots)."""
+    if "array_x" not in spots or spots["array_x"].nunique() < 2:
+        return None
+    if kind == "her2st":  # same estimate as the reader's, so training and inference agree
+        from mclx.data.her2st import estimate_mpp
+
+        return estimate_mpp(
+            pd.DataFrame(
+                {
+                    "x": spots["array_x"],
+                    "y": spots["array_y"],
+                    "pixel_x": spots["x"],
+                    "pixel_y": spots["y"],
+                }
+            )
+        )
+    pitch = 50.0 if kind == "visium" else 200.0
+    slope = np.polyfit(spots["array_x"].to_numpy(float), spots["x"].to_numpy(float), 1)[0]
+    return float(pitch / abs(slope)) if slope else None
+
+
+def spot_tiles(slide, spots: pd.DataFrame, *, size: int, source: str = "spots") -> Tiles:
+    """Tiles centred on given spots; every spot must lie on the slide."""
+    W, H = slide.dimensions
+    xy = spots[["x", "y"]].to_numpy(np.float64)
+    outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= W) | (xy[:, 1] >= H)
+    if outside.any():
+        first = spots["id"].iloc[int(np.flatnonzero(outside)[0])]
+        msg = (
+            f"{source}: {int(outside.sum())} spots lie outside the {W}x{H} slide "
+            f"{slide.path.name} (first: {first})"
+        )
+        raise DataError(msg)
+    return Tiles(xy, spots["id"].astype(str).tolist(), size)
