@@ -165,7 +165,7 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
       mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
     """
     from mclx.checkpoint import save_checkpoint
-    from mclx.data.her2st import list_sections, read_her2st
+    from mclx.data.her2st import array_extent, list_sections, read_her2st
     from mclx.errors import DataError
     from mclx.experiment import (
         PatchCache,
@@ -195,7 +195,7 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
     net = new_model(
         kw["model"],
         pre,
-        pos_size(list(adatas.values())),
+        tuple(map(max, pos_size(list(adatas.values())), array_extent(data))),
         seed=cfg.seed,
         encoder_weights=_encoder_weights(kw["encoder_weights"]),
         **_overrides(kw),
@@ -247,8 +247,19 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
     default=None,
     help="Results JSON (per-gene PCC CSV beside it). Default: evaluate_MODEL.json.",
 )
+@click.option(
+    "--ckpt",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Score this trained checkpoint with --bank on --sections (no training).",
+)
+@click.option(
+    "--bank", "bank_path", type=click.Path(path_type=Path), default=None, help="Bank for --ckpt."
+)
 @model_options
-def evaluate(data: Path, sections, bank_sections, k, distance, out, **kw: Any) -> None:
+def evaluate(
+    data: Path, sections, bank_sections, k, distance, out, ckpt, bank_path, **kw: Any
+) -> None:
     """Leave-one-section-out cross-validation: the paper's Table 1.
 
     \b
@@ -259,10 +270,21 @@ def evaluate(data: Path, sections, bank_sections, k, distance, out, **kw: Any) -
       mclx evaluate --data ../shared/data/her2st --freeze-encoder --epochs 90
       mclx evaluate --model bleep --freeze-encoder --out bleep.json
       mclx evaluate --freeze-encoder --bank-sections A1,A2,B1 --distance l1
+      mclx evaluate --ckpt model.pt --bank her2.npz --sections C2 --out c2.json
     """
     from mclx.evaluate import cross_validate, format_table, write_results
 
     out = check_output(out or Path(f"evaluate_{kw['model']}.json"))
+    if ckpt is not None or bank_path is not None:
+        from mclx.evaluate import score_checkpoint
+
+        if ckpt is None or bank_path is None or not sections:
+            msg = "evaluate: --ckpt needs --bank and --sections (the sections to score)"
+            raise click.UsageError(msg)
+        res = score_checkpoint(ckpt, bank_path, data, _split(sections), k=k, distance=distance)
+        click.echo(format_table(res, title=f"{ckpt} with {bank_path}"))
+        click.echo("mclx: wrote {} and {}".format(*write_results(res, out)))
+        return
     res = cross_validate(
         data,
         model=kw["model"],

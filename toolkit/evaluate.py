@@ -50,8 +50,7 @@ def cross_validate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run the cross-validation; return ``{"sections", "mean", "std", "genes", "config"}``."""
-    from mclx.kernels import retrieve
-    from mclx.train import encode_features, image_outputs, spot_embeddings
+    from mclx.train import encode_features, spot_embeddings
 
     cfg = train_cfg or TrainCfg()
     adatas = read_her2st(root, list(sections) if sections else None, with_image=True)
@@ -89,13 +88,12 @@ def cross_validate(
             feats = cache.features(net.image_encoder, encoder_fingerprint(net), test, pre)
         else:
             feats = encode_features(net.image_encoder, cache.patches(test), pre)
-        out = image_outputs(net, feats)
         if net.kind == "contrastive":
             bank = build_table(bank_adatas, pre)
-            keys = spot_embeddings(net, bank, seq_len=cfg.batch_size)
-            pred = retrieve(out, keys, bank.expr, k_eff, distance=dist, weighting=net.cfg.weighting)
+            keys, values = spot_embeddings(net, bank, seq_len=cfg.batch_size), bank.expr
         else:
-            pred = out
+            keys = values = None
+        pred = predict_from_features(net, feats, keys, values, k=k_eff, distance=dist)
         s = score(pred, test_table.expr)
         genes_out[test] = dict(zip(genes, s.pop("pcc_genes").tolist()))
         results[test] = s | {"n_spots": len(test_table), "final_loss": history[-1]}
@@ -113,6 +111,80 @@ def cross_validate(
     std = {m: float(np.std([r[m] for r in results.values()])) for m in METRICS}
     run_cfg["seconds"] = round(time.perf_counter() - t0, 1)
     return {"sections": results, "mean": mean, "std": std, "config": run_cfg, "genes": genes_out}
+
+
+def predict_from_features(net, feats, keys, values, *, k: int, distance: str) -> np.ndarray:
+    """Head on pooled encoder features, then retrieval from (keys, values) for a
+    contrastive model; ST-Net's head output is the prediction itself."""
+    from mclx.kernels import retrieve
+    from mclx.train import image_outputs
+
+    out = image_outputs(net, feats)
+    if net.kind != "contrastive":
+        return out
+    return retrieve(out, keys, values, k, distance=distance, weighting=net.cfg.weighting)
+
+
+def predict_section(ck, bank, adata, *, k: int | None = None, distance: str | None = None):
+    """Evaluation's in-memory path for one section with a fixed checkpoint and bank:
+    patches cut from the decoded image, torch FP32 features, head, retrieval."""
+    from mclx.data.patches import section_patches
+    from mclx.train import encode_features
+
+    bank.check_compatible(ck.fingerprint, ck.preprocess.genes)
+    feats = encode_features(
+        ck.model.image_encoder, section_patches(adata, ck.preprocess.patch_size), ck.preprocess
+    )
+    return predict_from_features(
+        ck.model,
+        feats,
+        bank.embeddings,
+        bank.expressions,
+        k=k or bank.k,
+        distance=distance or bank.distance,
+    )
+
+
+def score_checkpoint(
+    checkpoint,
+    bank_path,
+    root,
+    sections: Sequence[str],
+    *,
+    k: int | None = None,
+    distance: str | None = None,
+) -> dict[str, Any]:
+    """Table 1 for a trained checkpoint and bank on ``sections`` (no training)."""
+    from mclx.bank import load_bank
+    from mclx.checkpoint import load_checkpoint
+
+    ck, bank = load_checkpoint(checkpoint), load_bank(bank_path)
+    adatas = read_her2st(root, list(sections), with_image=True)
+    overlap = set(sections) & set(bank.sections.tolist())
+    if overlap:
+        msg = f"{bank_path}: bank contains the scored sections {sorted(overlap)} (leakage)"
+        raise ValueError(msg)
+    results, genes_out = {}, {}
+    for name, adata in adatas.items():
+        truth = build_table({name: adata}, ck.preprocess).expr
+        s = score(predict_section(ck, bank, adata, k=k, distance=distance), truth)
+        genes_out[name] = dict(zip(ck.preprocess.genes, s.pop("pcc_genes").tolist()))
+        results[name] = s | {"n_spots": len(truth)}
+    return {
+        "sections": results,
+        "mean": {m: float(np.mean([r[m] for r in results.values()])) for m in METRICS},
+        "std": {m: float(np.std([r[m] for r in results.values()])) for m in METRICS},
+        "config": {
+            "checkpoint": str(checkpoint),
+            "bank": str(bank_path),
+            "k": k or bank.k,
+            "distance": distance or bank.distance,
+            "n_genes": len(ck.preprocess.genes),
+            "fingerprint": ck.fingerprint,
+            "seconds": 0.0,
+        },
+        "genes": genes_out,
+    }
 
 
 def format_table(res: dict[str, Any], title: str = "") -> str:

@@ -167,3 +167,34 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
     if suffix in OPENSLIDE_SUFFIXES or (suffix in (".tif", ".tiff") and _is_tiled_tiff(path)):
         return OpenSlideSlide(path, mpp)
     return PILSlide(path, mpp)
+
+
+def write_pyramidal_tiff(
+    image: np.ndarray, path: str | os.PathLike, *, mpp: float, tile: int = 256, levels: int = 4
+) -> Path:
+    """Write an RGB array as a tiled, pyramidal, deflate-compressed TIFF with resolution
+    tags (what OpenSlide's generic-tiff reader expects); for tests and demos."""
+    import tifffile
+    from PIL import Image
+
+    from mclx.io import atomic_path
+
+    path = Path(path)
+    res = (1e4 / mpp, 1e4 / mpp)  # pixels per centimetre
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=False) as tw:
+        level = image
+        for i in range(levels):
+            tw.write(
+                level,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="zlib",
+                resolution=(res[0] / 2**i, res[1] / 2**i),
+                resolutionunit="CENTIMETER",
+                subfiletype=0 if i == 0 else 1,
+            )
+            h, w = level.shape[:2]
+            if min(h, w) // 2 < tile:
+                break
+            level = np.asarray(Image.fromarray(level).resize((w // 2, h // 2), Image.BILINEAR))
+    return path

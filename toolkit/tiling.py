@@ -46,8 +46,8 @@ def tissue_mask(thumb: np.ndarray, *, min_object_frac: float = 1e-3) -> np.ndarr
         return np.zeros(sat.shape, bool)  # flat image: nothing to threshold
     mask = sat > max(threshold_otsu(sat), 0.05)
     area = max(16, int(min_object_frac * mask.size))
-    mask = remove_small_objects(mask, min_size=area)
-    return remove_small_holes(mask, area_threshold=area)
+    mask = remove_small_objects(mask, max_size=area)
+    return remove_small_holes(mask, max_size=area)
 
 
 def grid_tiles(slide, *, size: int, stride: int | None = None, min_tissue: float = 0.5) -> Tiles:

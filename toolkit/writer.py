@@ -26,7 +26,8 @@ def write_predictions(adata, out: str | os.PathLike) -> float:
             grp = f["uns/mclx/timings"]
             if "write" in grp:
                 del grp["write"]
-            grp.create_dataset("write", data=np.float64(seconds))
+            ds = grp.create_dataset("write", data=np.float64(seconds))
+            ds.attrs.update(dict(grp["read"].attrs))  # anndata's scalar encoding tags
     return seconds
 
 

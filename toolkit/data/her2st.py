@@ -122,6 +122,20 @@ def read_spots(path: Path) -> pd.DataFrame:
     return spots
 
 
+def array_extent(root: str | os.PathLike) -> tuple[int, int]:
+    """Largest array coordinates (x, y) + 1 over every spot file of the folder: sizes the
+    positional tables so that any section of the folder can later join a bank."""
+    root = find_data_root(root)
+    xs, ys = [0], [0]
+    for s in list_sections(root):
+        path = root / "ST-spotfiles" / f"{s}_selection.tsv"
+        if path.is_file():
+            spots = read_spots(path)
+            xs.append(int(spots["x"].max()))
+            ys.append(int(spots["y"].max()))
+    return max(xs) + 1, max(ys) + 1
+
+
 def estimate_mpp(obs: pd.DataFrame, pitch_um: float = ST_PITCH_UM) -> float | None:
     """µm/px from the spot grid: least-squares pixels per array step, x and y pooled."""
     slopes = []

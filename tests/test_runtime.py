@@ -1,0 +1,197 @@
+"""`mclx infer` end to end: equivalence with evaluation, OpenSlide TIFFs, bad inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pytest
+
+from mclx.bank import build_bank, load_bank, save_bank
+from mclx.checkpoint import load_checkpoint
+from mclx.data.her2st import find_data_root, read_section
+from mclx.evaluate import predict_section
+
+
+def mclx(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mclx", *map(str, args)], capture_output=True, text=True, timeout=900
+    )
+
+
+def one_line_error(res, *needles):
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode != 0 and len(lines) == 1, res.stderr
+    assert lines[0].startswith("mclx: error: ") and "Traceback" not in res.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def synth_model(synthetic, tmp_path_factory):
+    """A tiny checkpoint and bank trained on the synthetic data (fast)."""
+    d = tmp_path_factory.mktemp("synth_model")
+    res = mclx(
+        "train",
+        "--data",
+        synthetic,
+        "--sections",
+        "S1,S2",
+        "--encoder",
+        "tiny_cnn",
+        "--encoder-weights",
+        "none",
+        "--genes",
+        synthetic / "genes.txt",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "32",
+        "--freeze-encoder",
+        "-q",
+        "--out",
+        d / "m.pt",
+    )
+    assert res.returncode == 0, res.stderr
+    save_bank(build_bank(d / "m.pt", synthetic, sections=["S1", "S2", "S4"]), d / "bank.npz")
+    return d / "m.pt", d / "bank.npz"
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_infer_at_spots_matches_evaluation_path(her2st, tmp_path):
+    root = find_data_root(her2st)
+    ck = tmp_path / "c3.pt"
+    res = mclx(
+        "train",
+        "--data",
+        her2st,
+        "--sections",
+        "C3",
+        "--freeze-encoder",
+        "--epochs",
+        "2",
+        "--encoder-weights",
+        "none",
+        "-q",
+        "--out",
+        ck,
+    )
+    assert res.returncode == 0, res.stderr
+    bank = save_bank(build_bank(ck, her2st, sections=["C3", "C4", "A1"]), tmp_path / "b.npz")
+    c2 = read_section(her2st, "C2")
+    out = tmp_path / "c2.h5ad"
+    res = mclx(
+        "infer",
+        c2.uns["image_path"],
+        "--bank",
+        bank,
+        "--model",
+        ck,
+        "--backend",
+        "torch",
+        "--precision",
+        "fp32",
+        "--spots",
+        root / "ST-spotfiles" / "C2_selection.tsv",
+        "--out",
+        out,
+        "-q",
+    )
+    assert res.returncode == 0, res.stderr
+    pred = ad.read_h5ad(out)  # rows in spot-file order; align to the reader's order
+    assert sorted(pred.obs_names) == sorted(i.removeprefix("C2_") for i in c2.obs_names)
+    pred = pred[[i.removeprefix("C2_") for i in c2.obs_names]]
+    expected = predict_section(load_checkpoint(ck), load_bank(bank), c2)
+    np.testing.assert_allclose(pred.X, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred.obsm["spatial"], c2.obsm["spatial"])
+    u = pred.uns["mclx"]
+    assert u["checkpoint_fingerprint"] == u["bank_fingerprint"] == load_bank(bank).fingerprint
+    assert set(u["timings"]) >= {"read", "encode", "retrieve", "write"}
+    assert u["tile_size_level0"] == 224  # within 2% of the training µm/px: no resampling
+
+
+@pytest.mark.data
+def test_pyramidal_tiff_through_openslide(her2st, synth_model, tmp_path):
+    from PIL import Image
+
+    from mclx.data.patches import load_image
+    from mclx.slide import open_slide, write_pyramidal_tiff
+    from mclx.tiling import tissue_mask
+
+    ck, bank = synth_model
+    img = load_image(read_section(her2st, "C3").uns["image_path"])[::2, ::2]
+    tif = write_pyramidal_tiff(np.ascontiguousarray(img), tmp_path / "c3.tif", mpp=1.372)
+    slide = open_slide(tif)
+    assert slide.backend == "openslide" and slide.mpp == pytest.approx(1.372, rel=1e-3)
+    out = tmp_path / "c3.h5ad"
+    res = mclx(
+        "infer", tif, "--bank", bank, "--out", out, "--plot", "GENE001", "--plot", "GENE002", "-q"
+    )
+    assert res.returncode == 0, res.stderr
+    assert "tiles/s" in res.stdout
+    pred = ad.read_h5ad(out)
+    thumb, f = slide.thumbnail(2048)
+    mask = tissue_mask(thumb)
+    size = pred.uns["mclx"]["tile_size_level0"]
+    half = size / 2 / f
+    fracs = [mask[int(y - half) : int(y + half), int(x - half) : int(x + half)].mean()
+             for x, y in pred.obsm["spatial"] / f]
+    assert min(fracs) >= 0.45  # every tile at least half tissue (grid_tiles' min_tissue)
+    W, H = slide.dimensions
+    assert 0 < pred.n_obs < 0.5 * (W // size) * (H // size)  # tissue tiles only
+    assert size == round(224 * load_checkpoint(ck).preprocess.mpp / 1.372)
+    for g in ("GENE001", "GENE002"):
+        png = tmp_path / f"c3.{g}.png"
+        assert png.is_file() and Image.open(png).size[0] > 400
+
+
+def test_bad_inputs(synthetic, synth_model, tmp_path):
+    from PIL import Image
+
+    ck, bank = synth_model
+    img = synthetic / "data" / "ST-imgs" / "S" / "S1" / "S1.jpg"
+    spots = synthetic / "data" / "ST-spotfiles" / "S1_selection.tsv"
+    out = tmp_path / "p.h5ad"
+    base = ["--bank", bank, "--out", out, "-q"]
+    one_line_error(mclx("infer", tmp_path / "missing.svs", *base), "missing.svs", "does not exist")
+    trunc = tmp_path / "trunc.jpg"
+    trunc.write_bytes(img.read_bytes()[:3000])
+    one_line_error(mclx("infer", trunc, *base, "--spots", spots), "trunc.jpg")
+    text = tmp_path / "notes.svs"
+    text.write_text("this is not a slide\n")
+    one_line_error(mclx("infer", text, *base), "notes.svs")
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((1200, 1200, 3), 243, np.uint8)).save(blank)
+    one_line_error(mclx("infer", blank, *base, "--mpp", "1.0"), "blank.png", "no tissue")
+    far = tmp_path / "far.csv"
+    far.write_text("x,y\n100,100\n99999,5\n")
+    one_line_error(mclx("infer", img, *base, "--spots", far, "--mpp", "0.9"), "far.csv", "outside")
+    other = tmp_path / "other.pt"
+    res = mclx(
+        "train",
+        "--data",
+        synthetic,
+        "--sections",
+        "S1",
+        "--encoder",
+        "tiny_cnn",
+        "--encoder-weights",
+        "none",
+        "--genes",
+        synthetic / "genes.txt",
+        "--epochs",
+        "1",
+        "--seed",
+        "7",
+        "--freeze-encoder",
+        "-q",
+        "--out",
+        other,
+    )
+    assert res.returncode == 0, res.stderr
+    one_line_error(mclx("infer", img, *base, "--spots", spots, "--model", other), "rebuild")
+    one_line_error(mclx("infer", img, *base, "--spots", spots, "--k", "100000"), "larger")
+    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
