@@ -1,7 +1,9 @@
 """``make demo``: the whole chain on an embedded default, through the real commands.
 
-Uses the HER2+ data when ``$MCLX_HER2ST`` or ``../shared/data/her2st`` exists, otherwise
-writes a small synthetic dataset in the same layout. Outputs land in ``demo_out/``.
+train -> bank build -> export -> infer (with plots). Uses the HER2+ data when
+``$MCLX_HER2ST`` or ``../shared/data/her2st`` exists (held-out section C2, predicted at
+its spots), otherwise writes a small synthetic dataset in the same layout and a pyramidal
+TIFF slide (predicted on a tissue grid read through OpenSlide). Outputs go to demo_out/.
 """
 
 from __future__ import annotations
@@ -16,17 +18,11 @@ from mclx.cli import main as mclx
 OUT = Path("demo_out")
 
 
-def find_data() -> tuple[Path, bool]:
-    """The real data folder when present, else a synthetic one (created once)."""
+def find_data() -> Path | None:
     for cand in (os.environ.get("MCLX_HER2ST"), "../shared/data/her2st"):
         if cand and (Path(cand) / "data" / "ST-cnts").is_dir():
-            return Path(cand), True
-    from mclx.data.synthetic import write_synthetic_her2st
-
-    root = OUT / "synthetic"
-    if not (root / "genes.txt").is_file():
-        write_synthetic_her2st(root)
-    return root, False
+            return Path(cand)
+    return None
 
 
 def run(*args: object) -> None:
@@ -39,24 +35,129 @@ def run(*args: object) -> None:
             raise
 
 
-def main() -> None:
+def synthetic_inputs() -> tuple[Path, Path]:
+    """Synthetic her2st-layout data and a pyramidal TIFF of its held-out section S3."""
+    from mclx.data.patches import load_image
+    from mclx.data.synthetic import PITCH_PX, write_synthetic_her2st
+    from mclx.slide import write_pyramidal_tiff
+
+    root = OUT / "synthetic"
+    if not (root / "genes.txt").is_file():
+        write_synthetic_her2st(root)
+    slide = OUT / "S3.tif"
+    if not slide.is_file():
+        image = load_image(root / "data" / "ST-imgs" / "S" / "S3" / "S3.jpg")
+        write_pyramidal_tiff(image, slide, mpp=200.0 / PITCH_PX, tile=256, levels=3)
+    return root, slide
+
+
+def main() -> int:
     t0 = time.perf_counter()
     OUT.mkdir(exist_ok=True)
-    data, real = find_data()
-    print(f"mclx demo on {'her2st' if real else 'synthetic'} data: {data}")
-    if real:
-        holdout, sections, encoder = "C2", "C2,C3,C4", "densenet121"
-        genes: list[object] = []
+    data = find_data()
+    model, bank = OUT / "model.pt", OUT / "bank.npz"
+    if data is not None:
+        print(f"mclx demo on the HER2+ data in {data}; C2 is held out")
+        spots = data / "data" / "ST-spotfiles" / "C2_selection.tsv"
+        slide = next((data / "data" / "ST-imgs" / "C" / "C2").glob("*.jpg"))
+        run(
+            "train",
+            "--data",
+            data,
+            "--sections",
+            "C3,C4,C5,C6",
+            "--freeze-encoder",
+            "--epochs",
+            30,
+            "--out",
+            model,
+        )
+        run(
+            "bank",
+            "build",
+            "--ckpt",
+            model,
+            "--data",
+            data,
+            "--sections",
+            "C1,C3,C4,C5,C6,D1,E1,F1,G2,H1",
+            "--out",
+            bank,
+        )
+        run("export", "--ckpt", model, "--calib-data", data)
+        infer = [
+            "infer",
+            slide,
+            "--bank",
+            bank,
+            "--spots",
+            spots,
+            "--plot",
+            "ERBB2",
+            "--plot",
+            "GNAS",
+            "--out",
+            OUT / "C2.h5ad",
+        ]
     else:
-        holdout, sections, encoder = "S3", "S1,S2,S3", "tiny_cnn"
-        genes = ["--genes", data / "genes.txt"]
-    common = ["--data", data, "--encoder", encoder, "--freeze-encoder", *genes]
-    run("train", *common, "--holdout", holdout, "--epochs", 30, "--out", OUT / "model.pt")
-    run("evaluate", *common, "--sections", sections, "--epochs", 30, "--out", OUT / "evaluate.json")
+        root, slide = synthetic_inputs()
+        print(f"mclx demo on synthetic data in {root} (no HER2+ data found); S3 is held out")
+        genes = ["--genes", root / "genes.txt"]
+        run(
+            "train",
+            "--data",
+            root,
+            "--sections",
+            "S1,S2",
+            "--encoder",
+            "tiny_cnn",
+            "--encoder-weights",
+            "none",
+            *genes,
+            "--freeze-encoder",
+            "--epochs",
+            40,
+            "--batch-size",
+            32,
+            "--lr",
+            "1e-3",
+            "--out",
+            model,
+        )
+        run(
+            "bank",
+            "build",
+            "--ckpt",
+            model,
+            "--data",
+            root,
+            "--sections",
+            "S1,S2,S4",
+            "--out",
+            bank,
+        )
+        run("export", "--ckpt", model, "--int8", "--calib-data", root)
+        infer = [
+            "infer",
+            slide,
+            "--bank",
+            bank,
+            "--k",
+            20,
+            "--plot",
+            "GENE000",
+            "--plot",
+            "GENE001",
+            "--out",
+            OUT / "S3.h5ad",
+        ]
+    run(*infer)
     print(
-        f"\nmclx demo done in {time.perf_counter() - t0:.0f} s: checkpoint {OUT / 'model.pt'}, "
-        f"evaluation {OUT / 'evaluate.json'} and {OUT / 'evaluate.genes.csv'}"
+        f"\nmclx demo done in {time.perf_counter() - t0:.0f} s. Predictions: {infer[-1]} "
+        f"(open with anndata.read_h5ad / scanpy); plots: {OUT}/*.png; checkpoint {model}, "
+        f"bank {bank}, ONNX encoder {model.with_suffix('.onnx')}"
     )
+    return 0
 
 
 if __name__ == "__main__":

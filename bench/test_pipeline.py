@@ -1,0 +1,78 @@
+"""End-to-end `infer` throughput vs encoder-only throughput, same backend and batch.
+
+A pyramidal TIFF written from the C2 HER2+ image is tiled over its tissue and streamed
+through ONNX Runtime (CPU): reader threads, encoder, retrieval against a bank. The
+encoder-only run encodes the very same tiles, already in memory. The ratio of the two
+tiles/s says how well reading and retrieval hide behind the encoder.
+
+    pytest bench/test_pipeline.py --benchmark-only --benchmark-group-by=group
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_encoder import setup  # noqa: F401  (module fixture: checkpoint, bank, C2)
+
+BATCH = 32
+
+
+@pytest.fixture(scope="module")
+def slide_and_tiles(setup, tmp_path_factory):  # noqa: F811
+    from mclx.data.patches import load_image
+    from mclx.export.backends import create_backend
+    from mclx.runtime import tile_size
+    from mclx.slide import open_slide, write_pyramidal_tiff
+    from mclx.tiling import grid_tiles
+
+    ck, bank, c2, _ = setup
+    path = tmp_path_factory.mktemp("slide") / "C2.tif"
+    write_pyramidal_tiff(load_image(c2.uns["image_path"]), path, mpp=float(c2.uns["mpp"]))
+    slide = open_slide(path)
+    enc = create_backend(ck, backend="onnxruntime", precision="fp32", device="cpu")
+    tiles = grid_tiles(slide, size=tile_size(enc.pre, slide.mpp, str(path)))
+    return slide, tiles, enc, bank
+
+
+def test_end_to_end_stream(benchmark, slide_and_tiles):
+    from mclx.bank import load_bank
+    from mclx.runtime import stream
+
+    slide, tiles, enc, bank_path = slide_and_tiles
+    bank = load_bank(bank_path)
+    benchmark.group = "pipeline tiles/s (onnxruntime fp32, batch 32)"
+
+    def run():
+        return stream(
+            slide,
+            tiles,
+            enc,
+            bank,
+            k=200,
+            distance="l2",
+            weighting="inverse_square",
+            batch_size=BATCH,
+            progress=False,
+        )
+
+    preds, timings = benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+    assert preds.shape[0] == len(tiles)
+    benchmark.extra_info["tiles"] = len(tiles)
+    benchmark.extra_info["tiles_per_s"] = len(tiles) / benchmark.stats.stats.min
+    benchmark.extra_info.update({f"seconds_{k}": v for k, v in timings.items()})
+
+
+def test_encoder_only(benchmark, slide_and_tiles):
+    slide, tiles, enc, _ = slide_and_tiles
+    imgs = np.stack(
+        [slide.read(*tiles.origin(i), tiles.size, enc.pre.patch_size) for i in range(len(tiles))]
+    )
+    benchmark.group = "pipeline tiles/s (onnxruntime fp32, batch 32)"
+
+    def run():
+        for s in range(0, len(imgs), BATCH):
+            enc(imgs[s : s + BATCH])
+
+    benchmark.pedantic(run, rounds=2, iterations=1, warmup_rounds=0)
+    benchmark.extra_info["tiles"] = len(tiles)
+    benchmark.extra_info["tiles_per_s"] = len(tiles) / benchmark.stats.stats.min
