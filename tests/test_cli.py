@@ -96,7 +96,7 @@ def test_evaluate_learns_the_synthetic_signal(synthetic, tmp_path):
         "--k",
         "20",
         "--bank-sections",
-        "S4",
+        "all",
         "-q",
         "--out",
         out,
@@ -105,7 +105,7 @@ def test_evaluate_learns_the_synthetic_signal(synthetic, tmp_path):
     assert "PCC(ACG)" in res.stdout and "mean±std" in res.stdout
     data = json.loads(out.read_text())
     assert set(data["sections"]) == {"S1", "S2", "S3"}
-    assert data["config"]["bank_sections"] == ["S4"] and data["config"]["k"] == 20
+    assert data["config"]["bank_sections"] == ["S1", "S2", "S3", "S4"] and data["config"]["k"] == 20
     for m in ("pcc_acg", "pcc_heg", "mse", "mae"):
         vals = [r[m] for r in data["sections"].values()]
         assert data["mean"][m] == pytest.approx(np.mean(vals))

@@ -137,8 +137,10 @@ def test_pyramidal_tiff_through_openslide(her2st, synth_model, tmp_path):
     mask = tissue_mask(thumb)
     size = pred.uns["mclx"]["tile_size_level0"]
     half = size / 2 / f
-    fracs = [mask[int(y - half) : int(y + half), int(x - half) : int(x + half)].mean()
-             for x, y in pred.obsm["spatial"] / f]
+    fracs = [
+        mask[int(y - half) : int(y + half), int(x - half) : int(x + half)].mean()
+        for x, y in pred.obsm["spatial"] / f
+    ]
     assert min(fracs) >= 0.45  # every tile at least half tissue (grid_tiles' min_tissue)
     W, H = slide.dimensions
     assert 0 < pred.n_obs < 0.5 * (W // size) * (H // size)  # tissue tiles only
@@ -195,3 +197,50 @@ def test_bad_inputs(synthetic, synth_model, tmp_path):
     one_line_error(mclx("infer", img, *base, "--spots", spots, "--model", other), "rebuild")
     one_line_error(mclx("infer", img, *base, "--spots", spots, "--k", "100000"), "larger")
     assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_evaluate_a_trained_checkpoint_with_its_bank(synthetic, synth_model, tmp_path):
+    import json
+
+    ck, bank = synth_model
+    out = tmp_path / "s3.json"
+    res = mclx(
+        "evaluate",
+        "--data",
+        synthetic,
+        "--ckpt",
+        ck,
+        "--bank",
+        bank,
+        "--sections",
+        "S3",
+        "--k",
+        "20",
+        "--out",
+        out,
+    )
+    assert res.returncode == 0, res.stderr
+    data = json.loads(out.read_text())
+    assert list(data["sections"]) == ["S3"] and data["config"]["k"] == 20
+    expected = predict_section(
+        load_checkpoint(ck), load_bank(bank), read_section(synthetic, "S3"), k=20
+    )
+    from mclx.data.dataset import build_table
+    from mclx.metrics import score
+
+    truth = build_table({"S3": read_section(synthetic, "S3")}, load_checkpoint(ck).preprocess)
+    assert data["mean"]["pcc_acg"] == pytest.approx(score(expected, truth.expr)["pcc_acg"])
+    leak = mclx(
+        "evaluate",
+        "--data",
+        synthetic,
+        "--ckpt",
+        ck,
+        "--bank",
+        bank,
+        "--sections",
+        "S1",
+        "--out",
+        tmp_path / "leak.json",
+    )
+    one_line_error(leak, "leakage")

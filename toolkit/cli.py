@@ -226,7 +226,8 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
 @click.option(
     "--bank-sections",
     multiple=True,
-    help="Extra sections (image not needed) whose spots join every fold's bank.",
+    help="Extra sections (image not needed) whose spots join every fold's bank; 'all' for "
+    "every section of the folder (the held-out section is always left out).",
 )
 @click.option(
     "--k",
@@ -272,6 +273,7 @@ def evaluate(
       mclx evaluate --freeze-encoder --bank-sections A1,A2,B1 --distance l1
       mclx evaluate --ckpt model.pt --bank her2.npz --sections C2 --out c2.json
     """
+    from mclx.data.her2st import list_sections
     from mclx.evaluate import cross_validate, format_table, write_results
 
     out = check_output(out or Path(f"evaluate_{kw['model']}.json"))
@@ -289,7 +291,9 @@ def evaluate(
         data,
         model=kw["model"],
         sections=_split(sections) or None,
-        bank_sections=_split(bank_sections),
+        bank_sections=(
+            list_sections(data) if _split(bank_sections) == ["all"] else _split(bank_sections)
+        ),
         train_cfg=_train_cfg(kw),
         k=k,
         distance=distance,

@@ -107,10 +107,19 @@ def cross_validate(
             "bank_sections": list(bank_sections),
             "encoder_weights": str(encoder_weights),
         }
-    mean = {m: float(np.mean([r[m] for r in results.values()])) for m in METRICS}
-    std = {m: float(np.std([r[m] for r in results.values()])) for m in METRICS}
     run_cfg["seconds"] = round(time.perf_counter() - t0, 1)
-    return {"sections": results, "mean": mean, "std": std, "config": run_cfg, "genes": genes_out}
+    return _summary(results, run_cfg, genes_out)
+
+
+def _summary(results: dict[str, Any], config: dict[str, Any], genes: dict) -> dict[str, Any]:
+    """Per-section rows plus mean and (population) std of each metric."""
+    return {
+        "sections": results,
+        "mean": {m: float(np.mean([r[m] for r in results.values()])) for m in METRICS},
+        "std": {m: float(np.std([r[m] for r in results.values()])) for m in METRICS},
+        "config": config,
+        "genes": genes,
+    }
 
 
 def predict_from_features(net, feats, keys, values, *, k: int, distance: str) -> np.ndarray:
@@ -170,21 +179,16 @@ def score_checkpoint(
         s = score(predict_section(ck, bank, adata, k=k, distance=distance), truth)
         genes_out[name] = dict(zip(ck.preprocess.genes, s.pop("pcc_genes").tolist()))
         results[name] = s | {"n_spots": len(truth)}
-    return {
-        "sections": results,
-        "mean": {m: float(np.mean([r[m] for r in results.values()])) for m in METRICS},
-        "std": {m: float(np.std([r[m] for r in results.values()])) for m in METRICS},
-        "config": {
-            "checkpoint": str(checkpoint),
-            "bank": str(bank_path),
-            "k": k or bank.k,
-            "distance": distance or bank.distance,
-            "n_genes": len(ck.preprocess.genes),
-            "fingerprint": ck.fingerprint,
-            "seconds": 0.0,
-        },
-        "genes": genes_out,
+    config = {
+        "checkpoint": str(checkpoint),
+        "bank": str(bank_path),
+        "k": k or bank.k,
+        "distance": distance or bank.distance,
+        "n_genes": len(ck.preprocess.genes),
+        "fingerprint": ck.fingerprint,
+        "seconds": 0.0,
     }
+    return _summary(results, config, genes_out)
 
 
 def format_table(res: dict[str, Any], title: str = "") -> str:
