@@ -196,6 +196,7 @@ def test_bad_inputs(synthetic, synth_model, tmp_path):
     assert res.returncode == 0, res.stderr
     one_line_error(mclx("infer", img, *base, "--spots", spots, "--model", other), "rebuild")
     one_line_error(mclx("infer", img, *base, "--spots", spots, "--k", "100000"), "larger")
+    one_line_error(mclx("infer", img, *base, "--spots", spots, "--plot", "NOPE"), "NOPE")
     assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
 
 

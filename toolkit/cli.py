@@ -489,7 +489,7 @@ def infer(slide: Path, bank_path: Path, out, plot, quiet, **kw: Any) -> None:
 
     \b
     Examples:
-      mclx infer slide.svs --bank her2.npz --plot ERBB2 --plot GNAS
+      mclx infer slide.svs --bank her2.npz --plot FASN --plot IGKC
       mclx infer C2.jpg --bank her2.npz --spots C2_selection.tsv --out C2.h5ad
       mclx infer slide.tif --bank her2.npz --model model.onnx --batch-size 128
     """
@@ -497,11 +497,7 @@ def infer(slide: Path, bank_path: Path, out, plot, quiet, **kw: Any) -> None:
     from mclx.writer import plot_genes, write_predictions
 
     out = check_output(out or Path(f"{slide.stem}.pred.h5ad"))
-    adata = run_infer(slide, bank_path=bank_path, progress=not quiet, **kw)
-    missing = [g for g in plot if g not in adata.var_names]
-    if missing:
-        msg = f"--plot: genes not in the bank: {', '.join(missing[:5])}"
-        raise KeyError(msg)
+    adata = run_infer(slide, bank_path=bank_path, plot_genes=plot, progress=not quiet, **kw)
     write_predictions(adata, out)
     pngs = plot_genes(adata, slide, plot, out.with_suffix(""), mpp=kw["mpp"]) if plot else []
     t = adata.uns["mclx"]["timings"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -159,9 +160,13 @@ def infer(
     stride: int | None = None,
     mpp: float | None = None,
     workers: int = 2,
+    plot_genes: Sequence[str] = (),
     progress: bool = True,
 ):
-    """Predict expression over a slide (tissue grid or ``spots``); return AnnData."""
+    """Predict expression over a slide (tissue grid or ``spots``); return AnnData.
+
+    ``plot_genes`` are only checked against the bank's genes, before any tile is read.
+    """
     import anndata as ad
     import pandas as pd
 
@@ -184,6 +189,10 @@ def infer(
     bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
     if device == "cuda":
         bank = bank.to_device("cuda")
+    missing = [g for g in plot_genes if g not in bank.genes]
+    if missing:
+        msg = f"--plot: genes not in the bank {bank_path}: {', '.join(missing[:5])}"
+        raise KeyError(msg)
     k = k or bank.k
     if k > len(bank):
         msg = f"{bank_path}: k={k} is larger than the bank ({len(bank)} spots)"

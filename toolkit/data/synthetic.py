@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 PITCH_PX = 224  # pixels between array positions (ST pitch 200 µm -> 0.89 µm/px)
+MARGIN = 3  # array steps of bare glass around the tissue, as on a real slide
 
 
 def write_synthetic_her2st(
@@ -37,7 +38,19 @@ def write_synthetic_her2st(
         (data / sub).mkdir(parents=True, exist_ok=True)
     genes = [f"GENE{i:03d}" for i in range(n_genes)]
     loadings = rng.gamma(1.0, 1.0, size=(n_programmes, n_genes))
-    palette = rng.uniform(0.25, 0.95, size=(n_programmes, 3)) * 255
+    # H&E-like colours: hues from blue to pink (blends stay saturated, so tissue
+    # detection sees every spot), distinct in hue and brightness
+    from matplotlib.colors import hsv_to_rgb
+
+    hsv = np.stack(
+        [
+            rng.uniform(0.55, 1.0, n_programmes),
+            rng.uniform(0.55, 0.85, n_programmes),
+            rng.uniform(0.35, 0.9, n_programmes),
+        ],
+        1,
+    )
+    palette = hsv_to_rgb(hsv) * 255
     nx, ny = grid
     for name in sections + no_image:
         xs, ys = np.meshgrid(np.arange(1, nx + 1), np.arange(1, ny + 1), indexing="ij")
@@ -54,8 +67,8 @@ def write_synthetic_her2st(
         body = "".join(f"{i}\t" + "\t".join(map(str, row)) + "\n" for i, row in zip(index, counts))
         with gzip.open(data / "ST-cnts" / f"{name}.tsv.gz", "wt") as fh:
             fh.write(header + body)
-        px = xs * PITCH_PX + PITCH_PX // 2 + rng.normal(0, 1.0, xs.size)
-        py = ys * PITCH_PX + PITCH_PX // 2 + rng.normal(0, 1.0, ys.size)
+        px = (xs + MARGIN) * PITCH_PX + rng.normal(0, 1.0, xs.size)
+        py = (ys + MARGIN) * PITCH_PX + rng.normal(0, 1.0, ys.size)
         lines = ["x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected"]
         lines += [
             f"{x}\t{y}\t{x:.3f}\t{y:.3f}\t{a:.2f}\t{b:.2f}\t1" for x, y, a, b in zip(xs, ys, px, py)
@@ -63,7 +76,7 @@ def write_synthetic_her2st(
         (data / "ST-spotfiles" / f"{name}_selection.tsv").write_text("\n".join(lines) + "\n")
         if name in no_image:
             continue
-        w, h = (nx + 2) * PITCH_PX, (ny + 2) * PITCH_PX
+        w, h = (nx + 2 * MARGIN + 1) * PITCH_PX, (ny + 2 * MARGIN + 1) * PITCH_PX
         img = np.full((h, w, 3), 235.0)
         half = PITCH_PX // 2
         for cx, cy, p in zip(px.astype(int), py.astype(int), props):
