@@ -80,58 +80,56 @@ def export(
         )
         return res
 
-    stage = _staging(onnx_out)
-    try:
-        export_onnx(ck, stage, opset=opset)
-        _check(
-            "onnx",
-            onnx_out,
-            record("onnx", onnx_out, "fp32", OnnxRuntimeBackend(stage)(patches)),
-            "fp32",
-        )
-        os.replace(stage, onnx_out)
-    finally:
-        stage.unlink(missing_ok=True)
+    def publish(fmt: str, final: Path, precision: str, build, run, sidecars=()) -> None:
+        """Build under a staging name, check parity, then rename (with sidecars)."""
+        stage = _staging(final)
+        extra = [
+            (stage.with_name(stage.name + x), final.with_name(final.name + x)) for x in sidecars
+        ]
+        try:
+            build(stage)
+            _check(fmt, final, record(fmt, final, precision, run(stage)), precision)
+            os.replace(stage, final)
+            for src, dst in extra:
+                os.replace(src, dst)
+        finally:
+            stage.unlink(missing_ok=True)
+            for src, _ in extra:
+                src.unlink(missing_ok=True)
+
+    def on_ort(path: Path) -> np.ndarray:
+        return OnnxRuntimeBackend(path)(patches)
+
+    publish("onnx", onnx_out, "fp32", lambda p: export_onnx(ck, p, opset=opset), on_ort)
     from mclx.kernels import cpu_has_fast_bf16
 
     if cpu_has_fast_bf16():  # recorded so `--backend auto` knows torch bf16 is safe
         record("torch-bf16", Path(checkpoint), "bf16", TorchBackend(ck, precision="bf16")(patches))
     if int8:
-        int8_out = onnx_out.with_name(onnx_out.name.removesuffix(".onnx") + ".int8.onnx")
-        stage = _staging(int8_out)
-        try:
-            from mclx.export.backends import to_nchw
+        from mclx.export.backends import to_nchw
 
-            quantize_int8(onnx_out, stage, to_nchw(patches, ck.preprocess))
-            _check(
-                "onnx-int8",
-                int8_out,
-                record("onnx-int8", int8_out, "int8", OnnxRuntimeBackend(stage)(patches)),
-                "int8",
-            )
-            os.replace(stage, int8_out)
-        finally:
-            stage.unlink(missing_ok=True)
+        int8_out = onnx_out.with_name(onnx_out.name.removesuffix(".onnx") + ".int8.onnx")
+        calib = to_nchw(patches, ck.preprocess)
+        publish("onnx-int8", int8_out, "int8", lambda p: quantize_int8(onnx_out, p, calib), on_ort)
     write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
     if trt:
         from mclx.export.tensorrt_build import TensorRTBackend, build_engine, require_gpu_stack
 
         engine = artifact_path(checkpoint, "engine")
         require_gpu_stack(f"--trt: {engine} not built")
-        stage = _staging(engine)
-        try:
-            build_engine(onnx_out, stage, fp16=fp16, max_batch=max_batch)
-            got = TensorRTBackend(stage)(patches)
+
+        def on_trt(path: Path) -> np.ndarray:
             import cupy as cp
 
-            prec = "fp16" if fp16 else "fp32"
-            _check("engine", engine, record("engine", engine, prec, cp.asnumpy(got)), prec)
-            os.replace(stage, engine)
-            os.replace(
-                stage.with_name(stage.name + ".json"), engine.with_name(engine.name + ".json")
-            )
-        finally:
-            stage.unlink(missing_ok=True)
-            stage.with_name(stage.name + ".json").unlink(missing_ok=True)
+            return cp.asnumpy(TensorRTBackend(path)(patches))
+
+        publish(
+            "engine",
+            engine,
+            "fp16" if fp16 else "fp32",
+            lambda p: build_engine(onnx_out, p, fp16=fp16, max_batch=max_batch),
+            on_trt,
+            sidecars=(".json",),
+        )
         write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
     return report

@@ -3,34 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from helpers import assert_one_line_error, mclx
 
 from mclx.checkpoint import load_checkpoint
-
-
-def mclx(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "mclx", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-    )
-
-
-def assert_one_line_error(res, *needles):
-    assert res.returncode != 0
-    err = res.stderr.strip().splitlines()
-    assert len(err) == 1, res.stderr
-    assert err[0].startswith("mclx: error: "), err[0]
-    assert "Traceback" not in res.stderr
-    for n in needles:
-        assert n in err[0], err[0]
 
 
 def test_help_and_version():

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import anndata as ad
 import numpy as np
 import pytest
+from helpers import assert_one_line_error, mclx
 
 from mclx.bank import build_bank, load_bank, save_bank
 from mclx.checkpoint import load_checkpoint
 from mclx.data.her2st import find_data_root, read_section
 from mclx.evaluate import predict_section
-
-
-def mclx(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "mclx", *map(str, args)], capture_output=True, text=True, timeout=900
-    )
-
-
-def one_line_error(res, *needles):
-    lines = res.stderr.strip().splitlines()
-    assert res.returncode != 0 and len(lines) == 1, res.stderr
-    assert lines[0].startswith("mclx: error: ") and "Traceback" not in res.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -158,19 +142,23 @@ def test_bad_inputs(synthetic, synth_model, tmp_path):
     spots = synthetic / "data" / "ST-spotfiles" / "S1_selection.tsv"
     out = tmp_path / "p.h5ad"
     base = ["--bank", bank, "--out", out, "-q"]
-    one_line_error(mclx("infer", tmp_path / "missing.svs", *base), "missing.svs", "does not exist")
+    assert_one_line_error(
+        mclx("infer", tmp_path / "missing.svs", *base), "missing.svs", "does not exist"
+    )
     trunc = tmp_path / "trunc.jpg"
     trunc.write_bytes(img.read_bytes()[:3000])
-    one_line_error(mclx("infer", trunc, *base, "--spots", spots), "trunc.jpg")
+    assert_one_line_error(mclx("infer", trunc, *base, "--spots", spots), "trunc.jpg")
     text = tmp_path / "notes.svs"
     text.write_text("this is not a slide\n")
-    one_line_error(mclx("infer", text, *base), "notes.svs")
+    assert_one_line_error(mclx("infer", text, *base), "notes.svs")
     blank = tmp_path / "blank.png"
     Image.fromarray(np.full((1200, 1200, 3), 243, np.uint8)).save(blank)
-    one_line_error(mclx("infer", blank, *base, "--mpp", "1.0"), "blank.png", "no tissue")
+    assert_one_line_error(mclx("infer", blank, *base, "--mpp", "1.0"), "blank.png", "no tissue")
     far = tmp_path / "far.csv"
     far.write_text("x,y\n100,100\n99999,5\n")
-    one_line_error(mclx("infer", img, *base, "--spots", far, "--mpp", "0.9"), "far.csv", "outside")
+    assert_one_line_error(
+        mclx("infer", img, *base, "--spots", far, "--mpp", "0.9"), "far.csv", "outside"
+    )
     other = tmp_path / "other.pt"
     res = mclx(
         "train",
@@ -194,9 +182,9 @@ def test_bad_inputs(synthetic, synth_model, tmp_path):
         other,
     )
     assert res.returncode == 0, res.stderr
-    one_line_error(mclx("infer", img, *base, "--spots", spots, "--model", other), "rebuild")
-    one_line_error(mclx("infer", img, *base, "--spots", spots, "--k", "100000"), "larger")
-    one_line_error(mclx("infer", img, *base, "--spots", spots, "--plot", "NOPE"), "NOPE")
+    assert_one_line_error(mclx("infer", img, *base, "--spots", spots, "--model", other), "rebuild")
+    assert_one_line_error(mclx("infer", img, *base, "--spots", spots, "--k", "100000"), "larger")
+    assert_one_line_error(mclx("infer", img, *base, "--spots", spots, "--plot", "NOPE"), "NOPE")
     assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
 
 
@@ -244,4 +232,4 @@ def test_evaluate_a_trained_checkpoint_with_its_bank(synthetic, synth_model, tmp
         "--out",
         tmp_path / "leak.json",
     )
-    one_line_error(leak, "leakage")
+    assert_one_line_error(leak, "leakage")
