@@ -8,132 +8,23 @@ from __future__ import annotations
 
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
 
 from mclx import __version__
+from mclx.cli_options import (  # noqa: E402
+    CONTEXT,
+    data_option,
+    encoder_weights_arg,
+    model_options,
+    model_overrides_from,
+    split_names,
+    train_cfg_from,
+)
 from mclx.io import check_output
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-DEFAULT_DATA = "../shared/data/her2st"
-
-
-def _split(values: Sequence[str]) -> list[str]:
-    """``("C2,C3", "C4")`` -> ``["C2", "C3", "C4"]``."""
-    return [s for v in values for s in v.split(",") if s]
-
-
-def data_option(f: Callable) -> Callable:
-    return click.option(
-        "--data",
-        "data",
-        type=click.Path(path_type=Path),
-        envvar="MCLX_HER2ST",
-        default=DEFAULT_DATA,
-        show_default=True,
-        help="her2st-layout folder (ST-cnts/, ST-spotfiles/, ST-imgs/). Env: MCLX_HER2ST.",
-    )(f)
-
-
-def model_options(f: Callable) -> Callable:
-    """Model choice, gene selection, ablations and training recipe (train and evaluate)."""
-    opts = [
-        click.option(
-            "--model",
-            "model",
-            type=click.Choice(["mclstexp", "bleep", "stnet"]),
-            default="mclstexp",
-            show_default=True,
-            help="Method to train.",
-        ),
-        click.option(
-            "--encoder",
-            default="densenet121",
-            show_default=True,
-            help="Image encoder from the registry (densenet121, resnet50, tiny_cnn).",
-        ),
-        click.option(
-            "--encoder-weights",
-            default="auto",
-            show_default=True,
-            help="FILE, 'imagenet' (torchvision cache), 'auto' (cache if present, "
-            "else random init with a warning) or 'none'.",
-        ),
-        click.option(
-            "--genes",
-            "genes_file",
-            type=click.Path(path_type=Path),
-            help="Gene list (.npy or one per line); default her_hvg_cut_1000.npy.",
-        ),
-        click.option("--n-hvg", type=click.IntRange(1), help="Use N scanpy HVGs instead."),
-        click.option(
-            "--log-base",
-            type=click.Choice(["10", "e"]),
-            default="10",
-            show_default=True,
-            help="log(1 + x) base after library-size scaling.",
-        ),
-        click.option("--epochs", type=click.IntRange(1), default=90, show_default=True),
-        click.option("--batch-size", type=click.IntRange(2), default=128, show_default=True),
-        click.option("--lr", type=float, default=1e-4, show_default=True),
-        click.option("--weight-decay", type=float, default=1e-3, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option(
-            "--freeze-encoder",
-            is_flag=True,
-            help="Cache encoder features once; train heads and spot encoder only.",
-        ),
-        click.option("--no-augment", is_flag=True, help="Disable the reference augmentation."),
-        click.option("--no-pos-embed", is_flag=True, help="Ablation: no positional embeddings."),
-        click.option(
-            "--depth",
-            type=click.IntRange(0),
-            default=None,
-            help="Spot Transformer blocks (0 = ablation without Transformer).",
-        ),
-        click.option(
-            "--context",
-            type=click.Choice(["batch", "section"]),
-            default=None,
-            help="Attention context of the spot encoder (default batch).",
-        ),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
-
-
-def _encoder_weights(value: str) -> str | None:
-    return None if value.lower() == "none" else value
-
-
-def _train_cfg(kw: dict[str, Any]):
-    from mclx.config import TrainCfg
-
-    return TrainCfg(
-        epochs=kw["epochs"],
-        batch_size=kw["batch_size"],
-        lr=kw["lr"],
-        weight_decay=kw["weight_decay"],
-        seed=kw["seed"],
-        freeze_encoder=kw["freeze_encoder"],
-        augment=not kw["no_augment"],
-    )
-
-
-def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"encoder": kw["encoder"]}
-    if kw["no_pos_embed"]:
-        out["pos_embed"] = False
-    if kw["depth"] is not None:
-        out["depth"] = kw["depth"]
-    if kw["context"] is not None:
-        out["context"] = kw["context"]
-    return out
 
 
 @click.group(context_settings=CONTEXT)
@@ -178,9 +69,9 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
     )
 
     check_output(out)
-    cfg = _train_cfg(kw)
-    wanted = _split(sections) or list_sections(data, with_image=True)
-    held = set(_split(holdout))
+    cfg = train_cfg_from(kw)
+    wanted = split_names(sections) or list_sections(data, with_image=True)
+    held = set(split_names(holdout))
     unknown = held - set(list_sections(data))
     if unknown:
         msg = f"{data}: holdout section(s) {sorted(unknown)} do not exist"
@@ -197,8 +88,8 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
         pre,
         tuple(map(max, pos_size(list(adatas.values())), array_extent(data))),
         seed=cfg.seed,
-        encoder_weights=_encoder_weights(kw["encoder_weights"]),
-        **_overrides(kw),
+        encoder_weights=encoder_weights_arg(kw["encoder_weights"]),
+        **model_overrides_from(kw),
     )
     cache = PatchCache(adatas, pre.patch_size)
     history, table = train_model(net, cache, names, pre, cfg, progress=not kw["quiet"])
@@ -283,24 +174,23 @@ def evaluate(
         if ckpt is None or bank_path is None or not sections:
             msg = "evaluate: --ckpt needs --bank and --sections (the sections to score)"
             raise click.UsageError(msg)
-        res = score_checkpoint(ckpt, bank_path, data, _split(sections), k=k, distance=distance)
+        res = score_checkpoint(ckpt, bank_path, data, split_names(sections), k=k, distance=distance)
         click.echo(format_table(res, title=f"{ckpt} with {bank_path}"))
         click.echo("mclx: wrote {} and {}".format(*write_results(res, out)))
         return
+    extra = split_names(bank_sections)
     res = cross_validate(
         data,
         model=kw["model"],
-        sections=_split(sections) or None,
-        bank_sections=(
-            list_sections(data) if _split(bank_sections) == ["all"] else _split(bank_sections)
-        ),
-        train_cfg=_train_cfg(kw),
+        sections=split_names(sections) or None,
+        bank_sections=list_sections(data) if extra == ["all"] else extra,
+        train_cfg=train_cfg_from(kw),
         k=k,
         distance=distance,
         genes_file=kw["genes_file"],
         n_hvg=kw["n_hvg"],
-        encoder_weights=_encoder_weights(kw["encoder_weights"]),
-        model_overrides=_overrides(kw) | {"encoder": kw["encoder"]},
+        encoder_weights=encoder_weights_arg(kw["encoder_weights"]),
+        model_overrides=model_overrides_from(kw) | {"encoder": kw["encoder"]},
         progress=not kw["quiet"],
     )
     c = res["config"]
@@ -340,7 +230,7 @@ def bank_build(ckpt: Path, data: Path, sections, out: Path) -> None:
     from mclx.bank import build_bank, save_bank
 
     check_output(out)
-    b = build_bank(ckpt, data, sections=_split(sections) or None)
+    b = build_bank(ckpt, data, sections=split_names(sections) or None)
     save_bank(b, out)
     click.echo(
         f"mclx: wrote {out}: {len(b)} spots from {len(set(b.sections.tolist()))} sections, "
