@@ -6,15 +6,17 @@ result comes back as the caller's array type.
 
 Cost for Q queries, a bank of N keys of width D, k neighbours and G genes: scores take
 2·Q·N·D flops and read N·D key values; re-ranking, distances and aggregation touch
-O(Q·k·(D + G)) values. Keys are scored ``chunk`` rows at a time with a running top-m
-merge, so scratch memory is O(Q·chunk), never O(Q·N).
+O(Q·k·(D + G)) values. Scores are made for blocks of queries against the whole bank when
+it is small, else for chunks of keys with a running top-m merge; either way scratch stays
+within a fixed budget (``SCRATCH_BYTES``), never O(Q·N).
 
 ``precision="bf16"`` scores in bfloat16 (AMX / AVX512-BF16 on CPU, tensor cores on GPU),
 keeps m > k candidates, and re-ranks them in float32. ``auto`` picks it on CUDA only: on
 the 2-core AMX CPU measured here the bf16 product is ~2.4x faster than float32, but on
-dense banks the exactness window (below) sends most queries to the float32 fallback. bfloat16 rounding moves a cosine of
-unit vectors by at most ``BF16_EPS``; a query whose m-th candidate lies within
-``2 * BF16_EPS`` of its k-th is redone in float32, so the result equals the float32 one.
+dense banks the exactness window (below) sends most queries to the float32 fallback.
+bfloat16 rounding moves a cosine of unit vectors by at most ``BF16_EPS``; a query whose
+m-th candidate lies within ``2 * BF16_EPS`` of its k-th is redone in float32, so the
+result equals the float32 one.
 """
 
 from __future__ import annotations
@@ -230,7 +232,8 @@ def topk_cosine(queries, keys, k: int, chunk: int | None = None, *, precision: P
         ``(scores, indices)``, each (Q, k), best first; ties go to the lower index.
     """
     torch = _torch()
-    q, kk = _as_tensor(queries), _as_tensor(keys)
+    kk = _as_tensor(keys)
+    q = _as_tensor(queries).to(kk.device)
     _check(q, kk, k)
     with torch.inference_mode():
         s, i = _topk(q, kk, k, chunk, precision)
@@ -317,7 +320,8 @@ def retrieve(
     if distance not in ("l1", "l2"):
         msg = f"unknown distance {distance!r} (l1 or l2)"
         raise ValueError(msg)
-    q, kk, v = _as_tensor(queries), _as_tensor(keys), _as_tensor(values)
+    kk, v = _as_tensor(keys), _as_tensor(values)
+    q = _as_tensor(queries).to(kk.device)  # host queries against a device-resident bank
     _check(q, kk, k, v)
     out = []
     with torch.inference_mode():
