@@ -43,16 +43,6 @@ class SpotTable:
     def rows(self, section: str) -> np.ndarray:
         return np.flatnonzero(self.section == section)
 
-    def subset(self, rows: np.ndarray) -> SpotTable:
-        return SpotTable(
-            self.expr[rows],
-            self.pos[rows],
-            self.coords[rows],
-            self.section[rows],
-            self.obs_names[rows],
-            None if self.patches is None else self.patches[rows],
-        )
-
 
 def build_table(
     adatas: Mapping[str, object], pre: PreprocessCfg, *, with_patches: bool = False
