@@ -1,26 +1,32 @@
 """Exact chunked cosine top-k, inverse-square-distance weights, weighted aggregation.
 
-One implementation in torch serves every array type: numpy arrays run on the CPU
-(zero-copy ``torch.from_numpy``), CuPy arrays on their GPU (zero-copy DLPack), and the
-result comes back as the caller's array type.
+One implementation serves every array type: numpy arrays run on the CPU (zero-copy
+``torch.from_numpy``), CuPy arrays on their GPU (zero-copy DLPack), and the result comes
+back as the caller's array type. Scores are torch matrix products on either device.
 
 Cost for Q queries, a bank of N keys of width D, k neighbours and G genes: scores take
-2·Q·N·D flops and read N·D key values; re-ranking, distances and aggregation touch
-O(Q·k·(D + G)) values. Scores are made for blocks of queries against the whole bank when
-it is small, else for chunks of keys with a running top-m merge; either way scratch stays
-within a fixed budget (``SCRATCH_BYTES``), never O(Q·N).
+2·Q·N·D flops and read N·D key values; selection reads Q·N scores once; re-scoring,
+distances and aggregation touch O(Q·k·(D + G)) values. Keys are normalised a chunk at a
+time and scores made one tile at a time, so scratch stays within a fixed budget, never
+O(Q·N).
 
-``precision="bf16"`` scores in bfloat16 (AMX / AVX512-BF16 on CPU, tensor cores on GPU),
-keeps m > k candidates, and re-ranks them in float32. ``auto`` picks it on CUDA only: on
-the 2-core AMX CPU measured here the bf16 product is ~2.4x faster than float32, but on
-dense banks the exactness window (below) sends most queries to the float32 fallback.
-bfloat16 rounding moves a cosine of unit vectors by at most ``BF16_EPS``; a query whose
-m-th candidate lies within ``2 * BF16_EPS`` of its k-th is redone in float32, so the
-result equals the float32 one.
+Selection. On CPU a compiled kernel (``cpu_select``, numba) folds each score tile into a
+running top-m per query, skipping 64 scores at a time that cannot beat the row's current
+threshold; a threshold estimated from a sample of the bank lets it skip almost
+everything from the start (a row whose estimate proves too high is redone without one).
+Candidates are then re-scored exactly from the raw float32 vectors, which also yields
+their distances. On GPU (or without numba) ``torch.topk`` selects instead.
+
+``precision="bf16"`` makes the scores in bfloat16 (AMX on CPU), keeps m > k candidates
+and re-scores them exactly. bfloat16 moves a query's cosine by at most ``eps_q``, bounded
+from the measured rounding of that query, of the bank and of the output (``_bf16_sure``);
+a query whose m-th candidate could still beat its k-th is redone in float32, so the
+result is the float32 one. ``auto`` picks bf16 on CPUs with AMX, float32 elsewhere.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from functools import lru_cache
@@ -32,11 +38,12 @@ Distance = Literal["l1", "l2"]
 Weighting = Literal["inverse_square", "mean"]
 Precision = Literal["auto", "fp32", "bf16"]
 
-SCRATCH_BYTES = 256 * 2**20  # one Q x chunk score block
-GATHER_BLOCK = 512  # queries whose neighbour vectors are gathered at once
-# bf16 keeps 8 significand bits: inputs round by <= 2^-9 each (product <= 2^-8 of
-# sum|q_i k_i| <= 1 for unit vectors), the output by <= 2^-9; 10% margin on top.
-BF16_EPS = 1.1 * (2.0**-8 + 2.0**-9)
+SCRATCH_BYTES = 256 * 2**20  # torch path: one Q x chunk score block
+TILE_BYTES = 64 * 2**20  # compiled path: one score tile (measured: oneDNN's per-call cost
+TILE_COLS = 65536  # makes cache-sized tiles ~3x slower than this; selection streams it)
+KEY_CHUNK = 65536  # compiled path: keys normalised per pass
+GATHER_BLOCK = 512  # torch path: queries whose neighbour vectors are gathered at once
+BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 
 
 def _torch():
@@ -70,20 +77,34 @@ def _like(t, ref: Any):
 @lru_cache(maxsize=1)
 def cpu_has_fast_bf16() -> bool:
     """AMX or AVX512-BF16 on this CPU (Linux /proc/cpuinfo)."""
+    return bool(_cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+@lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
+            return frozenset(fh.read().split())
     except OSError:
+        return frozenset()
+
+
+@lru_cache(maxsize=1)
+def compiled_available() -> bool:
+    """The numba CPU kernels import (numba comes with scanpy)."""
+    try:
+        import mclx.kernels.cpu_select  # noqa: F401
+    except ImportError:
         return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return True
 
 
 def _resolve_precision(precision: Precision, device) -> str:
     if precision == "auto":
-        torch = _torch()
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "fp32"  # measured: on CPU the float32 re-rank and fallbacks eat bf16's gain
+        # measured (bench/test_retrieval.py): bf16 candidates + exact re-scoring beat
+        # float32 on AMX; elsewhere float32 (on GPU the products are cheap either way)
+        fast = device.type == "cpu" and "amx_bf16" in _cpu_flags() and compiled_available()
+        return "bf16" if fast else "fp32"
     if precision not in ("fp32", "bf16"):
         msg = f"unknown precision {precision!r} (auto, fp32 or bf16)"
         raise ValueError(msg)
@@ -119,6 +140,187 @@ def _unit(x):
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
+def _unit_chunk(keys, start: int, stop: int):
+    kc = _unit(keys[start:stop])
+    if not bool(_torch().isfinite(kc.sum())):  # NaN/inf propagate; no bank-sized mask
+        msg = f"keys contain NaN or infinite values (rows {start}-{stop - 1})"
+        raise ValueError(msg)
+    return kc
+
+
+def _order(score, idx, k: int):
+    """Permutation (Q, k) putting each row's best ``k`` first: score descending, then
+    index ascending (deterministic ties)."""
+    torch = _torch()
+    o = torch.argsort(idx, dim=1)
+    by_score = torch.argsort(torch.gather(score, 1, o), dim=1, descending=True, stable=True)
+    return torch.gather(o, 1, by_score[:, :k])
+
+
+def _bf16_sure(approx, k: int, eps):
+    """Rows whose float32 top-k surely lies among their bf16 candidates.
+
+    ``approx`` (Q, m) are the candidates' bfloat16 scores, the best m of the bank. A
+    bank key's exact cosine is within ``eps`` (per row) of its bf16 score before the
+    output rounding, which scales it by at most 1 +- 2^-8. The k-th exact score is then
+    at least ``lo(kth) - eps`` and any key outside the candidates at most
+    ``hi(mth) + eps``; the row is sure when the second is below the first.
+    """
+    torch = _torch()
+    u = BF16_U
+
+    def hi(x):
+        return torch.where(x >= 0, x / (1 - u), x / (1 + u))
+
+    def lo(x):
+        return torch.where(x >= 0, x / (1 + u), x / (1 - u))
+
+    a = approx.double()
+    kth = torch.topk(a, k, dim=1).values[:, -1]
+    return hi(a.min(dim=1).values) + eps < lo(kth) - eps
+
+
+def _bf16_eps(qn, width: int, key_err: float):
+    """Per-query bound on |bf16 score before output rounding - exact cosine|: the
+    measured bf16 rounding error of the unit query (a) and the largest of the bank's unit
+    keys (b) give |a| + |b| + |a||b|, plus float32 accumulation over ``width`` terms
+    and the float32 normalisation (1e-6)."""
+    a = (qn.to(_torch().bfloat16).float() - qn).norm(dim=1).double()
+    acc = width * 2.0**-24 * (1 + a) * (1 + key_err)
+    return a + key_err + a * key_err + acc + 1e-6
+
+
+# --- compiled CPU path ----------------------------------------------------------
+
+
+def _threshold_from_sample(qd, keys, m: int, bf16: bool):
+    """Per-row starting thresholds (as selection keys) from a spread sample of the bank:
+    the score expected to have ~2m bank keys above it, read off as the 32nd best of the
+    sample (relative spread of the count ~1/sqrt(32), so a row ends with fewer than m,
+    and is redone, about 4 standard deviations out). None when the bank is small."""
+    torch = _torch()
+    n = len(keys)
+    rank = 32
+    s = math.ceil(rank * n / (2 * m))
+    if n <= 32 * m or 2 * s > n:  # the bank is small next to m: nothing to gain
+        return None
+    pos = torch.linspace(0, n - 1, s).long()
+    sample = _unit(keys[pos]).to(qd.dtype)
+    rows = max(1, TILE_BYTES // (qd.element_size() * s))
+    kth = torch.cat(
+        [
+            torch.topk(qd[b : b + rows] @ sample.T, rank, dim=1).values[:, -1]
+            for b in range(0, len(qd), rows)
+        ]
+    )
+    return _keys_of(kth.contiguous(), bf16)
+
+
+def _keys_of(scores, bf16: bool) -> np.ndarray:
+    """Order-preserving int32 selection keys of bf16 / float32 scores."""
+    torch = _torch()
+    if bf16:
+        bits = scores.to(torch.bfloat16).view(torch.int16).numpy().astype(np.int32)
+        return bits ^ ((bits >> 15) & 0x7FFF)
+    bits = scores.float().view(torch.int32).numpy().copy()
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+def _select_compiled(qn, keys, m: int, chunk: int | None, bf16: bool, sample: bool = True):
+    """Top-``m`` keys per query by bf16 or float32 score: (approx scores (Q, m) float32,
+    indices (Q, m) int64, worst bf16 rounding error of a unit key)."""
+    torch = _torch()
+    from mclx.kernels import cpu_select as cs
+
+    n, width = keys.shape
+    dtype, itype = (torch.bfloat16, torch.int16) if bf16 else (torch.float32, torch.int32)
+    shift, mask = (15, 0x7FFF) if bf16 else (31, 0x7FFFFFFF)
+    qd = qn.to(dtype)
+    state = cs.state(len(qn), m)
+    tau0 = _threshold_from_sample(qd, keys, m, bf16) if sample else None
+    if tau0 is not None:
+        state[3][:] = tau0
+    chunk = min(n, chunk or KEY_CHUNK)
+    cols = min(chunk, TILE_COLS)
+    rows = max(1, TILE_BYTES // (dtype.itemsize * cols))
+    # two tiles: the next product is computed while a worker thread selects from the last
+    tiles = [torch.empty(rows * cols, dtype=dtype) for _ in range(2)]
+    pending = None
+    key_err = 0.0
+    step = 0
+    unit = np.empty((chunk, width), np.uint16 if bf16 else np.float32)
+    err = np.empty(chunk, np.float32)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        if pending is not None:  # the selection thread may still read the last chunk
+            pending.result()
+        src = keys[start:stop].float().contiguous().numpy()
+        cs.in_parallel(cs.unit_rows, [src, unit[: stop - start], err[: stop - start]], bf16)
+        if not np.isfinite(err[: stop - start]).all():
+            msg = f"keys contain NaN or infinite values (rows {start}-{stop - 1})"
+            raise ValueError(msg)
+        if bf16:
+            key_err = max(key_err, float(err[: stop - start].max()))
+        kd = torch.from_numpy(unit[: stop - start])
+        kd = kd.view(torch.bfloat16) if bf16 else kd
+        for b in range(0, len(qn), rows):
+            qb = qd[b : b + rows]
+            part = [a[b : b + rows] for a in state]
+            for c in range(0, len(kd), cols):
+                kt = kd[c : c + cols]
+                tile = tiles[step % 2][: len(qb) * len(kt)].view(len(qb), len(kt))
+                step += 1
+                torch.mm(qb, kt.T, out=tile)
+                if pending is not None:
+                    pending.result()
+                pending = cs.background(
+                    cs.select_topm, tile.view(itype).numpy(), *part, start + c, shift, mask
+                )
+    if pending is not None:
+        pending.result()
+    bk, bi, count, _ = state
+    cs.in_parallel(cs.finish_topm, [bk, bi, count], m)
+    short = np.flatnonzero(count < m)  # the sampled threshold was too high for these
+    if len(short):
+        s_s, i_s, _ = _select_compiled(qn[short], keys, m, chunk, bf16, sample=False)
+    approx = torch.from_numpy(cs.key_to_float(bk[:, :m], bf16))
+    idx = torch.from_numpy(bi[:, :m].copy())
+    if len(short):
+        approx[short], idx[short] = s_s, i_s
+    return approx, idx, key_err
+
+
+def _neighbours_compiled(q, keys, k: int, chunk, mode: str, order: int):
+    """(cosine (Q, k) float64, indices (Q, k) int64, distances (Q, k) float64), sorted."""
+    torch = _torch()
+    from mclx.kernels import cpu_select as cs
+
+    n, width = keys.shape
+    qn = _unit(q)
+    bf16 = mode == "bf16" and n > k
+    m = min(n, k + max(256, k // 2)) if bf16 else k
+    approx, cand, key_err = _select_compiled(qn, keys, m, chunk, bf16)
+    cos = np.empty(cand.shape, np.float32)
+    dist = np.empty(cand.shape, np.float32)
+    qf = q.float().contiguous().numpy()
+    kf = keys.float().contiguous() if keys.dtype != torch.float32 else keys.contiguous()
+    cs.in_parallel(cs.rescore, [qf, cand.numpy(), cos, dist], kf.numpy(), order)
+    cos, dist = torch.from_numpy(cos), torch.from_numpy(dist)
+    o = _order(cos, cand, k)
+    out = [torch.gather(t, 1, o) for t in (cos, cand, dist)]
+    if bf16 and m < n:
+        unsure = torch.nonzero(~_bf16_sure(approx, k, _bf16_eps(qn, width, key_err)))
+        unsure = unsure.flatten()
+        if len(unsure):
+            redo = _neighbours_compiled(q[unsure], keys, k, chunk, "fp32", order)
+            for t, r in zip(out, redo):
+                t[unsure] = r
+    return tuple(out)
+
+
+# --- torch path (GPU, or CPU without numba) ---------------------------------------
+
+
 def _merge(best_s, best_i, s, start: int, m: int):
     """Keep the ``m`` best of the running candidates and a new score block."""
     torch = _torch()
@@ -136,54 +338,46 @@ def _merge(best_s, best_i, s, start: int, m: int):
 
 
 def _scan(qn, keys, m: int, chunk: int | None, dtype):
-    """Running top-``m`` of ``qn @ unit(keys).T`` computed in ``dtype``.
+    """Running top-``m`` of ``qn @ unit(keys).T`` computed in ``dtype``; returns the
+    scores, indices and the worst bf16 rounding error of a unit key.
 
     Default (``chunk=None``): when the normalised bank and a block of at least 64 query
     rows fit in the scratch budget, each query block is scored against the whole bank
-    and reduced by one ``topk`` (per-chunk ``topk`` calls cost several times more);
-    otherwise keys go ``chunk`` rows at a time with a running merge.
+    and reduced by one ``topk``; otherwise keys go ``chunk`` rows at a time with a
+    running merge.
     """
     torch = _torch()
     n, width = keys.shape
     esize = 2 if dtype == torch.bfloat16 else 4
     rows = 2 * SCRATCH_BYTES // (esize * n)  # scores of one query block
+    key_err = 0.0
     if chunk is None and n * width * esize <= SCRATCH_BYTES and rows >= 64:
-        kd = _unit(keys)
-        if not bool(torch.isfinite(kd.sum())):  # NaN/inf propagate; no bank-sized mask
-            msg = "keys contain NaN or infinite values"
-            raise ValueError(msg)
-        kd = kd.to(dtype)
+        kc = _unit_chunk(keys, 0, n)
+        kd = kc.to(dtype)
+        if dtype == torch.bfloat16:
+            key_err = float((kd.float() - kc).norm(dim=1).max())
         out_s, out_i = [], []
         for b in range(0, len(qn), rows):
             sc = qn[b : b + rows].to(dtype) @ kd.T
             top_s, top_i = torch.topk(sc, min(m, n), dim=1, sorted=False)
             out_s.append(top_s.float())
             out_i.append(top_i)
-        return torch.cat(out_s), torch.cat(out_i)
+        return torch.cat(out_s), torch.cat(out_i), key_err
     if chunk is None:
         chunk = max(1024, SCRATCH_BYTES // (4 * max(len(qn), 1)))
     best_s = best_i = None
     qd = qn.to(dtype)
     for start in range(0, n, chunk):
-        kc = _unit(keys[start : start + chunk])
-        if not bool(torch.isfinite(kc.sum())):
-            msg = f"keys contain NaN or infinite values (rows {start}-{start + len(kc) - 1})"
-            raise ValueError(msg)
-        best_s, best_i = _merge(best_s, best_i, qd @ kc.to(dtype).T, start, m)
-    return best_s, best_i
-
-
-def _sort(s, i, k: int):
-    """Top ``k`` of candidate scores, sorted by score then index (deterministic ties)."""
-    torch = _torch()
-    o = torch.argsort(i, dim=1)
-    s, i = torch.gather(s, 1, o), torch.gather(i, 1, o)
-    o = torch.argsort(s, dim=1, descending=True, stable=True)[:, :k]
-    return torch.gather(s, 1, o), torch.gather(i, 1, o)
+        kc = _unit_chunk(keys, start, min(n, start + chunk))
+        kd = kc.to(dtype)
+        if dtype == torch.bfloat16:
+            key_err = max(key_err, float((kd.float() - kc).norm(dim=1).max()))
+        best_s, best_i = _merge(best_s, best_i, qd @ kd.T, start, m)
+    return best_s, best_i, key_err
 
 
 def _rerank(qn, keys, cand, block: int = GATHER_BLOCK):
-    """Exact float32 cosine of each query with its candidate keys (Q, m), gathering the
+    """Float32 cosine of each query with its candidate keys (Q, m), gathering the
     candidates ``block`` queries at a time to bound scratch memory."""
     torch = _torch()
     out = torch.empty(cand.shape, dtype=torch.float32, device=cand.device)
@@ -194,28 +388,56 @@ def _rerank(qn, keys, cand, block: int = GATHER_BLOCK):
     return out
 
 
-def _topk(q, keys, k: int, chunk: int | None, precision: Precision):
+def _topk_torch(q, keys, k: int, chunk: int | None, mode: str):
+    """(scores (Q, k) float32, indices (Q, k)) sorted, via ``torch.topk``."""
     torch = _torch()
-    n = keys.shape[0]
+    n, width = keys.shape
     qn = _unit(q)
+    if mode == "fp32" or n <= k:
+        s, i, _ = _scan(qn, keys, k, chunk, torch.float32)
+        o = _order(s, i, k)
+        return torch.gather(s, 1, o), torch.gather(i, 1, o)
+    m = min(n, k + max(256, k // 2))
+    approx, cand, key_err = _scan(qn, keys, m, chunk, torch.bfloat16)
+    exact = _rerank(qn, keys, cand)
+    o = _order(exact, cand, k)
+    s, i = torch.gather(exact, 1, o), torch.gather(cand, 1, o)
+    if m < n:
+        unsure = torch.nonzero(~_bf16_sure(approx.cpu(), k, _bf16_eps(qn.cpu(), width, key_err)))
+        unsure = unsure.flatten().to(q.device)
+        if len(unsure):
+            s[unsure], i[unsure] = _topk_torch(q[unsure], keys, k, chunk, "fp32")
+    return s, i
+
+
+def _distances(q, keys, idx, distance: Distance):
+    """L1 or L2 distances (Q, k) between queries and their neighbours, in float32 (relative
+    error ~1e-7), gathered ``GATHER_BLOCK`` queries at a time and reduced in place."""
+    torch = _torch()
+    order = 2 if distance == "l2" else 1
+    out = torch.empty(idx.shape, dtype=torch.float64, device=idx.device)
+    for b in range(0, len(idx), GATHER_BLOCK):
+        i = idx[b : b + GATHER_BLOCK]
+        nb = keys[i.reshape(-1)].view(*i.shape, -1).float()
+        nb.sub_(q[b : b + GATHER_BLOCK, None, :])
+        out[b : b + GATHER_BLOCK] = torch.linalg.vector_norm(nb, ord=order, dim=2)
+    return out
+
+
+# --- public API -------------------------------------------------------------------
+
+
+def _neighbours(q, keys, k: int, chunk, precision: Precision, distance: Distance):
+    """Sorted top-``k`` (scores, indices, distances) of every query, on the keys' device."""
+    mode = _resolve_precision(precision, keys.device)
     if chunk is not None:
         chunk = max(int(chunk), 1)
-    mode = _resolve_precision(precision, qn.device)
-    if mode == "fp32" or n <= k:
-        s, i = _scan(qn, keys, k, chunk, torch.float32)
-        return _sort(s, i, k)
-    m = min(n, k + max(64, k))
-    approx, cand = _scan(qn, keys, m, chunk, torch.bfloat16)
-    exact = _rerank(qn, keys, cand)
-    s, i = _sort(exact, cand, k)
-    if m < n:  # did the candidates cover everything within 2 eps of the k-th score?
-        kth = torch.topk(approx, k, dim=1).values[:, -1]
-        unsure = torch.nonzero(approx.min(dim=1).values >= kth - 2 * BF16_EPS).flatten()
-        if len(unsure):
-            s_u, i_u = _scan(qn[unsure], keys, k, chunk, torch.float32)
-            s_u, i_u = _sort(s_u, i_u, k)
-            s[unsure], i[unsure] = s_u, i_u
-    return s, i
+    order = 2 if distance == "l2" else 1
+    if keys.device.type == "cpu" and compiled_available():
+        cos, idx, dist = _neighbours_compiled(q, keys, k, chunk, mode, order)
+        return cos.float(), idx, dist
+    s, idx = _topk_torch(q, keys, k, chunk, mode)
+    return s, idx, _distances(q.float(), keys, idx, distance)
 
 
 def topk_cosine(queries, keys, k: int, chunk: int | None = None, *, precision: Precision = "auto"):
@@ -224,8 +446,8 @@ def topk_cosine(queries, keys, k: int, chunk: int | None = None, *, precision: P
     Args:
         queries: (Q, D) numpy, CuPy or torch array; keys: (N, D) of the same kind.
         k: neighbours to keep, ``1 <= k <= N``.
-        chunk: keys scored per block (default: ~256 MiB of scores).
-        precision: ``fp32``, ``bf16`` (low-precision candidates, float32 re-rank: same
+        chunk: keys scored per block (default: a fixed scratch budget).
+        precision: ``fp32``, ``bf16`` (low-precision candidates, exact re-scoring: same
             result) or ``auto`` (bf16 where the hardware is fast at it).
 
     Returns:
@@ -236,7 +458,7 @@ def topk_cosine(queries, keys, k: int, chunk: int | None = None, *, precision: P
     q = _as_tensor(queries).to(kk.device)
     _check(q, kk, k)
     with torch.inference_mode():
-        s, i = _topk(q, kk, k, chunk, precision)
+        s, i, _ = _neighbours(q, kk, k, chunk, precision, "l2")
     return _like(s, queries), _like(i, queries)
 
 
@@ -259,20 +481,6 @@ def neighbour_weights(dist, weighting: Weighting = "inverse_square"):
         msg = f"unknown weighting {weighting!r} (inverse_square or mean)"
         raise ValueError(msg)
     return _like(w / w.sum(dim=1, keepdim=True), dist)
-
-
-def _distances(q, keys, idx, distance: Distance):
-    """L1 or L2 distances (Q, k) between queries and their neighbours, in float32 (relative
-    error ~1e-7), gathered ``GATHER_BLOCK`` queries at a time and reduced in place."""
-    torch = _torch()
-    order = 2 if distance == "l2" else 1
-    out = torch.empty(idx.shape, dtype=torch.float64, device=idx.device)
-    for b in range(0, len(idx), GATHER_BLOCK):
-        i = idx[b : b + GATHER_BLOCK]
-        nb = keys[i.reshape(-1)].view(*i.shape, -1).float()
-        nb.sub_(q[b : b + GATHER_BLOCK, None, :])
-        out[b : b + GATHER_BLOCK] = torch.linalg.vector_norm(nb, ord=order, dim=2)
-    return out
 
 
 def aggregate(weights, indices, values):
@@ -326,8 +534,8 @@ def retrieve(
     with torch.inference_mode():
         for start in range(0, len(q), query_block):
             qb = q[start : start + query_block]
-            _, idx = _topk(qb, kk, k, chunk, precision)
-            w = neighbour_weights(_distances(qb.float(), kk, idx, distance), weighting)
+            _, idx, dist = _neighbours(qb, kk, k, chunk, precision, distance)
+            w = neighbour_weights(dist, weighting)
             out.append(aggregate(w, idx, v))
         pred = torch.cat(out) if out else torch.zeros((0, v.shape[1]), device=v.device)
         if not bool(torch.isfinite(pred).all()):

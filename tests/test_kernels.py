@@ -133,3 +133,145 @@ def test_cupy_path_matches_numpy():
     q, keys, vals = _data(4)
     got = retrieve(cp.asarray(q), cp.asarray(keys), cp.asarray(vals), 9, chunk=10)
     np.testing.assert_allclose(cp.asnumpy(got), retrieve(q, keys, vals, 9), rtol=1e-5)
+
+
+# --- the compiled CPU steps (numba) and the paths around them ----------------------
+
+cs = pytest.importorskip("mclx.kernels.cpu_select", reason="numba not installed")
+
+
+def _lexsort_topm(scores, m):
+    """Best m per row: score descending, ties to the lower index (float64 reference)."""
+    return [np.lexsort((np.arange(len(r)), -r.astype(np.float64)))[:m] for r in scores]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("tau0", [None, "low", "high"])
+def test_select_topm_keeps_best_m_with_index_ties(bf16, tau0):
+    """Scores from a small set (many ties, negatives, both zeros) folded in uneven
+    column blocks must give exactly the lexsort top-m, ties to the lower index; a
+    starting threshold above the m-th score leaves the row short, for the caller."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    rows, n, m = 6, 1000, 37
+    scores = rng.choice([-2.0, -0.5, -0.0, 0.0, 0.25, 0.5, 0.75, 1.0], size=(rows, n))
+    scores[0] = rng.normal(size=n)  # no ties in one row
+    scores[1, :] = -1.0  # all tied
+    t = torch.from_numpy(scores.astype(np.float32))
+    dtype, itype, shift, mask = (
+        (torch.bfloat16, torch.int16, 15, 0x7FFF)
+        if bf16
+        else (torch.float32, torch.int32, 31, 0x7FFFFFFF)
+    )
+    t = t.to(dtype)
+    state = cs.state(rows, m)
+    if tau0 is not None:
+        level = -3.0 if tau0 == "low" else 5.0
+        state[3][:] = cs_keys(torch.full((rows,), level).to(dtype), bf16)
+    for start, stop in [(0, 1), (1, 64), (64, 65), (65, 700), (700, n)]:
+        block = t[:, start:stop].contiguous().view(itype).numpy()
+        cs.select_topm(block, *state, start, shift, mask)
+    bk, bi, count, _ = state
+    if tau0 == "high":
+        assert (count < m).all()
+        return
+    cs.finish_topm(bk, bi, count, m)
+    assert (count == m).all()
+    ref = _lexsort_topm(t.float().numpy(), m)
+    got_scores = cs.key_to_float(bk[:, :m], bf16)
+    values = t.float().numpy()
+    for r in range(rows):  # the best m values (index sets may differ only at -0 vs +0)
+        np.testing.assert_array_equal(np.sort(got_scores[r]), np.sort(values[r][ref[r]]))
+        zero_at_boundary = values[r][ref[r][-1]] == 0
+        if not zero_at_boundary:
+            np.testing.assert_array_equal(np.sort(bi[r, :m]), np.sort(ref[r]))
+    np.testing.assert_array_equal(np.sort(bi[1, :m]), np.arange(m))  # all tied: first m
+
+
+def cs_keys(scores, bf16):
+    from mclx.kernels.retrieval import _keys_of
+
+    return _keys_of(scores.contiguous(), bf16)
+
+
+def test_bf16_rounding_and_unit_rows_match_torch():
+    import torch
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((300, 64)) * np.exp(rng.normal(size=(300, 1)) * 5)).astype(np.float32)
+    u32 = np.empty_like(x)
+    err = np.empty(len(x), np.float32)
+    cs.unit_rows(x, u32, err, False)
+    np.testing.assert_allclose(np.linalg.norm(u32, axis=1), 1.0, rtol=1e-6)
+    bits = np.empty(x.shape, np.uint16)
+    cs.unit_rows(x, bits, err, True)
+    ours = torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16).float()
+    theirs = torch.from_numpy(u32).bfloat16().float()
+    assert (ours == theirs).float().mean() > 0.9999  # same rounding (u32 may differ 1 ulp)
+    np.testing.assert_allclose(err, (ours - torch.from_numpy(u32)).norm(dim=1), atol=1e-6)
+    bad = x.copy()
+    bad[3, 5] = np.nan
+    cs.unit_rows(bad, bits, err, True)
+    assert not np.isfinite(err[3]) and np.isfinite(np.delete(err, 3)).all()
+    bad[3, 5] = np.inf
+    cs.unit_rows(bad, u32, err, False)
+    assert not np.isfinite(err[3]) and np.isfinite(np.delete(err, 3)).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_and_torch_paths_agree(precision, monkeypatch):
+    """The numba CPU path and the torch path (GPU's) pick the same neighbours and
+    predict the same, on a bank big enough to use the sampled threshold."""
+    import mclx.kernels.retrieval as kr
+
+    rng = np.random.default_rng(7)
+    q = rng.normal(size=(50, 24)).astype(np.float32)
+    keys = rng.normal(size=(6000, 24)).astype(np.float32)
+    vals = rng.gamma(1.0, size=(6000, 6)).astype(np.float32)
+    compiled = retrieve(q, keys, vals, 40, chunk=2500, precision=precision)
+    s_c, i_c = topk_cosine(q, keys, 40, chunk=2500, precision=precision)
+    monkeypatch.setattr(kr, "compiled_available", lambda: False)
+    plain = retrieve(q, keys, vals, 40, chunk=2500, precision=precision)
+    s_t, i_t = topk_cosine(q, keys, 40, chunk=2500, precision=precision)
+    np.testing.assert_array_equal(i_c, i_t)
+    np.testing.assert_allclose(s_c, s_t, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(compiled, plain, rtol=1e-5, atol=1e-6)
+    ref, _ = retrieve_reference(q, keys, vals, 40)
+    np.testing.assert_allclose(compiled, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_rows_whose_sampled_threshold_is_too_high_are_redone(monkeypatch):
+    import mclx.kernels.retrieval as kr
+
+    calls = []
+
+    def too_high(qd, keys, m, bf16):
+        calls.append(len(qd))
+        return np.full(len(qd), np.iinfo(np.int32).max - 1, np.int32)
+
+    monkeypatch.setattr(kr, "_threshold_from_sample", too_high)
+    q, keys, vals = _data(8, q=9, n=500)
+    pred = retrieve(q, keys, vals, 30, precision="bf16")
+    ref, _ = retrieve_reference(q, keys, vals, 30)
+    np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-6)
+    assert calls == [9]  # the redo runs without a threshold
+
+
+def test_bf16_bound_holds_on_a_dense_bank():
+    """Many keys within bf16 resolution of the k-th: every query falls back, or the
+    bound proves its candidates; either way the float32 neighbours come out."""
+    rng = np.random.default_rng(9)
+    base = rng.normal(size=64).astype(np.float32)
+    keys = (base + rng.normal(scale=0.02, size=(5000, 64))).astype(np.float32)
+    q = (base + rng.normal(scale=0.02, size=(30, 64))).astype(np.float32)
+    _, i32 = topk_cosine(q, keys, 25, precision="fp32")
+    _, i16 = topk_cosine(q, keys, 25, precision="bf16")
+    np.testing.assert_array_equal(i16, i32)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)
+    sims = qn.astype(np.float64) @ kn.T.astype(np.float64)
+    for i in range(len(q)):  # cosines ~0.9997 apart by ~1e-7: float32 near-ties
+        kth = np.sort(sims[i])[::-1][24]
+        assert set(np.flatnonzero(sims[i] > kth + 1e-6)) <= set(i32[i].tolist())
+        assert np.all(sims[i, i32[i]] >= kth - 1e-6)

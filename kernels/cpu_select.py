@@ -1,0 +1,277 @@
+"""Compiled CPU steps of the retrieval kernel (numba): running top-m selection over score
+blocks, and exact float re-scoring of the chosen candidates.
+
+Why compiled: ``torch.topk`` over a Q x N block reads every score several times and
+sorts more than it needs; the selection here reads each score once, skips a block of
+``BLOCK`` scores with one vectorised max when none beats the row's current threshold,
+and appends the rare survivors to a buffer that is cut back to the best ``m`` when it
+fills (amortised O(1) per survivor). Scores arrive as the raw bits of bfloat16 (int16)
+or float32 (int32) and are compared through an order-preserving integer key, so one
+code path serves both precisions.
+
+Re-scoring reads each candidate key row once and returns its exact cosine with the
+query and its L1 or L2 distance (float64 accumulation), so the neighbour vectors are
+never gathered into a Q x m x D temporary.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+from numba import njit, uint64
+
+BLOCK = 64  # scores tested together against a row's threshold (LLVM vectorises >= 64)
+SUB = 16  # a block that beats the threshold is searched in sub-blocks of this size
+# fastmath without its no-NaN/no-inf assumptions: only let sums be reordered (vectorised)
+REORDER = {"reassoc", "contract", "nsz", "arcp"}
+NO_THRESHOLD = np.int32(np.iinfo(np.int32).min)  # below every key: accept all
+
+
+@njit(inline="always")
+def _key(v, shift, mask):
+    """Order-preserving integer key of a float's raw bits (widened to int32):
+    negative floats have their magnitude bits flipped so integer order = float order."""
+    x = np.int32(v)
+    return x ^ ((x >> shift) & mask)
+
+
+@njit(inline="always")
+def _cut(bk, bi, count, m, scratch):
+    """Keep the best ``m`` of ``count`` buffered (key, index) pairs, stably (ties keep
+    the earlier, lower index); return the new threshold: the m-th best key."""
+    scratch[:count] = bk[:count]
+    tau = np.partition(scratch[:count], count - m)[count - m]
+    greater = 0
+    for t in range(count):
+        if bk[t] > tau:
+            greater += 1
+    ties = m - greater
+    w = 0
+    for t in range(count):
+        v = bk[t]
+        if v > tau or (v == tau and ties > 0):
+            if v == tau:
+                ties -= 1
+            bk[w] = v
+            bi[w] = bi[t]
+            w += 1
+    return tau
+
+
+def state(rows: int, m: int):
+    """Empty running top-``m`` state for ``rows`` queries: key and index buffers (room for
+    2m survivors plus one block), fill counts and thresholds."""
+    cap = 2 * m + BLOCK
+    return (
+        np.empty((rows, cap), np.int32),
+        np.empty((rows, cap), np.int64),
+        np.zeros(rows, np.int64),
+        np.full(rows, NO_THRESHOLD, np.int32),
+    )
+
+
+@njit(nogil=True, cache=True)
+def select_topm(scores, bk, bi, count, tau, start, shift, mask):
+    """Fold a block of scores into each row's running top-m (state from ``state``).
+
+    Args:
+        scores: (R, C) int16 (bfloat16 bits) or int32 (float32 bits), C-contiguous rows;
+            column j is key ``start + j``; row r updates row r of the state arrays.
+        shift, mask: 15, 0x7FFF for bfloat16; 31, 0x7FFFFFFF for float32.
+        bk, bi: (R, 2m + BLOCK) buffers of keys (int32) and key indices (int64).
+        count: (R,) filled length of each buffer; tau: (R,) current thresholds.
+
+    Keys are scanned in increasing index order, so a later key that merely ties the
+    threshold never displaces an earlier one: ties resolve to the lower index.
+    """
+    rows, cols = scores.shape
+    m = (bk.shape[1] - BLOCK) // 2
+    for r in range(rows):
+        row = scores[r]
+        keys = bk[r]
+        idx = bi[r]
+        c = count[r]
+        t = tau[r]
+        scratch = np.empty(bk.shape[1], np.int32)
+        for blk in range((cols + BLOCK - 1) // BLOCK):
+            b = blk * BLOCK
+            e = min(b + BLOCK, cols)
+            hit = False
+            if t >= 0 and e - b == BLOCK:
+                # threshold >= +0: a raw bit pattern beats it exactly when its key does
+                # (negative floats are negative integers); this fixed-length form vectorises
+                base = uint64(b)
+                for p in range(uint64(0), uint64(BLOCK)):
+                    hit |= np.int32(row[base + p]) > t
+            else:
+                for p in range(uint64(b), uint64(e)):
+                    hit |= _key(row[p], shift, mask) > t
+            if not hit:
+                continue
+            for sb in range(b, e, SUB):  # the rare hit: find its sub-block(s)
+                se = min(sb + SUB, e)
+                hit = False
+                if t >= 0:
+                    for p in range(uint64(sb), uint64(se)):
+                        hit |= np.int32(row[p]) > t
+                else:
+                    for p in range(uint64(sb), uint64(se)):
+                        hit |= _key(row[p], shift, mask) > t
+                if not hit:
+                    continue
+                for p in range(uint64(sb), uint64(se)):  # branch-free append
+                    v = _key(row[p], shift, mask)
+                    keys[uint64(c)] = v
+                    idx[uint64(c)] = start + np.int64(p)
+                    c += v > t
+            if c >= 2 * m:
+                t = _cut(keys, idx, c, m, scratch)
+                c = m
+        count[r] = c
+        tau[r] = t
+
+
+@njit(nogil=True, cache=True)
+def finish_topm(bk, bi, count, m):
+    """Cut every row's buffer to exactly its best ``m`` (rows hold at least ``m``)."""
+    for r in range(bk.shape[0]):
+        if count[r] > m:
+            scratch = np.empty(count[r], np.int32)
+            _cut(bk[r], bi[r], count[r], m, scratch)
+            count[r] = m
+
+
+@njit(nogil=True, cache=True, fastmath=REORDER)
+def rescore(queries, cand, cos, dist, keys, order):
+    """Exact cosine and L1 (``order`` 1) or L2 (2) distance of every query to each of
+    its candidate keys, reading each key row once.
+
+    Float32 arithmetic with float32 inputs (relative error ~1e-6 at D = 256); fastmath
+    only lets the sums be reordered so that they vectorise.
+
+    Args:
+        queries: (R, D) float32, unnormalised; cand: (R, m) int64 key indices;
+        cos, dist: (R, m) float32 outputs; keys: (N, D) float32, unnormalised.
+    """
+    nq, m = cand.shape
+    for i in range(nq):
+        q = queries[i]
+        qnorm = max(np.sqrt(np.sum(q * q)), np.float32(1e-12))
+        for a in range(m):
+            row = keys[cand[i, a]]
+            if order == 2:
+                dot, kk, acc = _dot_norm_l2(q, row)
+                dist[i, a] = np.sqrt(acc)
+            else:
+                dot, kk, acc = _dot_norm_l1(q, row)
+                dist[i, a] = acc
+            cos[i, a] = dot / (qnorm * max(np.sqrt(kk), np.float32(1e-12)))
+
+
+@njit(inline="always", fastmath=REORDER)
+def _dot_norm_l2(q, row):
+    dot = np.float32(0.0)
+    kk = np.float32(0.0)
+    acc = np.float32(0.0)
+    for d in range(q.shape[0]):
+        x = row[d]
+        y = q[d]
+        dot += x * y
+        kk += x * x
+        diff = x - y
+        acc += diff * diff
+    return dot, kk, acc
+
+
+@njit(inline="always", fastmath=REORDER)
+def _dot_norm_l1(q, row):
+    dot = np.float32(0.0)
+    kk = np.float32(0.0)
+    acc = np.float32(0.0)
+    for d in range(q.shape[0]):
+        x = row[d]
+        y = q[d]
+        dot += x * y
+        kk += x * x
+        acc += abs(x - y)
+    return dot, kk, acc
+
+
+@njit(inline="always")
+def bf16_bits(u):
+    """bfloat16 bits (uint16) of a finite float32, rounded to nearest even."""
+    b = np.float32(u).view(np.uint32)
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> 16)
+
+
+@njit(nogil=True, cache=True, fastmath=REORDER)
+def unit_rows(src, out, err, bf16):
+    """Rows of ``src`` (float32) scaled to unit length into ``out``: float32, or with
+    ``bf16`` bfloat16 bits (uint16, round to nearest even as torch rounds) and ``err[i]``
+    the length of row i's rounding error (float32: the squared length of the input).
+    One pass over the chunk; a NaN/inf row leaves ``err`` non-finite for the caller."""
+    for i in range(src.shape[0]):
+        x = src[i]
+        ss = np.float32(0.0)
+        for d in range(x.shape[0]):
+            ss += x[d] * x[d]
+        inv = np.float32(1.0) / max(np.sqrt(ss), np.float32(1e-12))
+        e = np.float32(0.0)
+        for d in range(x.shape[0]):
+            u = x[d] * inv
+            if bf16:
+                r = bf16_bits(u)
+                out[i, d] = r
+                back = np.uint32(np.uint32(r) << np.uint32(16)).view(np.float32)
+                e += (back - u) * (back - u)
+            else:
+                out[i, d] = u
+        err[i] = np.sqrt(e) if bf16 else ss  # NaN/inf in the row propagate to err
+
+
+def in_parallel(kernel, rows, *scalars, workers: int | None = None) -> None:
+    """Run ``kernel(*row_slices, *scalars)`` over contiguous row ranges in threads (the
+    kernels release the GIL); ``rows`` are arrays sliced along their first axis."""
+    n = len(rows[0])
+    workers = max(1, min(workers or _threads(), n))
+    if workers == 1:
+        kernel(*rows, *scalars)
+        return
+    bounds = np.linspace(0, n, workers + 1).astype(int)
+    futures = [
+        _pool(workers).submit(kernel, *(a[lo:hi] for a in rows), *scalars)
+        for lo, hi in zip(bounds[:-1], bounds[1:])
+        if hi > lo
+    ]
+    for f in futures:
+        f.result()
+
+
+def background(kernel, *args):
+    """Start ``kernel(*args)`` on the selection thread; returns its future."""
+    return _pool(1).submit(kernel, *args)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@lru_cache(maxsize=4)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="mclx-select")
+
+
+def key_to_float(keys: np.ndarray, bf16: bool) -> np.ndarray:
+    """Scores (float32) back from order-preserving int32 keys."""
+    import torch
+
+    shift, mask = (15, 0x7FFF) if bf16 else (31, 0x7FFFFFFF)
+    bits = keys ^ ((keys >> shift) & mask)
+    if bf16:
+        t = torch.from_numpy(bits.astype(np.int16)).view(torch.bfloat16).float()
+        return t.numpy()
+    return bits.astype(np.int32).view(np.float32)
