@@ -1,21 +1,94 @@
 """Atomic file output: write to a temporary file beside the target, fsync, rename.
 
 A failed or interrupted write leaves no partial file and never replaces a good one.
+Inside :func:`all_or_nothing`, the renames of every :func:`atomic_path` wait for the
+block to succeed, so a command that writes several files leaves all or none of them.
+A write that fails because the disk is full, the file size limit is reached or the
+folder is read-only is reported as one ``OSError`` naming the destination.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+# errno values that mean "this destination cannot be written", whatever the writer
+_WRITE_ERRNOS = {
+    errno.ENOSPC,
+    errno.EFBIG,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EIO,
+    errno.EACCES,
+    errno.EPERM,
+}
+_REASONS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EFBIG: "file too large (file size limit reached, see ulimit -f)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+}
+_LOW_SPACE = 1 << 20  # bytes left on a file system that a failed write has just filled
+
+# pending (temporary, destination) renames of the innermost all_or_nothing block
+_PENDING: contextvars.ContextVar[list[tuple[Path, Path]] | None] = contextvars.ContextVar(
+    "mclx_atomic_pending", default=None
+)
 
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _file_size_limit() -> int | None:
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def write_failure(exc: BaseException, folder: Path, written: list[Path]) -> str | None:
+    """Why a write into ``folder`` failed, when the system says so; else None.
+
+    Libraries that write through C code (PyTorch, HDF5, ONNX Runtime) often lose the
+    errno, so beyond it look at the file system's free space and the process's file size
+    limit against the files this write produced (``written``).
+    """
+    if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
+        return _REASONS.get(exc.errno, os.strerror(exc.errno).lower())
+    with contextlib.suppress(OSError):
+        st = os.statvfs(folder)
+        if st.f_bavail * st.f_frsize < _LOW_SPACE:
+            return "no space left on device"
+    limit = _file_size_limit()
+    if limit is not None:
+        for p in written:
+            with contextlib.suppress(OSError):
+                if p.stat().st_size >= limit:
+                    return f"file size limit of {limit} bytes reached (ulimit -f)"
+    return None
+
+
+def _companions(tmp: Path) -> list[Path]:
+    """The temporary file and helper files writers put beside it (``tmp`` + suffix)."""
+    with contextlib.suppress(OSError):
+        return [p for p in tmp.parent.iterdir() if p.name.startswith(tmp.name)]
+    return [tmp]
+
+
+def _write_error(path: Path, reason: str, exc: BaseException) -> OSError:
+    err = OSError(f"{path}: cannot write it: {reason}")
+    err.errno = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+    return err
 
 
 @contextlib.contextmanager
@@ -32,23 +105,55 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     if not folder.is_dir():
         msg = f"{path}: output folder {folder} does not exist"
         raise FileNotFoundError(msg)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.",
-        suffix=".tmp" + (path.suffix if suffix is None else suffix),
-        dir=folder,
-    )
+    try:
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.",
+            suffix=".tmp" + (path.suffix if suffix is None else suffix),
+            dir=folder,
+        )
+    except OSError as exc:
+        reason = exc.strerror.lower() if exc.strerror else str(exc)
+        raise _write_error(path, f"cannot create a file in {folder} ({reason})", exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
+    pending = _PENDING.get()
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; behave like open()
-        os.replace(tmp_path, path)
-    except BaseException:
+        if pending is not None:
+            pending.append((tmp_path, path))
+        else:
+            os.replace(tmp_path, path)
+    except BaseException as exc:
+        reason = None
+        if isinstance(exc, Exception):  # not for Ctrl-C
+            reason = write_failure(exc, folder, _companions(tmp_path))
         with contextlib.suppress(OSError):
             tmp_path.unlink()
+        if reason is not None:
+            raise _write_error(path, reason, exc) from exc
         raise
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Defer the renames of the :func:`atomic_path` writes inside the block to its end:
+    when anything in the block fails, none of its outputs appears (nor any temp file)."""
+    pending: list[tuple[Path, Path]] = []
+    token = _PENDING.set(pending)
+    try:
+        yield
+    except BaseException:
+        for tmp, _ in pending:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    finally:
+        _PENDING.reset(token)
+    for tmp, path in pending:
+        os.replace(tmp, path)
 
 
 def check_output(path: str | os.PathLike) -> Path:
@@ -71,3 +176,55 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """What a file looks like from its first bytes, for messages about a wrong file:
+    "empty (0 bytes)", "a numpy .npz archive (an mclx bank?)", "a text file", ..."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if size == 0:
+        return "empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):
+        return _describe_zip(path)
+    magic = {
+        b"\x89PNG": "a PNG image",
+        b"\xff\xd8\xff": "a JPEG image",
+        b"II*\x00": "a TIFF file",
+        b"MM\x00*": "a TIFF file",
+        b"\x1f\x8b": "a gzip file",
+        b"\x93NUMPY": "a numpy .npy array",
+        b"\x89HDF": "an HDF5 file (.h5ad?)",
+        b"\x80\x02": "a pickle",
+    }
+    for m, what in magic.items():
+        if head.startswith(m):
+            return what
+    if b"\x00" not in head:
+        with contextlib.suppress(UnicodeDecodeError):
+            head.decode("utf-8")
+            return "a text file"
+    if head[:1] == b"\x08":  # protobuf field 1 (ir_version), as ONNX files start
+        return "binary data (an ONNX model?)"
+    return "binary data"
+
+
+def _describe_zip(path: Path) -> str:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return "a truncated or corrupt ZIP archive"
+    if any(n.endswith("data.pkl") for n in names):
+        return "a PyTorch archive (an mclx checkpoint?)"
+    if names and all(n.endswith(".npy") for n in names):
+        tag = "an mclx bank?" if "format.npy" in names else "not an mclx bank"
+        return f"a numpy .npz archive ({tag})"
+    return "a ZIP archive"
