@@ -101,7 +101,10 @@ class OpenSlideSlide(Slide):
             raise DataError(msg) from exc
         self.dimensions = tuple(self.osr.dimensions)
         prop = self.osr.properties.get(openslide.PROPERTY_NAME_MPP_X)
-        self.mpp = mpp or (float(prop) if prop else None)
+        try:
+            self.mpp = mpp or (float(prop) if prop else None)
+        except ValueError:  # a malformed property: as if absent (--mpp or the spot grid)
+            self.mpp = None
 
     def _region(self, x, y, w, h, out):
         import openslide
@@ -121,9 +124,16 @@ class OpenSlideSlide(Slide):
         return np.asarray(im)
 
     def thumbnail(self, max_side: int = 2048):
+        import openslide
+
         W, H = self.dimensions
         f = max(1.0, max(W, H) / max_side)
-        im = self.osr.get_thumbnail((max(1, round(W / f)), max(1, round(H / f)))).convert("RGB")
+        try:
+            im = self.osr.get_thumbnail((max(1, round(W / f)), max(1, round(H / f))))
+        except openslide.OpenSlideError as exc:
+            msg = f"{self.path}: cannot read the slide's pixels (truncated or corrupt?) ({exc})"
+            raise DataError(msg) from exc
+        im = im.convert("RGB")
         return np.asarray(im), W / im.size[0]
 
     def close(self) -> None:
@@ -135,8 +145,11 @@ def _tiff_mpp(im) -> float | None:
     tags = getattr(im, "tag_v2", None)
     if not tags or 282 not in tags:
         return None
-    res, unit = float(tags[282]), tags.get(296, 2)
-    if res <= 0 or unit not in (2, 3):
+    try:
+        res, unit = float(tags[282]), tags.get(296, 2)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not res > 0 or unit not in (2, 3):
         return None
     return (25400.0 if unit == 2 else 10000.0) / res
 

@@ -50,15 +50,30 @@ def tissue_mask(thumb: np.ndarray, *, min_object_frac: float = 1e-3) -> np.ndarr
     return remove_small_holes(mask, max_size=area)
 
 
-def grid_tiles(slide, *, size: int, stride: int | None = None, min_tissue: float = 0.5) -> Tiles:
-    """A grid of ``size`` level-0 px tiles every ``stride`` px (default ``size``), kept
-    where at least ``min_tissue`` of the tile is tissue on the thumbnail mask."""
-    stride = stride or size
-    thumb, f = slide.thumbnail(2048)
+def slide_tissue(slide, max_side: int = 2048) -> tuple[np.ndarray, float]:
+    """The slide's tissue mask on a thumbnail and the thumbnail's downsample factor;
+    :class:`DataError` when there is no tissue."""
+    thumb, f = slide.thumbnail(max_side)
     mask = tissue_mask(thumb)
     if not mask.any():
         msg = f"{slide.path}: no tissue found (saturation threshold on the thumbnail)"
         raise DataError(msg)
+    return mask, f
+
+
+def grid_tiles(
+    slide,
+    *,
+    size: int,
+    stride: int | None = None,
+    min_tissue: float = 0.5,
+    tissue: tuple[np.ndarray, float] | None = None,
+) -> Tiles:
+    """A grid of ``size`` level-0 px tiles every ``stride`` px (default ``size``), kept
+    where at least ``min_tissue`` of the tile is tissue on the thumbnail mask
+    (``tissue``: :func:`slide_tissue`'s result, computed here when not given)."""
+    stride = stride or size
+    mask, f = tissue if tissue is not None else slide_tissue(slide)
     W, H = slide.dimensions
     xs = np.arange(0, max(W - size, 0) + 1, stride)
     ys = np.arange(0, max(H - size, 0) + 1, stride)
@@ -82,19 +97,38 @@ def grid_tiles(slide, *, size: int, stride: int | None = None, min_tissue: float
     return Tiles(centres, ids, size)
 
 
+VISIUM_COLUMNS = [
+    "barcode",
+    "in_tissue",
+    "array_row",
+    "array_col",
+    "pxl_row_in_fullres",
+    "pxl_col_in_fullres",
+]
+
+
+def _read_table(path: Path, **kw) -> pd.DataFrame:
+    from mclx.data.her2st import _READ_ERRORS, _short
+
+    try:
+        return pd.read_csv(path, **kw)
+    except _READ_ERRORS as exc:
+        msg = f"{path}: cannot read spot file ({_short(exc)})"
+        raise DataError(msg) from exc
+
+
 def read_spots(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
     """Spot centres from a her2st spot file, a Visium tissue_positions file or a CSV
     with ``x,y`` (level-0 pixels, optional ``id``). Returns (frame[id, x, y, ...], kind)."""
     path = Path(path)
+    if path.is_dir():
+        msg = f"{path}: spot file is a folder"
+        raise DataError(msg)
     if not path.is_file():
         msg = f"{path}: spot file does not exist"
         raise FileNotFoundError(msg)
     sep = "\t" if path.suffix in (".tsv", ".txt") else ","
-    try:
-        df = pd.read_csv(path, sep=sep)
-    except (ValueError, pd.errors.ParserError, UnicodeDecodeError) as exc:
-        msg = f"{path}: cannot read spot file ({exc.__class__.__name__})"
-        raise DataError(msg) from exc
+    df = _read_table(path, sep=sep)
     cols = set(df.columns)
     if {"x", "y", "pixel_x", "pixel_y"} <= cols:  # her2st / ST spot file
         from mclx.data.her2st import read_spots as her2st_spots
@@ -111,33 +145,29 @@ def read_spots(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
         )
         kind = "her2st"
     elif {"pxl_row_in_fullres", "pxl_col_in_fullres"} <= cols or len(df.columns) == 6:
-        if not {"pxl_row_in_fullres"} <= cols:  # tissue_positions_list.csv has no header
-            df = pd.read_csv(
-                path,
-                header=None,
-                names=[
-                    "barcode",
-                    "in_tissue",
-                    "array_row",
-                    "array_col",
-                    "pxl_row_in_fullres",
-                    "pxl_col_in_fullres",
-                ],
-            )
-        df = df[df["in_tissue"] == 1]
+        if "pxl_row_in_fullres" not in cols:  # tissue_positions_list.csv has no header
+            df = _read_table(path, header=None, names=VISIUM_COLUMNS)
+        missing = sorted(set(VISIUM_COLUMNS) - set(df.columns))
+        if missing:
+            msg = f"{path}: Visium tissue positions lack columns {missing}"
+            raise DataError(msg)
+        df = df[pd.to_numeric(df["in_tissue"], errors="coerce") == 1]
         out = pd.DataFrame(
             {
                 "id": df["barcode"].astype(str),
-                "x": df["pxl_col_in_fullres"],
-                "y": df["pxl_row_in_fullres"],
-                "array_x": df["array_col"],
-                "array_y": df["array_row"],
+                "x": _numbers(df["pxl_col_in_fullres"]),
+                "y": _numbers(df["pxl_row_in_fullres"]),
+                "array_x": _numbers(df["array_col"]),
+                "array_y": _numbers(df["array_row"]),
             }
         )
+        if not np.isfinite(out[["array_x", "array_y"]].to_numpy()).all():
+            msg = f"{path}: Visium array_row / array_col are missing or not numbers"
+            raise DataError(msg)
         kind = "visium"
     elif {"x", "y"} <= cols:
         ids = df["id"].astype(str) if "id" in cols else [f"spot_{i}" for i in range(len(df))]
-        out = pd.DataFrame({"id": ids, "x": df["x"], "y": df["y"]})
+        out = pd.DataFrame({"id": ids, "x": _numbers(df["x"]), "y": _numbers(df["y"])})
         kind = "csv"
     else:
         msg = f"{path}: not a spot file (need x,y columns, a her2st or a Visium layout)"
@@ -147,12 +177,17 @@ def read_spots(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
         msg = f"{path}: no spots"
         raise DataError(msg)
     if not np.isfinite(out[["x", "y"]].to_numpy(float)).all():
-        msg = f"{path}: spot coordinates are missing or not finite"
+        msg = f"{path}: spot coordinates are missing, not numbers or not finite"
         raise DataError(msg)
     if out["id"].duplicated().any() or out[["x", "y"]].duplicated().any():
         msg = f"{path}: duplicate spots"
         raise DataError(msg)
     return out, kind
+
+
+def _numbers(col: pd.Series) -> pd.Series:
+    """A column as float64; what is not a number becomes NaN (refused by the caller)."""
+    return pd.to_numeric(col, errors="coerce").astype(np.float64)
 
 
 def spot_mpp(spots: pd.DataFrame, kind: str) -> float | None:

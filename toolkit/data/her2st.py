@@ -15,7 +15,9 @@ Counts and spot files are joined on ``"{x}x{y}"`` and only ``selected == 1`` spo
 
 from __future__ import annotations
 
+import csv
 import os
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -67,19 +69,29 @@ def _counts_path(root: Path, section: str) -> Path:
     raise FileNotFoundError(msg)
 
 
+# what pandas raises on a file it cannot parse: bad gzip (OSError, EOFError, zlib.error),
+# bad text (UnicodeDecodeError, ParserError, EmptyDataError: all ValueError), csv.Error
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, csv.Error, pd.errors.ParserError)
+
+
+def _short(exc: BaseException, limit: int = 120) -> str:
+    detail = " ".join(str(exc).split()) or exc.__class__.__name__
+    return detail if len(detail) < limit else detail[: limit - 3] + "..."
+
+
 def read_counts(path: Path) -> pd.DataFrame:
     """Spots x genes counts table, validated (finite, non-negative, unique spots)."""
     try:
         df = pd.read_csv(path, sep="\t", index_col=0)
-    except (OSError, EOFError, ValueError, pd.errors.ParserError) as exc:
-        msg = f"{path}: cannot read counts table ({exc})"
+    except _READ_ERRORS as exc:
+        msg = f"{path}: cannot read counts table ({_short(exc)})"
         raise DataError(msg) from exc
     if df.shape[0] == 0 or df.shape[1] == 0:
         msg = f"{path}: counts table is empty"
         raise DataError(msg)
     try:
         values = df.to_numpy(dtype=np.float64)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         msg = f"{path}: counts table has non-numeric values"
         raise DataError(msg) from exc
     if not np.isfinite(values).all():
@@ -88,10 +100,12 @@ def read_counts(path: Path) -> pd.DataFrame:
     if (values < 0).any():
         msg = f"{path}: counts contain negative values"
         raise DataError(msg)
+    df.index = df.index.astype(str)
     dup = df.index[df.index.duplicated()]
     if len(dup):
         msg = f"{path}: duplicate spots {list(dup[:5])}"
         raise DataError(msg)
+    df.columns = df.columns.astype(str)
     if df.columns.duplicated().any():
         msg = f"{path}: duplicate gene columns {list(df.columns[df.columns.duplicated()][:5])}"
         raise DataError(msg)
@@ -102,19 +116,35 @@ def read_spots(path: Path) -> pd.DataFrame:
     """Selected spots of a ``*_selection.tsv`` file, indexed by ``"{x}x{y}"``."""
     try:
         spots = pd.read_csv(path, sep="\t")
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        msg = f"{path}: cannot read spot file ({exc})"
+    except _READ_ERRORS as exc:
+        msg = f"{path}: cannot read spot file ({_short(exc)})"
         raise DataError(msg) from exc
-    need = {"x", "y", "pixel_x", "pixel_y"}
-    if not need <= set(spots.columns):
-        msg = f"{path}: spot file lacks columns {sorted(need - set(spots.columns))}"
+    need = ["x", "y", "pixel_x", "pixel_y"]
+    if not set(need) <= set(spots.columns):
+        msg = f"{path}: spot file lacks columns {sorted(set(need) - set(spots.columns))}"
         raise DataError(msg)
     if "selected" in spots.columns:
-        spots = spots[spots["selected"] == 1]
-    if spots[list(need)].isna().any().any():
-        msg = f"{path}: spot file has missing coordinates"
+        spots = spots[pd.to_numeric(spots["selected"], errors="coerce") == 1]
+    coords = spots[need].apply(pd.to_numeric, errors="coerce").astype(np.float64)
+    if coords.isna().to_numpy().any():
+        first = coords.index[coords.isna().any(axis=1).to_numpy()][0]
+        line = f" (line {first + 2})" if isinstance(first, (int, np.integer)) else ""
+        msg = f"{path}: spot file has missing or non-numeric coordinates{line}"
         raise DataError(msg)
-    spots = spots.assign(x=spots["x"].astype(int), y=spots["y"].astype(int))
+    values = coords.to_numpy()
+    if not np.isfinite(values).all():
+        msg = f"{path}: spot file has infinite coordinates"
+        raise DataError(msg)
+    xy = values[:, :2]
+    if (xy != np.round(xy)).any() or (np.abs(xy) > 1e6).any():
+        msg = f"{path}: spot array coordinates x, y must be integers"
+        raise DataError(msg)
+    spots = spots.assign(
+        x=xy[:, 0].astype(np.int64),
+        y=xy[:, 1].astype(np.int64),
+        pixel_x=values[:, 2],
+        pixel_y=values[:, 3],
+    )
     spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"])]
     if spots.index.duplicated().any():
         msg = f"{path}: duplicate spots {list(spots.index[spots.index.duplicated()][:5])}"

@@ -24,14 +24,26 @@ def _open(path: Path):
     if not path.is_file():
         msg = f"{path}: image does not exist"
         raise FileNotFoundError(msg)
+    if path.stat().st_size == 0:
+        msg = f"{path}: image is empty (0 bytes)"
+        raise DataError(msg)
     try:
         return Image.open(path)
     except UnidentifiedImageError as exc:
-        msg = f"{path}: not an image PIL can read"
+        from mclx.io import describe_file
+
+        msg = f"{path}: not an image PIL can read (the file is {describe_file(path)})"
         raise DataError(msg) from exc
-    except OSError as exc:
-        msg = f"{path}: cannot open image ({exc})"
+    except MemoryError:
+        raise
+    except Exception as exc:  # OSError, and SyntaxError / struct.error from bad headers
+        msg = f"{path}: cannot open image ({_short(exc)})"
         raise DataError(msg) from exc
+
+
+def _short(exc: BaseException, limit: int = 120) -> str:
+    detail = " ".join(str(exc).split()) or exc.__class__.__name__
+    return detail if len(detail) < limit else detail[: limit - 3] + "..."
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -47,8 +59,10 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         try:
             im.load()
             return np.asarray(im.convert("RGB"))
-        except (OSError, SyntaxError, ValueError) as exc:
-            msg = f"{path}: truncated or corrupt image ({exc})"
+        except MemoryError:
+            raise
+        except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error, ...
+            msg = f"{path}: truncated or corrupt image ({_short(exc)})"
             raise DataError(msg) from exc
 
 

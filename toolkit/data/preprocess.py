@@ -90,9 +90,9 @@ def normalize_expression(adata, cfg: PreprocessCfg) -> np.ndarray:
 
     Spots whose counts over the genes sum to zero stay all-zero.
     """
+    check_genes(adata, cfg.genes)  # before importing scanpy (seconds): fail fast
     import scanpy as sc
 
-    check_genes(adata, cfg.genes)
     sub = adata[:, list(cfg.genes)].copy()
     sub.X = sub.X.astype(np.float32)
     with warnings.catch_warnings():
