@@ -92,16 +92,21 @@ def build_bank(
     seq_len: int | None = None,
 ) -> Bank:
     """Embed every spot of ``sections`` (default: all) with the checkpoint's spot encoder."""
-    from mclx.checkpoint import load_checkpoint
     from mclx.data.dataset import build_table
     from mclx.data.her2st import read_her2st
+
+    if not Path(checkpoint).exists():  # before reading the data: fail fast
+        msg = f"{checkpoint}: checkpoint does not exist"
+        raise FileNotFoundError(msg)
+    adatas = read_her2st(data, list(sections) if sections else None)  # no torch needed yet
+
+    from mclx.checkpoint import load_checkpoint
     from mclx.train import spot_embeddings
 
     ck = load_checkpoint(checkpoint)
     if ck.model.kind != "contrastive":
         msg = f"{checkpoint}: a {ck.model_cfg.name} model predicts directly and needs no bank"
         raise FormatError(msg)
-    adatas = read_her2st(data, list(sections) if sections else None)
     table = build_table(adatas, ck.preprocess)
     seq = seq_len or int(ck.provenance.get("train", {}).get("batch_size", 128))
     emb = spot_embeddings(ck.model, table, seq_len=seq)
@@ -150,20 +155,34 @@ def save_bank(bank: Bank, path: str | os.PathLike) -> Path:
 
 def load_bank(path: str | os.PathLike) -> Bank:
     """Read and validate a bank file."""
+    from mclx.io import describe_file
+
     path = Path(path)
+    if path.is_dir():
+        msg = f"{path}: bank is a folder, not a file"
+        raise FormatError(msg)
     if not path.is_file():
         msg = f"{path}: bank does not exist"
         raise FileNotFoundError(msg)
     try:
         with np.load(path, allow_pickle=False) as z:
             data = {key: z[key] for key in z.files}
-    except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError, EOFError
-        msg = f"{path}: not a readable bank file ({exc.__class__.__name__})"
+    except AttributeError as exc:  # np.load of a single .npy gives an array, no .files
+        msg = f"{path}: not a readable bank file: the file is {describe_file(path)}"
         raise FormatError(msg) from exc
-    if str(data.get("format", "")) != FORMAT:
+    except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError, EOFError
+        what = describe_file(path)
+        if what.startswith("a numpy .npz"):
+            what = f"a corrupt .npz archive ({exc.__class__.__name__})"
+        msg = f"{path}: not a readable bank file: the file is {what}"
+        raise FormatError(msg) from exc
+    if _scalar(data, "format", str) != FORMAT:
         msg = f"{path}: not an mclx bank (no '{FORMAT}' format tag)"
         raise FormatError(msg)
-    version = int(data.get("format_version", -1))
+    version = _scalar(data, "format_version", int)
+    if version is None or version < 1:
+        msg = f"{path}: bank format version is missing or not valid"
+        raise FormatError(msg)
     if version > FORMAT_VERSION:
         msg = f"{path}: bank format version {version} is newer than supported ({FORMAT_VERSION})"
         raise FormatError(msg)
@@ -172,29 +191,76 @@ def load_bank(path: str | os.PathLike) -> Bank:
         msg = f"{path}: bank lacks {missing}"
         raise FormatError(msg)
     emb, expr = data["embeddings"], data["expressions"]
+    if emb.ndim != 2 or expr.ndim != 2 or data["genes"].ndim != 1:
+        msg = f"{path}: bank embeddings and expressions must be 2-d, genes 1-d"
+        raise FormatError(msg)
     n = emb.shape[0]
     if n == 0:
         msg = f"{path}: bank is empty (0 spots)"
         raise FormatError(msg)
-    if emb.ndim != 2 or expr.shape != (n, len(data["genes"])) or len(data["sections"]) != n:
-        msg = f"{path}: bank arrays disagree in shape"
+    shapes = {
+        "expressions": (expr.shape, (n, len(data["genes"]))),
+        "sections": (data["sections"].shape, (n,)),
+        "spot_ids": (data["spot_ids"].shape, (n,)),
+        "coords": (data["coords"].shape, (n, 2)),
+        "positions": (data["positions"].shape, (n, 2)),
+    }
+    bad = [f"{k} {got} (expected {want})" for k, (got, want) in shapes.items() if got != want]
+    if not bad and (emb.shape[1] == 0 or len(data["genes"]) == 0):
+        bad = ["no embedding dimensions or no genes"]
+    if bad:
+        msg = f"{path}: bank arrays disagree in shape: {'; '.join(bad)}"
+        raise FormatError(msg)
+    numeric = {"embeddings": emb, "expressions": expr, "coords": data["coords"]}
+    for key, arr in numeric.items():
+        if arr.dtype.kind not in "fiu":
+            msg = f"{path}: bank {key} are not numbers ({arr.dtype})"
+            raise FormatError(msg)
+    if data["positions"].dtype.kind not in "iu":
+        msg = f"{path}: bank positions are not integers ({data['positions'].dtype})"
         raise FormatError(msg)
     if not (np.isfinite(emb).all() and np.isfinite(expr).all()):
         msg = f"{path}: bank contains NaN or infinite values"
+        raise FormatError(msg)
+    meta = {
+        "fingerprint": _scalar(data, "fingerprint", str),
+        "checkpoint": _scalar(data, "checkpoint", str, ""),
+        "model": _scalar(data, "model", str, "mclstexp"),
+        "k": _scalar(data, "k", int, 200),
+        "distance": _scalar(data, "distance", str, "l2"),
+        "weighting": _scalar(data, "weighting", str, "inverse_square"),
+    }
+    bad = [key for key, value in meta.items() if value is None]
+    if bad:
+        msg = f"{path}: bank field(s) {bad} are not valid scalars"
+        raise FormatError(msg)
+    if meta["k"] < 1 or meta["distance"] not in ("l1", "l2"):
+        msg = f"{path}: bank defaults k={meta['k']} distance={meta['distance']!r} are not valid"
         raise FormatError(msg)
     return Bank(
         embeddings=emb.astype(np.float32, copy=False),
         expressions=expr.astype(np.float32, copy=False),
         genes=[str(g) for g in data["genes"]],
-        sections=data["sections"],
-        spot_ids=data["spot_ids"],
-        coords=data["coords"],
+        sections=data["sections"].astype(str),
+        spot_ids=data["spot_ids"].astype(str),
+        coords=data["coords"].astype(np.float64, copy=False),
         positions=data["positions"],
-        fingerprint=str(data["fingerprint"]),
-        checkpoint=str(data.get("checkpoint", "")),
-        model=str(data.get("model", "mclstexp")),
-        k=int(data.get("k", 200)),
-        distance=str(data.get("distance", "l2")),
-        weighting=str(data.get("weighting", "inverse_square")),
         path=path,
+        **meta,
     )
+
+
+_MISSING = object()
+
+
+def _scalar(data: dict[str, np.ndarray], key: str, kind: type, default: Any = _MISSING):
+    """A 0-d array of ``data`` as ``kind`` (str or int); ``default`` when absent, None when
+    it is present but not a scalar of that kind."""
+    if key not in data:
+        return None if default is _MISSING else default
+    arr = data[key]
+    if arr.ndim != 0:
+        return None
+    if kind is str:
+        return str(arr) if arr.dtype.kind == "U" else None
+    return int(arr) if arr.dtype.kind in "iu" else None

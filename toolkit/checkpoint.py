@@ -75,30 +75,59 @@ def save_checkpoint(
 
 def read_checkpoint_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Load and validate the raw dict (no model built)."""
+    from mclx.io import describe_file
+
     path = Path(path)
+    if path.is_dir():
+        msg = f"{path}: checkpoint is a folder, not a file"
+        raise FormatError(msg)
     if not path.is_file():
         msg = f"{path}: checkpoint does not exist"
         raise FileNotFoundError(msg)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        msg = f"{path}: not a readable mclx checkpoint ({exc.__class__.__name__})"
+        what = describe_file(path)
+        if what.startswith("a PyTorch archive"):
+            what = f"a corrupt PyTorch archive ({_short(exc)})"
+        msg = f"{path}: not a readable mclx checkpoint: the file is {what}"
         raise FormatError(msg) from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         msg = f"{path}: not an mclx checkpoint (no '{FORMAT}' format tag)"
         raise FormatError(msg)
     version = payload.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        msg = f"{path}: checkpoint format version {version!r} is not valid"
+        raise FormatError(msg)
+    if version > FORMAT_VERSION:
         msg = (
             f"{path}: checkpoint format version {version} is newer than this mclx "
             f"supports ({FORMAT_VERSION}); upgrade mclx"
         )
         raise FormatError(msg)
-    for key in ("model", "preprocess", "state_dict", "fingerprint"):
+    for key, kind in _FIELDS.items():
         if key not in payload:
             msg = f"{path}: checkpoint lacks '{key}'"
             raise FormatError(msg)
+        if not isinstance(payload[key], kind):
+            msg = f"{path}: checkpoint field '{key}' is a {type(payload[key]).__name__}"
+            raise FormatError(msg)
+    if not isinstance(payload.get("provenance", {}), dict):
+        msg = f"{path}: checkpoint field 'provenance' is not a dict"
+        raise FormatError(msg)
+    bad = [k for k, v in payload["state_dict"].items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        msg = f"{path}: checkpoint state_dict entry {str(bad[0])!r} is not a tensor"
+        raise FormatError(msg)
     return payload
+
+
+_FIELDS = {"model": dict, "preprocess": dict, "state_dict": dict, "fingerprint": str}
+
+
+def _short(exc: BaseException, limit: int = 160) -> str:
+    detail = " ".join(str(exc).split()) or exc.__class__.__name__
+    return detail if len(detail) < limit else detail[: limit - 3] + "..."
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Checkpoint:
@@ -112,10 +141,8 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
         pre = from_dict(PreprocessCfg, payload["preprocess"])
         model = create_model(model_cfg, encoder_weights=None)
         model.load_state_dict(payload["state_dict"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        detail = " ".join(str(exc).split())
-        detail = detail if len(detail) < 160 else detail[:157] + "..."
-        msg = f"{path}: checkpoint does not match its model config ({detail})"
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
+        msg = f"{path}: checkpoint does not match its model config ({_short(exc)})"
         raise FormatError(msg) from exc
     fp = fingerprint(payload["state_dict"])
     if fp != payload["fingerprint"]:
