@@ -79,10 +79,18 @@ def write_failure(exc: BaseException, folder: Path, written: list[Path]) -> str 
 
 
 def _companions(tmp: Path) -> list[Path]:
-    """The temporary file and helper files writers put beside it (``tmp`` + suffix)."""
+    """The temporary file and the helper files a writer put beside it: any file whose
+    name starts with the temporary file's (``tmp`` + ``.raw.onnx``, ...)."""
     with contextlib.suppress(OSError):
         return [p for p in tmp.parent.iterdir() if p.name.startswith(tmp.name)]
     return [tmp]
+
+
+def _remove(paths: list[Path], keep: Path | None = None) -> None:
+    for p in paths:
+        if p != keep:
+            with contextlib.suppress(OSError):
+                p.unlink()
 
 
 def _write_error(path: Path, reason: str, exc: BaseException) -> OSError:
@@ -94,6 +102,9 @@ def _write_error(path: Path, reason: str, exc: BaseException) -> OSError:
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success rename it onto ``path``.
+
+    Helper files named after the temporary file (its name + any suffix) are removed when
+    the block ends, and are looked at when it fails (their size against ``ulimit -f``).
 
     Args:
         path: final destination.
@@ -119,6 +130,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
     pending = _PENDING.get()
     try:
         yield tmp_path
+        _remove(_companions(tmp_path), keep=tmp_path)
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; behave like open()
@@ -128,10 +140,10 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
             os.replace(tmp_path, path)
     except BaseException as exc:
         reason = None
+        written = _companions(tmp_path)
         if isinstance(exc, Exception):  # not for Ctrl-C
-            reason = write_failure(exc, folder, _companions(tmp_path))
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
+            reason = write_failure(exc, folder, written)
+        _remove([*written, tmp_path])
         if reason is not None:
             raise _write_error(path, reason, exc) from exc
         raise
