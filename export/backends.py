@@ -102,19 +102,32 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
 
         from mclx.config import PreprocessCfg, from_dict
+        from mclx.errors import FormatError
         from mclx.export.onnx_export import INPUT, read_metadata
+        from mclx.io import describe_file
 
         path = Path(path)
         if not path.is_file():
             msg = f"{path}: ONNX file does not exist"
             raise FileNotFoundError(msg)
+        if path.stat().st_size == 0:
+            msg = f"{path}: ONNX file is empty (0 bytes)"
+            raise FormatError(msg)
         try:
             meta = read_metadata(path)
+        except Exception as exc:  # protobuf DecodeError, ...
+            what = describe_file(path)
+            msg = f"{path}: not a readable ONNX file: the file is {what} ({_short(exc, 80)})"
+            raise FormatError(msg) from exc
+        try:
             self.pre = from_dict(PreprocessCfg, json.loads(meta["preprocess"]))
             self.fingerprint = meta["fingerprint"]
-        except Exception as exc:  # DecodeError, KeyError, ValueError
-            msg = f"{path}: not an mclx ONNX encoder ({exc.__class__.__name__})"
-            raise ValueError(msg) from exc
+        except Exception as exc:  # KeyError, ValueError
+            msg = (
+                f"{path}: not an mclx ONNX encoder (no valid mclx metadata: "
+                f"{exc.__class__.__name__} {_short(exc, 60)}); export it with 'mclx export'"
+            )
+            raise FormatError(msg) from exc
         self.precision = meta.get("precision", "fp32")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -126,11 +139,25 @@ class OnnxRuntimeBackend:
                 msg = f"{path}: ONNX Runtime has no CUDA provider (pip install .[gpu])"
                 raise RuntimeError(msg)
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self.device, self.input = device, INPUT
-        self.session = ort.InferenceSession(str(path), so, providers=providers)
+        self.device, self.input, self.path = device, INPUT, path
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as exc:  # ORT's Fail, InvalidProtobuf, InvalidGraph: not OSError
+            msg = f"{path}: ONNX Runtime cannot load the model ({_short(exc)})"
+            raise FormatError(msg) from exc
 
     def __call__(self, batch):
-        return self.session.run(None, {self.input: to_nchw(np.asarray(batch), self.pre)})[0]
+        x = to_nchw(np.asarray(batch), self.pre)
+        try:
+            return self.session.run(None, {self.input: x})[0]
+        except Exception as exc:  # InvalidArgument on a wrong input shape, ...
+            msg = f"{self.path}: ONNX Runtime failed on a batch of {x.shape} ({_short(exc)})"
+            raise RuntimeError(msg) from exc
+
+
+def _short(exc: BaseException, limit: int = 200) -> str:
+    detail = " ".join(str(exc).split()) or exc.__class__.__name__
+    return detail if len(detail) < limit else detail[: limit - 3] + "..."
 
 
 def create_backend(

@@ -17,7 +17,7 @@ import numpy as np
 
 from mclx.errors import MclxError
 from mclx.export.formats import MAX_REL_ERR_FP32, MIN_COSINE, artifact_path, report_path
-from mclx.io import write_text_atomic
+from mclx.io import check_output, write_text_atomic
 
 
 class ParityError(MclxError):
@@ -62,6 +62,14 @@ def export(
 
     ck = load_checkpoint(checkpoint)
     onnx_out = Path(onnx_path) if onnx_path else artifact_path(checkpoint, "onnx")
+    outputs = [onnx_out, report_path(checkpoint)]
+    if trt:
+        from mclx.export.tensorrt_build import require_gpu_stack
+
+        outputs.append(artifact_path(checkpoint, "engine"))
+        require_gpu_stack(f"--trt: {outputs[-1]} not built")  # before writing anything
+    for out in outputs:
+        check_output(out)
     patches, source = calibration_patches(calib_data, n=n_patches, size=ck.preprocess.patch_size)
     log(f"parity patches: {len(patches)} from {source}")
     reference = TorchBackend(ck)(patches)
@@ -87,7 +95,14 @@ def export(
             (stage.with_name(stage.name + x), final.with_name(final.name + x)) for x in sidecars
         ]
         try:
-            build(stage)
+            try:
+                build(stage)
+            except OSError as exc:  # name the artifact, not its staging file
+                if str(stage) not in str(exc):
+                    raise
+                err = OSError(str(exc).replace(str(stage), str(final)))
+                err.errno = exc.errno
+                raise err from exc
             _check(fmt, final, record(fmt, final, precision, run(stage)), precision)
             os.replace(stage, final)
             for src, dst in extra:
@@ -113,10 +128,9 @@ def export(
         publish("onnx-int8", int8_out, "int8", lambda p: quantize_int8(onnx_out, p, calib), on_ort)
     write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
     if trt:
-        from mclx.export.tensorrt_build import TensorRTBackend, build_engine, require_gpu_stack
+        from mclx.export.tensorrt_build import TensorRTBackend, build_engine
 
         engine = artifact_path(checkpoint, "engine")
-        require_gpu_stack(f"--trt: {engine} not built")
 
         def on_trt(path: Path) -> np.ndarray:
             import cupy as cp
@@ -127,7 +141,13 @@ def export(
             "engine",
             engine,
             "fp16" if fp16 else "fp32",
-            lambda p: build_engine(onnx_out, p, fp16=fp16, max_batch=max_batch),
+            lambda p: build_engine(
+                onnx_out,
+                p,
+                fp16=fp16,
+                max_batch=max_batch,
+                timing_cache=engine.with_name(engine.name + ".timing.cache"),
+            ),
             on_trt,
             sidecars=(".json",),
         )

@@ -46,26 +46,23 @@ def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17) -> Path:
     size = ck.preprocess.patch_size
     module = ck.model.cpu().eval()  # forward: images -> embeddings
     with atomic_path(out) as tmp:
-        raw = tmp.with_name(tmp.name + ".raw.onnx")
-        try:
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    module,
-                    (torch.rand(2, 3, size, size),),
-                    str(raw),
-                    dynamo=False,
-                    input_names=[INPUT],
-                    output_names=[OUTPUT],
-                    opset_version=opset,
-                    dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
-                )
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-            so.optimized_model_filepath = str(tmp)
-            ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
-        finally:
-            raw.unlink(missing_ok=True)
+        raw = tmp.with_name(tmp.name + ".raw.onnx")  # removed by atomic_path
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (torch.rand(2, 3, size, size),),
+                str(raw),
+                dynamo=False,
+                input_names=[INPUT],
+                output_names=[OUTPUT],
+                opset_version=opset,
+                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+            )
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(tmp)
+        ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
         proto = onnx.load(str(tmp))
         _set_metadata(proto, metadata(ck))
         onnx.checker.check_model(proto, full_check=True)
@@ -111,24 +108,21 @@ def quantize_int8(fp32_path: str | os.PathLike, out: str | os.PathLike, calib: n
     fp32_path, out = Path(fp32_path), Path(out)
     meta = read_metadata(fp32_path)
     with atomic_path(out) as tmp:
-        prep = tmp.with_name(tmp.name + ".prep.onnx")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
-                quantize_static(
-                    str(prep),
-                    str(tmp),
-                    _Reader(calib),
-                    quant_format=QuantFormat.QDQ,
-                    per_channel=True,
-                    activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                    calibrate_method=CalibrationMethod.MinMax,
-                )
-        finally:
-            prep.unlink(missing_ok=True)
+        prep = tmp.with_name(tmp.name + ".prep.onnx")  # removed by atomic_path
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32_path), str(prep), skip_symbolic_shape=True)
+            quantize_static(
+                str(prep),
+                str(tmp),
+                _Reader(calib),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                calibrate_method=CalibrationMethod.MinMax,
+            )
         proto = onnx.load(str(tmp))
         _set_metadata(proto, meta | {"precision": "int8"})
         onnx.save(proto, str(tmp))

@@ -43,8 +43,12 @@ def build_engine(
     opt_batch: int = 64,
     max_batch: int = 256,
     workspace_gib: float = 4.0,
+    timing_cache: str | os.PathLike | None = None,
 ) -> Path:
-    """Build ``out`` (.engine) and its ``.engine.json`` sidecar from an ONNX encoder."""
+    """Build ``out`` (.engine) and its ``.engine.json`` sidecar from an ONNX encoder.
+
+    The timing cache (default ``out`` + ``.timing.cache``) speeds up later builds.
+    """
     import tensorrt as trt
 
     from mclx.export.onnx_export import INPUT, read_metadata
@@ -68,7 +72,7 @@ def build_engine(
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT, (min_batch, *shape), (opt_batch, *shape), (max_batch, *shape))
     config.add_optimization_profile(profile)
-    cache_path = out.with_name(out.name + ".timing.cache")
+    cache_path = Path(timing_cache) if timing_cache else out.with_name(out.name + ".timing.cache")
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
@@ -77,7 +81,8 @@ def build_engine(
         raise RuntimeError(msg)
     with atomic_path(out) as tmp:
         tmp.write_bytes(bytes(serialized))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    with atomic_path(cache_path) as tmp:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
     import cupy as cp
 
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
@@ -92,35 +97,77 @@ def build_engine(
     return out
 
 
+def _CollectingLogger(trt):
+    """A TensorRT logger that keeps errors for the one-line message instead of printing
+    them on stderr."""
+
+    class Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+
+        def log(self, severity, msg) -> None:
+            if severity <= trt.ILogger.Severity.ERROR:
+                self.errors.append(str(msg))
+
+    return Logger()
+
+
+def read_sidecar(engine: str | os.PathLike) -> dict:
+    """The validated ``.engine.json`` of an engine: fingerprint, precision, preprocessing
+    (a PreprocessCfg) and the largest batch of its profile."""
+    from mclx.config import PreprocessCfg, from_dict
+    from mclx.errors import FormatError
+
+    side = Path(engine).with_name(Path(engine).name + ".json")
+    if not side.is_file():
+        msg = f"{side}: engine sidecar missing; rebuild with 'mclx export --trt'"
+        raise FileNotFoundError(msg)
+    try:
+        meta = json.loads(side.read_text())
+        return {
+            "fingerprint": str(meta["fingerprint"]),
+            "precision": str(meta.get("precision", "fp16")),
+            "pre": from_dict(PreprocessCfg, json.loads(meta["preprocess"])),
+            "max_batch": int(meta["profile"]["max"]),
+        }
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        msg = f"{side}: not a valid engine sidecar ({exc.__class__.__name__}: {exc})"
+        raise FormatError(msg) from exc
+
+
 class TensorRTBackend:
     """Runs an engine on CuPy device buffers; embeddings stay on the GPU (CuPy)."""
 
     name = "tensorrt"
 
     def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        if not path.is_file():
+            msg = f"{path}: engine does not exist"
+            raise FileNotFoundError(msg)
+        require_gpu_stack(str(path))  # before importing cupy / tensorrt: one clear error
         import cupy as cp
         import tensorrt as trt
 
-        from mclx.config import PreprocessCfg, from_dict
         from mclx.export.onnx_export import INPUT, OUTPUT
 
-        path = Path(path)
-        require_gpu_stack(str(path))
-        side = path.with_name(path.name + ".json")
-        if not side.is_file():
-            msg = f"{side}: engine sidecar missing; rebuild with 'mclx export --trt'"
-            raise FileNotFoundError(msg)
-        meta = json.loads(side.read_text())
+        meta = read_sidecar(path)
         self.fingerprint = meta["fingerprint"]
-        self.precision = meta.get("precision", "fp16")
-        self.pre = from_dict(PreprocessCfg, json.loads(meta["preprocess"]))
-        self.max_batch = int(meta["profile"]["max"])
+        self.precision = meta["precision"]
+        self.pre = meta["pre"]
+        self.max_batch = meta["max_batch"]
         self.device = "cuda"
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        logger = _CollectingLogger(trt)
+        runtime = trt.Runtime(logger)
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            msg = f"{path}: cannot deserialize the engine (other TensorRT version or GPU?)"
-            raise RuntimeError(msg)
+            why = f": {logger.errors[0]}" if logger.errors else ""
+            msg = (
+                f"{path}: cannot deserialize the engine (corrupt, or built by another "
+                f"TensorRT version or GPU){why}"
+            )
+            raise RuntimeError(" ".join(msg.split())[:300])
         self.context = self.engine.create_execution_context()
         self.input, self.output = INPUT, OUTPUT
         self.stream = cp.cuda.Stream(non_blocking=True)
