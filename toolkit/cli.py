@@ -24,7 +24,7 @@ from mclx.cli_options import (  # noqa: E402
     split_names,
     train_cfg_from,
 )
-from mclx.io import check_output
+from mclx.io import all_or_nothing, check_output
 
 
 @click.group(context_settings=CONTEXT)
@@ -388,8 +388,9 @@ def infer(slide: Path, bank_path: Path, out, plot, quiet, **kw: Any) -> None:
 
     out = check_output(out or Path(f"{slide.stem}.pred.h5ad"))
     adata = run_infer(slide, bank_path=bank_path, plot_genes=plot, progress=not quiet, **kw)
-    write_predictions(adata, out)
-    pngs = plot_genes(adata, slide, plot, out.with_suffix(""), mpp=kw["mpp"]) if plot else []
+    with all_or_nothing():  # the predictions and every plot, or nothing
+        write_predictions(adata, out)
+        pngs = plot_genes(adata, slide, plot, out.with_suffix(""), mpp=kw["mpp"]) if plot else []
     t = adata.uns["mclx"]["timings"]
     click.echo(
         f"mclx: {adata.n_obs} tiles in {t['total']:.1f} s ({adata.n_obs / t['total']:.1f} "

@@ -28,7 +28,7 @@ from mclx.experiment import (
     pos_size,
     train_model,
 )
-from mclx.io import atomic_path, write_text_atomic
+from mclx.io import all_or_nothing, atomic_path, write_text_atomic
 from mclx.metrics import score
 
 METRICS = ("pcc_acg", "pcc_heg", "mse", "mae")
@@ -141,6 +141,10 @@ def predict_section(ck, bank, adata, *, k: int | None = None, distance: str | No
     from mclx.train import encode_features
 
     bank.check_compatible(ck.fingerprint, ck.preprocess.genes)
+    k = k or bank.k
+    if ck.model.kind == "contrastive" and k > len(bank):
+        msg = f"{bank.path or 'bank'}: k={k} is larger than the bank ({len(bank)} spots)"
+        raise ValueError(msg)
     feats = encode_features(
         ck.model.image_encoder, section_patches(adata, ck.preprocess.patch_size), ck.preprocess
     )
@@ -149,7 +153,7 @@ def predict_section(ck, bank, adata, *, k: int | None = None, distance: str | No
         feats,
         bank.embeddings,
         bank.expressions,
-        k=k or bank.k,
+        k=k,
         distance=distance or bank.distance,
     )
 
@@ -168,6 +172,10 @@ def score_checkpoint(
     from mclx.checkpoint import load_checkpoint
 
     ck, bank = load_checkpoint(checkpoint), load_bank(bank_path)
+    bank.check_compatible(ck.fingerprint, ck.preprocess.genes)  # before reading any data
+    if ck.model.kind == "contrastive" and (k or bank.k) > len(bank):
+        msg = f"{bank_path}: k={k or bank.k} is larger than the bank ({len(bank)} spots)"
+        raise ValueError(msg)
     adatas = read_her2st(root, list(sections), with_image=True)
     overlap = set(sections) & set(bank.sections.tolist())
     if overlap:
@@ -214,10 +222,11 @@ def write_results(res: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Pa
 
     out = Path(out)
     summary = {k: v for k, v in res.items() if k != "genes"}
-    write_text_atomic(out, json.dumps(summary, indent=2) + "\n")
     csv = out.with_name(out.stem + ".genes.csv")
     table = pd.DataFrame(res["genes"])
     table.index.name = "gene"
-    with atomic_path(csv) as tmp:
-        table.to_csv(tmp)
+    with all_or_nothing():  # both files or neither
+        write_text_atomic(out, json.dumps(summary, indent=2) + "\n")
+        with atomic_path(csv) as tmp:
+            table.to_csv(tmp)
     return out, csv

@@ -173,22 +173,20 @@ def infer(
     from mclx import __version__
     from mclx.bank import load_bank
     from mclx.slide import open_slide
-    from mclx.tiling import grid_tiles, read_spots, spot_mpp, spot_tiles
+    from mclx.tiling import grid_tiles, read_spots, slide_tissue, spot_mpp, spot_tiles
 
     t_start = time.perf_counter()
     bank = load_bank(bank_path)
-    model = Path(model) if model else Path(bank.checkpoint)
-    if not model.exists():
-        msg = f"{bank_path}: the bank's checkpoint {model} does not exist; pass --model"
-        raise FileNotFoundError(msg)
-    if device == "auto":
-        from mclx.export.backends import cuda_available
-
-        device = "cuda" if cuda_available() else "cpu"
-    encoder = open_encoder(model, backend=backend, precision=precision, device=device)
-    bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
-    if device == "cuda":
-        bank = bank.to_device("cuda")
+    if model:
+        model = Path(model)
+        if not model.exists():
+            msg = f"{model}: model (--model) does not exist"
+            raise FileNotFoundError(msg)
+    else:
+        model = Path(bank.checkpoint)
+        if not model.is_file():
+            msg = f"{bank_path}: the bank's checkpoint {model} does not exist; pass --model"
+            raise FileNotFoundError(msg)
     missing = [g for g in plot_genes if g not in bank.genes]
     if missing:
         msg = f"--plot: genes not in the bank {bank_path}: {', '.join(missing[:5])}"
@@ -197,29 +195,44 @@ def infer(
     if k > len(bank):
         msg = f"{bank_path}: k={k} is larger than the bank ({len(bank)} spots)"
         raise ValueError(msg)
+    # slide and spots before the encoder: a bad input fails before a model is loaded
     slide = open_slide(slide_path, mpp=mpp)
-    spot_df = kind = None
-    slide_mpp = slide.mpp
-    if spots is not None:
-        spot_df, kind = read_spots(spots)
-        slide_mpp = slide_mpp or spot_mpp(spot_df, kind)
-    size = tile_size(encoder.pre, slide_mpp, str(slide_path))
-    if spot_df is not None:
-        tiles = spot_tiles(slide, spot_df, size=size, source=str(spots))
-    else:
-        tiles = grid_tiles(slide, size=size, stride=stride)
-    preds, timings = stream(
-        slide,
-        tiles,
-        encoder,
-        bank,
-        k=k,
-        distance=distance or bank.distance,
-        weighting=bank.weighting,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
-    )
+    try:
+        spot_df = kind = None
+        slide_mpp = slide.mpp
+        tissue = None
+        if spots is not None:
+            spot_df, kind = read_spots(spots)
+            slide_mpp = slide_mpp or spot_mpp(spot_df, kind)
+        else:
+            tissue = slide_tissue(slide)
+        if device == "auto":
+            from mclx.export.backends import cuda_available
+
+            device = "cuda" if cuda_available() else "cpu"
+        encoder = open_encoder(model, backend=backend, precision=precision, device=device)
+        bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
+        if device == "cuda":
+            bank = bank.to_device("cuda")
+        size = tile_size(encoder.pre, slide_mpp, str(slide_path))
+        if spot_df is not None:
+            tiles = spot_tiles(slide, spot_df, size=size, source=str(spots))
+        else:
+            tiles = grid_tiles(slide, size=size, stride=stride, tissue=tissue)
+        preds, timings = stream(
+            slide,
+            tiles,
+            encoder,
+            bank,
+            k=k,
+            distance=distance or bank.distance,
+            weighting=bank.weighting,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+        )
+    finally:
+        slide.close()
     obs = pd.DataFrame(
         {"x": tiles.centres[:, 0], "y": tiles.centres[:, 1]}, index=pd.Index(tiles.ids, dtype=str)
     )
@@ -246,5 +259,4 @@ def infer(
         "tiles_from": f"spots:{kind}" if spot_df is not None else "tissue grid",
         "timings": {key: float(v) for key, v in timings.items()},
     }
-    slide.close()
     return adata
