@@ -88,13 +88,13 @@ def select_topm(scores, bk, bi, count, tau, start, shift, mask):
     """
     rows, cols = scores.shape
     m = (bk.shape[1] - BLOCK) // 2
+    scratch = np.empty(bk.shape[1], np.int32)
     for r in range(rows):
         row = scores[r]
         keys = bk[r]
         idx = bi[r]
         c = count[r]
         t = tau[r]
-        scratch = np.empty(bk.shape[1], np.int32)
         for blk in range((cols + BLOCK - 1) // BLOCK):
             b = blk * BLOCK
             e = min(b + BLOCK, cols)
@@ -229,6 +229,43 @@ def unit_rows(src, out, err, bf16):
             else:
                 out[i, d] = u
         err[i] = np.sqrt(e) if bf16 else ss  # NaN/inf in the row propagate to err
+
+
+@njit(nogil=True, cache=True)
+def best_k(cos, cand, dist, out_cos, out_idx, out_dist):
+    """Each row's best k = ``out_cos.shape[1]`` of its m candidates, sorted by cosine
+    descending, ties to the lower key index."""
+    k = out_cos.shape[1]
+    for i in range(cos.shape[0]):
+        by_index = np.argsort(cand[i])
+        c = cos[i][by_index]
+        order = by_index[np.argsort(-c, kind="mergesort")[:k]]  # stable: index order kept
+        for j in range(k):
+            out_cos[i, j] = cos[i, order[j]]
+            out_idx[i, j] = cand[i, order[j]]
+            out_dist[i, j] = dist[i, order[j]]
+
+
+@njit(nogil=True, cache=True)
+def kth_and_min(approx, kth, low, k):
+    """Per row: the k-th largest and the smallest of ``approx``."""
+    for i in range(approx.shape[0]):
+        row = approx[i]
+        kth[i] = np.partition(row, len(row) - k)[len(row) - k]
+        low[i] = row.min()
+
+
+@njit(nogil=True, cache=True, fastmath=REORDER)
+def aggregate_rows(weights, idx, out, values):
+    """``out[i] = sum_j weights[i, j] * values[idx[i, j]]`` (float32 accumulation)."""
+    for i in range(idx.shape[0]):
+        acc = out[i]
+        acc[:] = 0.0
+        for j in range(idx.shape[1]):
+            w = np.float32(weights[i, j])
+            v = values[idx[i, j]]
+            for g in range(acc.shape[0]):
+                acc[g] += w * v[g]
 
 
 def in_parallel(kernel, rows, *scalars, workers: int | None = None) -> None:

@@ -190,9 +190,14 @@ def test_select_topm_keeps_best_m_with_index_ties(bf16, tau0):
 
 
 def cs_keys(scores, bf16):
-    from mclx.kernels.retrieval import _keys_of
+    """Order-preserving int32 selection keys of bf16 / float32 scores (the kernel's)."""
+    import torch
 
-    return _keys_of(scores.contiguous(), bf16)
+    if bf16:
+        bits = scores.to(torch.bfloat16).view(torch.int16).numpy().astype(np.int32)
+        return bits ^ ((bits >> 15) & 0x7FFF)
+    bits = scores.float().contiguous().view(torch.int32).numpy().copy()
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 def test_bf16_rounding_and_unit_rows_match_torch():
