@@ -1,21 +1,26 @@
-"""Compiled CPU steps of the retrieval kernel (numba): running top-m selection over score
-blocks, and exact float re-scoring of the chosen candidates.
+"""Compiled CPU steps of the retrieval kernel (numba).
 
-Why compiled: ``torch.topk`` over a Q x N block reads every score several times and
-sorts more than it needs; the selection here reads each score once, skips a block of
-``BLOCK`` scores with one vectorised max when none beats the row's current threshold,
-and appends the rare survivors to a buffer that is cut back to the best ``m`` when it
-fills (amortised O(1) per survivor). Scores arrive as the raw bits of bfloat16 (int16)
-or float32 (int32) and are compared through an order-preserving integer key, so one
-code path serves both precisions.
+- ``select_topm``: running top-m per query over score tiles. ``torch.topk`` over a
+  Q x N block reads every score several times and sorts more than it needs; this reads
+  each score once, skips ``BLOCK`` scores with one vectorised compare when none beats
+  the row's threshold, and appends the rare survivors to a buffer cut back to the best
+  m when it fills (amortised O(1) per survivor). Scores arrive as the raw bits of
+  bfloat16 (int16) or float32 (int32), compared through an order-preserving integer
+  key, so one code path serves both precisions.
+- ``rescore``: exact cosine and L1/L2 distance of each candidate, reading its key row
+  once (no Q x m x D gather).
+- ``unit_rows``: unit-normalise a key chunk (to float32, or to bfloat16 bits with the
+  rounding error the exactness bound needs) in one pass.
+- ``best_k``, ``kth_and_min``, ``aggregate_rows``: per-row sorting, order statistics
+  and the weighted sum of neighbour expression.
 
-Re-scoring reads each candidate key row once and returns its exact cosine with the
-query and its L1 or L2 distance (float64 accumulation), so the neighbour vectors are
-never gathered into a Q x m x D temporary.
+Kernels release the GIL; ``in_parallel`` splits rows over threads, ``background`` runs
+one selection while the next score tile is being multiplied.
 """
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -278,7 +283,7 @@ def in_parallel(kernel, rows, *scalars, workers: int | None = None) -> None:
         return
     bounds = np.linspace(0, n, workers + 1).astype(int)
     futures = [
-        _pool(workers).submit(kernel, *(a[lo:hi] for a in rows), *scalars)
+        _pool(workers, os.getpid()).submit(kernel, *(a[lo:hi] for a in rows), *scalars)
         for lo, hi in zip(bounds[:-1], bounds[1:])
         if hi > lo
     ]
@@ -288,7 +293,7 @@ def in_parallel(kernel, rows, *scalars, workers: int | None = None) -> None:
 
 def background(kernel, *args):
     """Start ``kernel(*args)`` on the selection thread; returns its future."""
-    return _pool(1).submit(kernel, *args)
+    return _pool(1, os.getpid()).submit(kernel, *args)
 
 
 def _threads() -> int:
@@ -298,7 +303,9 @@ def _threads() -> int:
 
 
 @lru_cache(maxsize=4)
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """A pool per worker count and process (a forked child must not reuse the parent's
+    pool: its threads do not exist there)."""
     return ThreadPoolExecutor(workers, thread_name_prefix="mclx-select")
 
 
