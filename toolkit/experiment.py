@@ -9,7 +9,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +18,9 @@ from mclx.data.dataset import SpotTable, build_table
 from mclx.data.her2st import find_data_root
 from mclx.data.patches import section_patches
 from mclx.data.preprocess import check_genes, highly_variable_genes, load_gene_list
+
+if TYPE_CHECKING:
+    from mclx.train_state import StateFile
 
 GENE_LIST_NAME = "her_hvg_cut_1000.npy"
 
@@ -124,19 +127,67 @@ def train_model(
     cfg: TrainCfg,
     *,
     progress: bool = True,
+    state: StateFile | None = None,
 ) -> tuple[list[float], SpotTable]:
-    """Fit ``model`` on the image spots of ``sections``; return loss history and table."""
-    from mclx.train import fit
+    """Fit ``model`` on the image spots of ``sections``; return loss history and table.
+
+    Args:
+        state: save a resumable state after each epoch, and continue from the one it
+            loaded (if any) once the run's record (completed here with the data digest
+            and, for a frozen encoder, its fingerprint) is checked against it.
+    """
+    from mclx.errors import FormatError
+    from mclx.train import StateMismatch, fit
 
     table = cache.table(sections, pre)
     feats = None
+    fp = encoder_fingerprint(model) if cfg.freeze_encoder else None
+    start = on_epoch = None
+    if state is not None:
+        from mclx.train_state import data_digest
+
+        state.record.update(data=data_digest(table), n_spots=len(table), encoder=fp)
+        start = state.start(cfg.epochs)  # before the (slow) feature pass
+
+        def on_epoch(epoch, snapshot):
+            state.on_epoch(epoch, cfg.epochs, snapshot)
+
     if cfg.freeze_encoder:
-        fp = encoder_fingerprint(model)
         feats = np.concatenate(
             [cache.features(model.image_encoder, fp, s, pre, progress=progress) for s in sections]
         )
-    history = fit(model, table, cfg, pre, features=feats, progress=progress)
+    try:
+        history = fit(
+            model,
+            table,
+            cfg,
+            pre,
+            features=feats,
+            progress=progress,
+            start=start,
+            on_epoch=on_epoch,
+        )
+    except StateMismatch as exc:
+        msg = f"{state.path if state else 'training state'}: {exc} (corrupt file?)"
+        raise FormatError(msg) from exc
     return history, table
+
+
+def run_record(
+    sections: Sequence[str],
+    model,
+    pre: PreprocessCfg,
+    cfg: TrainCfg,
+    **extra: Any,
+) -> dict[str, Any]:
+    """What a training run trains on, as a training state records it (``epochs`` aside)."""
+    return {
+        "sections": list(sections),
+        "model": to_dict(model.cfg),
+        "preprocess": to_dict(pre),
+        "train": {k: v for k, v in to_dict(cfg).items() if k != "epochs"},
+        **extra,
+    }
 
 
 def provenance(

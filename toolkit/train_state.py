@@ -1,0 +1,199 @@
+"""Resumable training: the state file ``mclx train`` keeps beside its checkpoint.
+
+``mclx train --out model.pt`` writes ``model.pt.state`` after every complete epoch
+(``--save-every N``: every N-th), atomically (temporary file, fsync, rename), so a kill at
+any moment leaves the state of the last saved epoch intact. ``--resume`` continues from
+it; the finished checkpoint is the one an uninterrupted run writes (same weights, bit for
+bit, on the CPU). On success the state file is deleted.
+
+The file is a dict loadable with ``torch.load(weights_only=True)``::
+
+    {"format": "mclx-train-state", "format_version": 1,
+     "epoch": complete epochs, "history": mean loss of each,
+     "model": state_dict (without the image encoder when it is frozen: its weights
+              never change, and the record's encoder fingerprint checks them on resume),
+     "optimizer": Adam state_dict,
+     "rng": torch / CUDA / numpy / Python / data-order generator states,
+     "record": what the run trains on (sections, data digest, preprocessing, model and
+               training configs without ``epochs``, encoder weights, seed),
+     "resumed_at": epochs at which earlier resumes started}
+
+Resuming with different arguments is refused; only ``--epochs`` may change (it must not
+be below the epochs already done), so a run can also be extended.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mclx.errors import FormatError
+from mclx.io import atomic_path
+
+FORMAT = "mclx-train-state"
+FORMAT_VERSION = 1
+SUFFIX = ".state"
+_KEYS = ("epoch", "history", "model", "optimizer", "rng", "record")
+
+
+def state_path(out: str | os.PathLike) -> Path:
+    """The training-state file of checkpoint ``out``: ``model.pt`` -> ``model.pt.state``."""
+    out = Path(out)
+    return out.with_name(out.name + SUFFIX)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that an atomic write of ``path`` left when it was killed.
+
+    ``mclx.io.atomic_path`` writes ``.NAME.XXXXXXXX.tmp*`` beside ``path`` and renames it
+    at the end; only SIGKILL (or a power cut) can leave one behind. Two runs writing the
+    same output at once are not supported, so any such file is stale.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    removed = []
+    with contextlib.suppress(OSError):
+        for p in folder.iterdir():
+            if pattern.match(p.name) and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+                    removed.append(p)
+    return removed
+
+
+def data_digest(table: Any) -> str:
+    """sha256 of the training spots: ids, positions, expression and a pixel subsample."""
+    h = hashlib.sha256()
+    h.update("\n".join(map(str, table.obs_names)).encode())
+    for arr in (table.pos, table.expr):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    if table.patches is not None:
+        h.update(np.ascontiguousarray(table.patches[:, ::8, ::8]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list:
+    """(name, saved value, current value) of each difference, in the record's order."""
+    out = []
+    for key in [*saved, *(k for k in now if k not in saved)]:
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+class StateFile:
+    """The state file of one training run: load, check, save each epoch, remove.
+
+    Args:
+        path: the state file (:func:`state_path` of the checkpoint).
+        every: save after every ``every``-th epoch (0: never).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, every: int = 1) -> None:
+        self.path = Path(path)
+        self.every = every
+        self.record: dict[str, Any] = {}
+        self.resume_from: dict[str, Any] | None = None
+        self.saves = 0
+
+    def load(self) -> dict[str, Any]:
+        """Read and validate the state to resume from (kept as ``resume_from``)."""
+        path = self.path
+        if not path.is_file():
+            msg = (
+                f"{path}: no training state to resume (none was saved: the run finished, "
+                "never completed an epoch, or used another --out)"
+            )
+            raise FileNotFoundError(msg)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or corrupt: EOFError, RuntimeError, ...
+            msg = (
+                f"{path}: training state is unreadable ({exc.__class__.__name__}: truncated "
+                "or corrupt); delete it and train without --resume"
+            )
+            raise FormatError(msg) from exc
+        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+            msg = f"{path}: not an mclx training state (no '{FORMAT}' format tag)"
+            raise FormatError(msg)
+        version = payload.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            msg = (
+                f"{path}: training state format version {version} is newer than this mclx "
+                f"supports ({FORMAT_VERSION}); upgrade mclx"
+            )
+            raise FormatError(msg)
+        missing = [k for k in _KEYS if k not in payload]
+        if missing:
+            msg = f"{path}: training state lacks {', '.join(missing)} (corrupt file?)"
+            raise FormatError(msg)
+        self.resume_from = payload
+        return payload
+
+    def start(self, epochs: int) -> dict[str, Any] | None:
+        """The state to continue from, after checking it matches ``record`` and ``epochs``.
+
+        Returns None for a fresh run.
+        """
+        if self.resume_from is None:
+            return None
+        diffs = _differences(self.resume_from["record"], self.record)
+        if diffs:
+            name, a, b = diffs[0]
+            also = ", ".join(d[0] for d in diffs[1:4]) + (", ..." if len(diffs) > 4 else "")
+            msg = (
+                f"{self.path}: saved by a run with different arguments or data ({name}: "
+                f"{_short(a)} in the state, {_short(b)} now{'; also ' + also if also else ''})"
+                "; resume with the same arguments, or train without --resume to start over"
+            )
+            raise ValueError(msg)
+        done = int(self.resume_from["epoch"])
+        if done > epochs:
+            msg = f"{self.path}: {done} epochs are already done, more than --epochs {epochs}"
+            raise ValueError(msg)
+        return self.resume_from
+
+    @property
+    def resumed_at(self) -> list[int]:
+        if self.resume_from is None:
+            return []
+        return [*self.resume_from.get("resumed_at", []), int(self.resume_from["epoch"])]
+
+    def on_epoch(self, epoch: int, total: int, snapshot) -> None:
+        """Save after every ``every``-th epoch but the last (the checkpoint follows it)."""
+        if self.every and epoch % self.every == 0 and epoch < total:
+            self.save(snapshot())
+
+    def save(self, snap: Mapping[str, Any]) -> None:
+        payload = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **snap,
+            "record": self.record,
+            "resumed_at": self.resumed_at,
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(payload, tmp)
+        self.saves += 1
+
+    def remove(self) -> None:
+        """Delete the state file (the run finished and its checkpoint is written)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
