@@ -6,6 +6,7 @@ non-zero exit; ``--debug`` shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections.abc import Sequence
@@ -27,7 +28,19 @@ from mclx.cli_options import (  # noqa: E402
 from mclx.io import all_or_nothing, check_output
 
 
-@click.group(context_settings=CONTEXT)
+class _Interrupted(Exception):
+    """Ctrl-C inside a command (click would print a blank line for KeyboardInterrupt)."""
+
+
+class _Group(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            raise _Interrupted from exc
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", prog_name="mclx")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
@@ -46,13 +59,31 @@ def cli(debug: bool) -> None:
 )
 @click.option("--sections", multiple=True, help="Training sections (default: all with images).")
 @click.option("--holdout", multiple=True, help="Sections to leave out of training.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run from OUT.state (its last saved epoch); pass the "
+    "same arguments (--epochs may grow).",
+)
+@click.option(
+    "--save-every",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="Save the resumable state OUT.state every N epochs (0: never).",
+)
 @model_options
-def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
+def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: Any) -> None:
     """Train a model and write a self-describing checkpoint.
 
     \b
+    While it trains, OUT.state (e.g. model.pt.state) holds the state after the last
+    complete epoch; after an interruption `--resume` with the same arguments continues
+    from it and writes the checkpoint an uninterrupted run would. It is deleted on success.
+    \b
     Examples:
       mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt
+      mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt --resume
       mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
     """
     from mclx.checkpoint import save_checkpoint
@@ -65,11 +96,24 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
         new_model,
         pos_size,
         provenance,
+        run_record,
         train_model,
     )
+    from mclx.train_state import StateFile, remove_stale_temps, state_path
 
     check_output(out)
     cfg = train_cfg_from(kw)
+    state = StateFile(state_path(out), every=save_every)
+    if resume:
+        state.load()  # fails now, before any work, when missing or corrupt
+    elif state.path.exists():
+        click.echo(
+            f"mclx: warning: {state.path}: an interrupted run's state will be replaced "
+            "(use --resume to continue it)",
+            err=True,
+        )
+    for p in (out, state.path):
+        remove_stale_temps(p)  # left by a killed write
     wanted = split_names(sections) or list_sections(data, with_image=True)
     held = set(split_names(holdout))
     unknown = held - set(list_sections(data))
@@ -92,7 +136,10 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
         **model_overrides_from(kw),
     )
     cache = PatchCache(adatas, pre.patch_size)
-    history, table = train_model(net, cache, names, pre, cfg, progress=not kw["quiet"])
+    state.record = run_record(
+        names, net, pre, cfg, holdout=sorted(held), encoder_weights=kw["encoder_weights"]
+    )
+    history, table = train_model(net, cache, names, pre, cfg, progress=not kw["quiet"], state=state)
     prov = provenance(
         names,
         cfg,
@@ -101,8 +148,10 @@ def train(data: Path, out: Path, sections, holdout, **kw: Any) -> None:
         holdout=sorted(held),
         encoder_weights=kw["encoder_weights"],
         n_spots=len(table),
+        **({"resumed_at": state.resumed_at} if resume else {}),
     )
     fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
+    state.remove()
     click.echo(
         f"mclx: trained {kw['model']} on {len(table)} spots of {', '.join(names)}; "
         f"loss {history[0]:.4f} -> {history[-1]:.4f}; wrote {out} (fingerprint {fp})"
@@ -401,6 +450,17 @@ def infer(slide: Path, bank_path: Path, out, plot, quiet, **kw: Any) -> None:
     )
 
 
+def _close_progress_bars() -> bool:
+    """Close live progress bars, so that each ends its line before the error line
+    (an abandoned bar would otherwise redraw itself after it when collected)."""
+    tqdm = getattr(sys.modules.get("tqdm"), "tqdm", None)
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
+        with contextlib.suppress(Exception):
+            bar.close()
+    return bool(bars)
+
+
 def _message(exc: BaseException) -> str:
     text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     return " ".join(str(text).split()) or exc.__class__.__name__
@@ -421,11 +481,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"mclx: error: {_message(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (_Interrupted, click.exceptions.Abort, KeyboardInterrupt):
+        if not _close_progress_bars() and sys.stderr.isatty():
+            click.echo(err=True)  # end the line the terminal echoed ^C on
         click.echo("mclx: error: interrupted", err=True)
         sys.exit(130)
     except (MclxError, OSError, ValueError, KeyError, RuntimeError, MemoryError) as exc:
         if debug:
             raise
+        _close_progress_bars()
         click.echo(f"mclx: error: {_message(exc)}", err=True)
         sys.exit(1)
