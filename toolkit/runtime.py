@@ -36,6 +36,19 @@ def open_encoder(model: str | os.PathLike, *, backend: str, precision: str, devi
     return create_backend(path, backend=backend, precision=precision, device=device)
 
 
+def _gpu_for(model: Path) -> bool:
+    """Whether ``--device auto`` means CUDA for this model. An ONNX file on a CPU build
+    of ONNX Runtime runs on the CPU: no need to import torch to ask about CUDA."""
+    from mclx.export.backends import cuda_available
+
+    if model.suffix == ".onnx":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            return False
+    return cuda_available()
+
+
 def tile_size(pre, slide_mpp: float | None, source: str) -> int:
     """Level-0 pixels per tile so that tiles match the checkpoint's µm/px."""
     if pre.mpp is None or slide_mpp is None:
@@ -167,9 +180,6 @@ def infer(
 
     ``plot_genes`` are only checked against the bank's genes, before any tile is read.
     """
-    import anndata as ad
-    import pandas as pd
-
     from mclx import __version__
     from mclx.bank import load_bank
     from mclx.slide import open_slide
@@ -207,9 +217,7 @@ def infer(
         else:
             tissue = slide_tissue(slide)
         if device == "auto":
-            from mclx.export.backends import cuda_available
-
-            device = "cuda" if cuda_available() else "cpu"
+            device = "cuda" if _gpu_for(model) else "cpu"
         encoder = open_encoder(model, backend=backend, precision=precision, device=device)
         bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
         if device == "cuda":
@@ -233,6 +241,9 @@ def infer(
         )
     finally:
         slide.close()
+    import anndata as ad  # after the work: a bad input fails without importing it
+    import pandas as pd
+
     obs = pd.DataFrame(
         {"x": tiles.centres[:, 0], "y": tiles.centres[:, 1]}, index=pd.Index(tiles.ids, dtype=str)
     )
