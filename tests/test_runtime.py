@@ -1,4 +1,5 @@
-"""`mclx infer` end to end: equivalence with evaluation, OpenSlide TIFFs, bad inputs."""
+"""`mclx infer` end to end: equivalence with evaluation, OpenSlide TIFFs (bad inputs:
+test_bad_inputs.py)."""
 
 from __future__ import annotations
 
@@ -132,60 +133,6 @@ def test_pyramidal_tiff_through_openslide(her2st, synth_model, tmp_path):
     for g in ("GENE001", "GENE002"):
         png = tmp_path / f"c3.{g}.png"
         assert png.is_file() and Image.open(png).size[0] > 400
-
-
-def test_bad_inputs(synthetic, synth_model, tmp_path):
-    from PIL import Image
-
-    ck, bank = synth_model
-    img = synthetic / "data" / "ST-imgs" / "S" / "S1" / "S1.jpg"
-    spots = synthetic / "data" / "ST-spotfiles" / "S1_selection.tsv"
-    out = tmp_path / "p.h5ad"
-    base = ["--bank", bank, "--out", out, "-q"]
-    assert_one_line_error(
-        mclx("infer", tmp_path / "missing.svs", *base), "missing.svs", "does not exist"
-    )
-    trunc = tmp_path / "trunc.jpg"
-    trunc.write_bytes(img.read_bytes()[:3000])
-    assert_one_line_error(mclx("infer", trunc, *base, "--spots", spots), "trunc.jpg")
-    text = tmp_path / "notes.svs"
-    text.write_text("this is not a slide\n")
-    assert_one_line_error(mclx("infer", text, *base), "notes.svs")
-    blank = tmp_path / "blank.png"
-    Image.fromarray(np.full((1200, 1200, 3), 243, np.uint8)).save(blank)
-    assert_one_line_error(mclx("infer", blank, *base, "--mpp", "1.0"), "blank.png", "no tissue")
-    far = tmp_path / "far.csv"
-    far.write_text("x,y\n100,100\n99999,5\n")
-    assert_one_line_error(
-        mclx("infer", img, *base, "--spots", far, "--mpp", "0.9"), "far.csv", "outside"
-    )
-    other = tmp_path / "other.pt"
-    res = mclx(
-        "train",
-        "--data",
-        synthetic,
-        "--sections",
-        "S1",
-        "--encoder",
-        "tiny_cnn",
-        "--encoder-weights",
-        "none",
-        "--genes",
-        synthetic / "genes.txt",
-        "--epochs",
-        "1",
-        "--seed",
-        "7",
-        "--freeze-encoder",
-        "-q",
-        "--out",
-        other,
-    )
-    assert res.returncode == 0, res.stderr
-    assert_one_line_error(mclx("infer", img, *base, "--spots", spots, "--model", other), "rebuild")
-    assert_one_line_error(mclx("infer", img, *base, "--spots", spots, "--k", "100000"), "larger")
-    assert_one_line_error(mclx("infer", img, *base, "--spots", spots, "--plot", "NOPE"), "NOPE")
-    assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
 
 
 def test_evaluate_a_trained_checkpoint_with_its_bank(synthetic, synth_model, tmp_path):

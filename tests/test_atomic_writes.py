@@ -1,0 +1,201 @@
+"""Atomic outputs (SPEC 8): every writer goes through a temporary file and a rename, so a
+write that fails (here: the file size limit, as on a full disk) raises one ``OSError``
+naming the destination, leaves no temporary file, and keeps the previous output's bytes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import signal
+
+import numpy as np
+import pytest
+
+from mclx.io import all_or_nothing, atomic_path, write_text_atomic
+
+PREVIOUS = b"previous good output\n"
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """Writes past ``nbytes`` fail with EFBIG in this process (SIGXFSZ ignored)."""
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def listing(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def artifacts(synthetic, tmp_path_factory):
+    """A checkpoint, its bank and predictions for S1, built in-process (no training)."""
+    import anndata as ad
+    import pandas as pd
+
+    from mclx.bank import build_bank
+    from mclx.checkpoint import load_checkpoint, save_checkpoint
+    from mclx.data.her2st import read_her2st
+    from mclx.data.preprocess import load_gene_list
+    from mclx.experiment import make_preprocess, new_model, pos_size
+    from mclx.export.onnx_export import export_onnx
+
+    d = tmp_path_factory.mktemp("atomic")
+    adatas = read_her2st(synthetic, ["S1", "S2"], with_image=True)
+    pre = make_preprocess(load_gene_list(synthetic / "genes.txt"), list(adatas.values()))
+    net = new_model(
+        "mclstexp",
+        pre,
+        pos_size(list(adatas.values())),
+        seed=0,
+        encoder="tiny_cnn",
+        encoder_weights=None,
+    )
+    save_checkpoint(d / "m.pt", net, preprocess=pre)
+    ck = load_checkpoint(d / "m.pt")
+    bank = build_bank(d / "m.pt", synthetic, sections=["S1"])
+    s1 = adatas["S1"]
+    pred = ad.AnnData(
+        X=np.asarray(bank.expressions),
+        obs=pd.DataFrame(index=pd.Index(s1.obs_names, dtype=str)),
+        var=pd.DataFrame(index=pd.Index(bank.genes, dtype=str)),
+    )
+    pred.obsm["spatial"] = np.asarray(s1.obsm["spatial"])
+    pred.uns["mclx"] = {"tile_size_level0": 224, "timings": {"read": 0.0}}
+    return {
+        "net": net,
+        "pre": pre,
+        "ck": ck,
+        "onnx": export_onnx(ck, d / "m.onnx"),
+        "bank": bank,
+        "pred": pred,
+        "image": s1.uns["image_path"],
+    }
+
+
+def _checkpoint(a, path):
+    from mclx.checkpoint import save_checkpoint
+
+    save_checkpoint(path, a["net"], preprocess=a["pre"])
+
+
+def _bank(a, path):
+    from mclx.bank import save_bank
+
+    save_bank(a["bank"], path)
+
+
+def _predictions(a, path):
+    from mclx.writer import write_predictions
+
+    write_predictions(a["pred"], path)
+
+
+def _plot(a, path):
+    from mclx.writer import plot_genes
+
+    plot_genes(a["pred"], a["image"], ["GENE001"], path.parent / path.name.split(".")[0])
+
+
+def _onnx(a, path):
+    from mclx.export.onnx_export import export_onnx
+
+    export_onnx(a["ck"], path)
+
+
+def _int8(a, path):
+    from mclx.export.onnx_export import quantize_int8
+
+    calib = np.random.default_rng(0).random((4, 3, 224, 224), dtype=np.float32)
+    quantize_int8(a["onnx"], path, calib)
+
+
+def _tiff(a, path):
+    from mclx.slide import write_pyramidal_tiff
+
+    img = np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)
+    write_pyramidal_tiff(img, path, mpp=0.5)
+
+
+def _results(a, path):
+    from mclx.evaluate import write_results
+
+    write_results(_result(n_genes=2000), path.with_name("r.json"))  # path: r.genes.csv
+
+
+def _text(a, path):
+    write_text_atomic(path, json.dumps({"numbers": list(range(5000))}))
+
+
+def _result(n_genes: int) -> dict:
+    row = {"pcc_acg": 0.5, "pcc_heg": 0.6, "mse": 0.1, "mae": 0.2}
+    genes = {"S1": {f"GENE{i:05d}": 0.123456789 for i in range(n_genes)}}
+    return {"sections": {"S1": row}, "mean": row, "std": row, "config": {}, "genes": genes}
+
+
+WRITERS = {
+    "checkpoint": (_checkpoint, "m.pt"),
+    "bank": (_bank, "b.npz"),
+    "predictions-h5ad": (_predictions, "p.h5ad"),
+    "plot-png": (_plot, "p.GENE001.png"),
+    "onnx": (_onnx, "m.onnx"),
+    "onnx-int8": (_int8, "m.int8.onnx"),
+    "pyramidal-tiff": (_tiff, "s.tif"),
+    "evaluation-csv": (_results, "r.genes.csv"),
+    "json-text": (_text, "r.json"),
+}
+
+
+@pytest.mark.parametrize("name", list(WRITERS))
+def test_a_failed_write_keeps_the_previous_output(name, artifacts, tmp_path):
+    write, target = WRITERS[name]
+    out = tmp_path / "out"
+    out.mkdir()
+    dest = out / target
+    dest.write_bytes(PREVIOUS)
+    before = listing(out)
+    with file_size_limit(4096), pytest.raises(OSError, match=f"{dest.name}: cannot write it"):
+        write(artifacts, dest)
+    assert listing(out) == before  # same bytes, no temporary file
+    write(artifacts, dest)  # and without the limit the same writer succeeds
+    assert dest.read_bytes() != PREVIOUS
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_evaluation_writes_both_files_or_neither(tmp_path):
+    from mclx.evaluate import write_results
+
+    out = tmp_path / "r.json"
+    with file_size_limit(4096), pytest.raises(OSError, match="r.genes.csv"):
+        write_results(_result(n_genes=2000), out)  # JSON fits, the CSV does not
+    assert list(tmp_path.iterdir()) == []
+    json_path, csv_path = write_results(_result(n_genes=3), out)
+    assert json.loads(json_path.read_text())["sections"]["S1"]["mse"] == 0.1
+    assert csv_path.read_text().startswith("gene,S1")
+
+
+def test_all_or_nothing_discards_every_output_of_a_failed_block(tmp_path):
+    (tmp_path / "a.txt").write_bytes(PREVIOUS)
+    with pytest.raises(RuntimeError, match="later step"), all_or_nothing():
+        write_text_atomic(tmp_path / "a.txt", "new a")
+        with atomic_path(tmp_path / "b.png") as tmp:
+            tmp.write_bytes(b"png")
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["a.txt"]
+        raise RuntimeError("a later step failed")
+    assert listing(tmp_path) == {"a.txt": PREVIOUS}
+    with all_or_nothing():
+        write_text_atomic(tmp_path / "a.txt", "new a")
+        write_text_atomic(tmp_path / "b.txt", "new b")
+    assert listing(tmp_path) == {"a.txt": b"new a", "b.txt": b"new b"}
+
+
+def test_unwritable_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="output folder .* does not exist"):
+        write_text_atomic(tmp_path / "missing" / "r.json", "{}")
