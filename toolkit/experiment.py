@@ -170,6 +170,12 @@ def train_model(
     except StateMismatch as exc:
         msg = f"{state.path if state else 'training state'}: {exc} (corrupt file?)"
         raise FormatError(msg) from exc
+    except BaseException:
+        if state is not None:
+            state.wait(quiet=True)  # a state being written is finished, not torn
+        raise
+    if state is not None:
+        state.wait()
     return history, table
 
 

@@ -4,7 +4,10 @@
 (``--save-every N``: every N-th), atomically (temporary file, fsync, rename), so a kill at
 any moment leaves the state of the last saved epoch intact. ``--resume`` continues from
 it; the finished checkpoint is the one an uninterrupted run writes (same weights, bit for
-bit, on the CPU). On success the state file is deleted.
+bit, on the CPU). On success the state file is deleted. A save costs about one write of
+the trained weights and their two Adam moments (76 MB for mclSTExp over 785 genes with a
+frozen encoder; ~0.2 s here, under 1% of a her2st epoch on the CPU); on a GPU it is
+written by a thread while the next epoch runs.
 
 The file is a dict loadable with ``torch.load(weights_only=True)``::
 
@@ -28,6 +31,7 @@ import contextlib
 import hashlib
 import os
 import re
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -98,6 +102,32 @@ def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str =
     return out
 
 
+def _tensors(obj: Any):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _on_gpu(snap: Mapping[str, Any]) -> bool:
+    return any(t.device.type != "cpu" for t in _tensors(snap))
+
+
+def _host_copy(obj: Any) -> Any:
+    """``obj`` with every tensor copied to host memory (training may change the originals)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, Mapping):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_host_copy(v) for v in obj)
+    return obj
+
+
 class StateFile:
     """The state file of one training run: load, check, save each epoch, remove.
 
@@ -112,6 +142,8 @@ class StateFile:
         self.record: dict[str, Any] = {}
         self.resume_from: dict[str, Any] | None = None
         self.saves = 0
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def load(self) -> dict[str, Any]:
         """Read and validate the state to resume from (kept as ``resume_from``)."""
@@ -177,9 +209,38 @@ class StateFile:
         return [*self.resume_from.get("resumed_at", []), int(self.resume_from["epoch"])]
 
     def on_epoch(self, epoch: int, total: int, snapshot) -> None:
-        """Save after every ``every``-th epoch but the last (the checkpoint follows it)."""
-        if self.every and epoch % self.every == 0 and epoch < total:
-            self.save(snapshot())
+        """Save after every ``every``-th epoch but the last (the checkpoint follows it).
+
+        On the CPU the save is synchronous (copying the tensors would cost as much as
+        writing them). Tensors on a GPU are copied to the host, which a save needs
+        anyway, and written by a thread while the next epoch runs: a GPU epoch with a
+        frozen encoder can take about as long as writing the state.
+        """
+        if not (self.every and epoch % self.every == 0 and epoch < total):
+            return
+        snap = snapshot()
+        self.wait()  # one save at a time
+        if not _on_gpu(snap):
+            self.save(snap)
+            return
+        snap = _host_copy(snap)
+        self._thread = threading.Thread(target=self._save_in_thread, args=(snap,))
+        self._thread.start()
+
+    def _save_in_thread(self, snap: Mapping[str, Any]) -> None:
+        try:
+            self.save(snap)
+        except BaseException as exc:  # reported by wait()
+            self._error = exc
+
+    def wait(self, *, quiet: bool = False) -> None:
+        """Wait for a save in progress; raise its error unless ``quiet``."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        error, self._error = self._error, None
+        if error is not None and not quiet:
+            raise error
 
     def save(self, snap: Mapping[str, Any]) -> None:
         payload = {
@@ -195,5 +256,6 @@ class StateFile:
 
     def remove(self) -> None:
         """Delete the state file (the run finished and its checkpoint is written)."""
+        self.wait(quiet=True)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
