@@ -97,7 +97,11 @@ class OpenSlideSlide(Slide):
         try:
             self.osr = openslide.OpenSlide(str(path))
         except openslide.OpenSlideError as exc:
-            msg = f"{path}: OpenSlide cannot read it ({exc})"
+            from mclx.io import describe_file
+
+            what = describe_file(path)
+            hint = ", truncated or corrupt?" if what == "a TIFF file" else ""
+            msg = f"{path}: OpenSlide cannot read it ({exc}; the file is {what}{hint})"
             raise DataError(msg) from exc
         self.dimensions = tuple(self.osr.dimensions)
         prop = self.osr.properties.get(openslide.PROPERTY_NAME_MPP_X)

@@ -92,14 +92,19 @@ def read_counts(path: Path) -> pd.DataFrame:
     try:
         values = df.to_numpy(dtype=np.float64)
     except (TypeError, ValueError, OverflowError) as exc:
-        msg = f"{path}: counts table has non-numeric values"
+        numeric = df.apply(pd.to_numeric, errors="coerce")  # slow: only to say where
+        bad = (numeric.isna() & df.notna()).to_numpy()
+        where = _where(df, bad) if bad.any() else ""
+        msg = f"{path}: counts table has non-numeric values{where}"
         raise DataError(msg) from exc
-    if not np.isfinite(values).all():
-        msg = f"{path}: counts contain NaN or infinite values"
-        raise DataError(msg)
-    if (values < 0).any():
-        msg = f"{path}: counts contain negative values"
-        raise DataError(msg)
+    for problem, bad in (
+        ("NaN (missing) values", np.isnan(values)),
+        ("infinite values", np.isinf(values)),
+        ("negative values", values < 0),
+    ):
+        if bad.any():
+            msg = f"{path}: counts contain {problem}{_where(df, bad)}"
+            raise DataError(msg)
     df.index = df.index.astype(str)
     dup = df.index[df.index.duplicated()]
     if len(dup):
@@ -110,6 +115,16 @@ def read_counts(path: Path) -> pd.DataFrame:
         msg = f"{path}: duplicate gene columns {list(df.columns[df.columns.duplicated()][:5])}"
         raise DataError(msg)
     return df
+
+
+def _where(df: pd.DataFrame, bad: np.ndarray) -> str:
+    """Where a boolean mask over ``df`` is set: " (N cells; first: spot S, gene G = 'v')"."""
+    r, c = np.argwhere(bad)[0]
+    n = int(bad.sum())
+    return (
+        f" ({n} cell{'s' * (n != 1)}; first: spot {df.index[r]}, gene {df.columns[c]} "
+        f"= {str(df.iat[r, c])[:20]!r})"
+    )
 
 
 def read_spots(path: Path) -> pd.DataFrame:
