@@ -122,7 +122,9 @@ class Case:
     id: str
     make: Callable[[Env, Path, Path], list]  # (env, work folder, output folder) -> argv
     needles: tuple[str, ...]
-    limit: str | None = None  # "fsize" | "readonly" | "tmpfs"
+    # "fsize": ulimit -f; "tmpfs": output on a nearly full tmpfs; "readonly": output folder
+    # mode 555; "nocaps": root without CAP_DAC_OVERRIDE (file modes apply, as for users)
+    limit: str | None = None
 
 
 CASES: list[Case] = []
@@ -249,7 +251,15 @@ def _(e, w, o):
     return bank_build(e, o, data=e.her2st(w, {"ST-cnts/S1.tsv.gz": flip(raw, 200)}))
 
 
-@case("counts-nan", "S1.tsv", "NaN")
+@case("counts-unreadable", "S1.tsv.gz", "Permission denied", limit="nocaps")
+def _(e, w, o):
+    raw = (e.root / "ST-cnts" / "S1.tsv.gz").read_bytes()
+    data = e.her2st(w, {"ST-cnts/S1.tsv.gz": raw})
+    (data / "data" / "ST-cnts" / "S1.tsv.gz").chmod(0)
+    return bank_build(e, o, data=data)
+
+
+@case("counts-nan", "S1.tsv", "NaN", "spot 1x4, gene GENE001")
 def _(e, w, o):
     bad = set_cell(e.counts_text(), 3, 2, "nan")
     return bank_build(e, o, data=e.her2st(w, {"ST-cnts/S1.tsv.gz": None, "ST-cnts/S1.tsv": bad}))
@@ -401,6 +411,12 @@ def _(e, w, o):
     return infer(e, o, w / "trunc.tif", spots=False)
 
 
+@case("slide-unreadable", "secret.jpg", "is not readable", limit="nocaps")
+def _(e, w, o):
+    copy(e.image, w / "secret.jpg").chmod(0)
+    return infer(e, o, w / "secret.jpg")
+
+
 @case("slide-is-a-folder", "folder.svs", "not a file")
 def _(e, w, o):
     (w / "folder.svs").mkdir()
@@ -522,6 +538,12 @@ def _(e, w, o):
 @case("bank-missing", "none.npz", "does not exist")
 def _(e, w, o):
     return ["bank", "info", w / "none.npz"]
+
+
+@case("bank-unreadable", "secret.npz", "is not readable", limit="nocaps")
+def _(e, w, o):
+    copy(e.bank, w / "secret.npz").chmod(0)
+    return ["bank", "info", w / "secret.npz"]
 
 
 @case("bank-empty-file", "empty.npz", "empty (0 bytes)")
@@ -755,7 +777,7 @@ def _limit_file_size_to(nbytes: int):
 _limit_file_size = _limit_file_size_to(FSIZE_LIMIT)
 
 
-def _drop_root_write_override() -> None:  # preexec: root obeys folder permissions
+def _drop_root_write_override() -> None:  # preexec: root obeys file and folder modes
     if os.geteuid() == 0:
         libc = ctypes.CDLL(None, use_errno=True)
         for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
@@ -827,7 +849,11 @@ def outcomes(env: Env, request, tmp_path_factory) -> dict[str, Outcome]:
     }
     results: dict[str, Outcome] = {}
     jobs = []
-    preexec = {"fsize": _limit_file_size, "readonly": _drop_root_write_override}
+    preexec = {
+        "fsize": _limit_file_size,
+        "readonly": _drop_root_write_override,
+        "nocaps": _drop_root_write_override,
+    }
     with contextlib.ExitStack() as stack:
         for c in (c for c in CASES if c.id in wanted):
             base = tmp_path_factory.mktemp(c.id)
@@ -865,6 +891,7 @@ def test_bad_input(c: Case, outcomes: dict[str, Outcome]):
         pytest.skip(o.skip)
     if o.error is not None:
         raise o.error
+    print(o.res.stderr.strip())  # shown with -rP: the catalogue's messages
     assert_one_line_error(o.res, *c.needles)
     assert o.after == o.before, "the failed run changed its output folder"
 
