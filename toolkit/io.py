@@ -138,6 +138,7 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
             pending.append((tmp_path, path))
         else:
             os.replace(tmp_path, path)
+            _fsync_folder(folder)
     except BaseException as exc:
         reason = None
         written = _companions(tmp_path)
@@ -166,6 +167,18 @@ def all_or_nothing() -> Iterator[None]:
         _PENDING.reset(token)
     for tmp, path in pending:
         os.replace(tmp, path)
+    for folder in {path.parent for _, path in pending}:
+        _fsync_folder(folder)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename durable (the folder's entry), where the system allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder if str(folder) else ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def check_output(path: str | os.PathLike) -> Path:
