@@ -68,9 +68,9 @@ def cli(debug: bool) -> None:
 @click.option(
     "--save-every",
     type=click.IntRange(0),
-    default=1,
-    show_default=True,
-    help="Save the resumable state OUT.state every N epochs (0: never).",
+    default=None,
+    help="Save the resumable state OUT.state every N epochs (0: never). Default: every "
+    "epoch, or every few when epochs are so short that saving would take over 5% of the time.",
 )
 @model_options
 def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: Any) -> None:
@@ -78,7 +78,7 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
 
     \b
     While it trains, OUT.state (e.g. model.pt.state) holds the state after the last
-    complete epoch; after an interruption `--resume` with the same arguments continues
+    saved epoch; after an interruption `--resume` with the same arguments continues
     from it and writes the checkpoint an uninterrupted run would. It is deleted on success.
     \b
     Examples:
@@ -120,7 +120,7 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
     if unknown:
         msg = f"{data}: holdout section(s) {sorted(unknown)} do not exist"
         raise KeyError(msg)
-    names = [s for s in wanted if s not in held]
+    names = [s for s in dict.fromkeys(wanted) if s not in held]  # repeated: once
     if not names:
         msg = f"{data}: no training section left after --holdout"
         raise DataError(msg)
