@@ -236,6 +236,11 @@ def test_resume_refuses_missing_corrupt_and_mismatched_states(
     assert_one_line_error(run_cli(capsys, resume), str(state), "unreadable")
     shutil.copy(out, state)  # a checkpoint is not a training state
     assert_one_line_error(run_cli(capsys, resume), str(state), "not an mclx training state")
+    state.write_bytes(good)
+    payload = torch.load(state, weights_only=True)
+    del payload["model"][next(iter(payload["model"]))]  # readable, but not this model's
+    torch.save(payload, state)
+    assert_one_line_error(run_cli(capsys, resume), str(state), "do not fit the model")
     assert not temps(tmp_path)
 
 

@@ -255,9 +255,9 @@ class StateFile:
 
     def wait(self, *, quiet: bool = False) -> None:
         """Wait for a save in progress; raise its error unless ``quiet``."""
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join()
+        if self._thread is not None:
+            self._thread.join()  # cleared only once joined: a Ctrl-C here waits again
+            self._thread = None
         error, self._error = self._error, None
         if error is not None and not quiet:
             raise error
