@@ -99,16 +99,25 @@ def compiled_available() -> bool:
     return True
 
 
-def _resolve_precision(precision: Precision, device) -> str:
+def _resolve_precision(precision: Precision, device, n: int = 0, k: int = 0) -> str:
     if precision == "auto":
-        # measured (bench/test_retrieval.py): bf16 candidates + exact re-scoring beat
-        # float32 on AMX; elsewhere float32 (on GPU the products are cheap either way)
+        # measured (bench/test_retrieval.py, Q = 4096, k = 200): bf16 candidates + exact
+        # re-scoring beat float32 on AMX once the bank is large next to the candidates
+        # (N = 200k: 2-4x); at N = 13,620 the m = k + 256 re-scored candidates cost more
+        # than the product saves. Elsewhere float32 (on GPU the products are cheap).
         fast = device.type == "cpu" and "amx_bf16" in _cpu_flags() and compiled_available()
-        return "bf16" if fast else "fp32"
+        return "bf16" if fast and n > 32 * _bf16_candidates(k) else "fp32"
     if precision not in ("fp32", "bf16"):
         msg = f"unknown precision {precision!r} (auto, fp32 or bf16)"
         raise ValueError(msg)
     return precision
+
+
+def _bf16_candidates(k: int) -> int:
+    """Candidates kept from bf16 scores: enough that the exactness window (~0.01 cosine)
+    rarely holds more than m - k keys (measured: k + 128 sent half the queries of a
+    random 256-d 200k bank to the float32 redo, k + 256 none)."""
+    return k + max(256, k // 2)
 
 
 def _check(q, keys, k: int, values=None) -> None:
@@ -295,7 +304,7 @@ def _neighbours_compiled(q, keys, k: int, chunk, mode: str, order: int):
     n, width = keys.shape
     qn = _unit(q)
     bf16 = mode == "bf16" and n > k
-    m = min(n, k + max(256, k // 2)) if bf16 else k
+    m = min(n, _bf16_candidates(k)) if bf16 else k
     approx, cand, key_err = _select_compiled(qn, keys, m, chunk, bf16)
     cos = np.empty(cand.shape, np.float32)
     dist = np.empty(cand.shape, np.float32)
@@ -399,7 +408,7 @@ def _topk_torch(q, keys, k: int, chunk: int | None, mode: str):
         s, i, _ = _scan(qn, keys, k, chunk, torch.float32)
         o = _order(s, i, k)
         return torch.gather(s, 1, o), torch.gather(i, 1, o)
-    m = min(n, k + max(256, k // 2))
+    m = min(n, _bf16_candidates(k))
     approx, cand, key_err = _scan(qn, keys, m, chunk, torch.bfloat16)
     exact = _rerank(qn, keys, cand)
     o = _order(exact, cand, k)
@@ -433,7 +442,7 @@ def _distances(q, keys, idx, distance: Distance):
 
 def _neighbours(q, keys, k: int, chunk, precision: Precision, distance: Distance):
     """Sorted top-``k`` (scores, indices, distances) of every query, on the keys' device."""
-    mode = _resolve_precision(precision, keys.device)
+    mode = _resolve_precision(precision, keys.device, len(keys), k)
     if chunk is not None:
         chunk = max(int(chunk), 1)
     order = 2 if distance == "l2" else 1
