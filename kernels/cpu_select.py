@@ -20,6 +20,7 @@ one selection while the next score tile is being multiplied.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -63,6 +64,23 @@ def _cut(bk, bi, count, m, scratch):
             bi[w] = bi[t]
             w += 1
     return tau
+
+
+def _run_uncached_if_cache_unwritable(*kernels) -> None:
+    """numba writes its compiled code beside this file on first use; a full disk, a
+    file-size limit or a read-only install must not fail the retrieval that triggered
+    the compile (numba raises the OSError): the kernel then just runs uncached."""
+    for kernel in kernels:
+        cache = getattr(kernel, "_cache", None)
+        save = getattr(cache, "save_overload", None)
+        if save is None:
+            continue
+
+        def save_or_skip(sig, data, _save=save):
+            with contextlib.suppress(OSError):
+                _save(sig, data)
+
+        cache.save_overload = save_or_skip
 
 
 def state(rows: int, m: int):
@@ -319,3 +337,8 @@ def key_to_float(keys: np.ndarray, bf16: bool) -> np.ndarray:
         t = torch.from_numpy(bits.astype(np.int16)).view(torch.bfloat16).float()
         return t.numpy()
     return bits.astype(np.int32).view(np.float32)
+
+
+_run_uncached_if_cache_unwritable(
+    select_topm, finish_topm, rescore, unit_rows, best_k, kth_and_min, aggregate_rows
+)

@@ -262,6 +262,10 @@ def test_a_new_run_replaces_a_stale_state_and_cleans_temp_files(synthetic, tmp_p
 # -- real signals to real processes ------------------------------------------------------
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Mclx:
     """``python -m mclx ARGS`` running in the background, its output collected live."""
 
@@ -274,6 +278,10 @@ class Mclx:
             stderr=subprocess.PIPE,
             cwd=cwd,
             env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT dumps the stacks
+            # a shell running the tests in the background ignores SIGINT, and children
+            # inherit that (Python then installs no KeyboardInterrupt handler): give the
+            # child the default disposition a user's terminal gives
+            preexec_fn=_default_sigint,
         )
         self.running.append(self.proc)
         self.out, self.err = bytearray(), bytearray()
