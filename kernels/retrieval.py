@@ -21,7 +21,8 @@ their distances. On GPU (or without numba) ``torch.topk`` selects instead.
 and re-scores them exactly. bfloat16 moves a query's cosine by at most ``eps_q``, bounded
 from the measured rounding of that query, of the bank and of the output (``_bf16_sure``);
 a query whose m-th candidate could still beat its k-th is redone in float32, so the
-result is the float32 one. ``auto`` picks bf16 on CPUs with AMX, float32 elsewhere.
+result is the float32 one. ``auto`` picks bf16 on CPUs with AMX when the bank is large
+next to the candidates (N > 32m), float32 elsewhere.
 """
 
 from __future__ import annotations
