@@ -1,13 +1,11 @@
-"""Export of the image encoder (DenseNet + projection head) and the backends that run it.
+"""Export of the image encoder (DenseNet + projection head) to the formats that run it.
 
-``mclx.export.exporter.export`` writes ONNX FP32 (and INT8, and a TensorRT engine) beside
-a checkpoint, each checked against PyTorch; ``mclx.export.backends.create_backend`` opens
-the best one for the runtime. Importing this package loads neither onnx, onnxruntime,
-tensorrt nor cupy.
+``mclx.export.exporter.export`` builds the rows of the formats table
+(:mod:`mclx.inference.formats`) that it is asked for beside a checkpoint: ONNX FP32
+(``onnx_export``), static INT8 ONNX and a TensorRT engine (``tensorrt_build``), each
+opened by the inference layer and checked against PyTorch (``parity``) before it is
+renamed into place. Importing this package loads neither onnx, onnxruntime, tensorrt
+nor cupy.
 """
 
 from __future__ import annotations
-
-from mclx.export.formats import FORMATS, MAX_REL_ERR_FP32, MIN_COSINE, artifact_path
-
-__all__ = ["FORMATS", "MAX_REL_ERR_FP32", "MIN_COSINE", "artifact_path"]

@@ -1,8 +1,11 @@
-"""One export entry point: checkpoint -> ONNX FP32 (+ INT8, + TensorRT), each checked.
+"""One export entry point: checkpoint -> the requested rows of the formats table.
 
-Every artifact is first written under a staging name, compared with PyTorch FP32 on the
-same patches, and only then renamed into place: a failed parity check leaves the
-previous good artifact untouched. The results go to ``<stem>.export.json``.
+``export()`` loops over the rows it is asked for (``onnx`` always; ``onnx-int8`` with
+``--int8``; ``engine`` with ``--trt``). Each row is built by its own builder under a
+staging name, opened by the inference layer and compared with PyTorch FP32 on the same
+patches, and only then renamed into place: a failed parity check leaves the previous
+good artifact untouched. Each row is labelled with the precision that was actually
+built. The results go to ``<stem>.export.json``.
 """
 
 from __future__ import annotations
@@ -10,13 +13,15 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mclx.errors import MclxError
-from mclx.export.formats import MAX_REL_ERR_FP32, MIN_COSINE, artifact_path, report_path
+from mclx.inference.formats import FORMATS, MAX_REL_ERR_FP32, MIN_COSINE, Format, report_path
 from mclx.io import check_output, write_text_atomic
 
 
@@ -24,11 +29,29 @@ class ParityError(MclxError):
     """An exported encoder disagrees with PyTorch beyond the allowed bound."""
 
 
+@dataclass
+class Job:
+    """What every builder of one export run shares.
+
+    Attributes:
+        ck: the loaded checkpoint.
+        patches: uint8 patches for parity (and INT8 calibration).
+        paths: final path of each requested format.
+        options: the export options (see each row's ``options``).
+    """
+
+    ck: Any
+    patches: np.ndarray
+    paths: dict[str, Path]
+    options: dict[str, Any] = field(default_factory=dict)
+
+
 def _staging(path: Path) -> Path:
     return path.with_name(f".{path.name}.staging{''.join(path.suffixes[-1:])}")
 
 
-def _check(name: str, path: Path, res: dict[str, float], precision: str) -> None:
+def check_parity(fmt: str, path: Path, res: Mapping[str, float], precision: str) -> None:
+    """FP32 within ``MAX_REL_ERR_FP32`` relative; every precision cosine >= ``MIN_COSINE``."""
     if precision == "fp32" and res["max_rel_err"] > MAX_REL_ERR_FP32:
         msg = (
             f"{path}: FP32 parity failed, max relative error {res['max_rel_err']:.2e} > "
@@ -36,120 +59,148 @@ def _check(name: str, path: Path, res: dict[str, float], precision: str) -> None
         )
         raise ParityError(msg)
     if res["min_cosine"] < MIN_COSINE:
-        msg = f"{path}: {name} parity failed, min cosine {res['min_cosine']:.4f} < {MIN_COSINE}"
+        msg = f"{path}: {fmt} parity failed, min cosine {res['min_cosine']:.4f} < {MIN_COSINE}"
         raise ParityError(msg)
+
+
+def requested(flags: set[str]) -> list[Format]:
+    """The rows one ``mclx export`` builds, in table order (the FP32 ONNX file first:
+    INT8 and TensorRT are made from it)."""
+    return [f for f in FORMATS.values() if f.builder and (f.flag is None or f.flag in flags)]
+
+
+def check_options(rows: list[Format], given: Mapping[str, Any]) -> None:
+    """Refuse an option that no row knows, or that none of the requested rows reads (it
+    would be silently ignored)."""
+    owners = {o: f for f in FORMATS.values() for o in f.options}
+    for name in given:
+        flag = "--" + name.replace("_", "-")
+        if name not in owners:
+            msg = f"export: unknown option {flag} (known: {', '.join(sorted(owners))})"
+            raise TypeError(msg)
+        if owners[name] not in rows:
+            fmt = owners[name]
+            msg = f"{flag} applies to the {fmt.name} format only (--{fmt.flag} not given)"
+            raise ValueError(msg)
 
 
 def export(
     checkpoint: str | os.PathLike,
     *,
     onnx_path: str | os.PathLike | None = None,
-    opset: int = 17,
-    int8: bool = False,
     calib_data: str | os.PathLike | None = None,
     n_patches: int = 64,
+    int8: bool = False,
     trt: bool = False,
-    fp16: bool = True,
-    max_batch: int = 256,
-    log=print,
+    log: Callable[[str], Any] = print,
+    **options: Any,
 ) -> dict[str, Any]:
-    """Export and check; return the report (also written beside the checkpoint)."""
+    """Export the checkpoint's encoder in the requested formats, each checked against
+    PyTorch; return the report (also written beside the checkpoint).
+
+    Args:
+        onnx_path: the FP32 ONNX file (default beside the checkpoint); the INT8 file
+            goes beside it.
+        calib_data: real patches for parity and INT8 calibration (see ``calib``).
+        options: per-format options: ``opset`` (ONNX), ``fp16``, ``max_batch`` (engine).
+    """
     from mclx.checkpoint import load_checkpoint
-    from mclx.export.backends import OnnxRuntimeBackend, TorchBackend
     from mclx.export.calib import calibration_patches
-    from mclx.export.onnx_export import export_onnx, quantize_int8
-    from mclx.export.parity import compare
+    from mclx.inference.device import require_gpu_stack
+    from mclx.inference.encoders import TorchEncoder
 
+    rows = requested({f for f, on in (("int8", int8), ("trt", trt)) if on})
+    check_options(rows, options)
     ck = load_checkpoint(checkpoint)
-    onnx_out = Path(onnx_path) if onnx_path else artifact_path(checkpoint, "onnx")
-    outputs = [onnx_out, report_path(checkpoint)]
-    if trt:
-        from mclx.export.tensorrt_build import require_gpu_stack
-
-        outputs.append(artifact_path(checkpoint, "engine"))
-        require_gpu_stack(f"--trt: {outputs[-1]} not built")  # before writing anything
-    for out in outputs:
+    paths = _paths(rows, checkpoint, onnx_path)
+    for fmt in rows:
+        if fmt.device == "cuda":  # before writing anything
+            require_gpu_stack(f"--{fmt.flag}: {paths[fmt.name]} not built")
+    for out in [*paths.values(), report_path(checkpoint)]:
         check_output(out)
     patches, source = calibration_patches(calib_data, n=n_patches, size=ck.preprocess.patch_size)
     log(f"parity patches: {len(patches)} from {source}")
-    reference = TorchBackend(ck)(patches)
+    job = Job(ck, patches, paths, options)
+    reference = TorchEncoder(ck)(patches)
     report: dict[str, Any] = {
         "fingerprint": ck.fingerprint,
         "patches": source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-    def record(fmt: str, path: Path, precision: str, got: np.ndarray) -> dict[str, float]:
-        res = compare(reference, got)
-        report[fmt] = {"path": str(path), "precision": precision, **res}
-        log(
-            f"{fmt:<11} {precision:<5} max rel err {res['max_rel_err']:.2e}  "
-            f"min cosine {res['min_cosine']:.6f}  -> {path}"
-        )
-        return res
-
-    def publish(fmt: str, final: Path, precision: str, build, run, sidecars=()) -> None:
-        """Build under a staging name, check parity, then rename (with sidecars)."""
-        stage = _staging(final)
-        extra = [
-            (stage.with_name(stage.name + x), final.with_name(final.name + x)) for x in sidecars
-        ]
-        try:
-            try:
-                build(stage)
-            except OSError as exc:  # name the artifact, not its staging file
-                if str(stage) not in str(exc):
-                    raise
-                err = OSError(str(exc).replace(str(stage), str(final)))
-                err.errno = exc.errno
-                raise err from exc
-            _check(fmt, final, record(fmt, final, precision, run(stage)), precision)
-            os.replace(stage, final)
-            for src, dst in extra:
-                os.replace(src, dst)
-        finally:
-            stage.unlink(missing_ok=True)
-            for src, _ in extra:
-                src.unlink(missing_ok=True)
-
-    def on_ort(path: Path) -> np.ndarray:
-        return OnnxRuntimeBackend(path)(patches)
-
-    publish("onnx", onnx_out, "fp32", lambda p: export_onnx(ck, p, opset=opset), on_ort)
-    from mclx.kernels import cpu_has_fast_bf16
-
-    if cpu_has_fast_bf16():  # recorded so `--backend auto` knows torch bf16 is safe
-        record("torch-bf16", Path(checkpoint), "bf16", TorchBackend(ck, precision="bf16")(patches))
-    if int8:
-        from mclx.export.backends import to_nchw
-
-        int8_out = onnx_out.with_name(onnx_out.name.removesuffix(".onnx") + ".int8.onnx")
-        calib = to_nchw(patches, ck.preprocess)
-        publish("onnx-int8", int8_out, "int8", lambda p: quantize_int8(onnx_out, p, calib), on_ort)
-    write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
-    if trt:
-        from mclx.export.tensorrt_build import TensorRTBackend, build_engine
-
-        engine = artifact_path(checkpoint, "engine")
-
-        def on_trt(path: Path) -> np.ndarray:
-            import cupy as cp
-
-            return cp.asnumpy(TensorRTBackend(path)(patches))
-
-        publish(
-            "engine",
-            engine,
-            "fp16" if fp16 else "fp32",
-            lambda p: build_engine(
-                onnx_out,
-                p,
-                fp16=fp16,
-                max_batch=max_batch,
-                timing_cache=engine.with_name(engine.name + ".timing.cache"),
-            ),
-            on_trt,
-            sidecars=(".json",),
-        )
+    _record_torch_bf16(job, reference, report, checkpoint, log)
+    for fmt in rows:
+        report[fmt.name] = _publish(fmt, job, reference, log)
         write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _paths(rows: list[Format], checkpoint, onnx_path) -> dict[str, Path]:
+    """Final path of each row: beside the checkpoint, or beside ``onnx_path`` for ONNX."""
+    paths = {f.name: f.path(checkpoint) for f in rows}
+    if onnx_path is not None:
+        onnx = Path(onnx_path)
+        paths["onnx"] = onnx
+        if "onnx-int8" in paths:
+            paths["onnx-int8"] = onnx.with_name(onnx.name.removesuffix(".onnx") + ".int8.onnx")
+    return paths
+
+
+def _record(fmt: str, path: Path, precision: str, reference, got, log) -> dict[str, Any]:
+    from mclx.export import parity
+
+    res = parity.compare(reference, got)
+    log(
+        f"{fmt:<11} {precision:<5} max rel err {res['max_rel_err']:.2e}  "
+        f"min cosine {res['min_cosine']:.6f}  -> {path}"
+    )
+    return {"path": str(path), "precision": precision, **res}
+
+
+def _record_torch_bf16(job: Job, reference, report: dict, checkpoint, log) -> None:
+    """On CPUs with fast bf16, PyTorch bf16's parity, so that ``--backend auto`` knows
+    it is safe (it needs no file)."""
+    from mclx.inference.encoders import TorchEncoder
+    from mclx.kernels import cpu_has_fast_bf16
+
+    if cpu_has_fast_bf16():
+        got = TorchEncoder(job.ck, precision="bf16")(job.patches)
+        report["torch-bf16"] = _record("torch-bf16", Path(checkpoint), "bf16", reference, got, log)
+
+
+def _publish(fmt: Format, job: Job, reference, log) -> dict[str, Any]:
+    """Build ``fmt`` under a staging name, check parity, then rename it (and its
+    sidecars) into place; return its report entry."""
+    from mclx.inference import to_host
+    from mclx.inference.formats import open_file
+
+    final = job.paths[fmt.name]
+    stage = _staging(final)
+    sidecars = [
+        (stage.with_name(stage.name + x), final.with_name(final.name + x)) for x in fmt.sidecars
+    ]
+    try:
+        precision = _build(fmt, job, stage, final)
+        device = "cuda" if fmt.device == "cuda" else "cpu"
+        got = to_host(open_file(stage, device=device)(job.patches))
+        entry = _record(fmt.name, final, precision, reference, got, log)
+        check_parity(fmt.name, final, entry, precision)
+        os.replace(stage, final)
+        for src, dst in sidecars:
+            os.replace(src, dst)
+        return entry
+    finally:
+        stage.unlink(missing_ok=True)
+        for src, _ in sidecars:
+            src.unlink(missing_ok=True)
+
+
+def _build(fmt: Format, job: Job, stage: Path, final: Path) -> str:
+    """Run the row's builder; an OSError names the artifact, not its staging file."""
+    try:
+        return fmt.build()(job, stage)
+    except OSError as exc:
+        if str(stage) not in str(exc):
+            raise
+        err = OSError(str(exc).replace(str(stage), str(final)))
+        err.errno = exc.errno
+        raise err from exc

@@ -9,16 +9,45 @@ TensorRT can still parse it; the runtime enables the rest when it opens a sessio
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from mclx.export.formats import metadata
+from mclx.inference.encoders import INPUT, OUTPUT, read_onnx_metadata
+from mclx.inference.transform import to_model_input
 from mclx.io import atomic_path
 
-INPUT, OUTPUT = "images", "embeddings"
+
+def metadata(ck) -> dict[str, str]:
+    """The metadata dict written into every artifact of checkpoint ``ck``."""
+    from mclx import __version__
+    from mclx.config import to_dict
+
+    return {
+        "mclx_artifact": "image-encoder",
+        "mclx_version": __version__,
+        "fingerprint": ck.fingerprint,
+        "checkpoint": str(Path(ck.path).resolve()) if ck.path else "",
+        "model": json.dumps(to_dict(ck.model_cfg)),
+        "preprocess": json.dumps(to_dict(ck.preprocess)),
+        "input": f"{INPUT}: float32 N x 3 x H x W, pixel scale of 'preprocess'",
+        "output": f"{OUTPUT}: float32 N x D",
+    }
+
+
+def build_onnx(job, out: Path) -> str:
+    """Formats-table builder of ``onnx``: the FP32 graph (``opset``, default 17)."""
+    export_onnx(job.ck, out, opset=job.options.get("opset") or 17)
+    return "fp32"
+
+
+def build_int8(job, out: Path) -> str:
+    """Formats-table builder of ``onnx-int8``: calibrated on the job's patches."""
+    quantize_int8(job.paths["onnx"], out, to_model_input(job.patches, job.ck.preprocess))
+    return "int8"
 
 
 def _set_metadata(model_proto, meta: dict[str, str]) -> None:
@@ -26,14 +55,6 @@ def _set_metadata(model_proto, meta: dict[str, str]) -> None:
     for key, value in meta.items():
         entry = model_proto.metadata_props.add()
         entry.key, entry.value = key, value
-
-
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The mclx metadata dict of an ONNX file (without loading its weights)."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17) -> Path:
@@ -106,7 +127,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out: str | os.PathLike, calib: n
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_path, out = Path(fp32_path), Path(out)
-    meta = read_metadata(fp32_path)
+    meta = read_onnx_metadata(fp32_path)
     with atomic_path(out) as tmp:
         prep = tmp.with_name(tmp.name + ".prep.onnx")  # removed by atomic_path
         with warnings.catch_warnings():

@@ -65,11 +65,16 @@ class Bank:
             msg = f"{where}: bank genes differ from the checkpoint's gene list"
             raise FingerprintMismatch(msg)
 
-    def to_device(self, device: str = "cuda", *, dtype: str = "float32") -> Bank:
-        """Copy embeddings and expressions to GPU memory as CuPy arrays.
+    def check_k(self, k: int | None = None) -> int:
+        """``k`` (default: the bank's own), refused when the bank has fewer spots."""
+        k = k or self.k
+        if k > len(self):
+            msg = f"{self.path or 'bank'}: k={k} is larger than the bank ({len(self)} spots)"
+            raise ValueError(msg)
+        return k
 
-        ``dtype="float16"`` halves the bank's memory; the kernel computes in float32.
-        """
+    def to_device(self, device: str = "cuda") -> Bank:
+        """Copy embeddings and expressions to GPU memory as float32 CuPy arrays."""
         if device == "cpu":
             return self
         try:
@@ -79,9 +84,37 @@ class Bank:
         except Exception as exc:  # ImportError, CUDARuntimeError
             msg = f"{self.path or 'bank'}: device {device!r} needs CuPy and a CUDA GPU ({exc})"
             raise RuntimeError(msg) from exc
-        emb = cp.asarray(self.embeddings, dtype=dtype)
-        expr = cp.asarray(self.expressions, dtype=dtype)
+        emb = cp.asarray(self.embeddings, dtype=cp.float32)
+        expr = cp.asarray(self.expressions, dtype=cp.float32)
         return Bank(**{**self.__dict__, "embeddings": emb, "expressions": expr})
+
+
+def bank_from_model(
+    model, table, genes: Sequence[str], *, fingerprint: str, checkpoint: str = ""
+) -> Bank:
+    """A bank of ``table``'s spots (columns ``genes``) embedded by ``model``'s spot
+    encoder, in memory."""
+    from mclx.inference.embed import spot_embeddings
+
+    cfg = model.cfg
+    if model.kind != "contrastive":
+        msg = f"{checkpoint or 'model'}: a {cfg.name} model predicts directly and needs no bank"
+        raise FormatError(msg)
+    return Bank(
+        embeddings=spot_embeddings(model, table),
+        expressions=table.expr,
+        genes=[str(g) for g in genes],
+        sections=table.section.astype(str),
+        spot_ids=table.obs_names.astype(str),
+        coords=table.coords,
+        positions=table.pos,
+        fingerprint=fingerprint,
+        checkpoint=checkpoint,
+        model=cfg.name,
+        k=cfg.k,
+        distance=cfg.distance,
+        weighting=cfg.weighting,
+    )
 
 
 def build_bank(
@@ -89,7 +122,6 @@ def build_bank(
     data: str | os.PathLike,
     *,
     sections: Sequence[str] | None = None,
-    seq_len: int | None = None,
 ) -> Bank:
     """Embed every spot of ``sections`` (default: all) with the checkpoint's spot encoder."""
     from mclx.data.dataset import build_table
@@ -101,30 +133,12 @@ def build_bank(
     adatas = read_her2st(data, list(sections) if sections else None)  # no torch needed yet
 
     from mclx.checkpoint import load_checkpoint
-    from mclx.train import spot_embeddings
 
     ck = load_checkpoint(checkpoint)
-    if ck.model.kind != "contrastive":
-        msg = f"{checkpoint}: a {ck.model_cfg.name} model predicts directly and needs no bank"
-        raise FormatError(msg)
     table = build_table(adatas, ck.preprocess)
-    seq = seq_len or int(ck.provenance.get("train", {}).get("batch_size", 128))
-    emb = spot_embeddings(ck.model, table, seq_len=seq)
-    cfg = ck.model_cfg
-    return Bank(
-        embeddings=emb,
-        expressions=table.expr,
-        genes=list(ck.preprocess.genes),
-        sections=table.section.astype(str),
-        spot_ids=table.obs_names.astype(str),
-        coords=table.coords,
-        positions=table.pos,
-        fingerprint=ck.fingerprint,
-        checkpoint=str(Path(checkpoint).resolve()),
-        model=cfg.name,
-        k=cfg.k,
-        distance=cfg.distance,
-        weighting=cfg.weighting,
+    path = str(Path(checkpoint).resolve())
+    return bank_from_model(
+        ck.model, table, ck.preprocess.genes, fingerprint=ck.fingerprint, checkpoint=path
     )
 
 

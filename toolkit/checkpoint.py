@@ -24,7 +24,17 @@ from mclx.errors import FormatError
 from mclx.io import atomic_path
 
 FORMAT = "mclx-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the spot encoder's attention length is in the model config
+
+
+def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 model config without ``seq_len``: version 1 embedded bank spots in
+    runs of the training batch size, which it kept in the provenance."""
+    model = payload["model"]
+    if payload["format_version"] < 2 and "seq_len" not in model:
+        train = payload.get("provenance", {}).get("train", {})
+        model = {**model, "seq_len": int(train.get("batch_size", 128))}
+    return {**payload, "model": model}
 
 
 def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -137,7 +147,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
     path = Path(path)
     payload = read_checkpoint_dict(path)
     try:
-        model_cfg = from_dict(ModelCfg, payload["model"])
+        model_cfg = from_dict(ModelCfg, _upgrade(payload)["model"])
         pre = from_dict(PreprocessCfg, payload["preprocess"])
         model = create_model(model_cfg, encoder_weights=None)
         model.load_state_dict(payload["state_dict"])

@@ -16,14 +16,20 @@ from typing import Any
 import click
 
 from mclx import __version__
-from mclx.cli_options import (  # noqa: E402
+from mclx.cli_options import (
     CONTEXT,
+    ckpt_option,
     data_option,
-    encoder_weights_arg,
+    distance_option,
+    encoder_options,
+    given,
+    k_option,
     model_options,
-    model_overrides_from,
+    out_option,
+    quiet_option,
+    recipe_from,
+    sections_option,
     split_names,
-    train_cfg_from,
 )
 from mclx.io import all_or_nothing, check_output
 
@@ -53,11 +59,9 @@ def cli(debug: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@data_option
-@click.option(
-    "--out", "-o", type=click.Path(path_type=Path), required=True, help="Checkpoint to write (.pt)."
-)
-@click.option("--sections", multiple=True, help="Training sections (default: all with images).")
+@data_option()
+@out_option("Checkpoint to write (.pt).", required=True)
+@sections_option("Training sections (default: all with images).")
 @click.option("--holdout", multiple=True, help="Sections to leave out of training.")
 @click.option(
     "--resume",
@@ -72,7 +76,7 @@ def cli(debug: bool) -> None:
     help="Save the resumable state OUT.state every N epochs (0: never). Default: every "
     "epoch, or every few when epochs are so short that saving would take over 5% of the time.",
 )
-@model_options
+@model_options()
 def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: Any) -> None:
     """Train a model and write a self-describing checkpoint.
 
@@ -87,65 +91,27 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
       mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
     """
     from mclx.checkpoint import save_checkpoint
-    from mclx.data.her2st import array_extent, list_sections, read_her2st
-    from mclx.errors import DataError
-    from mclx.experiment import (
-        PatchCache,
-        choose_genes,
-        make_preprocess,
-        new_model,
-        pos_size,
-        provenance,
-        run_record,
-        train_model,
-    )
-    from mclx.train_state import StateFile, remove_stale_temps, state_path
+    from mclx.data.her2st import read_her2st
+    from mclx.recipe import PatchCache, train_model
 
     check_output(out)
-    cfg = train_cfg_from(kw)
-    state = StateFile(state_path(out), every=save_every)
-    if resume:
-        state.load()  # fails now, before any work, when missing or corrupt
-    elif state.path.exists():
-        click.echo(
-            f"mclx: warning: {state.path}: an interrupted run's state will be replaced "
-            "(use --resume to continue it)",
-            err=True,
-        )
-    for p in (out, state.path):
-        remove_stale_temps(p)  # left by a killed write
-    wanted = split_names(sections) or list_sections(data, with_image=True)
-    held = set(split_names(holdout))
-    unknown = held - set(list_sections(data))
-    if unknown:
-        msg = f"{data}: holdout section(s) {sorted(unknown)} do not exist"
-        raise KeyError(msg)
-    names = [s for s in dict.fromkeys(wanted) if s not in held]  # repeated: once
-    if not names:
-        msg = f"{data}: no training section left after --holdout"
-        raise DataError(msg)
+    recipe = recipe_from(kw)
+    state = _training_state(out, resume, save_every)
+    names, held = _training_sections(data, sections, holdout)
     adatas = read_her2st(data, names, with_image=True)
-    genes = choose_genes(data, adatas, genes_file=kw["genes_file"], n_hvg=kw["n_hvg"])
-    pre = make_preprocess(genes, list(adatas.values()), log_base=kw["log_base"])
-    net = new_model(
-        kw["model"],
-        pre,
-        tuple(map(max, pos_size(list(adatas.values())), array_extent(data))),
-        seed=cfg.seed,
-        encoder_weights=encoder_weights_arg(kw["encoder_weights"]),
-        **model_overrides_from(kw),
+    pre, net = recipe.setup(data, adatas, names)
+    state.record = recipe.record(
+        names, net, pre, holdout=held, encoder_weights=kw["encoder_weights"]
     )
     cache = PatchCache(adatas, pre.patch_size)
-    state.record = run_record(
-        names, net, pre, cfg, holdout=sorted(held), encoder_weights=kw["encoder_weights"]
+    history, table = train_model(
+        net, cache, names, pre, recipe.train, progress=not kw["quiet"], state=state
     )
-    history, table = train_model(net, cache, names, pre, cfg, progress=not kw["quiet"], state=state)
-    prov = provenance(
+    prov = recipe.provenance(
         names,
-        cfg,
         history,
         data=str(data),
-        holdout=sorted(held),
+        holdout=held,
         encoder_weights=kw["encoder_weights"],
         n_spots=len(table),
         **({"resumed_at": state.resumed_at} if resume else {}),
@@ -158,46 +124,63 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
     )
 
 
+def _training_state(out: Path, resume: bool, save_every: int | None):
+    """The resumable state beside ``out``: loaded (and checked) now with ``--resume``,
+    before any work; temporary files that a killed write left are removed."""
+    from mclx.train_state import StateFile, remove_stale_temps, state_path
+
+    state = StateFile(state_path(out), every=save_every)
+    if resume:
+        state.load()  # fails now, before any work, when missing or corrupt
+    elif state.path.exists():
+        click.echo(
+            f"mclx: warning: {state.path}: an interrupted run's state will be replaced "
+            "(use --resume to continue it)",
+            err=True,
+        )
+    for p in (out, state.path):
+        remove_stale_temps(p)  # left by a killed write
+    return state
+
+
+def _training_sections(data: Path, sections, holdout) -> tuple[list[str], list[str]]:
+    """(training sections, held-out sections): the given or all image sections, once
+    each, without the held-out ones (which must exist)."""
+    from mclx.data.her2st import list_sections
+    from mclx.errors import DataError
+
+    wanted = split_names(sections) or list_sections(data, with_image=True)
+    held = set(split_names(holdout))
+    unknown = held - set(list_sections(data))
+    if unknown:
+        msg = f"{data}: holdout section(s) {sorted(unknown)} do not exist"
+        raise KeyError(msg)
+    names = [s for s in dict.fromkeys(wanted) if s not in held]  # repeated: once
+    if not names:
+        msg = f"{data}: no training section left after --holdout"
+        raise DataError(msg)
+    return names, sorted(held)
+
+
 @cli.command(context_settings=CONTEXT)
-@data_option
-@click.option(
-    "--sections", multiple=True, help="Sections to cross-validate (default: all with images)."
-)
+@data_option()
+@sections_option("Sections to cross-validate (default: all with images).")
 @click.option(
     "--bank-sections",
     multiple=True,
     help="Extra sections (image not needed) whose spots join every fold's bank; 'all' for "
     "every section of the folder (the held-out section is always left out).",
 )
-@click.option(
-    "--k",
-    type=click.IntRange(1),
-    default=None,
-    help="Neighbours retrieved (default: 200 mclSTExp, 50 BLEEP).",
-)
-@click.option(
-    "--distance",
-    type=click.Choice(["l1", "l2"]),
-    default=None,
-    help="Distance of the inverse-square weights (default l2).",
-)
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Results JSON (per-gene PCC CSV beside it). Default: evaluate_MODEL.json.",
-)
-@click.option(
-    "--ckpt",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Score this trained checkpoint with --bank on --sections (no training).",
+@k_option("Neighbours retrieved (default: 200 mclSTExp, 50 BLEEP).")
+@distance_option()
+@out_option("Results JSON (per-gene PCC CSV beside it). Default: evaluate_MODEL.json.")
+@ckpt_option(
+    "Score this trained checkpoint with --bank on --sections (no training).", required=False
 )
 @click.option(
     "--bank", "bank_path", type=click.Path(path_type=Path), default=None, help="Bank for --ckpt."
 )
-@model_options
+@model_options()
 def evaluate(
     data: Path, sections, bank_sections, k, distance, out, ckpt, bank_path, **kw: Any
 ) -> None:
@@ -214,44 +197,33 @@ def evaluate(
       mclx evaluate --ckpt model.pt --bank her2.npz --sections C2 --out c2.json
     """
     from mclx.data.her2st import list_sections
-    from mclx.evaluate import cross_validate, format_table, write_results
+    from mclx.evaluate import cross_validate, format_table, score_checkpoint, write_results
 
     out = check_output(out or Path(f"evaluate_{kw['model']}.json"))
     if ckpt is not None or bank_path is not None:
-        from mclx.evaluate import score_checkpoint
-
         if ckpt is None or bank_path is None or not sections:
             msg = "evaluate: --ckpt needs --bank and --sections (the sections to score)"
             raise click.UsageError(msg)
         res = score_checkpoint(ckpt, bank_path, data, split_names(sections), k=k, distance=distance)
-        click.echo(format_table(res, title=f"{ckpt} with {bank_path}"))
-        click.echo("mclx: wrote {} and {}".format(*write_results(res, out)))
-        return
-    extra = split_names(bank_sections)
-    res = cross_validate(
-        data,
-        model=kw["model"],
-        sections=split_names(sections) or None,
-        bank_sections=list_sections(data) if extra == ["all"] else extra,
-        train_cfg=train_cfg_from(kw),
-        k=k,
-        distance=distance,
-        genes_file=kw["genes_file"],
-        n_hvg=kw["n_hvg"],
-        encoder_weights=encoder_weights_arg(kw["encoder_weights"]),
-        model_overrides=model_overrides_from(kw) | {"encoder": kw["encoder"]},
-        progress=not kw["quiet"],
-    )
-    c = res["config"]
-    click.echo(
-        format_table(
-            res,
-            title=f"{kw['model']}: k={c['k']} distance={c['distance']} genes={c['n_genes']} "
-            f"epochs={kw['epochs']} ({c['seconds']} s)",
+        title = f"{ckpt} with {bank_path}"
+    else:
+        extra = split_names(bank_sections)
+        res = cross_validate(
+            data,
+            recipe_from(kw),
+            sections=split_names(sections) or None,
+            bank_sections=list_sections(data) if extra == ["all"] else extra,
+            k=k,
+            distance=distance,
+            progress=not kw["quiet"],
         )
-    )
-    json_path, csv_path = write_results(res, out)
-    click.echo(f"mclx: wrote {json_path} and {csv_path}")
+        c = res["config"]
+        title = (
+            f"{kw['model']}: k={c['k']} distance={c['distance']} genes={c['n_genes']} "
+            f"epochs={kw['epochs']} ({c['seconds']} s)"
+        )
+    click.echo(format_table(res, title=title))
+    click.echo("mclx: wrote {} and {}".format(*write_results(res, out)))
 
 
 @cli.group(context_settings=CONTEXT)
@@ -260,14 +232,10 @@ def bank() -> None:
 
 
 @bank.command("build", context_settings=CONTEXT)
-@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="Checkpoint (.pt).")
-@data_option
-@click.option(
-    "--sections",
-    multiple=True,
-    help="Sections to embed (default: every section with counts, image or not).",
-)
-@click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="Bank (.npz).")
+@ckpt_option()
+@data_option()
+@sections_option("Sections to embed (default: every section with counts, image or not).")
+@out_option("Bank (.npz).", required=True)
 def bank_build(ckpt: Path, data: Path, sections, out: Path) -> None:
     """Embed spots with a checkpoint's spot encoder and write a bank.
 
@@ -304,7 +272,7 @@ def bank_info(path: Path) -> None:
 
 
 @cli.command("export", context_settings=CONTEXT)
-@click.option("--ckpt", type=click.Path(path_type=Path), required=True, help="Checkpoint (.pt).")
+@ckpt_option()
 @click.option(
     "--onnx",
     "onnx_path",
@@ -328,13 +296,15 @@ def bank_info(path: Path) -> None:
     show_default=True,
     help="Largest batch of the TensorRT optimisation profile.",
 )
-@click.option("--quiet", "-q", is_flag=True)
-def export_cmd(ckpt: Path, onnx_path, opset, int8, calib_data, trt, fp16, max_batch, quiet):
+@quiet_option("Only the final line.")
+@click.pass_context
+def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt, quiet, **_):
     """Export the image encoder to ONNX (and INT8 / TensorRT), checked against PyTorch.
 
     \b
     Writes model.onnx beside model.pt, then compares it with PyTorch on the same patches:
     FP32 must agree within 1e-4 relative, reduced precisions within cosine 0.99.
+    Format options (--opset, --fp16, --max-batch) are refused without their format.
     \b
     Examples:
       mclx export --ckpt model.pt --calib-data ../shared/data/her2st
@@ -346,13 +316,11 @@ def export_cmd(ckpt: Path, onnx_path, opset, int8, calib_data, trt, fp16, max_ba
     report = export(
         ckpt,
         onnx_path=onnx_path,
-        opset=opset,
         int8=int8,
         calib_data=calib_data,
         trt=trt,
-        fp16=fp16,
-        max_batch=max_batch,
         log=(lambda *_: None) if quiet else click.echo,
+        **given(ctx, "opset", "fp16", "max_batch"),
     )
     click.echo(f"mclx: exported {ckpt} (fingerprint {report['fingerprint']})")
 
@@ -372,28 +340,14 @@ def export_cmd(ckpt: Path, onnx_path, opset, int8, calib_data, trt, fp16, max_ba
     help="Checkpoint, .onnx or .engine (default: the bank's checkpoint, with the "
     "best artifact exported beside it).",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]),
-    default="auto",
-    show_default=True,
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
-    default="auto",
-    show_default=True,
-)
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@encoder_options()
 @click.option(
     "--spots",
     type=click.Path(path_type=Path),
     help="Tiles at these spots: her2st spot file, Visium tissue_positions, or CSV x,y.",
 )
-@click.option("--k", type=click.IntRange(1), default=None, help="Neighbours (default: bank's).")
-@click.option("--distance", type=click.Choice(["l1", "l2"]), default=None)
+@k_option("Neighbours (default: the bank's).")
+@distance_option()
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option(
     "--stride",
@@ -414,15 +368,9 @@ def export_cmd(ckpt: Path, onnx_path, opset, int8, calib_data, trt, fp16, max_ba
     show_default=True,
     help="Reader threads prefetching tiles.",
 )
-@click.option(
-    "--out",
-    "-o",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Predictions (.h5ad). Default: SLIDE stem + .pred.h5ad in the current folder.",
-)
+@out_option("Predictions (.h5ad). Default: SLIDE stem + .pred.h5ad in the current folder.")
 @click.option("--plot", "plot", multiple=True, help="Write a PNG map for this gene (repeatable).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@quiet_option("No progress bar.")
 def infer(slide: Path, bank_path: Path, out, plot, quiet, **kw: Any) -> None:
     """Predict spatial expression over a whole slide (or at given spots).
 

@@ -1,9 +1,12 @@
-"""Shared pieces of the ``mclx`` command line: option decorators and their translation
-into library configs."""
+"""Option factories of the ``mclx`` command line (tiatoolbox's ``cli/common.py`` style):
+each option is spelled once here and reused by every command that takes it; choices are
+read from the registries and config types, not listed again.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import typing
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +14,43 @@ import click
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 DEFAULT_DATA = "../shared/data/her2st"
+Decorator = Callable[[Callable], Callable]
+
+
+class RegistryChoice(click.Choice):
+    """A choice among a registry's names, read when first needed (the registries import
+    torch, which ``mclx --help`` should not pay for)."""
+
+    def __init__(self, names: Callable[[], Iterable[str]]) -> None:
+        self._names, self._choices = names, None
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        if self._choices is None:
+            self._choices = tuple(self._names())
+        return self._choices
+
+    @choices.setter
+    def choices(self, value: Iterable[str]) -> None:
+        self._choices = tuple(value)
+
+
+def _model_names() -> list[str]:
+    from mclx.models import MODELS
+
+    return MODELS.names()
+
+
+def _encoder_names() -> list[str]:
+    from mclx.models import ENCODERS
+
+    return ENCODERS.names()
+
+
+def literal_choice(alias: Any) -> click.Choice:
+    """The values of a ``Literal`` type alias of :mod:`mclx.config` as a click choice."""
+    return click.Choice(list(typing.get_args(alias)))
 
 
 def split_names(values: Sequence[str]) -> list[str]:
@@ -18,54 +58,110 @@ def split_names(values: Sequence[str]) -> list[str]:
     return [s for v in values for s in v.split(",") if s]
 
 
-def data_option(f: Callable) -> Callable:
+def stack(*decorators: Decorator) -> Decorator:
+    """One decorator applying ``decorators`` in the order they are listed (top first)."""
+
+    def deco(f: Callable) -> Callable:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return deco
+
+
+def data_option() -> Decorator:
     return click.option(
         "--data",
-        "data",
         type=click.Path(path_type=Path),
         envvar="MCLX_HER2ST",
         default=DEFAULT_DATA,
         show_default=True,
         help="her2st-layout folder (ST-cnts/, ST-spotfiles/, ST-imgs/). Env: MCLX_HER2ST.",
-    )(f)
+    )
 
 
-def model_options(f: Callable) -> Callable:
+def out_option(help: str, *, required: bool = False) -> Decorator:
+    return click.option(
+        "--out", "-o", type=click.Path(path_type=Path), required=required, help=help
+    )
+
+
+def ckpt_option(help: str = "Checkpoint (.pt).", *, required: bool = True) -> Decorator:
+    return click.option(
+        "--ckpt", type=click.Path(path_type=Path), required=required, default=None, help=help
+    )
+
+
+def sections_option(help: str) -> Decorator:
+    return click.option("--sections", multiple=True, help=help + " Comma-separated or repeated.")
+
+
+def quiet_option(help: str = "No progress bars.") -> Decorator:
+    return click.option("--quiet", "-q", is_flag=True, help=help)
+
+
+def k_option(help: str = "Neighbours retrieved (default: the bank's or model's).") -> Decorator:
+    return click.option("--k", type=click.IntRange(1), default=None, help=help)
+
+
+def distance_option() -> Decorator:
+    from mclx.config import Distance
+
+    return click.option(
+        "--distance",
+        type=literal_choice(Distance),
+        default=None,
+        help="Distance of the inverse-square weights (default: the bank's or model's, l2).",
+    )
+
+
+def encoder_options() -> Decorator:
+    """``--backend``, ``--precision`` and ``--device``, with the choices of the formats
+    table (:mod:`mclx.inference.formats`)."""
+    from mclx.inference.device import DeviceArg
+    from mclx.inference.formats import FORMATS
+
+    def choice(values: Iterable[str]) -> click.Choice:
+        return click.Choice(["auto", *dict.fromkeys(values)])
+
+    return stack(
+        click.option(
+            "--backend", type=choice(f.backend for f in FORMATS.values()), default="auto",
+            show_default=True, help="Encoder runtime (auto: the fastest exported one).",
+        ),
+        click.option(
+            "--precision", type=choice(f.precision for f in FORMATS.values()), default="auto",
+            show_default=True,
+        ),
+        click.option("--device", type=literal_choice(DeviceArg), default="auto", show_default=True),
+    )  # fmt: skip
+
+
+def model_options() -> Decorator:
     """Model choice, gene selection, ablations and training recipe (train and evaluate)."""
-    opts = [
+    from mclx.config import Context, LogBase
+
+    return stack(
         click.option(
-            "--model",
-            "model",
-            type=click.Choice(["mclstexp", "bleep", "stnet"]),
-            default="mclstexp",
-            show_default=True,
-            help="Method to train.",
+            "--model", type=RegistryChoice(_model_names), default="mclstexp",
+            show_default=True, help="Method to train.",
         ),
         click.option(
-            "--encoder",
-            default="densenet121",
-            show_default=True,
-            help="Image encoder from the registry (densenet121, resnet50, tiny_cnn).",
+            "--encoder", type=RegistryChoice(_encoder_names), default="densenet121",
+            show_default=True, help="Image encoder from the registry.",
         ),
         click.option(
-            "--encoder-weights",
-            default="auto",
-            show_default=True,
+            "--encoder-weights", default="auto", show_default=True,
             help="FILE, 'imagenet' (torchvision cache), 'auto' (cache if present, "
             "else random init with a warning) or 'none'.",
         ),
         click.option(
-            "--genes",
-            "genes_file",
-            type=click.Path(path_type=Path),
+            "--genes", "genes_file", type=click.Path(path_type=Path),
             help="Gene list (.npy or one per line); default her_hvg_cut_1000.npy.",
         ),
         click.option("--n-hvg", type=click.IntRange(1), help="Use N scanpy HVGs instead."),
         click.option(
-            "--log-base",
-            type=click.Choice(["10", "e"]),
-            default="10",
-            show_default=True,
+            "--log-base", type=literal_choice(LogBase), default="10", show_default=True,
             help="log(1 + x) base after library-size scaling.",
         ),
         click.option("--epochs", type=click.IntRange(1), default=90, show_default=True),
@@ -74,39 +170,39 @@ def model_options(f: Callable) -> Callable:
         click.option("--weight-decay", type=float, default=1e-3, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option(
-            "--freeze-encoder",
-            is_flag=True,
+            "--freeze-encoder", is_flag=True,
             help="Cache encoder features once; train heads and spot encoder only.",
         ),
         click.option("--no-augment", is_flag=True, help="Disable the reference augmentation."),
         click.option("--no-pos-embed", is_flag=True, help="Ablation: no positional embeddings."),
         click.option(
-            "--depth",
-            type=click.IntRange(0),
-            default=None,
+            "--depth", type=click.IntRange(0), default=None,
             help="Spot Transformer blocks (0 = ablation without Transformer).",
         ),
         click.option(
-            "--context",
-            type=click.Choice(["batch", "section"]),
-            default=None,
+            "--context", type=literal_choice(Context), default=None,
             help="Attention context of the spot encoder (default batch).",
         ),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars."),
-    ]
-    for opt in reversed(opts):
-        f = opt(f)
-    return f
+        quiet_option(),
+    )  # fmt: skip
 
 
 def encoder_weights_arg(value: str) -> str | None:
     return None if value.lower() == "none" else value
 
 
-def train_cfg_from(kw: dict[str, Any]):
+def recipe_from(kw: dict[str, Any]):
+    """The :class:`~mclx.recipe.Recipe` that the options of :func:`model_options` ask for."""
     from mclx.config import TrainCfg
+    from mclx.recipe import Recipe
 
-    return TrainCfg(
+    overrides: dict[str, Any] = {"encoder": kw["encoder"]}
+    if kw["no_pos_embed"]:
+        overrides["pos_embed"] = False
+    for name in ("depth", "context"):
+        if kw[name] is not None:
+            overrides[name] = kw[name]
+    train = TrainCfg(
         epochs=kw["epochs"],
         batch_size=kw["batch_size"],
         lr=kw["lr"],
@@ -115,14 +211,20 @@ def train_cfg_from(kw: dict[str, Any]):
         freeze_encoder=kw["freeze_encoder"],
         augment=not kw["no_augment"],
     )
+    return Recipe(
+        model=kw["model"],
+        overrides=overrides,
+        train=train,
+        genes_file=kw["genes_file"],
+        n_hvg=kw["n_hvg"],
+        log_base=kw["log_base"],
+        encoder_weights=encoder_weights_arg(kw["encoder_weights"]),
+    )
 
 
-def model_overrides_from(kw: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"encoder": kw["encoder"]}
-    if kw["no_pos_embed"]:
-        out["pos_embed"] = False
-    if kw["depth"] is not None:
-        out["depth"] = kw["depth"]
-    if kw["context"] is not None:
-        out["context"] = kw["context"]
-    return out
+def given(ctx: click.Context, *names: str) -> dict[str, Any]:
+    """The options among ``names`` that the user typed (not their defaults)."""
+    from click.core import ParameterSource
+
+    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {n: ctx.params[n] for n in names if ctx.get_parameter_source(n) in typed}

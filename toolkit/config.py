@@ -10,10 +10,9 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
-ModelName = Literal["mclstexp", "bleep", "stnet"]
 Context = Literal["batch", "section"]
 Distance = Literal["l1", "l2"]
 Weighting = Literal["inverse_square", "mean"]
@@ -30,8 +29,8 @@ class PreprocessCfg:
         log_base: ``"10"`` for log10(1 + x) (reference code, scprep's default) or ``"e"``.
         patch_size: side of the square patch centred on a spot, in pixels at ``mpp``.
         mpp: µm per pixel of the training images (None when unknown).
-        pixel_scale: ``"unit"``: uint8 / 255 with no mean/std (reference code).
-        mean, std: per-channel normalisation applied after scaling (identity by default).
+        mean, std: per-channel normalisation after scaling uint8 to ``[0, 1]`` (identity
+            by default, as in the reference code).
     """
 
     genes: tuple[str, ...] = ()
@@ -39,7 +38,6 @@ class PreprocessCfg:
     log_base: LogBase = "10"
     patch_size: int = 224
     mpp: float | None = None
-    pixel_scale: Literal["unit"] = "unit"
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
@@ -49,7 +47,8 @@ class ModelCfg:
     """Architecture of one of the registered models.
 
     Attributes:
-        name: ``mclstexp`` (the paper), ``bleep`` or ``stnet`` (comparison methods).
+        name: a model of the registry (``mclx.models.MODELS``): ``mclstexp`` (the
+            paper), ``bleep`` or ``stnet`` (comparison methods).
         encoder: image encoder registry name (``densenet121`` by default).
         n_genes: number of genes G (spot encoder width, ST-Net output size).
         embed_dim: shared embedding size of the projection heads.
@@ -60,10 +59,12 @@ class ModelCfg:
         depth: number of pre-norm Transformer blocks over spots; 0 is an ablation.
         heads, dim_head: attention heads and their width.
         context: attention context, ``batch`` (reference) or ``section``.
+        seq_len: spots per attention sequence in ``batch`` context (the training batch
+            size); banks embed their spots in runs of this length, as training saw them.
         k, distance, weighting: retrieval defaults stored for inference.
     """
 
-    name: ModelName = "mclstexp"
+    name: str = "mclstexp"
     encoder: str = "densenet121"
     n_genes: int = 785
     embed_dim: int = 256
@@ -75,23 +76,10 @@ class ModelCfg:
     heads: int = 8
     dim_head: int = 64
     context: Context = "batch"
+    seq_len: int = 128
     k: int = 200
     distance: Distance = "l2"
     weighting: Weighting = "inverse_square"
-
-    @classmethod
-    def for_model(cls, name: str, **overrides: Any) -> ModelCfg:
-        """Defaults of each published method, then ``overrides``.
-
-        BLEEP has no positions and no Transformer and averages its top 50 neighbours.
-        """
-        base: dict[str, Any] = {"name": name}
-        if name == "bleep":
-            base.update(pos_embed=False, depth=0, k=50, weighting="mean")
-        elif name == "stnet":
-            base.update(pos_embed=False, depth=0, k=0)
-        base.update(overrides)
-        return cls(**base)
 
 
 @dataclass(frozen=True)
@@ -105,8 +93,6 @@ class TrainCfg:
     seed: int = 0
     freeze_encoder: bool = False
     augment: bool = True
-    num_threads: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -115,9 +101,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
+# fields that earlier versions wrote and that no longer mean anything: dropped on reading
+RETIRED = {"PreprocessCfg": {"pixel_scale"}, "TrainCfg": {"num_threads", "extra"}}
+
+
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Inverse of :func:`to_dict`; unknown keys are an error, tuples restored."""
     names = {f.name: f for f in dataclasses.fields(cls)}
+    data = {k: v for k, v in data.items() if k not in RETIRED.get(cls.__name__, ())}
     unknown = set(data) - set(names)
     if unknown:
         msg = f"{cls.__name__}: unknown fields {sorted(unknown)}"

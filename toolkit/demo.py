@@ -51,6 +51,35 @@ def synthetic_inputs() -> tuple[Path, Path]:
     return root, slide
 
 
+def her2st_steps(data: Path, model: Path, bank: Path) -> list[list[object]]:
+    """train on C3-C6 -> bank of ten sections -> export -> infer C2 at its spots."""
+    spots = data / "data" / "ST-spotfiles" / "C2_selection.tsv"
+    slide = next((data / "data" / "ST-imgs" / "C" / "C2").glob("*.jpg"))
+    sections = "C1,C3,C4,C5,C6,D1,E1,F1,G2,H1"
+    return [
+        ["train", "--data", data, "--sections", "C3,C4,C5,C6", "--freeze-encoder",
+         "--epochs", 30, "--out", model],
+        ["bank", "build", "--ckpt", model, "--data", data, "--sections", sections, "--out", bank],
+        ["export", "--ckpt", model, "--calib-data", data],
+        ["infer", slide, "--bank", bank, "--spots", spots, "--plot", "FASN", "--plot", "GNAS",
+         "--out", OUT / "C2.h5ad"],
+    ]  # fmt: skip
+
+
+def synthetic_steps(model: Path, bank: Path) -> list[list[object]]:
+    """A tiny CNN trained on S1, S2 -> bank -> export (+ INT8) -> infer S3's slide."""
+    root, slide = synthetic_inputs()
+    return [
+        ["train", "--data", root, "--sections", "S1,S2", "--encoder", "tiny_cnn",
+         "--encoder-weights", "none", "--genes", root / "genes.txt", "--freeze-encoder",
+         "--epochs", 80, "--batch-size", 32, "--lr", "1e-3", "--out", model],
+        ["bank", "build", "--ckpt", model, "--data", root, "--sections", "S1,S2,S4", "--out", bank],
+        ["export", "--ckpt", model, "--int8", "--calib-data", root],
+        ["infer", slide, "--bank", bank, "--k", 20, "--plot", "GENE000", "--plot", "GENE001",
+         "--out", OUT / "S3.h5ad"],
+    ]  # fmt: skip
+
+
 def main() -> int:
     t0 = time.perf_counter()
     OUT.mkdir(exist_ok=True)
@@ -58,102 +87,14 @@ def main() -> int:
     model, bank = OUT / "model.pt", OUT / "bank.npz"
     if data is not None:
         print(f"mclx demo on the HER2+ data in {data}; C2 is held out")
-        spots = data / "data" / "ST-spotfiles" / "C2_selection.tsv"
-        slide = next((data / "data" / "ST-imgs" / "C" / "C2").glob("*.jpg"))
-        run(
-            "train",
-            "--data",
-            data,
-            "--sections",
-            "C3,C4,C5,C6",
-            "--freeze-encoder",
-            "--epochs",
-            30,
-            "--out",
-            model,
-        )
-        run(
-            "bank",
-            "build",
-            "--ckpt",
-            model,
-            "--data",
-            data,
-            "--sections",
-            "C1,C3,C4,C5,C6,D1,E1,F1,G2,H1",
-            "--out",
-            bank,
-        )
-        run("export", "--ckpt", model, "--calib-data", data)
-        infer = [
-            "infer",
-            slide,
-            "--bank",
-            bank,
-            "--spots",
-            spots,
-            "--plot",
-            "FASN",
-            "--plot",
-            "GNAS",
-            "--out",
-            OUT / "C2.h5ad",
-        ]
+        steps = her2st_steps(data, model, bank)
     else:
-        root, slide = synthetic_inputs()
-        print(f"mclx demo on synthetic data in {root} (no HER2+ data found); S3 is held out")
-        genes = ["--genes", root / "genes.txt"]
-        run(
-            "train",
-            "--data",
-            root,
-            "--sections",
-            "S1,S2",
-            "--encoder",
-            "tiny_cnn",
-            "--encoder-weights",
-            "none",
-            *genes,
-            "--freeze-encoder",
-            "--epochs",
-            80,
-            "--batch-size",
-            32,
-            "--lr",
-            "1e-3",
-            "--out",
-            model,
-        )
-        run(
-            "bank",
-            "build",
-            "--ckpt",
-            model,
-            "--data",
-            root,
-            "--sections",
-            "S1,S2,S4",
-            "--out",
-            bank,
-        )
-        run("export", "--ckpt", model, "--int8", "--calib-data", root)
-        infer = [
-            "infer",
-            slide,
-            "--bank",
-            bank,
-            "--k",
-            20,
-            "--plot",
-            "GENE000",
-            "--plot",
-            "GENE001",
-            "--out",
-            OUT / "S3.h5ad",
-        ]
-    run(*infer)
+        print(f"mclx demo on synthetic data in {OUT / 'synthetic'} (no HER2+ data); S3 held out")
+        steps = synthetic_steps(model, bank)
+    for step in steps:
+        run(*step)
     print(
-        f"\nmclx demo done in {time.perf_counter() - t0:.0f} s. Predictions: {infer[-1]} "
+        f"\nmclx demo done in {time.perf_counter() - t0:.0f} s. Predictions: {steps[-1][-1]} "
         f"(open with anndata.read_h5ad / scanpy); plots: {OUT}/*.png; checkpoint {model}, "
         f"bank {bank}, ONNX encoder {model.with_suffix('.onnx')}"
     )

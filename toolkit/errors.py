@@ -22,3 +22,10 @@ class FormatError(MclxError, ValueError):
 
 class FingerprintMismatch(FormatError):
     """Two artifacts were derived from different checkpoints."""
+
+
+def short(exc: BaseException, limit: int = 160) -> str:
+    """One line of an exception's message, cut to ``limit`` characters, for error lines
+    that quote a library's complaint (its class name when it says nothing)."""
+    detail = " ".join(str(exc).split()) or exc.__class__.__name__
+    return detail if len(detail) < limit else detail[: limit - 3] + "..."

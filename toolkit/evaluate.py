@@ -16,99 +16,93 @@ from typing import Any
 
 import numpy as np
 
-from mclx.config import Distance, PreprocessCfg, TrainCfg, to_dict
+from mclx.config import Distance, PreprocessCfg, to_dict
 from mclx.data.dataset import build_table
 from mclx.data.her2st import read_her2st
-from mclx.experiment import (
-    PatchCache,
-    choose_genes,
-    encoder_fingerprint,
-    make_preprocess,
-    new_model,
-    pos_size,
-    train_model,
-)
 from mclx.io import all_or_nothing, atomic_path, write_text_atomic
 from mclx.metrics import score
+from mclx.recipe import PatchCache, Recipe, train_model
 
 METRICS = ("pcc_acg", "pcc_heg", "mse", "mae")
 
 
 def cross_validate(
     root: str | os.PathLike,
+    recipe: Recipe | None = None,
     *,
-    model: str = "mclstexp",
     sections: Sequence[str] | None = None,
     bank_sections: Sequence[str] = (),
-    train_cfg: TrainCfg | None = None,
     k: int | None = None,
     distance: Distance | None = None,
-    genes_file: str | os.PathLike | None = None,
-    n_hvg: int | None = None,
-    encoder_weights: str | os.PathLike | None = "auto",
-    model_overrides: dict[str, Any] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run the cross-validation; return ``{"sections", "mean", "std", "genes", "config"}``."""
-    from mclx.train import encode_features, spot_embeddings
+    """Run the cross-validation; return ``{"sections", "mean", "std", "genes", "config"}``.
 
-    cfg = train_cfg or TrainCfg()
+    Args:
+        recipe: how each fold's model is made and trained (default: the reference).
+        sections: image sections to hold out in turn (default: all with images).
+        bank_sections: sections (image or not) whose spots join every fold's bank.
+        k, distance: retrieval settings (default: the model's).
+    """
+    recipe = recipe or Recipe()
     adatas = read_her2st(root, list(sections) if sections else None, with_image=True)
     if len(adatas) < 2:
         msg = f"{root}: cross-validation needs at least two sections with images"
         raise ValueError(msg)
-    extra = (
-        read_her2st(root, [s for s in bank_sections if s not in adatas]) if bank_sections else {}
-    )
+    extra = [s for s in bank_sections if s not in adatas]
+    extra_adatas = read_her2st(root, extra) if extra else {}
     cache = PatchCache(adatas, PreprocessCfg().patch_size)
     results: dict[str, Any] = {}
     genes_out: dict[str, dict[str, float]] = {}
-    run_cfg: dict[str, Any] = {}
     t0 = time.perf_counter()
     for test in adatas:
-        train_secs = [s for s in adatas if s != test]
-        genes = choose_genes(
-            root, {s: adatas[s] for s in train_secs}, genes_file=genes_file, n_hvg=n_hvg
-        )
-        pre = make_preprocess(genes, list(adatas.values()))
-        bank_adatas = {s: adatas[s] for s in train_secs} | extra
-        net = new_model(
-            model,
-            pre,
-            pos_size(list(bank_adatas.values())),
-            seed=cfg.seed,
-            encoder_weights=encoder_weights,
-            **(model_overrides or {}),
-        )
-        k_eff = k if k is not None else net.cfg.k
-        dist = distance or net.cfg.distance
-        history, _ = train_model(net, cache, train_secs, pre, cfg, progress=progress)
-        test_table = build_table({test: adatas[test]}, pre)
-        if cfg.freeze_encoder:
-            feats = cache.features(net.image_encoder, encoder_fingerprint(net), test, pre)
-        else:
-            feats = encode_features(net.image_encoder, cache.patches(test), pre)
+        fold = _Fold(root, recipe, adatas, extra_adatas, test)
+        row, genes_out[test] = fold.run(cache, k=k, distance=distance, progress=progress)
+        results[test] = row
+    config = fold.config | {
+        "bank_sections": list(bank_sections),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    return _summary(results, config, genes_out)
+
+
+class _Fold:
+    """One held-out section: train on the others, bank them (and the extra sections),
+    predict the held-out spots from their patches and score them."""
+
+    def __init__(self, root, recipe: Recipe, adatas, extra, test: str) -> None:
+        self.recipe, self.test, self.adatas = recipe, test, adatas
+        self.train = [s for s in adatas if s != test]
+        self.bank_adatas = {s: adatas[s] for s in self.train} | extra
+        self.pre, self.net = recipe.setup(root, adatas | extra, self.train)
+
+    def run(self, cache: PatchCache, *, k, distance, progress: bool):
+        from mclx.bank import bank_from_model
+        from mclx.inference import match
+        from mclx.inference.embed import head_outputs
+
+        net, pre = self.net, self.pre
+        history, _ = train_model(net, cache, self.train, pre, self.recipe.train, progress=progress)
+        bank = None
         if net.kind == "contrastive":
-            bank = build_table(bank_adatas, pre)
-            keys, values = spot_embeddings(net, bank, seq_len=cfg.batch_size), bank.expr
-        else:
-            keys = values = None
-        pred = predict_from_features(net, feats, keys, values, k=k_eff, distance=dist)
-        s = score(pred, test_table.expr)
-        genes_out[test] = dict(zip(genes, s.pop("pcc_genes").tolist()))
-        results[test] = s | {"n_spots": len(test_table), "final_loss": history[-1]}
-        run_cfg = {
+            table = build_table(self.bank_adatas, pre)
+            bank = bank_from_model(net, table, pre.genes, fingerprint="fold")
+        feats = cache.features(net.image_encoder, self.test, pre)
+        pred = match(head_outputs(net, feats), bank, k=k, distance=distance)
+        s = score(pred, build_table({self.test: self.adatas[self.test]}, pre).expr)
+        genes = dict(zip(pre.genes, s.pop("pcc_genes").tolist()))
+        n = self.adatas[self.test].n_obs
+        self.config = {
             "model": to_dict(net.cfg),
-            "train": {k_: v for k_, v in to_dict(cfg).items() if k_ != "extra"},
-            "k": k_eff,
-            "distance": dist,
+            "preprocess": {k_: v for k_, v in to_dict(pre).items() if k_ != "genes"},
+            "train": to_dict(self.recipe.train),
+            "k": k or net.cfg.k,
+            "distance": distance or net.cfg.distance,
             "weighting": net.cfg.weighting,
-            "n_genes": len(genes),
-            "bank_sections": list(bank_sections),
-            "encoder_weights": str(encoder_weights),
+            "n_genes": len(pre.genes),
+            "encoder_weights": str(self.recipe.encoder_weights),
         }
-    run_cfg["seconds"] = round(time.perf_counter() - t0, 1)
-    return _summary(results, run_cfg, genes_out)
+        return s | {"n_spots": n, "final_loss": history[-1]}, genes
 
 
 def _summary(results: dict[str, Any], config: dict[str, Any], genes: dict) -> dict[str, Any]:
@@ -120,42 +114,6 @@ def _summary(results: dict[str, Any], config: dict[str, Any], genes: dict) -> di
         "config": config,
         "genes": genes,
     }
-
-
-def predict_from_features(net, feats, keys, values, *, k: int, distance: str) -> np.ndarray:
-    """Head on pooled encoder features, then retrieval from (keys, values) for a
-    contrastive model; ST-Net's head output is the prediction itself."""
-    from mclx.kernels import retrieve
-    from mclx.train import image_outputs
-
-    out = image_outputs(net, feats)
-    if net.kind != "contrastive":
-        return out
-    return retrieve(out, keys, values, k, distance=distance, weighting=net.cfg.weighting)
-
-
-def predict_section(ck, bank, adata, *, k: int | None = None, distance: str | None = None):
-    """Evaluation's in-memory path for one section with a fixed checkpoint and bank:
-    patches cut from the decoded image, torch FP32 features, head, retrieval."""
-    from mclx.data.patches import section_patches
-    from mclx.train import encode_features
-
-    bank.check_compatible(ck.fingerprint, ck.preprocess.genes)
-    k = k or bank.k
-    if ck.model.kind == "contrastive" and k > len(bank):
-        msg = f"{bank.path or 'bank'}: k={k} is larger than the bank ({len(bank)} spots)"
-        raise ValueError(msg)
-    feats = encode_features(
-        ck.model.image_encoder, section_patches(adata, ck.preprocess.patch_size), ck.preprocess
-    )
-    return predict_from_features(
-        ck.model,
-        feats,
-        bank.embeddings,
-        bank.expressions,
-        k=k,
-        distance=distance or bank.distance,
-    )
 
 
 def score_checkpoint(
@@ -170,28 +128,34 @@ def score_checkpoint(
     """Table 1 for a trained checkpoint and bank on ``sections`` (no training)."""
     from mclx.bank import load_bank
     from mclx.checkpoint import load_checkpoint
+    from mclx.data.patches import section_patches
+    from mclx.inference import predict
+    from mclx.inference.device import torch_device
+    from mclx.inference.encoders import TorchEncoder
 
-    ck, bank = load_checkpoint(checkpoint), load_bank(bank_path)
-    bank.check_compatible(ck.fingerprint, ck.preprocess.genes)  # before reading any data
-    if ck.model.kind == "contrastive" and (k or bank.k) > len(bank):
-        msg = f"{bank_path}: k={k or bank.k} is larger than the bank ({len(bank)} spots)"
-        raise ValueError(msg)
+    ck, loaded = load_checkpoint(checkpoint), load_bank(bank_path)
+    loaded.check_compatible(ck.fingerprint, ck.preprocess.genes)  # before reading any data
+    bank = loaded if ck.model.kind == "contrastive" else None  # ST-Net: no retrieval
+    if bank is not None:
+        bank.check_k(k)
     adatas = read_her2st(root, list(sections), with_image=True)
-    overlap = set(sections) & set(bank.sections.tolist())
+    overlap = set(sections) & set(loaded.sections.tolist())
     if overlap:
         msg = f"{bank_path}: bank contains the scored sections {sorted(overlap)} (leakage)"
         raise ValueError(msg)
+    encoder = TorchEncoder(ck, device=torch_device().type)
     results, genes_out = {}, {}
     for name, adata in adatas.items():
         truth = build_table({name: adata}, ck.preprocess).expr
-        s = score(predict_section(ck, bank, adata, k=k, distance=distance), truth)
+        patches = section_patches(adata, ck.preprocess.patch_size)
+        s = score(predict(encoder, patches, bank, k=k, distance=distance), truth)
         genes_out[name] = dict(zip(ck.preprocess.genes, s.pop("pcc_genes").tolist()))
         results[name] = s | {"n_spots": len(truth)}
     config = {
         "checkpoint": str(checkpoint),
         "bank": str(bank_path),
-        "k": k or bank.k,
-        "distance": distance or bank.distance,
+        "k": k or loaded.k,
+        "distance": distance or loaded.distance,
         "n_genes": len(ck.preprocess.genes),
         "fingerprint": ck.fingerprint,
         "seconds": 0.0,

@@ -10,7 +10,6 @@ the CPU the continued run gives the same weights, bit for bit, as one never stop
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from collections.abc import Callable, Iterator, Mapping
@@ -22,6 +21,9 @@ from torch import nn
 
 from mclx.config import PreprocessCfg, TrainCfg
 from mclx.data.dataset import SpotTable
+from mclx.inference.device import torch_device
+from mclx.inference.embed import autocast
+from mclx.inference.transform import to_tensor
 
 
 def seed_everything(seed: int) -> None:
@@ -29,55 +31,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def to_input(patches: np.ndarray | torch.Tensor, pre: PreprocessCfg, device) -> torch.Tensor:
-    """uint8 NHWC patches -> float NCHW in the model's pixel scale (``[0, 1]``, mean/std)."""
-    x = torch.as_tensor(patches).to(device)
-    if x.dtype == torch.uint8 and x.shape[-1] == 3:
-        x = x.permute(0, 3, 1, 2)
-    x = x.float() / 255.0
-    if any(pre.mean) or any(s != 1 for s in pre.std):
-        mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1)
-        x = (x - mean) / std
-    return x.contiguous(memory_format=torch.channels_last)
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@torch.inference_mode()
-def encode_features(
-    encoder: nn.Module,
-    patches: np.ndarray,
-    pre: PreprocessCfg,
-    *,
-    batch_size: int = 32,
-    device: torch.device | None = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Pooled encoder features (N, F) float32 of uint8 patches, in eval mode."""
-    from tqdm.auto import tqdm
-
-    device = device or default_device()
-    encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
-    out = []
-    for start in tqdm(
-        range(0, len(patches), batch_size), desc="encode", unit="batch", disable=not progress
-    ):
-        with _autocast(device):
-            f = encoder(to_input(patches[start : start + batch_size], pre, device))
-        out.append(f.float().cpu().numpy())
-    dim = getattr(encoder, "num_features", 0)
-    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:
@@ -202,7 +155,7 @@ def fit(
     """
     from tqdm.auto import tqdm
 
-    device = device or default_device()
+    device = device or torch_device()
     frozen = cfg.freeze_encoder
     if frozen and features is None:
         msg = "freeze_encoder needs cached encoder features"
@@ -247,14 +200,14 @@ def fit(
             losses = []
             for rows in batches(table, cfg, context, rng):
                 r = torch.as_tensor(rows, device=device)
-                with _autocast(device):
+                with autocast(device):
                     if frozen:
                         f = feats[r]
                     else:
                         x = torch.as_tensor(table.patches[rows]).permute(0, 3, 1, 2)
                         if cfg.augment:
                             x = _augment(x)
-                        f = model.image_encoder(to_input(x.permute(0, 2, 3, 1), pre, device))
+                        f = model.image_encoder(to_tensor(x.permute(0, 2, 3, 1), pre, device))
                     loss = model.loss(f.float(), expr[r], pos[r])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -267,37 +220,3 @@ def fit(
                 on_epoch(epoch + 1, snapshot)
     model.eval()
     return history
-
-
-@torch.inference_mode()
-def spot_embeddings(
-    model: nn.Module, table: SpotTable, *, seq_len: int = 128, device=None
-) -> np.ndarray:
-    """Spot embeddings (N, D) float32, each section encoded on its own.
-
-    In ``batch`` context the attention sees consecutive runs of ``seq_len`` spots of a
-    section (the training batch size); in ``section`` context the whole section.
-    """
-    device = device or default_device()
-    model.to(device).eval()
-    out = np.zeros((len(table), model.cfg.embed_dim), np.float32)
-    for s in table.sections:
-        rows = table.rows(s)
-        step = len(rows) if model.cfg.context == "section" else seq_len
-        for start in range(0, len(rows), step):
-            r = rows[start : start + step]
-            e = model.embed_spots(
-                torch.as_tensor(table.expr[r], device=device),
-                torch.as_tensor(table.pos[r], device=device),
-            )
-            out[r] = e.float().cpu().numpy()
-    return out
-
-
-@torch.inference_mode()
-def image_outputs(model: nn.Module, features: np.ndarray, *, device=None) -> np.ndarray:
-    """Model head on pooled features: embeddings (contrastive) or expression (ST-Net)."""
-    device = device or default_device()
-    model.to(device).eval()
-    f = torch.as_tensor(features, device=device)
-    return model.embed_image_features(f).float().cpu().numpy()

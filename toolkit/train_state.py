@@ -141,7 +141,6 @@ class StateFile:
         self._last: tuple[float, float] | None = None  # (began, seconds) of the last save
         self.record: dict[str, Any] = {}
         self.resume_from: dict[str, Any] | None = None
-        self.saves = 0
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -272,7 +271,6 @@ class StateFile:
         }
         with atomic_path(self.path) as tmp:
             torch.save(payload, tmp)
-        self.saves += 1
 
     def remove(self) -> None:
         """Delete the state file (the run finished and its checkpoint is written)."""

@@ -70,23 +70,25 @@ def plot_genes(
     for g in genes:
         vals = np.asarray(adata[:, g].X).ravel()
         fig, ax = plt.subplots(figsize=(8, 8 * thumb.shape[0] / thumb.shape[1]), dpi=110)
-        ax.imshow(thumb)
-        sc = ax.scatter(
-            xy[:, 0],
-            xy[:, 1],
-            c=vals,
-            s=max(4.0, (0.8 * size) ** 2 / 4),
-            marker="s",
-            cmap="magma",
-            alpha=0.75,
-            linewidths=0,
-        )
-        fig.colorbar(sc, ax=ax, fraction=0.035, label=f"{g} (predicted, log-normalised)")
-        ax.set_axis_off()
-        ax.set_title(f"{Path(slide_path).name}: {g}")
-        path = Path(f"{out_prefix}.{g}.png")
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", bbox_inches="tight")
-        plt.close(fig)
+        try:  # closed even when drawing or writing fails (a full disk, say)
+            ax.imshow(thumb)
+            sc = ax.scatter(
+                xy[:, 0],
+                xy[:, 1],
+                c=vals,
+                s=max(4.0, (0.8 * size) ** 2 / 4),
+                marker="s",
+                cmap="magma",
+                alpha=0.75,
+                linewidths=0,
+            )
+            fig.colorbar(sc, ax=ax, fraction=0.035, label=f"{g} (predicted, log-normalised)")
+            ax.set_axis_off()
+            ax.set_title(f"{Path(slide_path).name}: {g}")
+            path = Path(f"{out_prefix}.{g}.png")
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png", bbox_inches="tight")
+        finally:
+            plt.close(fig)
         paths.append(path)
     return paths

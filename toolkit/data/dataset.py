@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from mclx.config import PreprocessCfg
-from mclx.data.patches import section_patches
 from mclx.data.preprocess import normalize_expression
 
 
@@ -44,13 +43,11 @@ class SpotTable:
         return np.flatnonzero(self.section == section)
 
 
-def build_table(
-    adatas: Mapping[str, object], pre: PreprocessCfg, *, with_patches: bool = False
-) -> SpotTable:
-    """Preprocess every section with ``pre`` and concatenate (and cut patches if asked)."""
+def build_table(adatas: Mapping[str, object], pre: PreprocessCfg) -> SpotTable:
+    """Preprocess every section with ``pre`` and concatenate (patches are cut separately,
+    :class:`mclx.recipe.PatchCache`)."""
     parts = []
     for name, a in adatas.items():
-        patches = section_patches(a, pre.patch_size) if with_patches else None
         parts.append(
             SpotTable(
                 expr=normalize_expression(a, pre),
@@ -58,7 +55,6 @@ def build_table(
                 coords=np.asarray(a.obsm["spatial"], np.float64),
                 section=np.full(a.n_obs, name, dtype=object),
                 obs_names=np.asarray(a.obs_names, dtype=object),
-                patches=patches,
             )
         )
     return SpotTable(
@@ -67,5 +63,4 @@ def build_table(
         coords=np.concatenate([p.coords for p in parts]),
         section=np.concatenate([p.section for p in parts]),
         obs_names=np.concatenate([p.obs_names for p in parts]),
-        patches=np.concatenate([p.patches for p in parts]) if with_patches else None,
     )

@@ -27,7 +27,6 @@ from mclx.errors import DataError
 
 ST_PITCH_UM = 200.0  # centre-to-centre distance of legacy ST array positions
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-ENV_VAR = "MCLX_HER2ST"
 
 
 def find_data_root(path: str | os.PathLike) -> Path:
@@ -192,7 +191,7 @@ def estimate_mpp(obs: pd.DataFrame, pitch_um: float = ST_PITCH_UM) -> float | No
     return float(pitch_um / np.mean(slopes))
 
 
-def read_section(root: str | os.PathLike, section: str, *, check_image: bool = True):
+def read_section(root: str | os.PathLike, section: str):
     """Read one section as AnnData (see module docstring)."""
     import anndata as ad
     import scipy.sparse as sp
@@ -222,7 +221,7 @@ def read_section(root: str | os.PathLike, section: str, *, check_image: bool = T
         index=[f"{section}_{i}" for i in common],
     )
     image = _image_path(root, section)
-    if image is not None and check_image:
+    if image is not None:
         _check_spots_inside(image, obs)
     adata = ad.AnnData(
         X=sp.csr_matrix(counts.to_numpy(dtype=np.float32)),

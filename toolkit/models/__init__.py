@@ -1,12 +1,14 @@
 """Model registry: ``create_model(cfg)`` builds any registered method from its config.
 
-Registered models: ``mclstexp`` (the paper), ``bleep`` and ``stnet`` (comparison methods).
-Registered image encoders: see :data:`ENCODERS` (``densenet121`` by default).
+Registered models: ``mclstexp`` (the paper), ``bleep`` and ``stnet`` (comparison methods),
+each with the defaults of its publication (:func:`model_cfg`). Registered image encoders:
+see :data:`ENCODERS` (``densenet121`` by default).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch import nn
 
@@ -21,19 +23,25 @@ from mclx.models.stnet import STNet
 MODELS = Registry("model")
 
 
-@MODELS.register
+@MODELS.register(defaults={})
 def mclstexp(cfg: ModelCfg, encoder: ImageEncoder) -> MclSTExp:
     return MclSTExp(cfg, encoder, clip_loss)
 
 
-@MODELS.register
+# no positions, no Transformer; the top 50 neighbours averaged
+@MODELS.register(defaults={"pos_embed": False, "depth": 0, "k": 50, "weighting": "mean"})
 def bleep(cfg: ModelCfg, encoder: ImageEncoder) -> MclSTExp:
     return MclSTExp(cfg, encoder, bleep_loss)
 
 
-@MODELS.register
+@MODELS.register(defaults={"pos_embed": False, "depth": 0, "k": 0})
 def stnet(cfg: ModelCfg, encoder: ImageEncoder) -> STNet:
     return STNet(cfg, encoder)
+
+
+def model_cfg(name: str, **overrides: Any) -> ModelCfg:
+    """The config of model ``name`` with its publication's defaults, then ``overrides``."""
+    return ModelCfg(**{"name": name, **MODELS.meta(name)["defaults"], **overrides})
 
 
 def create_model(cfg: ModelCfg, *, encoder_weights: str | os.PathLike | None = None) -> nn.Module:
@@ -62,4 +70,5 @@ __all__ = [
     "clip_loss",
     "create_encoder",
     "create_model",
+    "model_cfg",
 ]

@@ -1,0 +1,87 @@
+"""A model's two sides at inference, in PyTorch: image features and heads, spot embeddings.
+
+- :func:`encode_features`: uint8 patches -> the image encoder's pooled features (N, F),
+  which a frozen-encoder run caches once and trains on.
+- :func:`head_outputs`: pooled features -> what the model predicts from an image: an
+  embedding (contrastive models) or the expression itself (ST-Net).
+- :func:`spot_embeddings`: a table of spots -> their embeddings (N, D), the keys of a bank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from mclx.config import PreprocessCfg
+from mclx.data.dataset import SpotTable
+from mclx.inference.device import torch_device
+from mclx.inference.transform import to_tensor
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (training and feature passes); nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def encode_features(
+    encoder: nn.Module,
+    patches: np.ndarray,
+    pre: PreprocessCfg,
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Pooled encoder features (N, F) float32 of uint8 patches, in eval mode."""
+    from tqdm.auto import tqdm
+
+    device = device or torch_device()
+    encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
+    out = []
+    for start in tqdm(
+        range(0, len(patches), batch_size), desc="encode", unit="batch", disable=not progress
+    ):
+        with autocast(device):
+            f = encoder(to_tensor(patches[start : start + batch_size], pre, device))
+        out.append(f.float().cpu().numpy())
+    dim = getattr(encoder, "num_features", 0)
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
+
+
+@torch.inference_mode()
+def head_outputs(model: nn.Module, features: np.ndarray, *, device=None) -> np.ndarray:
+    """The model's head on pooled features: embeddings (contrastive) or expression (ST-Net)."""
+    device = device or torch_device()
+    model.to(device).eval()
+    f = torch.as_tensor(features, device=device)
+    return model.embed_image_features(f).float().cpu().numpy()
+
+
+@torch.inference_mode()
+def spot_embeddings(model: nn.Module, table: SpotTable, *, device=None) -> np.ndarray:
+    """Spot embeddings (N, D) float32, each section encoded on its own.
+
+    The attention sees what it saw in training: in ``batch`` context consecutive runs of
+    ``model.cfg.seq_len`` spots of a section (the training batch size); in ``section``
+    context the whole section.
+    """
+    device = device or torch_device()
+    model.to(device).eval()
+    out = np.zeros((len(table), model.cfg.embed_dim), np.float32)
+    for s in table.sections:
+        rows = table.rows(s)
+        step = len(rows) if model.cfg.context == "section" else model.cfg.seq_len
+        for start in range(0, len(rows), step):
+            r = rows[start : start + step]
+            e = model.embed_spots(
+                torch.as_tensor(table.expr[r], device=device),
+                torch.as_tensor(table.pos[r], device=device),
+            )
+            out[r] = e.float().cpu().numpy()
+    return out

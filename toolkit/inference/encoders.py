@@ -1,0 +1,168 @@
+"""Image encoders behind one interface: ``encoder(batch) -> embeddings``.
+
+An :class:`Encoder` takes uint8 N x H x W x 3 patches (what slide readers and patch
+cutters give) or float32 N x 3 x H x W already in the model's pixel scale, applies the
+one pixel transform (:mod:`mclx.inference.transform`) and returns the model's image
+output: embeddings for a contrastive model, expression for ST-Net. Each says which
+checkpoint it came from (``fingerprint``), how its pixels are prepared (``pre``) and
+how it runs (``name``, ``precision``, ``device``).
+
+- :class:`TorchEncoder`: the checkpoint's own model (fp32; bf16 on CPUs with AMX /
+  AVX512-BF16; fp16 on CUDA).
+- :class:`OnnxRuntimeEncoder`: an exported ``.onnx`` / ``.int8.onnx`` (CPU or CUDA).
+- :class:`~mclx.inference.tensorrt.TensorRTEncoder`: an engine (NVIDIA GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mclx.config import PreprocessCfg, from_dict
+from mclx.errors import FormatError, short
+from mclx.inference.transform import to_model_input, to_tensor
+
+INPUT, OUTPUT = "images", "embeddings"  # tensor names of every exported encoder
+
+
+class Encoder(Protocol):
+    """What the runtime, evaluation and the exporter's parity check need of an encoder."""
+
+    name: str  # backend: torch, onnxruntime, tensorrt
+    pre: PreprocessCfg
+    fingerprint: str  # the checkpoint's
+    precision: str
+    device: str
+
+    def __call__(self, batch: Any) -> Any: ...
+
+
+class TorchEncoder:
+    """The checkpoint's own model in PyTorch.
+
+    ``bf16`` on CPU runs a bfloat16 copy of the model, channels-last, traced and frozen
+    with TorchScript so that oneDNN fuses convolution, batch norm and ReLU: ~1.6x the
+    speed of bf16 autocast in eager mode on an AMX machine, same embeddings (cosine
+    0.99998 against FP32 on HER2+ patches).
+    """
+
+    name = "torch"
+
+    def __init__(self, ck, *, precision: str = "fp32", device: str = "cpu") -> None:
+        import torch
+
+        if precision not in ("fp32", "bf16", "fp16"):
+            msg = f"torch backend: precision {precision!r} not offered (fp32, bf16, fp16)"
+            raise ValueError(msg)
+        if precision == "fp16" and device != "cuda":
+            msg = "torch backend: fp16 needs --device cuda"
+            raise ValueError(msg)
+        self.pre, self.precision, self.device = ck.preprocess, precision, device
+        self.fingerprint = ck.fingerprint
+        self.model = ck.model.to(device).eval().to(memory_format=torch.channels_last)
+        self._frozen = None
+
+    def _bf16_cpu(self, x):
+        import copy
+        import warnings
+
+        import torch
+
+        if self._frozen is None:
+            model = copy.deepcopy(self.model).bfloat16()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._frozen = torch.jit.freeze(torch.jit.trace(model, x[:2].bfloat16()))
+        return self._frozen(x.bfloat16())
+
+    def __call__(self, batch):
+        import torch
+
+        x = to_tensor(np.asarray(batch), self.pre, self.device)
+        with torch.inference_mode():
+            if self.precision == "bf16" and self.device == "cpu":
+                return self._bf16_cpu(x).float().numpy()
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+            ctx = torch.autocast(self.device, dtype=dtype) if dtype else contextlib.nullcontext()
+            with ctx:
+                return self.model(x).float().cpu().numpy()
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The mclx metadata dict of an ONNX file (without loading its weights)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def onnx_metadata(path: Path) -> tuple[dict[str, str], PreprocessCfg]:
+    """The validated metadata of an mclx ONNX encoder and its preprocessing."""
+    if not path.is_file():
+        msg = f"{path}: ONNX file does not exist"
+        raise FileNotFoundError(msg)
+    if path.stat().st_size == 0:
+        msg = f"{path}: ONNX file is empty (0 bytes)"
+        raise FormatError(msg)
+    try:
+        meta = read_onnx_metadata(path)
+    except Exception as exc:  # protobuf DecodeError, ...
+        from mclx.io import describe_file
+
+        what = describe_file(path)
+        msg = f"{path}: not a readable ONNX file: the file is {what} ({short(exc, 80)})"
+        raise FormatError(msg) from exc
+    try:
+        pre = from_dict(PreprocessCfg, json.loads(meta["preprocess"]))
+        str(meta["fingerprint"])
+    except Exception as exc:  # KeyError, ValueError
+        msg = (
+            f"{path}: not an mclx ONNX encoder (no valid mclx metadata: "
+            f"{exc.__class__.__name__} {short(exc, 60)}); export it with 'mclx export'"
+        )
+        raise FormatError(msg) from exc
+    return meta, pre
+
+
+class OnnxRuntimeEncoder:
+    """An exported ``.onnx`` (or ``.int8.onnx``) file in ONNX Runtime."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None
+    ) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        meta, self.pre = onnx_metadata(path)
+        self.fingerprint = meta["fingerprint"]
+        self.precision = meta.get("precision", "fp32")
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = threads or os.cpu_count() or 1
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                msg = f"{path}: ONNX Runtime has no CUDA provider (pip install .[gpu])"
+                raise RuntimeError(msg)
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self.device, self.path = device, path
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers)
+        except Exception as exc:  # ORT's Fail, InvalidProtobuf, InvalidGraph: not OSError
+            msg = f"{path}: ONNX Runtime cannot load the model ({short(exc, 200)})"
+            raise FormatError(msg) from exc
+
+    def __call__(self, batch):
+        x = to_model_input(np.asarray(batch), self.pre)
+        try:
+            return self.session.run(None, {INPUT: x})[0]
+        except Exception as exc:  # InvalidArgument on a wrong input shape, ...
+            msg = f"{self.path}: ONNX Runtime failed on a batch of {x.shape} ({short(exc, 200)})"
+            raise RuntimeError(msg) from exc

@@ -1,0 +1,158 @@
+"""The table of encoder formats, read by the exporter and by the runtime alike.
+
+Each row says which backend runs the format, at which precision, where (``device``),
+which file beside the checkpoint holds it (none for the checkpoint's own model), which
+export options it accepts, and which exporter function builds it. ``mclx export`` loops
+over the rows it is asked for (:mod:`mclx.export.exporter`); :func:`open_encoder` opens
+a row's artifact, or picks the best row for ``--backend auto``. Exported artifacts
+record their agreement with PyTorch in ``<stem>.export.json``, and ``auto`` skips any
+whose embeddings drifted below :data:`MIN_COSINE`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+MIN_COSINE = 0.99  # reduced precision must keep embeddings this close to FP32
+MAX_REL_ERR_FP32 = 1e-4  # FP32 exports must match PyTorch this closely
+
+
+@dataclass(frozen=True)
+class Format:
+    """One way to run the image encoder.
+
+    Attributes:
+        name: the format's key (also its record in the export report).
+        backend: ``torch``, ``onnxruntime`` or ``tensorrt``.
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``int8``.
+        suffix: file beside the checkpoint (``model.pt`` -> ``model.int8.onnx``); None
+            for the checkpoint's own model.
+        device: where it runs: ``any``, ``cpu`` only or ``cuda`` only.
+        flag: the ``mclx export`` flag that asks for it (None: always built, if it has
+            a builder).
+        options: export options (``mclx export`` keywords) that only this row reads.
+        builder: ``module:function`` of the exporter that writes it (imported on use, so
+            that the runtime never loads the exporter), called as ``build(job, out)``
+            and returning the precision it built.
+        sidecars: suffixes of files written beside the artifact (``.engine.json``).
+    """
+
+    name: str
+    backend: Literal["torch", "onnxruntime", "tensorrt"]
+    precision: Literal["fp32", "bf16", "fp16", "int8"]
+    suffix: str | None = None
+    device: Literal["any", "cpu", "cuda"] = "any"
+    flag: str | None = None
+    options: tuple[str, ...] = ()
+    builder: str | None = None
+    sidecars: tuple[str, ...] = ()
+
+    def path(self, checkpoint: str | os.PathLike) -> Path:
+        """Where this format of ``checkpoint`` lives: beside it, same stem."""
+        ck = Path(checkpoint)
+        return ck if self.suffix is None else ck.with_name(ck.stem + self.suffix)
+
+    def runs_on(self, device: str) -> bool:
+        return self.device in ("any", device)
+
+    def build(self) -> Callable[..., Any]:
+        """The exporter function ``build(job, out) -> precision built``."""
+        if self.builder is None:
+            msg = f"format {self.name} has no file to build"
+            raise ValueError(msg)
+        module, func = self.builder.split(":")
+        return getattr(importlib.import_module(module), func)
+
+    def open(self, checkpoint: str | os.PathLike, *, device: str = "cpu", ck: Any = None):
+        """An encoder of this format for ``checkpoint`` (its file, or the model itself)."""
+        if self.backend == "torch":
+            from mclx.checkpoint import load_checkpoint
+            from mclx.inference.encoders import TorchEncoder
+
+            ck = ck or load_checkpoint(checkpoint)
+            return TorchEncoder(ck, precision=self.precision, device=device)
+        return open_file(self.path(checkpoint), device=device)
+
+
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in (
+        Format("torch", "torch", "fp32"),
+        Format("torch-bf16", "torch", "bf16", device="cpu"),
+        Format("torch-fp16", "torch", "fp16", device="cuda"),
+        Format(
+            "onnx",
+            "onnxruntime",
+            "fp32",
+            ".onnx",
+            options=("opset",),
+            builder="mclx.export.onnx_export:build_onnx",
+        ),
+        Format(
+            "onnx-int8",
+            "onnxruntime",
+            "int8",
+            ".int8.onnx",
+            flag="int8",
+            builder="mclx.export.onnx_export:build_int8",
+        ),
+        Format(
+            "engine",
+            "tensorrt",
+            "fp16",
+            ".engine",
+            device="cuda",
+            flag="trt",
+            options=("fp16", "max_batch"),
+            builder="mclx.export.tensorrt_build:build",
+            sidecars=(".json",),
+        ),
+    )
+}
+
+# --backend auto, fastest first where each is available and kept its parity
+AUTO_ORDER = {
+    "cuda": ("engine", "onnx", "torch-fp16"),
+    "cpu": ("torch-bf16", "onnx-int8", "onnx", "torch"),
+}
+
+
+def format_of_file(path: str | os.PathLike) -> Format | None:
+    """The exported format a file's name says it is (longest suffix first), or None."""
+    name = Path(path).name
+    files = sorted((f for f in FORMATS.values() if f.suffix), key=lambda f: -len(f.suffix))
+    return next((f for f in files if name.endswith(f.suffix)), None)
+
+
+def open_file(path: Path, *, device: str = "cpu"):
+    """The encoder of an exported file, chosen by its suffix."""
+    fmt = format_of_file(path)
+    if fmt is not None and fmt.backend == "tensorrt":
+        from mclx.inference.tensorrt import TensorRTEncoder
+
+        return TensorRTEncoder(path)
+    from mclx.inference.encoders import OnnxRuntimeEncoder
+
+    return OnnxRuntimeEncoder(path, device=device)
+
+
+def report_path(checkpoint: str | os.PathLike) -> Path:
+    """The export report beside a checkpoint: parity of every exported artifact."""
+    ck = Path(checkpoint)
+    return ck.with_name(ck.stem + ".export.json")
+
+
+def read_report(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    path = report_path(checkpoint)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

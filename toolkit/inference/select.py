@@ -1,0 +1,116 @@
+"""Open the encoder a user asks for: a file as it is, or a checkpoint's best format.
+
+``open_encoder(model, backend=..., precision=..., device=...)`` takes a checkpoint, an
+``.onnx`` or an ``.engine``. For a checkpoint, ``--backend auto`` walks
+:data:`~mclx.inference.formats.AUTO_ORDER` for the device and opens the first format
+whose artifact exists and whose recorded parity held; a named backend opens that
+format or says in one line why it cannot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from mclx.inference.device import resolve_device, torch_device
+from mclx.inference.formats import (
+    AUTO_ORDER,
+    FORMATS,
+    MIN_COSINE,
+    Format,
+    format_of_file,
+    open_file,
+    read_report,
+)
+
+
+def open_encoder(
+    model: str | os.PathLike,
+    *,
+    backend: str = "auto",
+    precision: str = "auto",
+    device: str = "auto",
+    ck=None,
+):
+    """An :class:`~mclx.inference.encoders.Encoder` for ``model``.
+
+    Args:
+        model: checkpoint (``.pt``), exported ``.onnx`` / ``.int8.onnx``, or ``.engine``.
+        backend: ``auto``, ``torch``, ``onnxruntime`` or ``tensorrt`` (checkpoints only).
+        precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` or ``int8`` (checkpoints only).
+        device: ``auto``, ``cpu`` or ``cuda``.
+        ck: the checkpoint already loaded (spares reading it again).
+    """
+    path = Path(model)
+    if format_of_file(path) is not None:
+        return open_file(path, device=resolve_device(device, onnx=path.suffix == ".onnx"))
+    device = torch_device(device).type
+    if backend == "auto":
+        return _best(path, precision, device, ck)
+    fmt = _format(backend, precision, device)
+    encoder = fmt.open(_need(path, fmt), device=device, ck=ck)
+    if fmt.suffix is not None:
+        _check_fingerprint(encoder, path)
+    return encoder
+
+
+def _best(checkpoint: Path, precision: str, device: str, ck):
+    from mclx.kernels import cpu_has_fast_bf16
+
+    report = read_report(checkpoint)
+    for name in AUTO_ORDER[device]:
+        fmt = FORMATS[name]
+        if precision not in ("auto", fmt.precision):
+            continue
+        if name == "torch-bf16" and not cpu_has_fast_bf16():
+            continue
+        if fmt.suffix is not None and not fmt.path(checkpoint).is_file():
+            continue
+        if report.get(name, {}).get("min_cosine", 1.0) < MIN_COSINE:
+            continue
+        with contextlib.suppress(ImportError, RuntimeError):
+            encoder = fmt.open(checkpoint, device=device, ck=ck)
+            if fmt.suffix is not None:
+                _check_fingerprint(encoder, checkpoint)
+            return encoder
+    msg = f"{checkpoint}: no encoder backend available for precision {precision}"
+    raise RuntimeError(msg)
+
+
+def _format(backend: str, precision: str, device: str) -> Format:
+    """The row of ``backend`` at ``precision`` (``auto``: fp16 on a GPU where the backend
+    offers it, else the first row that runs on ``device``)."""
+    rows = [f for f in FORMATS.values() if f.backend == backend]
+    if not rows:
+        msg = f"unknown backend {backend!r} (auto, torch, onnxruntime, tensorrt)"
+        raise ValueError(msg)
+    if precision == "auto":
+        usable = [f for f in rows if f.runs_on(device)] or rows
+        preferred = "fp16" if device == "cuda" else "fp32"
+        return next((f for f in usable if f.precision == preferred), usable[0])
+    for f in rows:
+        if f.precision == precision:
+            return f
+    offered = ", ".join(f.precision for f in rows)
+    msg = f"{backend} backend: precision {precision!r} not offered ({offered})"
+    raise ValueError(msg)
+
+
+def _need(checkpoint: Path, fmt: Format) -> Path:
+    """The checkpoint (torch formats) or the exported file beside it, which must exist."""
+    path = fmt.path(checkpoint)
+    if fmt.suffix is not None and not path.is_file():
+        msg = f"{path}: not exported yet; run 'mclx export --ckpt {checkpoint}'"
+        raise FileNotFoundError(msg)
+    return checkpoint
+
+
+def _check_fingerprint(encoder, checkpoint: Path) -> None:
+    from mclx.checkpoint import read_checkpoint_dict
+    from mclx.errors import FingerprintMismatch
+
+    fp = read_checkpoint_dict(checkpoint)["fingerprint"]
+    if encoder.fingerprint != fp:
+        msg = f"{checkpoint}: exported encoder fingerprint {encoder.fingerprint} != {fp}; re-export"
+        raise FingerprintMismatch(msg)

@@ -1,0 +1,241 @@
+"""The training recipe: how a data folder and options become preprocessing and a model.
+
+``mclx train``, ``mclx evaluate`` (once per held-out section) and the tests all go
+through :class:`Recipe`: genes are chosen and the µm/px estimated on the *training*
+sections only; the positional tables are sized from the whole data folder (so any of its
+sections can later join a bank); the model is built, seeded, with its publication's
+defaults, the user's overrides and everything inference needs in its config.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mclx.config import LogBase, PreprocessCfg, TrainCfg, to_dict
+from mclx.data.dataset import SpotTable, build_table
+from mclx.data.her2st import array_extent, find_data_root
+from mclx.data.patches import section_patches
+from mclx.data.preprocess import check_genes, highly_variable_genes, load_gene_list
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from mclx.train_state import StateFile
+
+GENE_LIST_NAME = "her_hvg_cut_1000.npy"
+
+
+def default_gene_file(root: str | os.PathLike) -> Path | None:
+    """her2st's gene list beside the data folder, when present."""
+    data = find_data_root(root)
+    for folder in (data, data.parent):
+        if (folder / GENE_LIST_NAME).is_file():
+            return folder / GENE_LIST_NAME
+    return None
+
+
+def pos_size(root: str | os.PathLike, adatas: Sequence[Any] = ()) -> tuple[int, int]:
+    """Positional table sizes: the largest array coordinate + 1 over every spot file of
+    the folder (and the given sections), so any section of it fits a bank."""
+    extent = array_extent(root)
+    for a in adatas:
+        extent = (
+            max(extent[0], int(a.obs["x"].max()) + 1),
+            max(extent[1], int(a.obs["y"].max()) + 1),
+        )
+    return extent
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What ``mclx train`` and ``mclx evaluate`` share: model, genes, expression scale,
+    encoder weights and the optimisation recipe.
+
+    Attributes:
+        model: a model of the registry (``mclx.models.MODELS``).
+        overrides: ModelCfg fields set by the user (encoder, ablations).
+        train: the optimisation recipe.
+        genes_file: gene list (default her2st's list beside the data, else HVGs).
+        n_hvg: use this many scanpy HVGs of the training sections instead.
+        log_base: ``"10"`` (reference) or ``"e"``.
+        encoder_weights: ``auto``, ``imagenet``, a file, or None (random init).
+    """
+
+    model: str = "mclstexp"
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    train: TrainCfg = field(default_factory=TrainCfg)
+    genes_file: str | os.PathLike | None = None
+    n_hvg: int | None = None
+    log_base: LogBase = "10"
+    encoder_weights: str | os.PathLike | None = "auto"
+
+    def genes(self, root: str | os.PathLike, train: Mapping[str, Any]) -> list[str]:
+        """A given gene list, her2st's default list, or HVGs over the training sections."""
+        if self.n_hvg:
+            return highly_variable_genes(list(train.values()), n_top=self.n_hvg)
+        path = Path(self.genes_file) if self.genes_file else default_gene_file(root)
+        if path is None:
+            return highly_variable_genes(list(train.values()), n_top=1000)
+        genes = load_gene_list(path)
+        for a in train.values():
+            check_genes(a, genes)
+        return genes
+
+    def preprocess(self, root: str | os.PathLike, train: Mapping[str, Any]) -> PreprocessCfg:
+        """Genes and the median µm/px of the training sections' images."""
+        mpps = [
+            a.uns["mpp"] for a in train.values() if a.uns.get("image_path") and a.uns.get("mpp")
+        ]
+        return PreprocessCfg(
+            genes=tuple(self.genes(root, train)),
+            mpp=float(np.median(mpps)) if mpps else None,
+            log_base=self.log_base,
+        )
+
+    def build_model(self, pre: PreprocessCfg, pos: tuple[int, int]) -> nn.Module:
+        """The seeded model for ``pre.genes`` with positional tables of size ``pos``."""
+        from mclx.models import create_model, model_cfg
+        from mclx.train import seed_everything
+
+        seed_everything(self.train.seed)
+        cfg = model_cfg(
+            self.model,
+            n_genes=len(pre.genes),
+            pos_size=pos,
+            seq_len=self.train.batch_size,
+            **self.overrides,
+        )
+        return create_model(cfg, encoder_weights=self.encoder_weights)
+
+    def setup(
+        self, root: str | os.PathLike, adatas: Mapping[str, Any], sections: Sequence[str]
+    ) -> tuple[PreprocessCfg, nn.Module]:
+        """Preprocessing and a new model for training on ``sections`` of ``adatas``."""
+        pre = self.preprocess(root, {s: adatas[s] for s in sections})
+        return pre, self.build_model(pre, pos_size(root, list(adatas.values())))
+
+    def record(self, sections: Sequence[str], model, pre: PreprocessCfg, **extra: Any) -> dict:
+        """What a run trains on, as a training state records it (``epochs`` aside)."""
+        return {
+            "sections": list(sections),
+            "model": to_dict(model.cfg),
+            "preprocess": to_dict(pre),
+            "train": {k: v for k, v in to_dict(self.train).items() if k != "epochs"},
+            **extra,
+        }
+
+    def provenance(self, sections: Sequence[str], history: Sequence[float], **extra: Any) -> dict:
+        """The checkpoint's record of how it was trained."""
+        from mclx import __version__
+
+        return {
+            "sections": list(sections),
+            "epochs": self.train.epochs,
+            "seed": self.train.seed,
+            "train": to_dict(self.train),
+            "loss_history": [float(x) for x in history],
+            "mclx_version": __version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **extra,
+        }
+
+
+class PatchCache:
+    """Patches cut once per section, and frozen-encoder features once per encoder."""
+
+    def __init__(self, adatas: Mapping[str, Any], patch_size: int) -> None:
+        self.adatas = adatas
+        self.patch_size = patch_size
+        self._patches: dict[str, np.ndarray] = {}
+        self._features: dict[tuple[str, str], np.ndarray] = {}
+
+    def patches(self, section: str) -> np.ndarray:
+        if section not in self._patches:
+            self._patches[section] = section_patches(self.adatas[section], self.patch_size)
+        return self._patches[section]
+
+    def table(self, sections: Sequence[str], pre: PreprocessCfg) -> SpotTable:
+        table = build_table({s: self.adatas[s] for s in sections}, pre)
+        table.patches = np.concatenate([self.patches(s) for s in sections])
+        return table
+
+    def features(self, encoder, section: str, pre, **kw: Any) -> np.ndarray:
+        """Pooled features of ``section``'s patches, cached per encoder weights."""
+        from mclx.inference.embed import encode_features
+
+        key = (encoder_fingerprint(encoder), section)
+        if key not in self._features:
+            self._features[key] = encode_features(encoder, self.patches(section), pre, **kw)
+        return self._features[key]
+
+
+def encoder_fingerprint(encoder) -> str:
+    from mclx.checkpoint import fingerprint
+
+    return fingerprint(encoder.state_dict())
+
+
+def train_model(
+    model,
+    cache: PatchCache,
+    sections: Sequence[str],
+    pre: PreprocessCfg,
+    cfg: TrainCfg,
+    *,
+    progress: bool = True,
+    state: StateFile | None = None,
+) -> tuple[list[float], SpotTable]:
+    """Fit ``model`` on the image spots of ``sections``; return loss history and table.
+
+    Args:
+        state: save a resumable state after each epoch, and continue from the one it
+            loaded (if any) once the run's record (completed here with the data digest
+            and, for a frozen encoder, its fingerprint) is checked against it.
+    """
+    from mclx.errors import FormatError
+    from mclx.train import StateMismatch, fit
+
+    table = cache.table(sections, pre)
+    fp = encoder_fingerprint(model.image_encoder) if cfg.freeze_encoder else None
+    start = on_epoch = None
+    if state is not None:
+        from mclx.train_state import data_digest
+
+        state.record.update(data=data_digest(table), n_spots=len(table), encoder=fp)
+        start = state.start(cfg.epochs)  # before the (slow) feature pass
+
+        def on_epoch(epoch, snapshot):
+            state.on_epoch(epoch, cfg.epochs, snapshot)
+
+    feats = None
+    if cfg.freeze_encoder:
+        parts = [cache.features(model.image_encoder, s, pre, progress=progress) for s in sections]
+        feats = np.concatenate(parts)
+    try:
+        history = fit(
+            model,
+            table,
+            cfg,
+            pre,
+            features=feats,
+            progress=progress,
+            start=start,
+            on_epoch=on_epoch,
+        )
+    except StateMismatch as exc:
+        msg = f"{state.path if state else 'training state'}: {exc} (corrupt file?)"
+        raise FormatError(msg) from exc
+    except BaseException:
+        if state is not None:
+            state.wait(quiet=True)  # a state being written is finished, not torn
+        raise
+    if state is not None:
+        state.wait()
+    return history, table
