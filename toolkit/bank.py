@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from mclx.artifacts import check_header, require_file, require_keys, unreadable
 from mclx.errors import FingerprintMismatch, FormatError
 from mclx.io import atomic_path
 
@@ -169,43 +170,58 @@ def save_bank(bank: Bank, path: str | os.PathLike) -> Path:
 
 def load_bank(path: str | os.PathLike) -> Bank:
     """Read and validate a bank file."""
-    from mclx.io import describe_file
+    path = require_file(path, "bank")
+    data = _read_arrays(path)
+    check_header(
+        path,
+        "bank",
+        _plain(data.get("format")),
+        _plain(data.get("format_version")),
+        expected=FORMAT,
+        supported=FORMAT_VERSION,
+    )
+    require_keys(path, "bank", data, (*_ARRAYS, "fingerprint"))
+    _check_shapes(path, data)
+    _check_values(path, data)
+    return Bank(
+        embeddings=data["embeddings"].astype(np.float32, copy=False),
+        expressions=data["expressions"].astype(np.float32, copy=False),
+        genes=[str(g) for g in data["genes"]],
+        sections=data["sections"].astype(str),
+        spot_ids=data["spot_ids"].astype(str),
+        coords=data["coords"].astype(np.float64, copy=False),
+        positions=data["positions"],
+        path=path,
+        **_read_defaults(path, data),
+    )
 
-    path = Path(path)
-    if path.is_dir():
-        msg = f"{path}: bank is a folder, not a file"
-        raise FormatError(msg)
-    if not path.is_file():
-        msg = f"{path}: bank does not exist"
-        raise FileNotFoundError(msg)
+
+def _read_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file; :func:`mclx.artifacts.unreadable`'s error when
+    numpy refuses it."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            data = {key: z[key] for key in z.files}
-    except AttributeError as exc:  # np.load of a single .npy gives an array, no .files
-        msg = f"{path}: not a readable bank file: the file is {describe_file(path)}"
-        raise FormatError(msg) from exc
-    except Exception as exc:  # zipfile.BadZipFile, ValueError, OSError, EOFError
-        what = describe_file(path)
-        if what.startswith("a numpy .npz"):
-            what = f"a corrupt .npz archive ({exc.__class__.__name__})"
-        msg = f"{path}: not a readable bank file: the file is {what}"
-        raise FormatError(msg) from exc
-    if _scalar(data, "format", str) != FORMAT:
-        msg = f"{path}: not an mclx bank (no '{FORMAT}' format tag)"
-        raise FormatError(msg)
-    version = _scalar(data, "format_version", int)
-    if version is None or version < 1:
-        msg = f"{path}: bank format version is missing or not valid"
-        raise FormatError(msg)
-    if version > FORMAT_VERSION:
-        msg = f"{path}: bank format version {version} is newer than supported ({FORMAT_VERSION})"
-        raise FormatError(msg)
-    missing = [a for a in (*_ARRAYS, "fingerprint") if a not in data]
-    if missing:
-        msg = f"{path}: bank lacks {missing}"
-        raise FormatError(msg)
-    emb, expr = data["embeddings"], data["expressions"]
-    if emb.ndim != 2 or expr.ndim != 2 or data["genes"].ndim != 1:
+            return {key: z[key] for key in z.files}
+    except Exception as exc:  # BadZipFile, ValueError, OSError, EOFError; a .npy: no .files
+        raise unreadable(
+            path,
+            "not a readable bank file",
+            exc,
+            container="a numpy .npz",
+            kind=".npz archive",
+            detail=exc.__class__.__name__,
+        ) from exc
+
+
+def _plain(arr: np.ndarray | None) -> Any:
+    """A 0-d array as its Python value (other arrays and None unchanged)."""
+    return arr.item() if isinstance(arr, np.ndarray) and arr.ndim == 0 else arr
+
+
+def _check_shapes(path: Path, data: dict[str, np.ndarray]) -> None:
+    """Refuse arrays of the wrong rank, no spots, or arrays that disagree in length."""
+    emb, expr, genes = data["embeddings"], data["expressions"], data["genes"]
+    if emb.ndim != 2 or expr.ndim != 2 or genes.ndim != 1:
         msg = f"{path}: bank embeddings and expressions must be 2-d, genes 1-d"
         raise FormatError(msg)
     n = emb.shape[0]
@@ -213,18 +229,23 @@ def load_bank(path: str | os.PathLike) -> Bank:
         msg = f"{path}: bank is empty (0 spots)"
         raise FormatError(msg)
     shapes = {
-        "expressions": (expr.shape, (n, len(data["genes"]))),
+        "expressions": (expr.shape, (n, len(genes))),
         "sections": (data["sections"].shape, (n,)),
         "spot_ids": (data["spot_ids"].shape, (n,)),
         "coords": (data["coords"].shape, (n, 2)),
         "positions": (data["positions"].shape, (n, 2)),
     }
     bad = [f"{k} {got} (expected {want})" for k, (got, want) in shapes.items() if got != want]
-    if not bad and (emb.shape[1] == 0 or len(data["genes"]) == 0):
+    if not bad and (emb.shape[1] == 0 or len(genes) == 0):
         bad = ["no embedding dimensions or no genes"]
     if bad:
         msg = f"{path}: bank arrays disagree in shape: {'; '.join(bad)}"
         raise FormatError(msg)
+
+
+def _check_values(path: Path, data: dict[str, np.ndarray]) -> None:
+    """Refuse non-numeric arrays, non-integer positions, and NaN or infinite values."""
+    emb, expr = data["embeddings"], data["expressions"]
     numeric = {"embeddings": emb, "expressions": expr, "coords": data["coords"]}
     for key, arr in numeric.items():
         if arr.dtype.kind not in "fiu":
@@ -236,6 +257,10 @@ def load_bank(path: str | os.PathLike) -> Bank:
     if not (np.isfinite(emb).all() and np.isfinite(expr).all()):
         msg = f"{path}: bank contains NaN or infinite values"
         raise FormatError(msg)
+
+
+def _read_defaults(path: Path, data: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The bank's fingerprint, checkpoint, model name and query defaults, validated."""
     meta = {
         "fingerprint": _scalar(data, "fingerprint", str),
         "checkpoint": _scalar(data, "checkpoint", str, ""),
@@ -251,17 +276,7 @@ def load_bank(path: str | os.PathLike) -> Bank:
     if meta["k"] < 1 or meta["distance"] not in ("l1", "l2"):
         msg = f"{path}: bank defaults k={meta['k']} distance={meta['distance']!r} are not valid"
         raise FormatError(msg)
-    return Bank(
-        embeddings=emb.astype(np.float32, copy=False),
-        expressions=expr.astype(np.float32, copy=False),
-        genes=[str(g) for g in data["genes"]],
-        sections=data["sections"].astype(str),
-        spot_ids=data["spot_ids"].astype(str),
-        coords=data["coords"].astype(np.float64, copy=False),
-        positions=data["positions"],
-        path=path,
-        **meta,
-    )
+    return meta
 
 
 _MISSING = object()

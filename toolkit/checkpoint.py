@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mclx.artifacts import read_torch_artifact, require_keys
 from mclx.config import ModelCfg, PreprocessCfg, from_dict, to_dict
-from mclx.errors import FormatError
+from mclx.errors import FormatError, short
 from mclx.io import atomic_path
 
 FORMAT = "mclx-checkpoint"
@@ -85,40 +86,10 @@ def save_checkpoint(
 
 def read_checkpoint_dict(path: str | os.PathLike) -> dict[str, Any]:
     """Load and validate the raw dict (no model built)."""
-    from mclx.io import describe_file
-
     path = Path(path)
-    if path.is_dir():
-        msg = f"{path}: checkpoint is a folder, not a file"
-        raise FormatError(msg)
-    if not path.is_file():
-        msg = f"{path}: checkpoint does not exist"
-        raise FileNotFoundError(msg)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
-        what = describe_file(path)
-        if what.startswith("a PyTorch archive"):
-            what = f"a corrupt PyTorch archive ({_short(exc)})"
-        msg = f"{path}: not a readable mclx checkpoint: the file is {what}"
-        raise FormatError(msg) from exc
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        msg = f"{path}: not an mclx checkpoint (no '{FORMAT}' format tag)"
-        raise FormatError(msg)
-    version = payload.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        msg = f"{path}: checkpoint format version {version!r} is not valid"
-        raise FormatError(msg)
-    if version > FORMAT_VERSION:
-        msg = (
-            f"{path}: checkpoint format version {version} is newer than this mclx "
-            f"supports ({FORMAT_VERSION}); upgrade mclx"
-        )
-        raise FormatError(msg)
+    payload = read_torch_artifact(path, "checkpoint", expected=FORMAT, supported=FORMAT_VERSION)
+    require_keys(path, "checkpoint", payload, _FIELDS)
     for key, kind in _FIELDS.items():
-        if key not in payload:
-            msg = f"{path}: checkpoint lacks '{key}'"
-            raise FormatError(msg)
         if not isinstance(payload[key], kind):
             msg = f"{path}: checkpoint field '{key}' is a {type(payload[key]).__name__}"
             raise FormatError(msg)
@@ -135,11 +106,6 @@ def read_checkpoint_dict(path: str | os.PathLike) -> dict[str, Any]:
 _FIELDS = {"model": dict, "preprocess": dict, "state_dict": dict, "fingerprint": str}
 
 
-def _short(exc: BaseException, limit: int = 160) -> str:
-    detail = " ".join(str(exc).split()) or exc.__class__.__name__
-    return detail if len(detail) < limit else detail[: limit - 3] + "..."
-
-
 def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Checkpoint:
     """Rebuild the model from a checkpoint and check its fingerprint."""
     from mclx.models import create_model
@@ -152,7 +118,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
         model = create_model(model_cfg, encoder_weights=None)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
-        msg = f"{path}: checkpoint does not match its model config ({_short(exc)})"
+        msg = f"{path}: checkpoint does not match its model config ({short(exc)})"
         raise FormatError(msg) from exc
     fp = fingerprint(payload["state_dict"])
     if fp != payload["fingerprint"]:

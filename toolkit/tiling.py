@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mclx.errors import DataError
+from mclx.errors import DataError, short
 
 
 @dataclass
@@ -108,12 +108,12 @@ VISIUM_COLUMNS = [
 
 
 def _read_table(path: Path, **kw) -> pd.DataFrame:
-    from mclx.data.her2st import _READ_ERRORS, _short
+    from mclx.data.her2st import READ_ERRORS
 
     try:
         return pd.read_csv(path, **kw)
-    except _READ_ERRORS as exc:
-        msg = f"{path}: cannot read spot file ({_short(exc)})"
+    except READ_ERRORS as exc:
+        msg = f"{path}: cannot read spot file ({short(exc)})"
         raise DataError(msg) from exc
 
 
@@ -130,49 +130,66 @@ def read_spots(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
     sep = "\t" if path.suffix in (".tsv", ".txt") else ","
     df = _read_table(path, sep=sep)
     cols = set(df.columns)
-    if {"x", "y", "pixel_x", "pixel_y"} <= cols:  # her2st / ST spot file
-        from mclx.data.her2st import read_spots as her2st_spots
-
-        sel = her2st_spots(path)
-        out = pd.DataFrame(
-            {
-                "id": sel.index,
-                "x": sel["pixel_x"],
-                "y": sel["pixel_y"],
-                "array_x": sel["x"],
-                "array_y": sel["y"],
-            }
-        )
-        kind = "her2st"
+    if {"x", "y", "pixel_x", "pixel_y"} <= cols:
+        out, kind = _her2st_spots(path), "her2st"
     elif {"pxl_row_in_fullres", "pxl_col_in_fullres"} <= cols or len(df.columns) == 6:
-        if "pxl_row_in_fullres" not in cols:  # tissue_positions_list.csv has no header
-            df = _read_table(path, header=None, names=VISIUM_COLUMNS)
-        missing = sorted(set(VISIUM_COLUMNS) - set(df.columns))
-        if missing:
-            msg = f"{path}: Visium tissue positions lack columns {missing}"
-            raise DataError(msg)
-        df = df[pd.to_numeric(df["in_tissue"], errors="coerce") == 1]
-        out = pd.DataFrame(
-            {
-                "id": df["barcode"].astype(str),
-                "x": _numbers(df["pxl_col_in_fullres"]),
-                "y": _numbers(df["pxl_row_in_fullres"]),
-                "array_x": _numbers(df["array_col"]),
-                "array_y": _numbers(df["array_row"]),
-            }
-        )
-        if not np.isfinite(out[["array_x", "array_y"]].to_numpy()).all():
-            msg = f"{path}: Visium array_row / array_col are missing or not numbers"
-            raise DataError(msg)
-        kind = "visium"
+        out, kind = _visium_spots(path, df), "visium"
     elif {"x", "y"} <= cols:
-        ids = df["id"].astype(str) if "id" in cols else [f"spot_{i}" for i in range(len(df))]
-        out = pd.DataFrame({"id": ids, "x": _numbers(df["x"]), "y": _numbers(df["y"])})
-        kind = "csv"
+        out, kind = _csv_spots(df), "csv"
     else:
         msg = f"{path}: not a spot file (need x,y columns, a her2st or a Visium layout)"
         raise DataError(msg)
-    out = out.reset_index(drop=True)
+    return _check_spots(path, out.reset_index(drop=True)), kind
+
+
+def _her2st_spots(path: Path) -> pd.DataFrame:
+    """The selected spots of a her2st / ST spot file, read by the training reader."""
+    from mclx.data.her2st import read_spots as her2st_spots
+
+    sel = her2st_spots(path)
+    return pd.DataFrame(
+        {
+            "id": sel.index,
+            "x": sel["pixel_x"],
+            "y": sel["pixel_y"],
+            "array_x": sel["x"],
+            "array_y": sel["y"],
+        }
+    )
+
+
+def _visium_spots(path: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """The in-tissue spots of a Visium tissue_positions file (with or without header)."""
+    if "pxl_row_in_fullres" not in df.columns:  # tissue_positions_list.csv has no header
+        df = _read_table(path, header=None, names=VISIUM_COLUMNS)
+    missing = sorted(set(VISIUM_COLUMNS) - set(df.columns))
+    if missing:
+        msg = f"{path}: Visium tissue positions lack columns {missing}"
+        raise DataError(msg)
+    df = df[pd.to_numeric(df["in_tissue"], errors="coerce") == 1]
+    out = pd.DataFrame(
+        {
+            "id": df["barcode"].astype(str),
+            "x": _numbers(df["pxl_col_in_fullres"]),
+            "y": _numbers(df["pxl_row_in_fullres"]),
+            "array_x": _numbers(df["array_col"]),
+            "array_y": _numbers(df["array_row"]),
+        }
+    )
+    if not np.isfinite(out[["array_x", "array_y"]].to_numpy()).all():
+        msg = f"{path}: Visium array_row / array_col are missing or not numbers"
+        raise DataError(msg)
+    return out
+
+
+def _csv_spots(df: pd.DataFrame) -> pd.DataFrame:
+    """Spots of a CSV with ``x,y`` columns and an optional ``id`` (default ``spot_<i>``)."""
+    ids = df["id"].astype(str) if "id" in df.columns else [f"spot_{i}" for i in range(len(df))]
+    return pd.DataFrame({"id": ids, "x": _numbers(df["x"]), "y": _numbers(df["y"])})
+
+
+def _check_spots(path: Path, out: pd.DataFrame) -> pd.DataFrame:
+    """Refuse no spots, coordinates that are not finite numbers, and duplicate spots."""
     if out.empty:
         msg = f"{path}: no spots"
         raise DataError(msg)
@@ -182,7 +199,7 @@ def read_spots(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
     if out["id"].duplicated().any() or out[["x", "y"]].duplicated().any():
         msg = f"{path}: duplicate spots"
         raise DataError(msg)
-    return out, kind
+    return out
 
 
 def _numbers(col: pd.Series) -> pd.Series:

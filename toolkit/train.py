@@ -156,29 +156,14 @@ def fit(
     from tqdm.auto import tqdm
 
     device = device or torch_device()
-    frozen = cfg.freeze_encoder
-    if frozen and features is None:
-        msg = "freeze_encoder needs cached encoder features"
-        raise ValueError(msg)
-    if not frozen and table.patches is None:
-        msg = "training the image encoder needs patches"
-        raise ValueError(msg)
-    model.to(device)
-    for p in model.image_encoder.parameters():
-        p.requires_grad_(not frozen)
+    steps = _Steps(model.to(device), table, cfg, pre, features, device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     rng = np.random.default_rng(cfg.seed)
-    expr = torch.as_tensor(table.expr, device=device)
-    pos = torch.as_tensor(table.pos, device=device)
-    feats = torch.as_tensor(features, device=device) if frozen else None
-    context = getattr(model.cfg, "context", "batch")
     history: list[float] = []
-    done = 0
     if start is not None:
         _restore(model, opt, start, cfg, rng)
         history = [float(x) for x in start["history"]]
-        done = int(start["epoch"])
 
     def snapshot() -> dict[str, Any]:
         return {
@@ -189,34 +174,61 @@ def fit(
             "rng": capture_rng(rng),
         }
 
+    done = len(history)
     # `with` closes the bar before an interrupt's error line is printed
     with tqdm(
         total=cfg.epochs, initial=done, desc="train", unit="epoch", disable=not progress
     ) as bar:
         for epoch in range(done, cfg.epochs):
-            model.train()
-            if frozen:
-                model.image_encoder.eval()
-            losses = []
-            for rows in batches(table, cfg, context, rng):
-                r = torch.as_tensor(rows, device=device)
-                with autocast(device):
-                    if frozen:
-                        f = feats[r]
-                    else:
-                        x = torch.as_tensor(table.patches[rows]).permute(0, 3, 1, 2)
-                        if cfg.augment:
-                            x = _augment(x)
-                        f = model.image_encoder(to_tensor(x.permute(0, 2, 3, 1), pre, device))
-                    loss = model.loss(f.float(), expr[r], pos[r])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-            history.append(float(np.mean(losses)) if losses else float("nan"))
+            history.append(steps.epoch(opt, rng))
             bar.update(1)
             bar.set_postfix(loss=f"{history[-1]:.4f}")
             if on_epoch is not None:
                 on_epoch(epoch + 1, snapshot)
     model.eval()
     return history
+
+
+class _Steps:
+    """The optimisation steps of one epoch: batches of cached features (frozen encoder)
+    or of augmented patches through the encoder, into the model's loss."""
+
+    def __init__(self, model, table: SpotTable, cfg: TrainCfg, pre, features, device) -> None:
+        frozen = cfg.freeze_encoder
+        if frozen and features is None:
+            msg = "freeze_encoder needs cached encoder features"
+            raise ValueError(msg)
+        if not frozen and table.patches is None:
+            msg = "training the image encoder needs patches"
+            raise ValueError(msg)
+        for p in model.image_encoder.parameters():
+            p.requires_grad_(not frozen)
+        self.model, self.table, self.cfg, self.pre, self.device = model, table, cfg, pre, device
+        self.expr = torch.as_tensor(table.expr, device=device)
+        self.pos = torch.as_tensor(table.pos, device=device)
+        self.feats = torch.as_tensor(features, device=device) if frozen else None
+
+    def features(self, rows: np.ndarray, r: torch.Tensor) -> torch.Tensor:
+        if self.feats is not None:
+            return self.feats[r]
+        x = torch.as_tensor(self.table.patches[rows]).permute(0, 3, 1, 2)
+        if self.cfg.augment:
+            x = _augment(x)
+        return self.model.image_encoder(to_tensor(x.permute(0, 2, 3, 1), self.pre, self.device))
+
+    def epoch(self, opt, rng: np.random.Generator) -> float:
+        """One pass over the data; the mean loss of its steps."""
+        model = self.model
+        model.train()
+        if self.feats is not None:
+            model.image_encoder.eval()
+        losses = []
+        for rows in batches(self.table, self.cfg, model.cfg.context, rng):
+            r = torch.as_tensor(rows, device=self.device)
+            with autocast(self.device):
+                loss = model.loss(self.features(rows, r).float(), self.expr[r], self.pos[r])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        return float(np.mean(losses)) if losses else float("nan")

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mclx.errors import FormatError
+from mclx.artifacts import brief_repr, read_torch_artifact, require_keys
 from mclx.io import atomic_path
 
 FORMAT = "mclx-train-state"
@@ -91,11 +91,6 @@ def data_digest(table: Any) -> str:
     if table.patches is not None:
         h.update(np.ascontiguousarray(table.patches[:, ::8, ::8]).tobytes())
     return h.hexdigest()[:16]
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list:
@@ -147,34 +142,19 @@ class StateFile:
     def load(self) -> dict[str, Any]:
         """Read and validate the state to resume from (kept as ``resume_from``)."""
         path = self.path
-        if not path.is_file():
-            msg = (
+        payload = read_torch_artifact(
+            path,
+            "training state",
+            expected=FORMAT,
+            supported=FORMAT_VERSION,
+            heading="training state is unreadable",
+            missing=(
                 f"{path}: no training state to resume (none was saved: the run finished, "
                 "never completed an epoch, or used another --out)"
-            )
-            raise FileNotFoundError(msg)
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated or corrupt: EOFError, RuntimeError, ...
-            msg = (
-                f"{path}: training state is unreadable ({exc.__class__.__name__}: truncated "
-                "or corrupt); delete it and train without --resume"
-            )
-            raise FormatError(msg) from exc
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-            msg = f"{path}: not an mclx training state (no '{FORMAT}' format tag)"
-            raise FormatError(msg)
-        version = payload.get("format_version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
-            msg = (
-                f"{path}: training state format version {version} is newer than this mclx "
-                f"supports ({FORMAT_VERSION}); upgrade mclx"
-            )
-            raise FormatError(msg)
-        missing = [k for k in _KEYS if k not in payload]
-        if missing:
-            msg = f"{path}: training state lacks {', '.join(missing)} (corrupt file?)"
-            raise FormatError(msg)
+            ),
+            hint="; delete it and train without --resume",
+        )
+        require_keys(path, "training state", payload, _KEYS)
         self.resume_from = payload
         return payload
 
@@ -189,9 +169,10 @@ class StateFile:
         if diffs:
             name, a, b = diffs[0]
             also = ", ".join(d[0] for d in diffs[1:4]) + (", ..." if len(diffs) > 4 else "")
+            also = f"; also {also}" if also else ""
             msg = (
                 f"{self.path}: saved by a run with different arguments or data ({name}: "
-                f"{_short(a)} in the state, {_short(b)} now{'; also ' + also if also else ''})"
+                f"{brief_repr(a)} in the state, {brief_repr(b)} now{also})"
                 "; resume with the same arguments, or train without --resume to start over"
             )
             raise ValueError(msg)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mclx.errors import DataError
+from mclx.errors import DataError, short
 
 ST_PITCH_UM = 200.0  # centre-to-centre distance of legacy ST array positions
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -70,20 +70,15 @@ def _counts_path(root: Path, section: str) -> Path:
 
 # what pandas raises on a file it cannot parse: bad gzip (OSError, EOFError, zlib.error),
 # bad text (UnicodeDecodeError, ParserError, EmptyDataError: all ValueError), csv.Error
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, csv.Error, pd.errors.ParserError)
-
-
-def _short(exc: BaseException, limit: int = 120) -> str:
-    detail = " ".join(str(exc).split()) or exc.__class__.__name__
-    return detail if len(detail) < limit else detail[: limit - 3] + "..."
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, csv.Error, pd.errors.ParserError)
 
 
 def read_counts(path: Path) -> pd.DataFrame:
     """Spots x genes counts table, validated (finite, non-negative, unique spots)."""
     try:
         df = pd.read_csv(path, sep="\t", index_col=0)
-    except _READ_ERRORS as exc:
-        msg = f"{path}: cannot read counts table ({_short(exc)})"
+    except READ_ERRORS as exc:
+        msg = f"{path}: cannot read counts table ({short(exc)})"
         raise DataError(msg) from exc
     if df.shape[0] == 0 or df.shape[1] == 0:
         msg = f"{path}: counts table is empty"
@@ -130,8 +125,8 @@ def read_spots(path: Path) -> pd.DataFrame:
     """Selected spots of a ``*_selection.tsv`` file, indexed by ``"{x}x{y}"``."""
     try:
         spots = pd.read_csv(path, sep="\t")
-    except _READ_ERRORS as exc:
-        msg = f"{path}: cannot read spot file ({_short(exc)})"
+    except READ_ERRORS as exc:
+        msg = f"{path}: cannot read spot file ({short(exc)})"
         raise DataError(msg) from exc
     need = ["x", "y", "pixel_x", "pixel_y"]
     if not set(need) <= set(spots.columns):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mclx.errors import DataError
+from mclx.errors import DataError, short
 
 MAX_PIXELS = 2_000_000_000  # her2st images are ~92 Mpx, above PIL's bomb guard
 
@@ -37,13 +37,8 @@ def _open(path: Path):
     except MemoryError:
         raise
     except Exception as exc:  # OSError, and SyntaxError / struct.error from bad headers
-        msg = f"{path}: cannot open image ({_short(exc)})"
+        msg = f"{path}: cannot open image ({short(exc)})"
         raise DataError(msg) from exc
-
-
-def _short(exc: BaseException, limit: int = 120) -> str:
-    detail = " ".join(str(exc).split()) or exc.__class__.__name__
-    return detail if len(detail) < limit else detail[: limit - 3] + "..."
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
@@ -62,7 +57,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         except MemoryError:
             raise
         except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error, ...
-            msg = f"{path}: truncated or corrupt image ({_short(exc)})"
+            msg = f"{path}: truncated or corrupt image ({short(exc)})"
             raise DataError(msg) from exc
 
 

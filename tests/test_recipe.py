@@ -1,0 +1,149 @@
+"""One training recipe for `train` and `evaluate`: the drifts it removed stay removed.
+
+Each test here failed before `mclx.recipe` (commit b303ced): `evaluate` ignored
+`--log-base`, sized the positional tables from its bank sections instead of the data
+folder, took the µm/px median over the held-out section too, and banks read the spot
+encoder's attention length from the provenance instead of the model config.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mclx.config import TrainCfg
+from mclx.data.her2st import read_her2st
+from mclx.evaluate import cross_validate
+from mclx.recipe import Recipe, pos_size
+
+FAST = TrainCfg(epochs=2, batch_size=32, freeze_encoder=True, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def varied(synthetic, tmp_path_factory):
+    """The synthetic data plus a bigger image-less section S9 (array up to 14 x 12), with
+    S2's spots 0.8x as far apart in pixels (so its µm/px differs from S1's)."""
+    from mclx.data.synthetic import write_synthetic_her2st
+
+    root = tmp_path_factory.mktemp("varied") / "data_root"
+    shutil.copytree(synthetic, root)
+    write_synthetic_her2st(root / "s9", sections=(), no_image=("S9",), grid=(14, 12))
+    for name in ("ST-cnts/S9.tsv.gz", "ST-spotfiles/S9_selection.tsv"):
+        shutil.move(root / "s9" / "data" / name, root / "data" / name)
+    spots = root / "data" / "ST-spotfiles" / "S2_selection.tsv"
+    df = pd.read_csv(spots, sep="\t")
+    df[["pixel_x", "pixel_y"]] *= 0.8
+    df.to_csv(spots, sep="\t", index=False)
+    return root
+
+
+def recipe(root, **kw) -> Recipe:
+    return Recipe(
+        overrides={"encoder": "tiny_cnn"},
+        train=FAST,
+        genes_file=root / "genes.txt",
+        encoder_weights=None,
+        **kw,
+    )
+
+
+def test_positional_tables_cover_the_data_folder_in_train_and_evaluate(varied, tmp_path):
+    from helpers import mclx
+
+    out = tmp_path / "m.pt"
+    res = mclx(
+        "train", "--data", varied, "--sections", "S1,S2", "--encoder", "tiny_cnn",
+        "--encoder-weights", "none", "--genes", varied / "genes.txt", "--freeze-encoder",
+        "--epochs", 2, "--batch-size", 32, "-q", "--out", out,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    trained = torch.load(out, weights_only=True)["model"]["pos_size"]
+    cv = cross_validate(varied, recipe(varied), sections=["S1", "S2"], k=20, progress=False)
+    assert tuple(trained) == (15, 13)  # S9's array reaches x = 14, y = 12
+    assert tuple(cv["config"]["model"]["pos_size"]) == tuple(trained)
+    assert pos_size(varied) == (15, 13)
+
+
+def test_evaluate_estimates_mpp_on_training_sections_only(varied):
+    adatas = read_her2st(varied, ["S1", "S2"], with_image=True)
+    mpp = {s: a.uns["mpp"] for s, a in adatas.items()}
+    assert mpp["S2"] == pytest.approx(mpp["S1"] / 0.8, rel=0.01)
+    # the last fold holds out S2: its model was trained on S1, so it has S1's µm/px
+    cv = cross_validate(varied, recipe(varied), sections=["S1", "S2"], k=20, progress=False)
+    assert cv["config"]["preprocess"]["mpp"] == pytest.approx(mpp["S1"], rel=1e-9)
+
+
+def test_evaluate_applies_log_base(synthetic, tmp_path):
+    from helpers import mclx
+
+    runs = {}
+    for base in ("10", "e"):
+        out = tmp_path / f"ev_{base}.json"
+        res = mclx(
+            "evaluate", "--data", synthetic, "--sections", "S1,S2", "--encoder", "tiny_cnn",
+            "--encoder-weights", "none", "--genes", synthetic / "genes.txt",
+            "--freeze-encoder", "--epochs", 2, "--batch-size", 32, "--log-base", base, "--k", 20, "-q",
+            "--out", out,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        runs[base] = json.loads(out.read_text())
+    assert runs["e"]["config"]["preprocess"]["log_base"] == "e"
+    # ln(1 + x) = 2.30 log10(1 + x): squared errors of the same fit grow ~5.3-fold
+    ratio = runs["e"]["mean"]["mse"] / runs["10"]["mean"]["mse"]
+    assert 3.0 < ratio < 8.0, ratio
+
+
+def test_bank_uses_the_model_configs_attention_length(synthetic, tmp_path):
+    """A bank embeds each section's spots in runs of `cfg.seq_len` (the training batch
+    size), whatever the provenance says; checked against the model's own modules."""
+    from mclx.bank import build_bank
+    from mclx.checkpoint import load_checkpoint, save_checkpoint
+    from mclx.data.dataset import build_table
+    from mclx.recipe import PatchCache, train_model
+
+    r = Recipe(
+        overrides={"encoder": "tiny_cnn", "context": "batch"},
+        train=TrainCfg(epochs=1, batch_size=16, freeze_encoder=True),
+        genes_file=synthetic / "genes.txt",
+        encoder_weights=None,
+    )
+    adatas = read_her2st(synthetic, ["S1", "S2"], with_image=True)
+    pre, net = r.setup(synthetic, adatas, ["S1", "S2"])
+    train_model(net, PatchCache(adatas, pre.patch_size), ["S1", "S2"], pre, r.train, progress=False)
+    assert net.cfg.seq_len == 16
+    ck = tmp_path / "m.pt"
+    save_checkpoint(ck, net, preprocess=pre, provenance={"train": {"batch_size": 7}})
+    bank = build_bank(ck, synthetic, sections=["S4"])
+    model = load_checkpoint(ck).model.double()
+    table = build_table(read_her2st(synthetic, ["S4"]), pre)
+    expected = np.concatenate(
+        [
+            model.embed_spots(
+                torch.as_tensor(table.expr[s : s + 16], dtype=torch.float64),
+                torch.as_tensor(table.pos[s : s + 16]),
+            ).detach().numpy()
+            for s in range(0, len(table), 16)
+        ]
+    )  # fmt: skip
+    np.testing.assert_allclose(bank.embeddings, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_version_1_checkpoint_takes_seq_len_from_its_provenance(tmp_path):
+    from mclx.checkpoint import load_checkpoint, save_checkpoint
+    from mclx.config import PreprocessCfg
+    from mclx.models import create_model, model_cfg
+
+    net = create_model(model_cfg("mclstexp", encoder="tiny_cnn", n_genes=6, pos_size=(3, 3)))
+    path = tmp_path / "v1.pt"
+    pre = PreprocessCfg(genes=tuple(f"g{i}" for i in range(6)))
+    save_checkpoint(path, net, preprocess=pre, provenance={"train": {"batch_size": 48}})
+    payload = torch.load(path, weights_only=True)
+    del payload["model"]["seq_len"]
+    payload["format_version"] = 1
+    torch.save(payload, path)
+    assert load_checkpoint(path).model_cfg.seq_len == 48
