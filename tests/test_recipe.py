@@ -87,8 +87,8 @@ def test_evaluate_applies_log_base(synthetic, tmp_path):
         res = mclx(
             "evaluate", "--data", synthetic, "--sections", "S1,S2", "--encoder", "tiny_cnn",
             "--encoder-weights", "none", "--genes", synthetic / "genes.txt",
-            "--freeze-encoder", "--epochs", 2, "--batch-size", 32, "--log-base", base, "--k", 20, "-q",
-            "--out", out,
+            "--freeze-encoder", "--epochs", 2, "--batch-size", 32, "--log-base", base,
+            "--k", 20, "-q", "--out", out,
         )  # fmt: skip
         assert res.returncode == 0, res.stderr
         runs[base] = json.loads(out.read_text())
