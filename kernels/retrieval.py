@@ -233,6 +233,23 @@ def _int_view(bf16: bool):
     return (torch.int16, 15, 0x7FFF) if bf16 else (torch.int32, 31, 0x7FFFFFFF)
 
 
+def _unit_rows(keys, start: int, stop: int, unit: np.ndarray, err: np.ndarray, bf16: bool):
+    """Keys ``start:stop`` as unit rows (bf16 or float32 torch view of ``unit``) and the
+    worst bf16 rounding error among them (0 in float32)."""
+    torch = _torch()
+    from mclx.kernels import cpu_select as cs
+
+    src = keys[start:stop].float().contiguous().numpy()
+    cs.in_parallel(cs.unit_rows, [src, unit[: stop - start], err[: stop - start]], bf16)
+    if not np.isfinite(err[: stop - start]).all():
+        msg = f"keys contain NaN or infinite values (rows {start}-{stop - 1})"
+        raise ValueError(msg)
+    kd = torch.from_numpy(unit[: stop - start])
+    if not bf16:
+        return kd, 0.0
+    return kd.view(torch.bfloat16), float(err[: stop - start].max())
+
+
 def _select_compiled(qn, keys, m: int, chunk: int | None, bf16: bool, sample: bool = True):
     """Top-``m`` keys per query by bf16 or float32 score: (approx scores (Q, m) float32,
     indices (Q, m) int64, worst bf16 rounding error of a unit key)."""
@@ -261,15 +278,8 @@ def _select_compiled(qn, keys, m: int, chunk: int | None, bf16: bool, sample: bo
         stop = min(n, start + chunk)
         if pending is not None:  # the selection thread may still read the last chunk
             pending.result()
-        src = keys[start:stop].float().contiguous().numpy()
-        cs.in_parallel(cs.unit_rows, [src, unit[: stop - start], err[: stop - start]], bf16)
-        if not np.isfinite(err[: stop - start]).all():
-            msg = f"keys contain NaN or infinite values (rows {start}-{stop - 1})"
-            raise ValueError(msg)
-        if bf16:
-            key_err = max(key_err, float(err[: stop - start].max()))
-        kd = torch.from_numpy(unit[: stop - start])
-        kd = kd.view(torch.bfloat16) if bf16 else kd
+        kd, chunk_err = _unit_rows(keys, start, stop, unit, err, bf16)
+        key_err = max(key_err, chunk_err)
         for b in range(0, len(qn), rows):
             qb = qd[b : b + rows]
             part = [a[b : b + rows] for a in state]

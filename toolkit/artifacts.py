@@ -26,16 +26,27 @@ def brief_repr(value: Any, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def require_file(path: str | os.PathLike, what: str, *, missing: str | None = None) -> Path:
-    """``path`` as a Path; :class:`FormatError` when it is a folder, FileNotFoundError
-    ("{path}: {what} does not exist", or ``missing`` when given) when there is nothing."""
+def require_file(
+    path: str | os.PathLike,
+    what: str,
+    *,
+    missing: str | None = None,
+    nonempty: bool = False,
+    error: type[Exception] = FormatError,
+) -> Path:
+    """``path`` as a Path, refused with one line naming it: FileNotFoundError ("{path}:
+    {what} does not exist", or ``missing`` when given) when there is nothing, ``error``
+    when it is a folder or (with ``nonempty``) an empty file."""
     path = Path(path)
     if path.is_dir():
         msg = f"{path}: {what} is a folder, not a file"
-        raise FormatError(msg)
+        raise error(msg)
     if not path.is_file():
         msg = missing or f"{path}: {what} does not exist"
         raise FileNotFoundError(msg)
+    if nonempty and path.stat().st_size == 0:
+        msg = f"{path}: {what} is empty (0 bytes)"
+        raise error(msg)
     return path
 
 

@@ -361,13 +361,7 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
     default=None,
     help="Slide µm/px when its metadata lacks it.",
 )
-@click.option(
-    "--workers",
-    type=click.IntRange(1),
-    default=2,
-    show_default=True,
-    help="Reader threads prefetching tiles.",
-)
+@click.option("--workers", type=click.IntRange(1), default=2, help="Reader threads (default 2).")
 @out_option("Predictions (.h5ad). Default: SLIDE stem + .pred.h5ad in the current folder.")
 @click.option("--plot", "plot", multiple=True, help="Write a PNG map for this gene (repeatable).")
 @quiet_option("No progress bar.")

@@ -170,16 +170,9 @@ def _is_tiled_tiff(path: Path) -> bool:
 
 def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
     """Open a slide with OpenSlide (WSI formats, tiled TIFF) or PIL (plain images)."""
-    path = Path(path)
-    if not path.exists():
-        msg = f"{path}: slide does not exist"
-        raise FileNotFoundError(msg)
-    if not path.is_file():
-        msg = f"{path}: slide is not a file"
-        raise DataError(msg)
-    if path.stat().st_size == 0:
-        msg = f"{path}: slide is empty (0 bytes)"
-        raise DataError(msg)
+    from mclx.artifacts import require_file
+
+    path = require_file(path, "slide", nonempty=True, error=DataError)
     suffix = path.suffix.lower()
     if suffix in OPENSLIDE_SUFFIXES or (suffix in (".tif", ".tiff") and _is_tiled_tiff(path)):
         return OpenSlideSlide(path, mpp)

@@ -20,13 +20,10 @@ MAX_PIXELS = 2_000_000_000  # her2st images are ~92 Mpx, above PIL's bomb guard
 def _open(path: Path):
     from PIL import Image, UnidentifiedImageError
 
+    from mclx.artifacts import require_file
+
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    if not path.is_file():
-        msg = f"{path}: image does not exist"
-        raise FileNotFoundError(msg)
-    if path.stat().st_size == 0:
-        msg = f"{path}: image is empty (0 bytes)"
-        raise DataError(msg)
+    require_file(path, "image", nonempty=True, error=DataError)
     try:
         return Image.open(path)
     except UnidentifiedImageError as exc:

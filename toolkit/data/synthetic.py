@@ -29,7 +29,6 @@ def write_synthetic_her2st(
     scale: float = 30.0,
 ) -> Path:
     """Write ``root/data/ST-{cnts,spotfiles,imgs}`` and ``root/genes.txt``; return root."""
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     root = Path(root)
@@ -51,41 +50,51 @@ def write_synthetic_her2st(
         1,
     )
     palette = hsv_to_rgb(hsv) * 255
-    nx, ny = grid
     for name in sections + no_image:
-        xs, ys = np.meshgrid(np.arange(1, nx + 1), np.arange(1, ny + 1), indexing="ij")
-        xs, ys = xs.ravel(), ys.ravel()
-        # smooth latent field over the grid -> programme proportions per spot
-        centres = rng.uniform(0, max(nx, ny), size=(n_programmes, 2))
-        d = np.hypot(xs[:, None] - centres[:, 0], ys[:, None] - centres[:, 1])
-        props = np.exp(-d / 3.0)
-        props /= props.sum(1, keepdims=True)
-        rate = scale * props @ loadings + 0.05
-        counts = rng.poisson(rate).astype(np.int64)
-        index = [f"{x}x{y}" for x, y in zip(xs, ys)]
-        header = "\t" + "\t".join(genes) + "\n"
-        body = "".join(f"{i}\t" + "\t".join(map(str, row)) + "\n" for i, row in zip(index, counts))
-        with gzip.open(data / "ST-cnts" / f"{name}.tsv.gz", "wt") as fh:
-            fh.write(header + body)
-        px = (xs + MARGIN) * PITCH_PX + rng.normal(0, 1.0, xs.size)
-        py = (ys + MARGIN) * PITCH_PX + rng.normal(0, 1.0, ys.size)
-        lines = ["x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected"]
-        lines += [
-            f"{x}\t{y}\t{x:.3f}\t{y:.3f}\t{a:.2f}\t{b:.2f}\t1" for x, y, a, b in zip(xs, ys, px, py)
-        ]
-        (data / "ST-spotfiles" / f"{name}_selection.tsv").write_text("\n".join(lines) + "\n")
-        if name in no_image:
-            continue
-        w, h = (nx + 2 * MARGIN + 1) * PITCH_PX, (ny + 2 * MARGIN + 1) * PITCH_PX
-        img = np.full((h, w, 3), 235.0)
-        half = PITCH_PX // 2
-        for cx, cy, p in zip(px.astype(int), py.astype(int), props):
-            img[cy - half : cy + half, cx - half : cx + half] = p @ palette
-        img += rng.normal(0, 12, img.shape)
-        folder = data / "ST-imgs" / name[0] / name
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(
-            folder / f"{name}.jpg", quality=90
-        )
+        _write_section(
+            data, name, rng, genes, loadings, palette, grid=grid, scale=scale,
+            image=name not in no_image,
+        )  # fmt: skip
     (root / "genes.txt").write_text("\n".join(genes) + "\n")
     return root
+
+
+def _write_section(data: Path, name: str, rng, genes, loadings, palette, *, grid, scale, image):
+    """One section: counts driven by smooth programme proportions over the grid, its spot
+    file and (``image``) an H&E-like JPEG coloured by the same proportions."""
+    from PIL import Image
+
+    nx, ny = grid
+    n_programmes = len(loadings)
+    xs, ys = np.meshgrid(np.arange(1, nx + 1), np.arange(1, ny + 1), indexing="ij")
+    xs, ys = xs.ravel(), ys.ravel()
+    # smooth latent field over the grid -> programme proportions per spot
+    centres = rng.uniform(0, max(nx, ny), size=(n_programmes, 2))
+    d = np.hypot(xs[:, None] - centres[:, 0], ys[:, None] - centres[:, 1])
+    props = np.exp(-d / 3.0)
+    props /= props.sum(1, keepdims=True)
+    rate = scale * props @ loadings + 0.05
+    counts = rng.poisson(rate).astype(np.int64)
+    index = [f"{x}x{y}" for x, y in zip(xs, ys)]
+    header = "\t" + "\t".join(genes) + "\n"
+    body = "".join(f"{i}\t" + "\t".join(map(str, row)) + "\n" for i, row in zip(index, counts))
+    with gzip.open(data / "ST-cnts" / f"{name}.tsv.gz", "wt") as fh:
+        fh.write(header + body)
+    px = (xs + MARGIN) * PITCH_PX + rng.normal(0, 1.0, xs.size)
+    py = (ys + MARGIN) * PITCH_PX + rng.normal(0, 1.0, ys.size)
+    lines = ["x\ty\tnew_x\tnew_y\tpixel_x\tpixel_y\tselected"]
+    lines += [
+        f"{x}\t{y}\t{x:.3f}\t{y:.3f}\t{a:.2f}\t{b:.2f}\t1" for x, y, a, b in zip(xs, ys, px, py)
+    ]
+    (data / "ST-spotfiles" / f"{name}_selection.tsv").write_text("\n".join(lines) + "\n")
+    if not image:
+        return
+    w, h = (nx + 2 * MARGIN + 1) * PITCH_PX, (ny + 2 * MARGIN + 1) * PITCH_PX
+    img = np.full((h, w, 3), 235.0)
+    half = PITCH_PX // 2
+    for cx, cy, p in zip(px.astype(int), py.astype(int), props):
+        img[cy - half : cy + half, cx - half : cx + half] = p @ palette
+    img += rng.normal(0, 12, img.shape)
+    folder = data / "ST-imgs" / name[0] / name
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"{name}.jpg", quality=90)

@@ -103,12 +103,9 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 def onnx_metadata(path: Path) -> tuple[dict[str, str], PreprocessCfg]:
     """The validated metadata of an mclx ONNX encoder and its preprocessing."""
-    if not path.is_file():
-        msg = f"{path}: ONNX file does not exist"
-        raise FileNotFoundError(msg)
-    if path.stat().st_size == 0:
-        msg = f"{path}: ONNX file is empty (0 bytes)"
-        raise FormatError(msg)
+    from mclx.artifacts import require_file
+
+    require_file(path, "ONNX file", nonempty=True)
     try:
         meta = read_onnx_metadata(path)
     except Exception as exc:  # protobuf DecodeError, ...
