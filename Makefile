@@ -26,6 +26,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check toolkit export kernels tests bench
+	$(BIN)/ruff format --check toolkit export kernels tests bench
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache .benchmarks
