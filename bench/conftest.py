@@ -1,23 +1,56 @@
-"""Benchmarks: `pytest bench --benchmark-only` (or `make bench`)."""
+"""Benchmarks: `pytest bench --benchmark-only` (or `make bench`).
+
+Shared fixtures: :func:`her2st_model`, a DenseNet-121 checkpoint trained on HER2+ C3-C6
+with its bank and exports, and the patches of the held-out section C2 (built once per
+session, used by ``test_encoder.py`` and ``test_pipeline.py``). Random banks for the
+retrieval benchmarks are in ``banks.py``.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HER2ST = Path(os.environ.get("MCLX_HER2ST", Path(__file__).parents[2] / "shared/data/her2st"))
 
 
-def random_bank(n: int, d: int = 256, g: int = 785, seed: int = 0):
-    """float32 keys (N, D) and non-negative values (N, G), generated in place in blocks
-    so that no float64 temporary inflates the process's peak memory."""
-    rng = np.random.default_rng(seed)
-    keys = np.empty((n, d), np.float32)
-    values = np.empty((n, g), np.float32)
-    for s in range(0, n, 65536):
-        rng.standard_normal(out=keys[s : s + 65536], dtype=np.float32)
-        block = values[s : s + 65536]
-        rng.random(out=block, dtype=np.float32)
-        np.multiply(block, 3.0, out=block)
-    return keys, values
+@pytest.fixture(scope="session")
+def her2st_model(tmp_path_factory):
+    """(checkpoint, bank path, C2 AnnData, C2 patches): an mclSTExp checkpoint
+    (frozen-encoder training on C3-C6, or ``$MCLX_BENCH_CKPT``) with its ONNX / INT8
+    exports and a bank of C3-C6; skipped without the her2st data."""
+    from mclx.bank import build_bank, save_bank
+    from mclx.data.her2st import read_section
+    from mclx.data.patches import section_patches
+    from mclx.inference import FORMATS
 
+    if not (HER2ST / "data" / "ST-cnts").is_dir():
+        pytest.skip(f"needs the her2st data: not found at {HER2ST} (set MCLX_HER2ST)")
+    d = tmp_path_factory.mktemp("her2st_model")
+    ck = Path(os.environ.get("MCLX_BENCH_CKPT", d / "model.pt"))
+    if not ck.is_file():
+        cmd = [
+            "train",
+            "--data",
+            HER2ST,
+            "--sections",
+            "C3,C4,C5,C6",
+            "--freeze-encoder",
+            "--epochs",
+            "90",
+            "-q",
+            "--out",
+            ck,
+        ]
+        subprocess.run([sys.executable, "-m", "mclx", *map(str, cmd)], check=True)
+    if not FORMATS["onnx-int8"].path(ck).is_file():
+        from mclx.export.exporter import export
 
-def random_queries(q: int = 4096, d: int = 256, seed: int = 1) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((q, d), dtype=np.float32)
+        export(ck, int8=True, calib_data=HER2ST, n_patches=64, log=lambda *_: None)
+    bank = save_bank(build_bank(ck, HER2ST, sections=["C3", "C4", "C5", "C6"]), d / "bank.npz")
+    c2 = read_section(HER2ST, "C2")
+    return ck, bank, c2, section_patches(c2, 224)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import random_bank, random_queries  # noqa: E402
+from banks import random_bank, random_queries  # noqa: E402
 from retrieval_impls import faiss_exact, reference_loop  # noqa: E402
 
 

@@ -10,18 +10,11 @@ PCC(ACG) on C2 when the queries come from each backend (model trained on C3-C6).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import numpy as np
 import pytest
 
-from mclx.export.backends import create_backend
 from mclx.export.parity import compare
+from mclx.inference import open_encoder, to_host
 
-HER2ST = Path(os.environ.get("MCLX_HER2ST", Path(__file__).parents[2] / "shared/data/her2st"))
 BACKENDS = [
     ("torch", "fp32"),
     ("torch", "bf16"),
@@ -31,45 +24,9 @@ BACKENDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A DenseNet-121 mclSTExp checkpoint (frozen-encoder training on C3-C6), its bank and
-    its exports; real patches of C2 for timing and scoring."""
-    from mclx.bank import build_bank, save_bank
-    from mclx.data.her2st import read_section
-    from mclx.data.patches import section_patches
-
-    if not (HER2ST / "data" / "ST-cnts").is_dir():
-        pytest.skip(f"her2st data not found at {HER2ST}")
-    d = tmp_path_factory.mktemp("encoder_bench")
-    ck = Path(os.environ.get("MCLX_BENCH_CKPT", d / "model.pt"))
-    if not ck.is_file():
-        cmd = [
-            "train",
-            "--data",
-            HER2ST,
-            "--sections",
-            "C3,C4,C5,C6",
-            "--freeze-encoder",
-            "--epochs",
-            "90",
-            "-q",
-            "--out",
-            ck,
-        ]
-        subprocess.run([sys.executable, "-m", "mclx", *map(str, cmd)], check=True)
-    if not ck.with_suffix(".int8.onnx").is_file():
-        from mclx.export.exporter import export
-
-        export(ck, int8=True, calib_data=HER2ST, n_patches=64, log=lambda *_: None)
-    bank = save_bank(build_bank(ck, HER2ST, sections=["C3", "C4", "C5", "C6"]), d / "bank.npz")
-    c2 = read_section(HER2ST, "C2")
-    return ck, bank, c2, section_patches(c2, 224)
-
-
 def _open(ck, backend, precision):
     try:
-        return create_backend(
+        return open_encoder(
             ck,
             backend=backend,
             precision=precision,
@@ -81,37 +38,34 @@ def _open(ck, backend, precision):
 
 @pytest.mark.parametrize("batch", [32, 64])
 @pytest.mark.parametrize(("backend", "precision"), BACKENDS, ids=[f"{b}-{p}" for b, p in BACKENDS])
-def test_encoder_throughput(benchmark, setup, backend, precision, batch):
-    ck, _, _, patches = setup
+def test_encoder_throughput(benchmark, her2st_model, backend, precision, batch):
+    ck, _, _, patches = her2st_model
     enc = _open(ck, backend, precision)
     x = patches[:batch]
     enc(x[:2])  # warm-up: sessions, autotuning, thread pools
     benchmark.group = f"encoder batch {batch}"
     out = benchmark.pedantic(enc, args=(x,), rounds=3, iterations=1, warmup_rounds=1)
     ref = _open(ck, "torch", "fp32")(x)
-    out = out.get() if hasattr(out, "get") else out
+    out = to_host(out)
     benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.min
     benchmark.extra_info.update({f"vs_fp32_{k}": v for k, v in compare(ref, out).items()})
 
 
 @pytest.mark.parametrize(("backend", "precision"), BACKENDS, ids=[f"{b}-{p}" for b, p in BACKENDS])
-def test_pcc_on_held_out_section(benchmark, setup, backend, precision):
+def test_pcc_on_held_out_section(benchmark, her2st_model, backend, precision):
     from mclx.bank import load_bank
     from mclx.data.dataset import build_table
-    from mclx.kernels import retrieve
+    from mclx.inference import predict
     from mclx.metrics import score
 
-    ck, bank_path, c2, patches = setup
+    ck, bank_path, c2, patches = her2st_model
     enc = _open(ck, backend, precision)
     bank = load_bank(bank_path)
     truth = build_table({"C2": c2}, enc.pre).expr
     benchmark.group = "PCC(ACG) on C2 by query backend"
 
     def run():
-        emb = np.concatenate(
-            [np.asarray(enc(patches[i : i + 64])) for i in range(0, len(patches), 64)]
-        )
-        return score(retrieve(emb, bank.embeddings, bank.expressions, 200), truth)
+        return score(predict(enc, patches, bank, k=200), truth)
 
     res = benchmark.pedantic(run, rounds=1, iterations=1)
     benchmark.extra_info.update({k: res[k] for k in ("pcc_acg", "pcc_heg", "mse", "mae")})

@@ -12,24 +12,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_encoder import setup  # noqa: F401  (module fixture: checkpoint, bank, C2)
 
 BATCH = 32
 
 
 @pytest.fixture(scope="module")
-def slide_and_tiles(setup, tmp_path_factory):  # noqa: F811
+def slide_and_tiles(her2st_model, tmp_path_factory):
+    """C2 as a pyramidal TIFF, its tissue tiles, the ONNX Runtime FP32 encoder and the
+    bank (the checkpoint of conftest's ``her2st_model``)."""
     from mclx.data.patches import load_image
-    from mclx.export.backends import create_backend
+    from mclx.inference import open_encoder
     from mclx.runtime import tile_size
     from mclx.slide import open_slide, write_pyramidal_tiff
     from mclx.tiling import grid_tiles
 
-    ck, bank, c2, _ = setup
+    ck, bank, c2, _ = her2st_model
     path = tmp_path_factory.mktemp("slide") / "C2.tif"
     write_pyramidal_tiff(load_image(c2.uns["image_path"]), path, mpp=float(c2.uns["mpp"]))
     slide = open_slide(path)
-    enc = create_backend(ck, backend="onnxruntime", precision="fp32", device="cpu")
+    enc = open_encoder(ck, backend="onnxruntime", precision="fp32", device="cpu")
     tiles = grid_tiles(slide, size=tile_size(enc.pre, slide.mpp, str(path)))
     return slide, tiles, enc, bank
 
@@ -50,7 +51,6 @@ def test_end_to_end_stream(benchmark, slide_and_tiles):
             bank,
             k=200,
             distance="l2",
-            weighting="inverse_square",
             batch_size=BATCH,
             progress=False,
         )

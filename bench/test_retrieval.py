@@ -17,7 +17,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
-from conftest import random_bank, random_queries
+from banks import random_bank, random_queries
 from retrieval_impls import faiss_exact, reference_loop
 
 from mclx.kernels import retrieve

@@ -1,29 +1,49 @@
-"""Shared fixtures: the real her2st folder (skip or fail when absent) and synthetic data."""
+"""Shared fixtures and the ``needs`` marks (:mod:`helpers.marks`): the real her2st folder
+(skipped when absent, a failure with ``MCLX_REQUIRE_DATA=1``) and synthetic data."""
 
 from __future__ import annotations
 
-import os
+import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:  # `import helpers` under any import mode
+    sys.path.insert(0, str(TESTS))
+
+from helpers import marks  # noqa: E402
+from helpers.data import data_required, her2st_missing, her2st_path  # noqa: E402
 
 
-def her2st_path() -> Path:
-    return Path(os.environ.get("MCLX_HER2ST", ROOT.parent / "shared" / "data" / "her2st"))
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "needs(*what): skip (with the reason) unless what the test needs is here: "
+        f"{', '.join(sorted(marks.NEEDS))}; resolved at collection",
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects on the data / gpu markers it adds
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        marks.resolve(item)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    marks.fail_if_required(item)
 
 
 @pytest.fixture(scope="session")
 def her2st() -> Path:
-    """The real HER2+ data; skipped when absent unless MCLX_REQUIRE_DATA=1."""
-    path = her2st_path()
-    if not (path / "data" / "ST-cnts").is_dir() and not (path / "ST-cnts").is_dir():
-        reason = f"her2st data not found at {path} (set MCLX_HER2ST)"
-        if os.environ.get("MCLX_REQUIRE_DATA") == "1":
+    """The real HER2+ data (a test taking it needs("her2st"), resolved at collection)."""
+    reason = her2st_missing()
+    if reason is not None:  # only reached through request.getfixturevalue
+        if data_required():
             pytest.fail(reason + " and MCLX_REQUIRE_DATA=1")
         pytest.skip(reason)
-    return path
+    return her2st_path()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import signal
 
 import numpy as np
 import pytest
+from helpers import tiny_model
 
 from mclx.io import all_or_nothing, atomic_path, write_text_atomic
 
@@ -41,24 +42,13 @@ def artifacts(synthetic, tmp_path_factory):
     import pandas as pd
 
     from mclx.bank import build_bank
-    from mclx.checkpoint import load_checkpoint, save_checkpoint
-    from mclx.data.her2st import read_her2st
-    from mclx.data.preprocess import load_gene_list
-    from mclx.experiment import make_preprocess, new_model, pos_size
+    from mclx.checkpoint import load_checkpoint
     from mclx.export.onnx_export import export_onnx
 
     d = tmp_path_factory.mktemp("atomic")
-    adatas = read_her2st(synthetic, ["S1", "S2"], with_image=True)
-    pre = make_preprocess(load_gene_list(synthetic / "genes.txt"), list(adatas.values()))
-    net = new_model(
-        "mclstexp",
-        pre,
-        pos_size(list(adatas.values())),
-        seed=0,
-        encoder="tiny_cnn",
-        encoder_weights=None,
-    )
-    save_checkpoint(d / "m.pt", net, preprocess=pre)
+    tiny = tiny_model(synthetic, train=False)
+    net, pre, adatas = tiny.net, tiny.pre, tiny.adatas
+    tiny.save(d / "m.pt")
     ck = load_checkpoint(d / "m.pt")
     bank = build_bank(d / "m.pt", synthetic, sections=["S1"])
     s1 = adatas["S1"]

@@ -24,7 +24,6 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -32,7 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, mclx
+from helpers import assert_one_line_error, mclx, tiny_model, tiny_train_args
+
+from mclx.bank import FORMAT_VERSION as BANK_VERSION
+from mclx.checkpoint import FORMAT_VERSION as CKPT_VERSION
 
 PREVIOUS = b"previous good output\n"  # bytes of outputs that existed before a failing run
 FSIZE_LIMIT = 8 * 1024  # bytes: every output below is larger
@@ -94,21 +96,13 @@ class Env:
 @pytest.fixture(scope="module")
 def env(synthetic, tmp_path_factory) -> Env:
     from mclx.bank import build_bank, save_bank
-    from mclx.checkpoint import load_checkpoint, save_checkpoint
-    from mclx.data.her2st import read_her2st
-    from mclx.data.preprocess import load_gene_list
-    from mclx.experiment import make_preprocess, new_model, pos_size
+    from mclx.checkpoint import load_checkpoint
     from mclx.export.onnx_export import export_onnx
 
     d = tmp_path_factory.mktemp("bad_inputs_env")
-    adatas = read_her2st(synthetic, ["S1", "S2"], with_image=True)
-    pre = make_preprocess(load_gene_list(synthetic / "genes.txt"), list(adatas.values()))
-    pos = pos_size(list(read_her2st(synthetic).values()))
     paths = {}
-    for name, seed in (("m", 0), ("other", 7)):
-        net = new_model("mclstexp", pre, pos, seed=seed, encoder="tiny_cnn", encoder_weights=None)
-        paths[name] = d / f"{name}.pt"
-        save_checkpoint(paths[name], net, preprocess=pre, provenance={"train": {"batch_size": 32}})
+    for name, seed in (("m", 0), ("other", 7)):  # untrained: only the formats matter
+        paths[name] = tiny_model(synthetic, train=False, seed=seed).save(d / f"{name}.pt")
         export_onnx(load_checkpoint(paths[name]), d / f"{name}.onnx")
     bank = save_bank(build_bank(paths["m"], synthetic, sections=["S1", "S2", "S4"]), d / "bank.npz")
     return Env(synthetic, paths["m"], paths["other"], bank, d / "m.onnx", d / "other.onnx")
@@ -152,9 +146,7 @@ def bank_build(e: Env, o: Path, *, data: Path | None = None, ckpt=None, sections
 
 def train(e: Env, o: Path, data: Path, *extra):
     out = previous(o / "m.pt")
-    return ["train", "--data", data, "--sections", "S1", "--encoder", "tiny_cnn",
-            "--encoder-weights", "none", "--genes", e.genes, "--epochs", "1",
-            "--batch-size", "32", "--freeze-encoder", "-q", "--out", out, *extra]  # fmt: skip
+    return tiny_train_args(data, out, *extra, sections="S1", epochs=1, genes_file=e.genes)
 
 
 def infer(e: Env, o: Path, slide=None, *extra, bank=None, spots=True):
@@ -489,9 +481,9 @@ def _(e, w, o):
     return export(o / "flipped.pt")
 
 
-@case("ckpt-newer-format", "newer.pt", "format version 2 is newer")
+@case("ckpt-newer-format", "newer.pt", f"format version {CKPT_VERSION + 1} is newer")
 def _(e, w, o):
-    return export(rewrite_ckpt(e.ck, o / "newer.pt", format_version=2))
+    return export(rewrite_ckpt(e.ck, o / "newer.pt", format_version=CKPT_VERSION + 1))
 
 
 @case("ckpt-not-mclx", "foreign.pt", "not an mclx checkpoint")
@@ -568,9 +560,10 @@ def _(e, w, o):
     return infer(e, o, None, bank=text(w / "notes.npz"))
 
 
-@case("bank-newer-format", "newer.npz", "format version 2 is newer")
+@case("bank-newer-format", "newer.npz", f"format version {BANK_VERSION + 1} is newer")
 def _(e, w, o):
-    return infer(e, o, None, bank=rewrite_bank(e.bank, w / "newer.npz", format_version=2))
+    newer = rewrite_bank(e.bank, w / "newer.npz", format_version=BANK_VERSION + 1)
+    return infer(e, o, None, bank=newer)
 
 
 @case("bank-without-spots", "nospots.npz", "empty (0 spots)")
@@ -786,14 +779,8 @@ def _drop_root_write_override() -> None:  # preexec: root obeys file and folder 
 
 
 def run_limited(args: list, preexec=None) -> subprocess.CompletedProcess:
-    """``python -m mclx ARGS`` (as helpers.mclx) with ``preexec`` run in the child."""
-    return subprocess.run(
-        [sys.executable, "-m", "mclx", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        preexec_fn=preexec,
-    )
+    """``python -m mclx ARGS`` with ``preexec`` run in the child."""
+    return mclx(*args, preexec_fn=preexec)
 
 
 @contextlib.contextmanager

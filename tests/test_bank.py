@@ -1,63 +1,70 @@
-"""Bank build / save / load, and its refusals."""
+"""Bank build / save / load, and its refusals.
+
+Expected bank contents come from an independent float64 computation
+(:mod:`helpers.oracles`): the spot encoder run by hand on runs of ``seq_len`` spots per
+section, expression normalised from the raw counts. Tolerances: float32 embeddings
+against float64 ``rtol=1e-4, atol=1e-5`` (layer-normed values of order 1, float32
+rounding through a Transformer block ~1e-6); expressions ``rtol=1e-5, atol=1e-6``.
+"""
 
 import numpy as np
 import pytest
+from helpers import tiny_model
+from helpers.oracles import knn_predict, normalised_expression, spot_embeddings_f64
 
 from mclx.bank import FORMAT_VERSION, build_bank, load_bank, save_bank
 from mclx.checkpoint import load_checkpoint, save_checkpoint
-from mclx.config import TrainCfg
 from mclx.data.dataset import build_table
 from mclx.data.her2st import read_her2st
 from mclx.errors import FingerprintMismatch, FormatError
-from mclx.experiment import PatchCache, make_preprocess, new_model, pos_size, train_model
-from mclx.kernels import retrieve
-from mclx.train import spot_embeddings
+from mclx.inference import match
+from mclx.inference.embed import spot_embeddings
 
 
 @pytest.fixture(scope="module")
 def ckpt(synthetic, tmp_path_factory):
-    from mclx.data.preprocess import load_gene_list
-
-    adatas = read_her2st(synthetic, ["S1", "S2"], with_image=True)
-    pre = make_preprocess(load_gene_list(synthetic / "genes.txt"), list(adatas.values()))
-    allsec = read_her2st(synthetic)
-    net = new_model(
-        "mclstexp",
-        pre,
-        pos_size(list(allsec.values())),
-        seed=0,
-        encoder="tiny_cnn",
-        encoder_weights=None,
-    )
-    cfg = TrainCfg(epochs=2, batch_size=32, freeze_encoder=True)
-    hist, _ = train_model(net, PatchCache(adatas, 224), ["S1", "S2"], pre, cfg, progress=False)
+    """The tiny model trained two epochs in batches (attention runs) of 32 spots."""
     path = tmp_path_factory.mktemp("ck") / "m.pt"
-    save_checkpoint(path, net, preprocess=pre, provenance={"train": {"batch_size": 32}})
-    return path
+    return tiny_model(synthetic, epochs=2, batch_size=32).save(path)
 
 
 def test_build_includes_imageless_sections_and_round_trips(ckpt, synthetic, tmp_path):
     bank = build_bank(ckpt, synthetic)
     assert sorted(set(bank.sections.tolist())) == ["S1", "S2", "S3", "S4"]  # S4 has no image
     ck = load_checkpoint(ckpt)
-    table = build_table(read_her2st(synthetic), ck.preprocess)
-    np.testing.assert_array_equal(bank.embeddings, spot_embeddings(ck.model, table, seq_len=32))
-    np.testing.assert_array_equal(bank.expressions, table.expr)
+    pre = ck.preprocess
+    assert ck.model.cfg.seq_len == 32 and ck.model.cfg.context == "batch"
+    adatas = read_her2st(synthetic)
+    assert bank.spot_ids.tolist() == [str(n) for a in adatas.values() for n in a.obs_names]
+    expected = spot_embeddings_f64(ck.model, adatas, pre.genes, pre.log_base)
+    np.testing.assert_allclose(bank.embeddings, expected, rtol=1e-4, atol=1e-5)
+    # the runs matter: whole-section attention would give other embeddings
+    whole = spot_embeddings_f64(ck.model, adatas, pre.genes, pre.log_base, seq_len=10**6)
+    assert np.abs(whole - expected).max() > 1e-2
+    expr = np.concatenate(
+        [normalised_expression(a, pre.genes, pre.log_base) for a in adatas.values()]
+    )
+    np.testing.assert_allclose(bank.expressions, expr, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        bank.positions, np.concatenate([a.obs[["x", "y"]] for a in adatas.values()])
+    )
     path = save_bank(bank, tmp_path / "b.npz")
     back = load_bank(path)
     np.testing.assert_array_equal(back.embeddings, bank.embeddings)
     assert back.genes == bank.genes and back.fingerprint == ck.fingerprint
     assert list(back.spot_ids[:2]) == ["S1_1x1", "S1_1x2"]
+    assert (back.k, back.distance, back.weighting) == (200, "l2", "inverse_square")
     back.check_compatible(ck.fingerprint, ck.preprocess.genes)
     with pytest.raises(FingerprintMismatch, match="rebuild the bank"):
         back.check_compatible("0" * 16)
-    pred = retrieve(
-        np.random.default_rng(0).normal(size=(3, 256)).astype(np.float32),
-        back.embeddings,
-        back.expressions,
-        10,
-    )
-    assert pred.shape == (3, len(bank.genes))
+    queries = np.random.default_rng(0).normal(size=(8, 256)).astype(np.float32)
+    pred = match(queries, back, k=10)  # the bank's own distance and weighting
+    want = knn_predict(queries, expected, expr, 10)
+    # float32 keys move cosines by ~1e-6: only a near-tie at the 10th neighbour (a
+    # margin under 1e-5) could change the neighbour set
+    sure = want.sure(1e-5)
+    assert sure.sum() >= 6, want.margin
+    np.testing.assert_allclose(pred[sure], want.pred[sure], rtol=1e-4, atol=1e-5)
 
 
 def test_sequence_context_is_per_section(ckpt, synthetic):
@@ -66,8 +73,8 @@ def test_sequence_context_is_per_section(ckpt, synthetic):
     ck = load_checkpoint(ckpt)
     both = build_table(read_her2st(synthetic, ["S1", "S2"]), ck.preprocess)
     only = build_table(read_her2st(synthetic, ["S2"]), ck.preprocess)
-    e_both = spot_embeddings(ck.model, both, seq_len=32)
-    e_only = spot_embeddings(ck.model, only, seq_len=32)
+    e_both = spot_embeddings(ck.model, both)
+    e_only = spot_embeddings(ck.model, only)
     np.testing.assert_allclose(e_both[both.section == "S2"], e_only, rtol=1e-5, atol=1e-6)
 
 
@@ -106,10 +113,10 @@ def test_bad_banks_are_refused(ckpt, synthetic, tmp_path):
 
 
 def test_stnet_checkpoint_has_no_bank(synthetic, tmp_path):
-    from mclx.config import ModelCfg, PreprocessCfg
-    from mclx.models import create_model
+    from mclx.config import PreprocessCfg
+    from mclx.models import create_model, model_cfg
 
-    net = create_model(ModelCfg.for_model("stnet", encoder="tiny_cnn", n_genes=40))
+    net = create_model(model_cfg("stnet", encoder="tiny_cnn", n_genes=40))
     pre = PreprocessCfg(genes=tuple(f"GENE{i:03d}" for i in range(40)))
     save_checkpoint(tmp_path / "s.pt", net, preprocess=pre)
     with pytest.raises(FormatError, match="needs no bank"):

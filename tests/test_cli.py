@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, mclx
+from helpers import assert_one_line_error, mclx, tiny_options, tiny_train_args
 
 from mclx.checkpoint import load_checkpoint
 
@@ -21,34 +21,14 @@ def test_help_and_version():
 
 def test_train_writes_checkpoint_that_loads(synthetic, tmp_path):
     out = tmp_path / "m.pt"
-    res = mclx(
-        "train",
-        "--data",
-        synthetic,
-        "--holdout",
-        "S3",
-        "--encoder",
-        "tiny_cnn",
-        "--encoder-weights",
-        "none",
-        "--genes",
-        synthetic / "genes.txt",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "32",
-        "--freeze-encoder",
-        "-q",
-        "--out",
-        out,
-    )
+    res = mclx(*tiny_train_args(synthetic, out, "--holdout", "S3", sections=None))
     assert res.returncode == 0, res.stderr
     ck = load_checkpoint(out)
     assert ck.provenance["sections"] == ["S1", "S2"] and ck.provenance["holdout"] == ["S3"]
     assert ck.provenance["epochs"] == 3 and len(ck.provenance["loss_history"]) == 3
     assert len(ck.preprocess.genes) == 40 and ck.preprocess.log_base == "10"
     assert ck.preprocess.mpp == pytest.approx(200 / 224, rel=0.01)
-    assert ck.model_cfg.pos_size == (11, 11)
+    assert ck.model_cfg.pos_size == (11, 11) and ck.model_cfg.seq_len == 32  # --batch-size
     raw = torch.load(out, weights_only=True)
     assert raw["fingerprint"] == ck.fingerprint
 
@@ -59,19 +39,7 @@ def test_evaluate_learns_the_synthetic_signal(synthetic, tmp_path):
         "evaluate",
         "--data",
         synthetic,
-        "--encoder",
-        "tiny_cnn",
-        "--encoder-weights",
-        "none",
-        "--genes",
-        synthetic / "genes.txt",
-        "--epochs",
-        "80",
-        "--batch-size",
-        "32",
-        "--lr",
-        "1e-3",
-        "--freeze-encoder",
+        *tiny_options(synthetic, epochs=80, lr=1e-3),
         "--k",
         "20",
         "--bank-sections",
@@ -98,26 +66,9 @@ def test_evaluate_learns_the_synthetic_signal(synthetic, tmp_path):
 def test_stnet_and_bleep_run(synthetic, tmp_path):
     for model in ("stnet", "bleep"):
         out = tmp_path / f"{model}.json"
+        options = tiny_options(synthetic, model=model, epochs=2, batch_size=None)
         res = mclx(
-            "evaluate",
-            "--data",
-            synthetic,
-            "--sections",
-            "S1,S2",
-            "--model",
-            model,
-            "--encoder",
-            "tiny_cnn",
-            "--encoder-weights",
-            "none",
-            "--genes",
-            synthetic / "genes.txt",
-            "--epochs",
-            "2",
-            "--freeze-encoder",
-            "-q",
-            "--out",
-            out,
+            "evaluate", "--data", synthetic, "--sections", "S1,S2", *options, "-q", "--out", out
         )
         assert res.returncode == 0, res.stderr
         cfg = json.loads(out.read_text())["config"]
@@ -159,23 +110,5 @@ def test_gene_list_with_absent_genes(synthetic, tmp_path):
 
 
 def test_unwritable_output_folder(synthetic, tmp_path):
-    res = mclx(
-        "train",
-        "--data",
-        synthetic,
-        "--sections",
-        "S1,S2",
-        "--encoder",
-        "tiny_cnn",
-        "--encoder-weights",
-        "none",
-        "--genes",
-        synthetic / "genes.txt",
-        "--epochs",
-        "1",
-        "--freeze-encoder",
-        "-q",
-        "--out",
-        tmp_path / "no" / "m.pt",
-    )
+    res = mclx(*tiny_train_args(synthetic, tmp_path / "no" / "m.pt", epochs=1, batch_size=None))
     assert_one_line_error(res, "m.pt", "does not exist")

@@ -10,17 +10,19 @@ import sys
 import numpy as np
 import pytest
 import torch
+from helpers import needs
 
 from mclx.checkpoint import load_checkpoint, save_checkpoint
 from mclx.config import ModelCfg, PreprocessCfg, from_dict
-from mclx.export.backends import OnnxRuntimeBackend, TorchBackend, create_backend
 from mclx.export.exporter import ParityError, export
-from mclx.export.formats import artifact_path, read_report
-from mclx.export.onnx_export import read_metadata
 from mclx.export.parity import compare
+from mclx.inference import FORMATS, open_encoder
+from mclx.inference.encoders import OnnxRuntimeEncoder, TorchEncoder, read_onnx_metadata
+from mclx.inference.formats import read_report
 from mclx.kernels import cpu_has_fast_bf16
 from mclx.models import create_model
 
+ONNX, INT8, ENGINE = FORMATS["onnx"], FORMATS["onnx-int8"], FORMATS["engine"]
 PRE = PreprocessCfg(genes=tuple(f"G{i}" for i in range(12)), mpp=0.7)
 
 
@@ -41,7 +43,7 @@ def exported(tmp_path_factory, synthetic):
 def test_fp32_parity_and_metadata(exported):
     ck, report = exported
     assert report["onnx"]["max_rel_err"] < 1e-4 and report["onnx-int8"]["min_cosine"] >= 0.99
-    meta = read_metadata(artifact_path(ck, "onnx"))
+    meta = read_onnx_metadata(ONNX.path(ck))
     loaded = load_checkpoint(ck)
     assert meta["fingerprint"] == loaded.fingerprint
     assert from_dict(PreprocessCfg, json.loads(meta["preprocess"])) == PRE
@@ -51,8 +53,8 @@ def test_fp32_parity_and_metadata(exported):
 
 def test_dynamic_batch_gives_same_per_image_results(exported):
     ck, _ = exported
-    ort_be = OnnxRuntimeBackend(artifact_path(ck, "onnx"))
-    ref = TorchBackend(load_checkpoint(ck))
+    ort_be = OnnxRuntimeEncoder(ONNX.path(ck))
+    ref = TorchEncoder(load_checkpoint(ck))
     imgs = np.random.default_rng(0).integers(0, 256, (64, 224, 224, 3), dtype=np.uint8)
     full = ort_be(imgs)
     np.testing.assert_allclose(ort_be(imgs[:1]), full[:1], rtol=1e-5, atol=1e-5)
@@ -63,13 +65,13 @@ def test_dynamic_batch_gives_same_per_image_results(exported):
 def test_reduced_precision_paths(exported):
     ck, _ = exported
     imgs = np.random.default_rng(1).integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
-    ref = TorchBackend(load_checkpoint(ck))(imgs)
-    int8 = create_backend(ck, backend="onnxruntime", precision="int8")
+    ref = TorchEncoder(load_checkpoint(ck))(imgs)
+    int8 = open_encoder(ck, backend="onnxruntime", precision="int8", device="cpu")
     assert int8.precision == "int8"
     assert compare(ref, int8(imgs))["min_cosine"] >= 0.99
-    bf16 = TorchBackend(load_checkpoint(ck), precision="bf16")
+    bf16 = TorchEncoder(load_checkpoint(ck), precision="bf16")
     assert compare(ref, bf16(imgs))["min_cosine"] >= 0.99
-    auto = create_backend(ck)
+    auto = open_encoder(ck, device="cpu")
     expected = ("torch", "bf16") if cpu_has_fast_bf16() else ("onnxruntime", "int8")
     assert (auto.name, auto.precision) == expected
 
@@ -78,25 +80,36 @@ def test_parity_failure_keeps_the_good_file(exported, monkeypatch, tmp_path):
     ck, _ = exported
     dst = tmp_path / "model.pt"
     shutil.copy(ck, dst)
-    shutil.copy(artifact_path(ck, "onnx"), artifact_path(dst, "onnx"))
-    good = artifact_path(dst, "onnx").read_bytes()
+    shutil.copy(ONNX.path(ck), ONNX.path(dst))
+    good = ONNX.path(dst).read_bytes()
     monkeypatch.setattr(
         "mclx.export.parity.compare", lambda a, b: {"max_rel_err": 0.5, "min_cosine": 0.5, "n": 1}
     )
     with pytest.raises(ParityError, match="FP32 parity failed"):
         export(dst, n_patches=4, log=lambda *_: None)
-    assert artifact_path(dst, "onnx").read_bytes() == good
+    assert ONNX.path(dst).read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.pt"]
 
 
 def test_encoder_from_another_checkpoint_is_refused(exported, tmp_path):
     ck, _ = exported
     other = _ckpt(tmp_path / "model.pt", seed=1)
-    shutil.copy(artifact_path(ck, "onnx"), artifact_path(other, "onnx"))
+    shutil.copy(ONNX.path(ck), ONNX.path(other))
     from mclx.errors import FingerprintMismatch
 
     with pytest.raises(FingerprintMismatch, match="re-export"):
-        create_backend(other, backend="onnxruntime")
+        open_encoder(other, backend="onnxruntime", device="cpu")
+
+
+def test_options_of_formats_not_asked_for_are_refused(tmp_path):
+    """``max_batch`` belongs to the engine: without ``trt`` it would be silently
+    ignored, so it is refused (before anything is written); unknown options too."""
+    ck = _ckpt(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="--max-batch applies to the engine format only"):
+        export(ck, max_batch=8, log=lambda *_: None)
+    with pytest.raises(TypeError, match="unknown option --batch"):
+        export(ck, batch=8, log=lambda *_: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
 @pytest.mark.slow
@@ -126,13 +139,11 @@ def test_trt_on_cpu_fails_before_writing_anything(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
-@pytest.mark.gpu
+@needs("tensorrt")
 def test_tensorrt_engine_parity(tmp_path):
-    pytest.importorskip("tensorrt", reason="TensorRT not installed (pip install .[gpu])")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU")
     ck = _ckpt(tmp_path / "m.pt", encoder="densenet121")
     report = export(ck, trt=True, n_patches=16, max_batch=32, log=lambda *_: None)
     assert report["engine"]["min_cosine"] >= 0.99
-    side = json.loads(artifact_path(ck, "engine").with_suffix(".engine.json").read_text())
+    engine = ENGINE.path(ck)
+    side = json.loads(engine.with_name(engine.name + ".json").read_text())
     assert side["fingerprint"] == report["fingerprint"] and side["profile"]["max"] == 32

@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import her2st_available, her2st_path
+from helpers.data import data_required, her2st_missing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -87,13 +89,14 @@ def check(read, path, data: bytes):
 
 
 @pytest.fixture(scope="module")
-def samples(request, synthetic, tmp_path_factory):
+def samples(synthetic):
     """Small counts and spot files: cut from the real her2st data when present, else
     the synthetic data's."""
-    try:
-        root = her2st.find_data_root(request.getfixturevalue("her2st"))
-        section = "A1"
-    except pytest.skip.Exception:
+    if her2st_available():
+        root, section = her2st.find_data_root(her2st_path()), "A1"
+    elif data_required():
+        pytest.fail(f"{her2st_missing()} and MCLX_REQUIRE_DATA=1")
+    else:
         root, section = her2st.find_data_root(synthetic), "S1"
     counts = her2st.read_counts(root / "ST-cnts" / f"{section}.tsv.gz").iloc[:15, :25]
     spots_text = (root / "ST-spotfiles" / f"{section}_selection.tsv").read_text()

@@ -5,6 +5,7 @@ import gzip
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import needs
 
 from mclx.config import PreprocessCfg
 from mclx.data import list_sections, load_gene_list, normalize_expression, read_section
@@ -12,7 +13,7 @@ from mclx.data.her2st import find_data_root, read_her2st
 from mclx.errors import DataError
 
 
-@pytest.mark.data
+@needs("her2st")
 def test_reader_matches_pandas(her2st):
     root = find_data_root(her2st)
     adata = read_section(her2st, "C2")
@@ -31,7 +32,7 @@ def test_reader_matches_pandas(her2st):
     assert 0.5 < adata.uns["mpp"] < 1.0  # legacy ST: 200 µm pitch over ~290 px
 
 
-@pytest.mark.data
+@needs("her2st")
 def test_sections_and_images(her2st):
     assert len(list_sections(her2st)) == 35
     assert list_sections(her2st, with_image=True) == ["C2", "C3", "C4", "C5", "C6"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_one_line_error
+from helpers import assert_one_line_error, run_cli, tiny_train_args
 
 from mclx.checkpoint import load_checkpoint
 from mclx.train_state import StateFile
@@ -30,46 +30,13 @@ KILL_EPOCHS = 20  # frozen-encoder epochs are short: time to kill the run after 
 
 
 def train_args(data: Path, out: Path, *extra, epochs: int = EPOCHS, frozen: bool = True):
-    args = [
-        "train",
-        "--data",
-        data,
-        "--sections",
-        "S1",
-        "--encoder",
-        "tiny_cnn",
-        "--encoder-weights",
-        "none",
-        "--genes",
-        data / "genes.txt",
-        "--epochs",
-        epochs,
-        "--batch-size",
-        "50",
-        "-q",
-        "--out",
-        out,
-        "--save-every",  # every epoch (the default may skip short ones); extra overrides
-        "1",
-        *extra,
-    ]
-    if frozen:  # dropout draws on torch's generator; fine-tuning adds augmentation
-        args.append("--freeze-encoder")
-    return [str(a) for a in args]
-
-
-def run_cli(capsys, args) -> subprocess.CompletedProcess:
-    """``mclx ARGS`` in this process (no interpreter start-up), output captured."""
-    from mclx.cli import main
-
-    capsys.readouterr()
-    try:
-        main(list(map(str, args)))
-        rc = 0
-    except SystemExit as exc:
-        rc = exc.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess(args, rc, out, err)
+    """The tiny model on S1 in batches of 50, saving its state every epoch (the default
+    may skip short ones; ``extra`` comes last and overrides); a frozen encoder by
+    default (dropout draws on torch's generator; fine-tuning adds augmentation)."""
+    return tiny_train_args(
+        data, out, "--save-every", "1", *extra, sections="S1", epochs=epochs, batch_size=50,
+        frozen=frozen,
+    )  # fmt: skip
 
 
 def stop_after(monkeypatch, epoch: int) -> None:

@@ -1,7 +1,10 @@
-"""Retrieval kernel against a float64 brute-force reference."""
+"""Retrieval kernel against a float64 brute-force reference, for every array type the
+kernel takes (``helpers.ARRAY_TYPES``: numpy, CPU torch tensors, CuPy on a GPU)."""
 
 import numpy as np
 import pytest
+from helpers import ARRAY_TYPES, as_numpy, needs
+from helpers.arrays import same_type
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,21 +20,25 @@ def _data(seed, q=7, n=53, d=16, g=5):
     )
 
 
+@pytest.mark.parametrize("array_type", ARRAY_TYPES)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("chunk", [None, 1, 10, 53, 100])
 @pytest.mark.parametrize("distance", ["l1", "l2"])
-def test_matches_reference(chunk, distance, precision):
+def test_matches_reference(chunk, distance, precision, array_type):
     q, keys, vals = _data(0)
+    aq, akeys, avals = map(array_type, (q, keys, vals))
     for k in (1, 5, 53):
-        pred = retrieve(q, keys, vals, k, distance=distance, chunk=chunk, precision=precision)
+        pred = retrieve(aq, akeys, avals, k, distance=distance, chunk=chunk, precision=precision)
+        assert same_type(pred, array_type)  # the caller's array type comes back
         ref, ref_idx = retrieve_reference(q, keys, vals, k, distance=distance)
-        np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-6)
-        _, idx = topk_cosine(q, keys, k, chunk=chunk, precision=precision)
-        np.testing.assert_array_equal(np.sort(idx, 1), np.sort(ref_idx, 1))
+        np.testing.assert_allclose(as_numpy(pred), ref, rtol=1e-5, atol=1e-6)
+        _, idx = topk_cosine(aq, akeys, k, chunk=chunk, precision=precision)
+        np.testing.assert_array_equal(np.sort(as_numpy(idx), 1), np.sort(ref_idx, 1))
 
 
+@pytest.mark.parametrize("array_type", ARRAY_TYPES)
 @pytest.mark.parametrize("clustered", [False, True])
-def test_bf16_candidates_with_float32_rerank_are_exact(clustered):
+def test_bf16_candidates_with_float32_rerank_are_exact(clustered, array_type):
     """A bank large enough that bf16 keeps only m < N candidates; clustered keys make
     bf16 scores tie so the float32 fallback must kick in."""
     rng = np.random.default_rng(5)
@@ -40,16 +47,18 @@ def test_bf16_candidates_with_float32_rerank_are_exact(clustered):
     if clustered:  # all keys within ~1e-2 cosine of query 0: below bf16 resolution
         keys = q[0] + rng.normal(scale=0.1, size=keys.shape).astype(np.float32)
     vals = rng.normal(size=(3000, 4)).astype(np.float32)
-    s32, i32 = topk_cosine(q, keys, 20, chunk=700, precision="fp32")
-    s16, i16 = topk_cosine(q, keys, 20, chunk=700, precision="bf16")
+    aq, akeys, avals = map(array_type, (q, keys, vals))
+    s32, i32 = map(as_numpy, topk_cosine(aq, akeys, 20, chunk=700, precision="fp32"))
+    s16, i16 = map(as_numpy, topk_cosine(aq, akeys, 20, chunk=700, precision="bf16"))
     np.testing.assert_array_equal(i16, i32)
     np.testing.assert_allclose(s16, s32, rtol=1e-6)
     ref, ref_idx = retrieve_reference(q, keys, vals, 20)
     np.testing.assert_array_equal(np.sort(i32, 1), np.sort(ref_idx, 1))
-    pred = retrieve(q, keys, vals, 20, chunk=700, precision="bf16")
-    np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-6)
+    pred = retrieve(aq, akeys, avals, 20, chunk=700, precision="bf16")
+    np.testing.assert_allclose(as_numpy(pred), ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("array_type", ARRAY_TYPES)
 @settings(max_examples=40, deadline=None)
 @given(
     q=st.integers(1, 9),
@@ -59,7 +68,7 @@ def test_bf16_candidates_with_float32_rerank_are_exact(clustered):
     chunk=st.integers(1, 70),
     data=st.data(),
 )
-def test_property_same_neighbours_and_predictions(q, n, d, seed, chunk, data):
+def test_property_same_neighbours_and_predictions(array_type, q, n, d, seed, chunk, data):
     k = data.draw(st.integers(1, n))
     rng = np.random.default_rng(seed)
     queries = rng.normal(size=(q, d)).astype(np.float32)
@@ -68,7 +77,8 @@ def test_property_same_neighbours_and_predictions(q, n, d, seed, chunk, data):
         keys[1] = keys[0]  # duplicate bank rows
     vals = rng.normal(size=(n, 3)).astype(np.float32)
     precision = data.draw(st.sampled_from(["fp32", "bf16"]))
-    scores, idx = topk_cosine(queries, keys, k, chunk=chunk, precision=precision)
+    aq, akeys, avals = map(array_type, (queries, keys, vals))
+    scores, idx = map(as_numpy, topk_cosine(aq, akeys, k, chunk=chunk, precision=precision))
     ref_pred, ref_idx = retrieve_reference(queries, keys, vals, k)
     qn = queries / np.linalg.norm(queries, axis=1, keepdims=True)
     kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)
@@ -80,25 +90,30 @@ def test_property_same_neighbours_and_predictions(q, n, d, seed, chunk, data):
         assert np.all(sims[i, idx[i]] >= kth - 1e-5)
     assert np.all(np.diff(scores, axis=1) <= 1e-6)  # sorted, best first
     if all(set(idx[i]) == set(ref_idx[i]) for i in range(q)):
-        pred = retrieve(queries, keys, vals, k, chunk=chunk, precision=precision)
-        np.testing.assert_allclose(pred, ref_pred, rtol=1e-5, atol=1e-5)
+        pred = retrieve(aq, akeys, avals, k, chunk=chunk, precision=precision)
+        np.testing.assert_allclose(as_numpy(pred), ref_pred, rtol=1e-5, atol=1e-5)
 
 
-def test_exact_match_takes_all_weight():
+@pytest.mark.parametrize("array_type", ARRAY_TYPES)
+def test_exact_match_takes_all_weight(array_type):
     q, keys, vals = _data(1)
     q[0] = keys[4] * 1.0
-    pred = retrieve(q, keys, vals, 10)
+    pred = as_numpy(retrieve(*map(array_type, (q, keys, vals)), 10))
     assert np.isfinite(pred).all()
     np.testing.assert_allclose(pred[0], vals[4], rtol=1e-6)
     w = neighbour_weights(np.array([[0.0, 0.0, 1.0], [1.0, 2.0, 4.0]]))
     np.testing.assert_allclose(w, [[0.5, 0.5, 0.0], np.array([1, 0.25, 1 / 16]) / 1.3125])
 
 
-def test_mean_weighting_averages():
+@pytest.mark.parametrize("array_type", ARRAY_TYPES)
+def test_mean_weighting_averages(array_type):
     q, keys, vals = _data(2)
-    _, idx = topk_cosine(q, keys, 6)
-    pred = retrieve(q, keys, vals, 6, weighting="mean")
-    np.testing.assert_allclose(pred, vals[idx].mean(1), rtol=1e-6)
+    aq, akeys, avals = map(array_type, (q, keys, vals))
+    idx = as_numpy(topk_cosine(aq, akeys, 6)[1])
+    _, ref_idx = retrieve_reference(q, keys, vals, 6)
+    np.testing.assert_array_equal(np.sort(idx, 1), np.sort(ref_idx, 1))
+    pred = retrieve(aq, akeys, avals, 6, weighting="mean")
+    np.testing.assert_allclose(as_numpy(pred), vals[ref_idx].mean(1), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -123,21 +138,15 @@ def test_bad_arguments(args, match):
         retrieve(kw.pop("queries"), kw.pop("keys"), kw.pop("values"), kw.pop("k"), **kw)
 
 
-@pytest.mark.gpu
-def test_cupy_path_matches_numpy():
-    cp = pytest.importorskip("cupy", reason="CuPy not installed (pip install .[gpu])")
-    try:
-        cp.cuda.runtime.getDeviceCount()
-    except Exception:
-        pytest.skip("no CUDA device")
-    q, keys, vals = _data(4)
-    got = retrieve(cp.asarray(q), cp.asarray(keys), cp.asarray(vals), 9, chunk=10)
-    np.testing.assert_allclose(cp.asnumpy(got), retrieve(q, keys, vals, 9), rtol=1e-5)
-
-
 # --- the compiled CPU steps (numba) and the paths around them ----------------------
 
-cs = pytest.importorskip("mclx.kernels.cpu_select", reason="numba not installed")
+
+@pytest.fixture(scope="module")
+def cs():
+    """The numba kernels (tests taking this fixture need("numba"))."""
+    from mclx.kernels import cpu_select
+
+    return cpu_select
 
 
 def _lexsort_topm(scores, m):
@@ -145,9 +154,10 @@ def _lexsort_topm(scores, m):
     return [np.lexsort((np.arange(len(r)), -r.astype(np.float64)))[:m] for r in scores]
 
 
+@needs("numba")
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("tau0", [None, "low", "high"])
-def test_select_topm_keeps_best_m_with_index_ties(bf16, tau0):
+def test_select_topm_keeps_best_m_with_index_ties(cs, bf16, tau0):
     """Scores from a small set (many ties, negatives, both zeros) folded in uneven
     column blocks must give exactly the lexsort top-m, ties to the lower index; a
     starting threshold above the m-th score leaves the row short, for the caller."""
@@ -200,7 +210,8 @@ def cs_keys(scores, bf16):
     return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
-def test_bf16_rounding_and_unit_rows_match_torch():
+@needs("numba")
+def test_bf16_rounding_and_unit_rows_match_torch(cs):
     import torch
 
     rng = np.random.default_rng(1)
@@ -224,6 +235,7 @@ def test_bf16_rounding_and_unit_rows_match_torch():
     assert not np.isfinite(err[3]) and np.isfinite(np.delete(err, 3)).all()
 
 
+@needs("numba")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_compiled_and_torch_paths_agree(precision, monkeypatch):
     """The numba CPU path and the torch path (GPU's) pick the same neighbours and
@@ -246,6 +258,7 @@ def test_compiled_and_torch_paths_agree(precision, monkeypatch):
     np.testing.assert_allclose(compiled, ref, rtol=1e-5, atol=1e-6)
 
 
+@needs("numba")
 def test_rows_whose_sampled_threshold_is_too_high_are_redone(monkeypatch):
     import mclx.kernels.retrieval as kr
 
@@ -263,15 +276,17 @@ def test_rows_whose_sampled_threshold_is_too_high_are_redone(monkeypatch):
     assert calls == [9]  # the redo runs without a threshold
 
 
-def test_bf16_bound_holds_on_a_dense_bank():
+@pytest.mark.parametrize("array_type", ARRAY_TYPES)
+def test_bf16_bound_holds_on_a_dense_bank(array_type):
     """Many keys within bf16 resolution of the k-th: every query falls back, or the
     bound proves its candidates; either way the float32 neighbours come out."""
     rng = np.random.default_rng(9)
     base = rng.normal(size=64).astype(np.float32)
     keys = (base + rng.normal(scale=0.02, size=(5000, 64))).astype(np.float32)
     q = (base + rng.normal(scale=0.02, size=(30, 64))).astype(np.float32)
-    _, i32 = topk_cosine(q, keys, 25, precision="fp32")
-    _, i16 = topk_cosine(q, keys, 25, precision="bf16")
+    aq, akeys = array_type(q), array_type(keys)
+    i32 = as_numpy(topk_cosine(aq, akeys, 25, precision="fp32")[1])
+    i16 = as_numpy(topk_cosine(aq, akeys, 25, precision="bf16")[1])
     np.testing.assert_array_equal(i16, i32)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     kn = keys / np.linalg.norm(keys, axis=1, keepdims=True)

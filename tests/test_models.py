@@ -13,6 +13,7 @@ from mclx.models import (
     clip_loss,
     create_encoder,
     create_model,
+    model_cfg,
 )
 
 
@@ -120,9 +121,7 @@ def test_ablations_change_the_architecture():
 def test_gradient_step_lowers_loss(name):
     torch.manual_seed(0)
     model = create_model(
-        ModelCfg.for_model(
-            name, encoder="tiny_cnn", n_genes=16, pos_size=(8, 8), embed_dim=32, dropout=0.0
-        )
+        model_cfg(name, encoder="tiny_cnn", n_genes=16, pos_size=(8, 8), embed_dim=32, dropout=0.0)
     )
     feats = torch.randn(12, model.image_encoder.num_features)
     expr = torch.rand(12, 16)
@@ -137,8 +136,12 @@ def test_gradient_step_lowers_loss(name):
 
 
 def test_model_defaults_follow_the_papers():
-    assert ModelCfg.for_model("mclstexp").k == 200
-    b = ModelCfg.for_model("bleep")
+    assert model_cfg("mclstexp").k == 200
+    b = model_cfg("bleep")
     assert (b.k, b.weighting, b.pos_embed, b.depth) == (50, "mean", False, 0)
+    s = model_cfg("stnet", k=3)  # overrides win over the publication's defaults
+    assert (s.k, s.pos_embed, s.depth) == (3, False, 0)
+    with pytest.raises(KeyError, match="mclstexp"):
+        model_cfg("mclstex")
     with pytest.raises(KeyError, match="mclstexp"):
         create_model(ModelCfg(name="mclstex", encoder="tiny_cnn"))

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_import_mclx_loads_no_heavy_modules():
     code = (
-        "import sys, mclx, mclx.kernels, mclx.export; "
+        "import sys, mclx, mclx.kernels, mclx.export, mclx.inference; "
         "heavy = {'torch', 'scanpy', 'tensorrt', 'cupy', 'onnxruntime', 'openslide'}; "
         "print(sorted(heavy & set(sys.modules)))"
     )
@@ -28,8 +28,10 @@ def test_version_matches_pyproject():
 
 def test_subpackages_map_to_top_level_folders():
     import mclx.export
+    import mclx.inference
     import mclx.kernels
 
     assert Path(mclx.__file__).parent == ROOT / "toolkit"
     assert Path(mclx.kernels.__file__).parent == ROOT / "kernels"
     assert Path(mclx.export.__file__).parent == ROOT / "export"
+    assert Path(mclx.inference.__file__).parent == ROOT / "toolkit" / "inference"

@@ -1,70 +1,76 @@
-"""`mclx infer` end to end: equivalence with evaluation, OpenSlide TIFFs (bad inputs:
-test_bad_inputs.py)."""
+"""`mclx infer` end to end: agreement with an independent computation, OpenSlide TIFFs
+(bad inputs: test_bad_inputs.py).
+
+The expected predictions are computed without mclx's inference layer
+(:mod:`helpers.oracles`): patches cut with ``extract_patches``, the checkpoint's model
+run in float64 on pixels scaled by hand, then cosine top-k and inverse-square-distance
+weights in float64 numpy. mclx runs in float32, which moves a query's cosines by at
+most ~6e-8 (measured: tiny CNN 4e-8, DenseNet-121 6e-8 on HER2+ patches): queries whose
+k-th and (k+1)-th neighbours are closer than ``MARGIN`` (5x that) in cosine could swap
+them and are left out (they must be few); the others must agree within ``RTOL`` /
+``ATOL`` (log-expression values of order 1; measured differences ~1e-6, while one
+wrong neighbour moves a prediction by ~1e-2).
+"""
 
 from __future__ import annotations
 
 import anndata as ad
 import numpy as np
 import pytest
-from helpers import assert_one_line_error, mclx
+from helpers import assert_one_line_error, mclx, needs, train_tiny_cli
+from helpers.oracles import image_outputs_f64, knn_predict, normalised_expression
 
 from mclx.bank import build_bank, load_bank, save_bank
 from mclx.checkpoint import load_checkpoint
 from mclx.data.her2st import find_data_root, read_section
-from mclx.evaluate import predict_section
+from mclx.data.patches import extract_patches, load_image
+
+MARGIN = 3e-7  # cosine gap at the k-th neighbour below which float32 may reorder
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def expected_predictions(ck, bank, adata, *, k=None):
+    """Independent float64 predictions for the spots of ``adata`` (see the module doc)."""
+    patches = extract_patches(
+        load_image(adata.uns["image_path"]), adata.obsm["spatial"], ck.preprocess.patch_size
+    )
+    queries = image_outputs_f64(ck.model, patches, ck.preprocess)
+    return knn_predict(
+        queries,
+        bank.embeddings,
+        bank.expressions,
+        k or bank.k,
+        distance=bank.distance,
+        weighting=bank.weighting,
+    )
+
+
+def assert_agrees(pred: np.ndarray, want, *, min_sure: float = 0.9) -> None:
+    sure = want.sure(MARGIN)
+    diff = np.abs(pred[sure] - want.pred[sure]).max()
+    print(f"{(~sure).sum()} of {len(sure)} queries near-tied; max |difference| {diff:.2e}")
+    assert sure.mean() >= min_sure, f"{(~sure).sum()} near-ties of {len(sure)}"
+    np.testing.assert_allclose(pred[sure], want.pred[sure], rtol=RTOL, atol=ATOL)
 
 
 @pytest.fixture(scope="module")
 def synth_model(synthetic, tmp_path_factory):
     """A tiny checkpoint and bank trained on the synthetic data (fast)."""
     d = tmp_path_factory.mktemp("synth_model")
-    res = mclx(
-        "train",
-        "--data",
-        synthetic,
-        "--sections",
-        "S1,S2",
-        "--encoder",
-        "tiny_cnn",
-        "--encoder-weights",
-        "none",
-        "--genes",
-        synthetic / "genes.txt",
-        "--epochs",
-        "3",
-        "--batch-size",
-        "32",
-        "--freeze-encoder",
-        "-q",
-        "--out",
-        d / "m.pt",
-    )
-    assert res.returncode == 0, res.stderr
-    save_bank(build_bank(d / "m.pt", synthetic, sections=["S1", "S2", "S4"]), d / "bank.npz")
-    return d / "m.pt", d / "bank.npz"
+    ck = train_tiny_cli(synthetic, d / "m.pt")
+    save_bank(build_bank(ck, synthetic, sections=["S1", "S2", "S4"]), d / "bank.npz")
+    return ck, d / "bank.npz"
 
 
-@pytest.mark.data
+@needs("her2st")
 @pytest.mark.slow
-def test_infer_at_spots_matches_evaluation_path(her2st, tmp_path):
+def test_infer_at_spots_matches_an_independent_computation(her2st, tmp_path):
     root = find_data_root(her2st)
-    ck = tmp_path / "c3.pt"
-    res = mclx(
-        "train",
-        "--data",
-        her2st,
-        "--sections",
-        "C3",
-        "--freeze-encoder",
-        "--epochs",
-        "2",
-        "--encoder-weights",
-        "none",
-        "-q",
-        "--out",
-        ck,
-    )
-    assert res.returncode == 0, res.stderr
+    # DenseNet-121 without weights, her2st's gene list, the default batch size
+    ck = train_tiny_cli(
+        her2st, tmp_path / "c3.pt", sections="C3", encoder="densenet121", epochs=2,
+        batch_size=None,
+    )  # fmt: skip
     bank = save_bank(build_bank(ck, her2st, sections=["C3", "C4", "A1"]), tmp_path / "b.npz")
     c2 = read_section(her2st, "C2")
     out = tmp_path / "c2.h5ad"
@@ -89,8 +95,7 @@ def test_infer_at_spots_matches_evaluation_path(her2st, tmp_path):
     pred = ad.read_h5ad(out)  # rows in spot-file order; align to the reader's order
     assert sorted(pred.obs_names) == sorted(i.removeprefix("C2_") for i in c2.obs_names)
     pred = pred[[i.removeprefix("C2_") for i in c2.obs_names]]
-    expected = predict_section(load_checkpoint(ck), load_bank(bank), c2)
-    np.testing.assert_allclose(pred.X, expected, rtol=1e-5, atol=1e-6)
+    assert_agrees(pred.X, expected_predictions(load_checkpoint(ck), load_bank(bank), c2))
     np.testing.assert_allclose(pred.obsm["spatial"], c2.obsm["spatial"])
     u = pred.uns["mclx"]
     assert u["checkpoint_fingerprint"] == u["bank_fingerprint"] == load_bank(bank).fingerprint
@@ -98,7 +103,7 @@ def test_infer_at_spots_matches_evaluation_path(her2st, tmp_path):
     assert u["tile_size_level0"] == 224  # within 2% of the training µm/px: no resampling
 
 
-@pytest.mark.data
+@needs("her2st")
 def test_pyramidal_tiff_through_openslide(her2st, synth_model, tmp_path):
     from PIL import Image
 
@@ -158,14 +163,16 @@ def test_evaluate_a_trained_checkpoint_with_its_bank(synthetic, synth_model, tmp
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
     assert list(data["sections"]) == ["S3"] and data["config"]["k"] == 20
-    expected = predict_section(
-        load_checkpoint(ck), load_bank(bank), read_section(synthetic, "S3"), k=20
-    )
-    from mclx.data.dataset import build_table
     from mclx.metrics import score
 
-    truth = build_table({"S3": read_section(synthetic, "S3")}, load_checkpoint(ck).preprocess)
-    assert data["mean"]["pcc_acg"] == pytest.approx(score(expected, truth.expr)["pcc_acg"])
+    s3, loaded = read_section(synthetic, "S3"), load_checkpoint(ck)
+    expected = expected_predictions(loaded, load_bank(bank), s3, k=20)
+    assert expected.sure(MARGIN).all()  # no near-tie: the scores must agree closely
+    pre = loaded.preprocess
+    truth = normalised_expression(s3, pre.genes, pre.log_base)
+    want = score(expected.pred, truth)
+    for m in ("pcc_acg", "pcc_heg", "mse", "mae"):
+        assert data["mean"][m] == pytest.approx(want[m], rel=1e-4, abs=1e-5), m
     leak = mclx(
         "evaluate",
         "--data",

@@ -6,14 +6,31 @@ import subprocess
 import sys
 
 
-def mclx(*args, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``python -m mclx ARGS`` in a subprocess, output captured as text."""
+def mclx(*args, timeout: int = 900, preexec_fn=None) -> subprocess.CompletedProcess:
+    """``python -m mclx ARGS`` in a subprocess, output captured as text; ``preexec_fn``
+    runs in the child before it starts (resource limits, dropped capabilities)."""
     return subprocess.run(
         [sys.executable, "-m", "mclx", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )
+
+
+def run_cli(capsys, args) -> subprocess.CompletedProcess:
+    """``mclx ARGS`` in this process (no interpreter start-up), output captured with
+    pytest's ``capsys``; the exit status as a subprocess's."""
+    from mclx.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(map(str, args)))
+        rc = 0
+    except SystemExit as exc:
+        rc = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, rc, out, err)
 
 
 def assert_one_line_error(res: subprocess.CompletedProcess, *needles: str) -> None:
