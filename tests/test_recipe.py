@@ -147,3 +147,16 @@ def test_version_1_checkpoint_takes_seq_len_from_its_provenance(tmp_path):
     payload["format_version"] = 1
     torch.save(payload, path)
     assert load_checkpoint(path).model_cfg.seq_len == 48
+
+
+def test_evaluate_refuses_k_above_a_folds_bank_before_training(synthetic, monkeypatch):
+    import mclx.evaluate
+
+    def no_training(*a, **kw):
+        raise AssertionError("trained before checking k")
+
+    monkeypatch.setattr(mclx.evaluate, "train_model", no_training)
+    with pytest.raises(ValueError, match=r"k=200 is larger than the bank of the fold .*100 spots"):
+        cross_validate(synthetic, recipe(synthetic), sections=["S1", "S2"], progress=False)
+    with pytest.raises(AssertionError, match="trained before"):  # k that fits: it trains
+        cross_validate(synthetic, recipe(synthetic), sections=["S1", "S2"], k=100)

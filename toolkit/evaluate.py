@@ -51,6 +51,7 @@ def cross_validate(
         raise ValueError(msg)
     extra = [s for s in bank_sections if s not in adatas]
     extra_adatas = read_her2st(root, extra) if extra else {}
+    _check_k(root, recipe, adatas, extra_adatas, k)
     cache = PatchCache(adatas, PreprocessCfg().patch_size)
     results: dict[str, Any] = {}
     genes_out: dict[str, dict[str, float]] = {}
@@ -64,6 +65,24 @@ def cross_validate(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return _summary(results, config, genes_out)
+
+
+def _check_k(root, recipe: Recipe, adatas, extra, k: int | None) -> None:
+    """Before any training: every fold's bank (the other sections) holds at least k spots."""
+    from mclx.models import model_cfg
+
+    k = k or model_cfg(recipe.model, **recipe.overrides).k
+    if not k:  # a regression model: no retrieval
+        return
+    spots = {s: a.n_obs for s, a in adatas.items()}
+    bank = sum(spots.values()) + sum(a.n_obs for a in extra.values())
+    test = max(spots, key=spots.get)  # the fold with the smallest bank
+    if bank - spots[test] < k:
+        msg = (
+            f"{root}: k={k} is larger than the bank of the fold that holds out {test} "
+            f"({bank - spots[test]} spots); pass a smaller --k or more --bank-sections"
+        )
+        raise ValueError(msg)
 
 
 class _Fold:
