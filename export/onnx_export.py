@@ -92,7 +92,7 @@ def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17) -> Path:
 
 
 class _Reader:
-    """ONNX Runtime calibration reader over uint8 patches."""
+    """ONNX Runtime calibration reader over float32 model input (N x 3 x H x W)."""
 
     def __init__(self, images: np.ndarray, batch: int = 8) -> None:
         self.batches = [images[i : i + batch] for i in range(0, len(images), batch)]

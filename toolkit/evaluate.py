@@ -60,7 +60,7 @@ def cross_validate(
         fold = _Fold(root, recipe, adatas, extra_adatas, test)
         row, genes_out[test] = fold.run(cache, k=k, distance=distance, progress=progress)
         results[test] = row
-    config = fold.config | {
+    config = fold.config(k, distance) | {
         "bank_sections": list(bank_sections),
         "seconds": round(time.perf_counter() - t0, 1),
     }
@@ -111,7 +111,12 @@ class _Fold:
         s = score(pred, build_table({self.test: self.adatas[self.test]}, pre).expr)
         genes = dict(zip(pre.genes, s.pop("pcc_genes").tolist()))
         n = self.adatas[self.test].n_obs
-        self.config = {
+        return s | {"n_spots": n, "final_loss": history[-1]}, genes
+
+    def config(self, k: int | None, distance: str | None) -> dict[str, Any]:
+        """The fold's model, preprocessing (genes aside) and retrieval settings."""
+        net, pre = self.net, self.pre
+        return {
             "model": to_dict(net.cfg),
             "preprocess": {k_: v for k_, v in to_dict(pre).items() if k_ != "genes"},
             "train": to_dict(self.recipe.train),
@@ -121,7 +126,6 @@ class _Fold:
             "n_genes": len(pre.genes),
             "encoder_weights": str(self.recipe.encoder_weights),
         }
-        return s | {"n_spots": n, "final_loss": history[-1]}, genes
 
 
 def _summary(results: dict[str, Any], config: dict[str, Any], genes: dict) -> dict[str, Any]:

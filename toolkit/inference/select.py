@@ -49,7 +49,7 @@ def open_encoder(
     if backend == "auto":
         return _best(path, precision, device, ck)
     fmt = _format(backend, precision, device)
-    encoder = fmt.open(_need(path, fmt), device=device, ck=ck)
+    encoder = fmt.open(_require_artifact(path, fmt), device=device, ck=ck)
     if fmt.suffix is not None:
         _check_fingerprint(encoder, path)
     return encoder
@@ -97,7 +97,7 @@ def _format(backend: str, precision: str, device: str) -> Format:
     raise ValueError(msg)
 
 
-def _need(checkpoint: Path, fmt: Format) -> Path:
+def _require_artifact(checkpoint: Path, fmt: Format) -> Path:
     """The checkpoint (torch formats) or the exported file beside it, which must exist."""
     path = fmt.path(checkpoint)
     if fmt.suffix is not None and not path.is_file():
