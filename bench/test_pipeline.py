@@ -22,7 +22,7 @@ def slide_and_tiles(her2st_model, tmp_path_factory):
     bank (the checkpoint of conftest's ``her2st_model``)."""
     from mclx.data.patches import load_image
     from mclx.inference import open_encoder
-    from mclx.runtime import tile_size
+    from mclx.plan import tile_size
     from mclx.slide import open_slide, write_pyramidal_tiff
     from mclx.tiling import grid_tiles
 

@@ -376,12 +376,12 @@ def _(e, w, o):
     return infer(e, o, w / "empty.jpg")
 
 
-@case("slide-text-as-svs", "notes.svs", "OpenSlide cannot read it")
+@case("slide-text-as-svs", "notes.svs", "neither OpenSlide nor PIL can read it", "text file")
 def _(e, w, o):
     return infer(e, o, text(w / "notes.svs"), spots=False)
 
 
-@case("slide-text-as-png", "notes.png", "not an image")
+@case("slide-text-as-png", "notes.png", "neither OpenSlide nor PIL can read it")
 def _(e, w, o):
     return infer(e, o, text(w / "notes.png"))
 
@@ -409,7 +409,7 @@ def _(e, w, o):
     return infer(e, o, w / "secret.jpg")
 
 
-@case("slide-is-a-folder", "folder.svs", "not a file")
+@case("slide-is-a-folder", "folder.svs", "none of its 0 files is DICOM")
 def _(e, w, o):
     (w / "folder.svs").mkdir()
     return infer(e, o, w / "folder.svs", spots=False)
@@ -421,6 +421,68 @@ def _(e, w, o):
 
     Image.fromarray(np.full((1200, 1200, 3), 243, np.uint8)).save(w / "blank.png")
     return infer(e, o, w / "blank.png", "--mpp", "1.0", spots=False)
+
+
+def dpi_image(path: Path, e: Env, dpi: float, **kw) -> Path:
+    """The synthetic slide saved with a screen/print density in its header."""
+    from PIL import Image
+
+    Image.open(e.image).save(path, dpi=(dpi, dpi), **kw)
+    return path
+
+
+@case("slide-tiff-72-dpi", "s72.tif", "µm/px unknown", "72 dpi = 352.8 µm/px", "--mpp")
+def _(e, w, o):
+    return infer(e, o, dpi_image(w / "s72.tif", e, 72), spots=False)
+
+
+@case("slide-png-96-dpi", "s96.png", "µm/px unknown", "96 dpi", "--mpp")
+def _(e, w, o):
+    return infer(e, o, dpi_image(w / "s96.png", e, 96), spots=False)
+
+
+@case("slide-tiff-300-dpi-pyramid", "s300.tif", "300 dpi", "--mpp")
+def _(e, w, o):
+    from mclx.data.patches import load_image
+    from mclx.slide import write_pyramidal_tiff
+
+    tif = write_pyramidal_tiff(load_image(e.image), w / "s300.tif", mpp=25400 / 300, tile=256)
+    return infer(e, o, tif, spots=False)
+
+
+@case("slide-mpp-absurd", "S1.jpg", "resampled", "x up", "--mpp")
+def _(e, w, o):
+    return infer(e, o, None, "--mpp", "352.8", spots=False)
+
+
+@case("slide-more-tiles-than-max", "S1.jpg", "more than --max-tiles 5 tiles", "grid places")
+def _(e, w, o):
+    return infer(e, o, None, "--mpp", "0.9", "--max-tiles", "5", spots=False)
+
+
+@case("spots-more-than-max-tiles", "--max-tiles 5")
+def _(e, w, o):
+    return infer(e, o, None, "--max-tiles", "5")
+
+
+@case("slide-openslide-unopenable", "unopenable.tiff", "OpenSlide cannot read it")
+def _(e, w, o):
+    return infer(e, o, fixture_slide(w, "unopenable.tiff"), "--mpp", "0.5", spots=False)
+
+
+@case("slide-openslide-corrupt-pixels", "unreadable.svs", "cannot read")
+def _(e, w, o):
+    return infer(e, o, fixture_slide(w, "unreadable.svs"), spots=False)
+
+
+def fixture_slide(w: Path, name: str) -> Path:
+    """One of OpenSlide's test slides (../shared/data/slide-fixtures), copied to ``w``."""
+    from helpers.data import ROOT
+
+    src = ROOT.parent / "shared" / "data" / "slide-fixtures" / name
+    if not src.is_file():
+        pytest.skip(f"needs OpenSlide's test slides: {src} not found")
+    return copy(src, w / name)
 
 
 @case("plot-gene-not-in-bank", "--plot", "NOPE", "bank.npz")

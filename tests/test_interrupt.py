@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
 import pytest
 import torch
 from helpers import assert_one_line_error, run_cli, tiny_train_args
@@ -346,13 +348,32 @@ def infer_inputs(synthetic, reference, tmp_path_factory):
 TILES = re.compile(r"infer:.*?\|\s*([1-9]\d*)/(\d+)")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
-def test_killed_inference_writes_nothing(infer_inputs, tmp_path, sig):
+def infer_args(infer_inputs, out: Path, *extra):
+    """Many overlapping tiles in small batches, the predictions saved every 2 batches."""
     slide, bank = infer_inputs
-    out = tmp_path / "pred.h5ad"
+    return ["infer", slide, "--bank", bank, "--out", out, "--mpp", "0.9", "--stride", "24",
+            "--batch-size", "4", "--workers", "1", "--save-every", "2", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def infer_reference(infer_inputs, tmp_path_factory):
+    """The uninterrupted run that a killed and resumed one must reproduce."""
+    from mclx.cli import main
+
+    out = tmp_path_factory.mktemp("infer_reference") / "ref.h5ad"
+    main([str(a) for a in infer_args(infer_inputs, out, "-q")])
+    assert out.is_file() and not Path(f"{out}.state").exists()  # no clutter on success
+    return ad.read_h5ad(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_killed_inference_writes_nothing_and_resumes(
+    infer_inputs, infer_reference, tmp_path, capsys, sig
+):
+    out, state = tmp_path / "pred.h5ad", tmp_path / "pred.h5ad.state"
     out.write_bytes(GOOD)
-    args = ["infer", slide, "--bank", bank, "--out", out, "--plot", "GENE001", "--mpp", "0.9"]
-    run = Mclx([*args, "--stride", "24", "--batch-size", "4", "--workers", "1"], cwd=tmp_path)
+    run = Mclx([*infer_args(infer_inputs, out), "--plot", "GENE001"], cwd=tmp_path)
+    run.wait_for(state.exists, "saved predictions (two batches)")
     run.wait_for(lambda: TILES.search(run.stderr), "tiles on the progress bar")
     done, total = map(int, TILES.findall(run.stderr)[-1])
     assert done < total / 2, "the slide is too small to interrupt mid-run"
@@ -363,6 +384,37 @@ def test_killed_inference_writes_nothing(infer_inputs, tmp_path, sig):
         assert last == "mclx: error: interrupted", run.stderr[-500:]
     else:
         assert rc == -signal.SIGKILL
-    # killed before writing: the old predictions stand, no plot, no temporary file
+    # killed before writing: the old predictions stand, no plot; the saved state stays
     assert out.read_bytes() == GOOD
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred.h5ad"]
+    names = {p.name for p in tmp_path.iterdir()} - set(temps(tmp_path))
+    assert names == {"pred.h5ad", "pred.h5ad.state"}
+    with np.load(state) as z:
+        saved = int(z["done"])
+    assert 8 <= saved < total and saved % 8 == 0  # whole saves of 2 batches of 4
+    res = run_cli(capsys, [*infer_args(infer_inputs, out, "-q"), "--resume"])
+    assert res.returncode == 0, res.stderr
+    pred = ad.read_h5ad(out)
+    assert pred.uns["mclx"]["resumed_from_tile"] == saved
+    assert list(pred.obs_names) == list(infer_reference.obs_names)
+    assert np.array_equal(pred.X, infer_reference.X)  # bit for bit
+    assert not state.exists() and not temps(tmp_path)
+
+
+def test_infer_resume_refuses_other_inputs_and_missing_or_torn_states(
+    infer_inputs, tmp_path, capsys
+):
+    from mclx.infer_state import InferState
+
+    out = tmp_path / "p.h5ad"
+    res = run_cli(capsys, [*infer_args(infer_inputs, out, "-q"), "--resume"])
+    assert_one_line_error(res, "p.h5ad.state", "no saved run to resume")
+    # a state saved by a run with k=3: resuming with the default k is refused
+    state = InferState(tmp_path / "p.h5ad.state")
+    state.record = {"k": 3, "batch_size": 4}
+    state.save(np.zeros((8, 2), np.float32), 8)
+    res = run_cli(capsys, [*infer_args(infer_inputs, out, "-q"), "--resume"])
+    assert_one_line_error(res, "p.h5ad.state", "different arguments or data", "k: 3")
+    state.path.write_bytes(b"torn")
+    res = run_cli(capsys, [*infer_args(infer_inputs, out, "-q"), "--resume"])
+    assert_one_line_error(res, "p.h5ad.state", "unreadable", "without --resume")
+    assert not out.exists()

@@ -127,7 +127,8 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
 def _training_state(out: Path, resume: bool, save_every: int | None):
     """The resumable state beside ``out``: loaded (and checked) now with ``--resume``,
     before any work; temporary files that a killed write left are removed."""
-    from mclx.train_state import StateFile, remove_stale_temps, state_path
+    from mclx.run_state import remove_stale_temps, state_path
+    from mclx.train_state import StateFile
 
     state = StateFile(state_path(out), every=save_every)
     if resume:
@@ -359,13 +360,30 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
     "--mpp",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Slide µm/px when its metadata lacks it.",
+    help="Slide µm per level-0 pixel, when its metadata lacks it (or is not believable).",
 )
 @click.option("--workers", type=click.IntRange(1), default=2, help="Reader threads (default 2).")
+@click.option(
+    "--max-tiles",
+    type=click.IntRange(1),
+    default=None,
+    help="Refuse a run of more tiles than this (default 2,000,000), before reading any.",
+)
 @out_option("Predictions (.h5ad). Default: SLIDE stem + .pred.h5ad in the current folder.")
 @click.option("--plot", "plot", multiple=True, help="Write a PNG map for this gene (repeatable).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted run from the predictions saved beside --out (OUT.state).",
+)
+@click.option(
+    "--save-every",
+    type=click.IntRange(0),
+    default=None,
+    help="Save the predictions so far every N batches for --resume (default 64; 0: never).",
+)
 @quiet_option("No progress bar.")
-def infer(slide: Path, bank_path: Path, out, plot, quiet, **kw: Any) -> None:
+def infer(slide: Path, bank_path: Path, out, plot, resume, save_every, quiet, **kw: Any) -> None:
     """Predict spatial expression over a whole slide (or at given spots).
 
     \b
@@ -378,10 +396,14 @@ def infer(slide: Path, bank_path: Path, out, plot, quiet, **kw: Any) -> None:
     from mclx.writer import plot_genes, write_predictions
 
     out = check_output(out or Path(f"{slide.stem}.pred.h5ad"))
-    adata = run_infer(slide, bank_path=bank_path, plot_genes=plot, progress=not quiet, **kw)
+    state = _inference_state(out, resume, save_every)
+    adata = run_infer(
+        slide, bank_path=bank_path, plot_genes=plot, state=state, progress=not quiet, **kw
+    )
     with all_or_nothing():  # the predictions and every plot, or nothing
         write_predictions(adata, out)
         pngs = plot_genes(adata, slide, plot, out.with_suffix(""), mpp=kw["mpp"]) if plot else []
+    state.remove()
     t = adata.uns["mclx"]["timings"]
     click.echo(
         f"mclx: {adata.n_obs} tiles in {t['total']:.1f} s ({adata.n_obs / t['total']:.1f} "
@@ -390,6 +412,26 @@ def infer(slide: Path, bank_path: Path, out, plot, quiet, **kw: Any) -> None:
         f"{adata.uns['mclx']['precision']}; wrote {out}"
         + (f" and {len(pngs)} plots ({', '.join(str(p) for p in pngs)})" if pngs else "")
     )
+
+
+def _inference_state(out: Path, resume: bool, save_every: int | None):
+    """The resumable state beside ``out``, loaded now with ``--resume`` (before any
+    work); temporary files that a killed save left are removed."""
+    from mclx.infer_state import SAVE_EVERY, InferState
+    from mclx.run_state import remove_stale_temps, state_path
+
+    state = InferState(state_path(out), every=SAVE_EVERY if save_every is None else save_every)
+    if resume:
+        state.load()  # fails now, before any work, when missing or corrupt
+    elif state.path.exists():
+        click.echo(
+            f"mclx: warning: {state.path}: an interrupted run's predictions will be replaced "
+            "(use --resume to continue it)",
+            err=True,
+        )
+    for p in (out, state.path):
+        remove_stale_temps(p)  # left by a killed write
+    return state
 
 
 def _close_progress_bars() -> bool:

@@ -24,21 +24,6 @@ import numpy as np
 
 from mclx.errors import DataError
 
-MPP_TOLERANCE = 0.02  # slides within 2% of the training µm/px are read without resampling
-
-
-def tile_size(pre, slide_mpp: float | None, source: str) -> int:
-    """Level-0 pixels per tile so that tiles match the checkpoint's µm/px."""
-    if pre.mpp is None or slide_mpp is None:
-        if pre.mpp is not None:
-            msg = f"{source}: µm/px unknown (no metadata, no spot grid); pass --mpp"
-            raise DataError(msg)
-        return pre.patch_size
-    ratio = pre.mpp / slide_mpp
-    if abs(ratio - 1) <= MPP_TOLERANCE:
-        return pre.patch_size
-    return max(1, round(pre.patch_size * ratio))
-
 
 def _read_batch(slide, tiles, idx: range, out: int) -> tuple[np.ndarray, float]:
     t0 = time.perf_counter()
@@ -47,11 +32,13 @@ def _read_batch(slide, tiles, idx: range, out: int) -> tuple[np.ndarray, float]:
 
 
 def prefetch(
-    slide, tiles, *, out: int, batch_size: int, workers: int
+    slide, tiles, *, out: int, batch_size: int, workers: int, start: int = 0
 ) -> Iterator[tuple[np.ndarray, float, float]]:
-    """Batches of uint8 patches in tile order, read by ``workers`` threads that keep
-    ``workers + 1`` batches in flight; yields (batch, read seconds, wait seconds)."""
-    batches = (range(s, min(s + batch_size, len(tiles))) for s in range(0, len(tiles), batch_size))
+    """Batches of uint8 patches in tile order from tile ``start``, read by ``workers``
+    threads that keep ``workers + 1`` batches in flight; yields (batch, read seconds,
+    wait seconds)."""
+    n = len(tiles)
+    batches = (range(s, min(s + batch_size, n)) for s in range(start, n, batch_size))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         queue: deque = deque()
         for idx in batches:
@@ -79,21 +66,25 @@ def stream(
     batch_size: int = 64,
     workers: int = 2,
     retrieve_block: int = 4096,
+    state=None,
     progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Predictions (N, G) for every tile, and seconds spent per stage.
 
     Embeddings stay on the encoder's device and are matched against the bank (same
-    device) in blocks of ``retrieve_block`` tiles.
+    device) in blocks of ``retrieve_block`` tiles (whole batches). With ``state``
+    (:class:`~mclx.infer_state.InferState`) the tiles it saved are not read again and
+    the predictions so far are saved after each block.
     """
     from tqdm.auto import tqdm
 
     from mclx.inference import match, to_host
 
-    timings = {"read": 0.0, "wait": 0.0, "encode": 0.0, "retrieve": 0.0}
+    timings = {"read": 0.0, "wait": 0.0, "encode": 0.0, "retrieve": 0.0, "save": 0.0}
     preds = np.empty((len(tiles), len(bank.genes)), np.float32)
+    done = state.start(preds) if state is not None else 0
+    block = state.block(batch_size, retrieve_block) if state is not None else retrieve_block
     pending: list[Any] = []
-    done = 0
 
     def flush() -> None:
         nonlocal done
@@ -102,19 +93,25 @@ def stream(
         preds[done : done + len(p)] = p
         done += len(p)
         pending.clear()
-        timings["retrieve"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        timings["retrieve"] += t1 - t0
+        if state is not None and state.every and done < len(tiles):
+            state.save(preds, done)
+            timings["save"] += time.perf_counter() - t1
 
     batches = prefetch(
-        slide, tiles, out=encoder.pre.patch_size, batch_size=batch_size, workers=workers
-    )
-    with tqdm(total=len(tiles), desc="infer", unit="tile", disable=not progress) as bar:
+        slide, tiles, out=encoder.pre.patch_size, batch_size=batch_size, workers=workers,
+        start=done,
+    )  # fmt: skip
+    bar = tqdm(total=len(tiles), initial=done, desc="infer", unit="tile", disable=not progress)
+    with bar:
         for batch, read_s, wait_s in batches:
             timings["read"] += read_s
             timings["wait"] += wait_s
             t0 = time.perf_counter()
             pending.append(encoder(batch))
             timings["encode"] += time.perf_counter() - t0
-            if sum(len(e) for e in pending) >= retrieve_block:
+            if sum(len(e) for e in pending) >= block:
                 flush()
             bar.update(len(batch))
     if pending:
@@ -157,36 +154,49 @@ def _check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
 
 @dataclass
 class _Where:
-    """Where the tiles go, known before a model is loaded: given spots (and the µm/px
-    their grid implies) or the slide's tissue mask."""
+    """Where the tiles go, known before a pixel is read: given spots, or the slide's
+    tissue grid; and the slide's µm/px (its metadata, --mpp, or the spots' array grid)
+    with where it came from, or what the metadata said when it was not believed."""
 
     spots: Any = None
     kind: str = ""
     mpp: float | None = None
-    tissue: Any = None
+    mpp_source: str = "none"
+    found: str = ""
+    source: str = ""  # the spot file, or the slide: what messages about the tiles name
 
     @classmethod
     def find(cls, slide, spots) -> _Where:
-        from mclx.tiling import read_spots, slide_tissue, spot_mpp
+        from mclx.tiling import read_spots, spot_mpp
 
+        res = slide.resolution
         if spots is None:
-            return cls(mpp=slide.mpp, tissue=slide_tissue(slide))
+            return cls(mpp=res.mpp, mpp_source=res.source, found=res.found, source=str(slide.path))
         spot_df, kind = read_spots(spots)
-        return cls(spot_df, kind, slide.mpp or spot_mpp(spot_df, kind))
+        if res.mpp is not None:
+            return cls(spot_df, kind, res.mpp, res.source, source=str(spots))
+        grid = spot_mpp(spot_df, kind)
+        how = f"spot grid ({kind})" if grid else "none"
+        return cls(spot_df, kind, grid, how, res.found, str(spots))
 
     @property
     def origin(self) -> str:
         return f"spots:{self.kind}" if self.spots is not None else "tissue grid"
 
-    def tiles(self, slide, *, size: int, stride: int | None, source: str):
-        from mclx.tiling import grid_tiles, spot_tiles
+    def tiles(self, slide, *, size: int, stride: int | None, max_tiles: int | None = None):
+        from mclx.tiling import grid_tiles, slide_tissue, spot_tiles
 
         if self.spots is None:
-            return grid_tiles(slide, size=size, stride=stride, tissue=self.tissue)
-        return spot_tiles(slide, self.spots, size=size, source=source)
+            return grid_tiles(
+                slide, size=size, stride=stride, tissue=slide_tissue(slide), max_tiles=max_tiles
+            )
+        if max_tiles is not None and len(self.spots) > max_tiles:
+            msg = f"{self.source}: {len(self.spots):,} spots, more than --max-tiles {max_tiles:,}"
+            raise DataError(msg)
+        return spot_tiles(slide, self.spots, size=size, source=self.source)
 
 
-def infer(
+def infer(  # long: the run's options, each documented once in the CLI
     slide_path: str | os.PathLike,
     *,
     bank_path: str | os.PathLike,
@@ -201,31 +211,42 @@ def infer(
     stride: int | None = None,
     mpp: float | None = None,
     workers: int = 2,
+    max_tiles: int | None = None,
+    state=None,
     plot_genes: Sequence[str] = (),
     progress: bool = True,
 ):
     """Predict expression over a slide (tissue grid or ``spots``); return AnnData.
 
     ``plot_genes`` are only checked against the bank's genes, before any tile is read.
+    ``state`` (:class:`~mclx.infer_state.InferState`, loaded for a resume) keeps the
+    predictions made so far beside the output.
     """
     from mclx.inference import open_encoder
+    from mclx.plan import MAX_TILES, plan
     from mclx.slide import open_slide
 
     t_start = time.perf_counter()
     bank, model, k = _check_inputs(bank_path, model, plot_genes, k)
-    # the slide and spots before the encoder: a bad input fails before a model is loaded
+    # the slide's header and the spots before the encoder: bad inputs fail before a model
     slide = open_slide(slide_path, mpp=mpp)
     try:
         where = _Where.find(slide, spots)
         encoder = open_encoder(model, backend=backend, precision=precision, device=device)
         bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
+        work = plan(
+            slide, where, encoder.pre, n_genes=len(bank.genes), stride=stride,
+            max_tiles=max_tiles or MAX_TILES, batch_size=batch_size, workers=workers,
+            source=str(slide_path),
+        )  # fmt: skip
         if encoder.device == "cuda":
             bank = bank.to_device("cuda")
-        size = tile_size(encoder.pre, where.mpp, str(slide_path))
-        tiles = where.tiles(slide, size=size, stride=stride, source=str(spots))
+        if state is not None:
+            state.record = _run_record(slide_path, work.tiles, encoder, bank, k, distance,
+                                       batch_size, state.every)  # fmt: skip
         preds, timings = stream(
-            slide, tiles, encoder, bank, k=k, distance=distance, batch_size=batch_size,
-            workers=workers, progress=progress,
+            slide, work.tiles, encoder, bank, k=k, distance=distance, batch_size=batch_size,
+            workers=workers, state=state, progress=progress,
         )  # fmt: skip
     finally:
         slide.close()
@@ -233,15 +254,37 @@ def infer(
     provenance = {
         "slide": str(Path(slide_path).resolve()),
         "slide_reader": slide.backend,
+        "slide_vendor": slide.vendor,
         "slide_mpp": where.mpp or -1.0,
-        "tile_size_level0": int(tiles.size),
+        "slide_mpp_source": where.mpp_source,
+        "slide_mpp_found": where.found,
+        **work.record(),
         "bank": str(Path(bank_path).resolve()),
         "model": str(model.resolve()),
         "k": int(k),
         "distance": distance or bank.distance,
         "tiles_from": where.origin,
+        "resumed_from_tile": int(state.saved[0]) if state is not None and state.saved else 0,
     }
-    return predictions(preds, tiles, bank, encoder, provenance, timings)
+    return predictions(preds, work.tiles, bank, encoder, provenance, timings)
+
+
+def _run_record(slide_path, tiles, encoder, bank, k, distance, batch_size, every) -> dict:
+    """What a resumed run must find unchanged (see :mod:`mclx.infer_state`)."""
+    from mclx.infer_state import file_record, tiles_digest
+
+    return {
+        "slide": file_record(slide_path),
+        "tiles": {"n": len(tiles), "digest": tiles_digest(tiles)},
+        "checkpoint_fingerprint": encoder.fingerprint,
+        "backend": [encoder.name, encoder.precision, encoder.device],
+        "bank_fingerprint": bank.fingerprint,
+        "bank": file_record(bank.path),
+        "k": int(k),
+        "distance": distance or bank.distance,
+        "batch_size": int(batch_size),
+        "save_every": int(every),
+    }
 
 
 def predictions(preds: np.ndarray, tiles, bank, encoder, provenance: dict, timings: dict):

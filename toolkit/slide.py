@@ -1,30 +1,90 @@
-"""Slide readers: OpenSlide for WSI formats, PIL for plain JPEG/PNG/TIFF images.
+"""Slide readers, chosen by content: OpenSlide for what it detects (WSI formats, tiled
+TIFF, DICOM), PIL for plain images (JPEG, PNG, flat TIFF), whatever the file's suffix.
 
 ``open_slide(path, mpp=None)`` returns a :class:`Slide` with ``dimensions`` (level-0
-width, height), ``mpp`` (µm/px at level 0, or None), ``read(x, y, size, out)`` (RGB
-uint8 patch of ``size`` level-0 pixels with top-left (x, y), resized to ``out`` and
-zero outside the slide) and ``thumbnail(max_side)``. Resolution math lives here.
+width, height), ``resolution`` (µm/px at level 0 and where it came from, or None with
+what the metadata said when that was not a microscope's resolution), ``vendor``,
+``read(x, y, size, out)`` (RGB uint8 patch of ``size`` level-0 pixels with top-left
+(x, y), resized to ``out``, zero outside the slide; read from the pyramid level nearest
+above the resolution asked for) and ``thumbnail(max_side)``. Headers only are read when
+a slide is opened: a plain image is decoded at its first pixel read. A folder is read as
+a DICOM whole-slide image (any of its instances opens the series).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mclx.errors import DataError
 
-OPENSLIDE_SUFFIXES = {".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide"}
+# µm per level-0 pixel that a microscope image can have (80x scans ~0.1; low-resolution
+# legacy-ST images ~6); outside this, a resolution from metadata is not believed
+MPP_RANGE = (0.05, 20.0)
+# densities that ordinary software writes into any image (screen, print, scanner
+# defaults): a resolution tag with one of these says nothing about a microscope
+ROUND_DPI = (72, 96, 100, 120, 144, 150, 180, 200, 240, 300, 360, 400, 600, 720, 1200, 2400,
+             4800, 9600)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Resolution:
+    """µm per level-0 pixel (None when unknown), its ``source`` ("--mpp", "aperio
+    metadata", "resolution tag", "none") and, when metadata held a value that was set
+    aside, what it said (``found``)."""
+
+    mpp: float | None
+    source: str = "none"
+    found: str = ""
+
+
+def judge(mpp: float, source: str, *, dpi: float | None = None) -> Resolution:
+    """A µm/px from metadata, believed only when a microscope could have produced it:
+    within :data:`MPP_RANGE` and (for resolution tags, ``dpi`` given) not a round
+    screen/print density."""
+    screen = [d for d in ROUND_DPI if dpi is not None and abs(dpi / d - 1) < 1e-3]
+    if screen:
+        found = f"{source} {screen[0]} dpi = {mpp:.4g} µm/px, a screen/print density"
+        return Resolution(None, found=found)
+    lo, hi = MPP_RANGE
+    if not (math.isfinite(mpp) and lo <= mpp <= hi):
+        said = f"{mpp:.4g}" if abs(mpp) < 1000 else f"{mpp:.0f}"
+        return Resolution(None, found=f"{source} {said} µm/px, outside {lo:g}-{hi:g} µm/px")
+    return Resolution(float(mpp), source)
+
+
+def given(mpp: float | None) -> Resolution | None:
+    return Resolution(float(mpp), "--mpp") if mpp else None
 
 
 class Slide:
-    """Base class: subclasses implement ``_region`` and set ``dimensions`` and ``mpp``."""
+    """Base class: subclasses implement ``_region`` and set ``dimensions``,
+    ``resolution`` and ``vendor``."""
 
     path: Path
     dimensions: tuple[int, int]
-    mpp: float | None
+    resolution: Resolution
+    vendor: str
     backend: str
+    level_downsamples: tuple[float, ...] = (1.0,)
+
+    @property
+    def mpp(self) -> float | None:
+        return self.resolution.mpp
+
+    def level_for(self, downsample: float) -> int:
+        """The pyramid level to read for ``downsample`` level-0 px per output px: the
+        coarsest one that is not coarser than asked for (level 0 without a pyramid)."""
+        return 0
+
+    def decoded_bytes(self) -> int:
+        """Memory the reader holds once pixels are read (a plain image: all of it)."""
+        return 0
 
     def _region(self, x: int, y: int, w: int, h: int, out: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError
@@ -55,18 +115,35 @@ class Slide:
 
 
 class PILSlide(Slide):
-    """A plain image decoded whole into memory (her2st JPEGs, PNG, flat TIFF)."""
+    """A plain image; its header is read when opened, its pixels decoded whole into
+    memory at the first read (her2st JPEGs, PNG, flat TIFF)."""
 
     backend = "pil"
 
     def __init__(self, path: Path, mpp: float | None) -> None:
-        from mclx.data.patches import _open, load_image
+        from mclx.data.patches import _open
 
         self.path = path
-        with _open(path) as im:
-            self.mpp = mpp or _tiff_mpp(im)
-        self.pixels = load_image(path)
-        self.dimensions = (self.pixels.shape[1], self.pixels.shape[0])
+        with _open(path, unknown="neither OpenSlide nor PIL can read it") as im:
+            self.dimensions = tuple(im.size)
+            self.vendor = (im.format or "image").lower()
+            self.resolution = given(mpp) or _density(im)
+        self._pixels: np.ndarray | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def pixels(self) -> np.ndarray:
+        with self._lock:  # reader threads: decode once
+            if self._pixels is None:
+                from mclx.data.patches import load_image
+
+                self._pixels = load_image(self.path)
+                self.dimensions = (self._pixels.shape[1], self._pixels.shape[0])
+        return self._pixels
+
+    def decoded_bytes(self) -> int:
+        W, H = self.dimensions
+        return 3 * W * H
 
     def _region(self, x, y, w, h, out):
         from PIL import Image
@@ -79,9 +156,10 @@ class PILSlide(Slide):
     def thumbnail(self, max_side: int = 2048):
         from PIL import Image
 
+        pixels = self.pixels
         W, H = self.dimensions
         f = max(1.0, max(W, H) / max_side)
-        im = Image.fromarray(self.pixels).resize((max(1, round(W / f)), max(1, round(H / f))))
+        im = Image.fromarray(pixels).resize((max(1, round(W / f)), max(1, round(H / f))))
         return np.asarray(im), f
 
 
@@ -104,19 +182,33 @@ class OpenSlideSlide(Slide):
             msg = f"{path}: OpenSlide cannot read it ({exc}; the file is {what}{hint})"
             raise DataError(msg) from exc
         self.dimensions = tuple(self.osr.dimensions)
+        self.level_downsamples = tuple(float(d) for d in self.osr.level_downsamples)
+        self.vendor = self.osr.properties.get(openslide.PROPERTY_NAME_VENDOR, "openslide")
+        self.resolution = given(mpp) or self._metadata_resolution()
+
+    def _metadata_resolution(self) -> Resolution:
+        import openslide
+
         prop = self.osr.properties.get(openslide.PROPERTY_NAME_MPP_X)
+        if not prop:
+            return Resolution(None)
         try:
-            self.mpp = mpp or (float(prop) if prop else None)
+            value = float(prop)
         except ValueError:  # a malformed property: as if absent (--mpp or the spot grid)
-            self.mpp = None
+            return Resolution(None, found=f"{self.vendor} metadata mpp-x {prop!r}, not a number")
+        if self.vendor == "generic-tiff":  # from the resolution tags any software writes
+            return judge(value, "resolution tag", dpi=25400.0 / value if value > 0 else None)
+        return judge(value, f"{self.vendor} metadata")
+
+    def level_for(self, downsample: float) -> int:
+        return int(self.osr.get_best_level_for_downsample(max(downsample, 1.0)))
 
     def _region(self, x, y, w, h, out):
         import openslide
         from PIL import Image
 
-        down = w / out[0]
-        level = self.osr.get_best_level_for_downsample(max(down, 1.0))
-        ds = self.osr.level_downsamples[level]
+        level = self.level_for(w / out[0])
+        ds = self.level_downsamples[level]
         size = (max(1, round(w / ds)), max(1, round(h / ds)))
         try:
             im = self.osr.read_region((int(x), int(y)), level, size).convert("RGB")
@@ -144,37 +236,58 @@ class OpenSlideSlide(Slide):
         self.osr.close()
 
 
-def _tiff_mpp(im) -> float | None:
-    """µm/px from TIFF resolution tags (unit 2 = inch, 3 = cm), when present."""
+def _density(im) -> Resolution:
+    """µm/px from an image's pixel density: TIFF resolution tags (unit 2 = inch, 3 = cm)
+    or the PNG pHYs / JPEG JFIF density that PIL reports as ``dpi``."""
+    dpi = None
     tags = getattr(im, "tag_v2", None)
-    if not tags or 282 not in tags:
-        return None
     try:
-        res, unit = float(tags[282]), tags.get(296, 2)
-    except (TypeError, ValueError, ZeroDivisionError):
-        return None
-    if not res > 0 or unit not in (2, 3):
-        return None
-    return (25400.0 if unit == 2 else 10000.0) / res
+        if tags and 282 in tags:
+            res, unit = float(tags[282]), tags.get(296, 2)
+            dpi = res if unit == 2 else res * 2.54 if unit == 3 else None
+        elif "dpi" in im.info:
+            dpi = float(im.info["dpi"][0])
+    except (TypeError, ValueError, ZeroDivisionError, IndexError):
+        dpi = None
+    if dpi is None or not (math.isfinite(dpi) and dpi > 0):
+        return Resolution(None)
+    return judge(25400.0 / dpi, "resolution tag", dpi=dpi)
 
 
-def _is_tiled_tiff(path: Path) -> bool:
+def detect_format(path: Path) -> str | None:
+    """OpenSlide's name for the file's format ("aperio", "dicom", "generic-tiff", ...),
+    or None when OpenSlide does not read it."""
+    import openslide
+
     try:
-        import tifffile
+        return openslide.OpenSlide.detect_format(str(path))
+    except (openslide.OpenSlideError, OSError):
+        return None
 
-        with tifffile.TiffFile(path) as tf:
-            return tf.pages[0].is_tiled
-    except Exception:
-        return False
+
+def _dicom_instance(folder: Path) -> Path:
+    """One DICOM instance of the whole-slide image in ``folder`` (OpenSlide then finds
+    the series' other instances beside it)."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    dicom = [p for p in files if detect_format(p) == "dicom"]
+    if not dicom:
+        msg = (
+            f"{folder}: is a folder; a folder is read as a DICOM whole-slide image, and none "
+            f"of its {len(files)} files is DICOM"
+        )
+        raise DataError(msg)
+    return dicom[0]
 
 
 def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
-    """Open a slide with OpenSlide (WSI formats, tiled TIFF) or PIL (plain images)."""
+    """Open a slide by its content: OpenSlide when it detects the format, else PIL."""
     from mclx.artifacts import require_file
 
+    path = Path(path)
+    if path.is_dir():
+        return OpenSlideSlide(_dicom_instance(path), mpp)
     path = require_file(path, "slide", nonempty=True, error=DataError)
-    suffix = path.suffix.lower()
-    if suffix in OPENSLIDE_SUFFIXES or (suffix in (".tif", ".tiff") and _is_tiled_tiff(path)):
+    if detect_format(path):
         return OpenSlideSlide(path, mpp)
     return PILSlide(path, mpp)
 

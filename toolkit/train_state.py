@@ -36,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import re
 import threading
 import time
 from collections.abc import Mapping
@@ -46,40 +45,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mclx.artifacts import brief_repr, read_torch_artifact, require_keys
+from mclx.artifacts import read_torch_artifact, require_keys
 from mclx.io import atomic_path
+from mclx.run_state import refuse_differences
 
 FORMAT = "mclx-train-state"
 FORMAT_VERSION = 1
-SUFFIX = ".state"
 SAVE_BUDGET = 0.05  # default policy: saving may take up to 5% of the training time
 _KEYS = ("epoch", "history", "model", "optimizer", "rng", "record")
-
-
-def state_path(out: str | os.PathLike) -> Path:
-    """The training-state file of checkpoint ``out``: ``model.pt`` -> ``model.pt.state``."""
-    out = Path(out)
-    return out.with_name(out.name + SUFFIX)
-
-
-def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
-    """Delete temporary files that an atomic write of ``path`` left when it was killed.
-
-    ``mclx.io.atomic_path`` writes ``.NAME.XXXXXXXX.tmp*`` beside ``path`` and renames it
-    at the end; only SIGKILL (or a power cut) can leave one behind. Two runs writing the
-    same output at once are not supported, so any such file is stale.
-    """
-    path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
-    removed = []
-    with contextlib.suppress(OSError):
-        for p in folder.iterdir():
-            if pattern.match(p.name) and p.is_file():
-                with contextlib.suppress(OSError):
-                    p.unlink()
-                    removed.append(p)
-    return removed
 
 
 def data_digest(table: Any) -> str:
@@ -91,18 +64,6 @@ def data_digest(table: Any) -> str:
     if table.patches is not None:
         h.update(np.ascontiguousarray(table.patches[:, ::8, ::8]).tobytes())
     return h.hexdigest()[:16]
-
-
-def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> list:
-    """(name, saved value, current value) of each difference, in the record's order."""
-    out = []
-    for key in [*saved, *(k for k in now if k not in saved)]:
-        a, b = saved.get(key), now.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append((f"{prefix}{key}", a, b))
-    return out
 
 
 def _host_copy(obj: Any) -> Any:
@@ -165,17 +126,7 @@ class StateFile:
         """
         if self.resume_from is None:
             return None
-        diffs = _differences(self.resume_from["record"], self.record)
-        if diffs:
-            name, a, b = diffs[0]
-            also = ", ".join(d[0] for d in diffs[1:4]) + (", ..." if len(diffs) > 4 else "")
-            also = f"; also {also}" if also else ""
-            msg = (
-                f"{self.path}: saved by a run with different arguments or data ({name}: "
-                f"{brief_repr(a)} in the state, {brief_repr(b)} now{also})"
-                "; resume with the same arguments, or train without --resume to start over"
-            )
-            raise ValueError(msg)
+        refuse_differences(self.path, self.resume_from["record"], self.record, "train")
         done = int(self.resume_from["epoch"])
         if done > epochs:
             msg = f"{self.path}: {done} epochs are already done, more than --epochs {epochs}"

@@ -17,7 +17,7 @@ from mclx.errors import DataError, short
 MAX_PIXELS = 2_000_000_000  # her2st images are ~92 Mpx, above PIL's bomb guard
 
 
-def _open(path: Path):
+def _open(path: Path, unknown: str = "not an image PIL can read"):
     from PIL import Image, UnidentifiedImageError
 
     from mclx.artifacts import require_file
@@ -29,7 +29,7 @@ def _open(path: Path):
     except UnidentifiedImageError as exc:
         from mclx.io import describe_file
 
-        msg = f"{path}: not an image PIL can read (the file is {describe_file(path)})"
+        msg = f"{path}: {unknown} (the file is {describe_file(path)})"
         raise DataError(msg) from exc
     except MemoryError:
         raise

@@ -1,0 +1,135 @@
+"""What a slide run will do, known before a tile is read, and the runs that are refused.
+
+:func:`plan` turns the slide's resolution and the checkpoint's µm/px into the tile side
+in level-0 pixels and a resampling factor (refused beyond :data:`MAX_DOWNSAMPLE` /
+:data:`MAX_UPSAMPLE`: a wrong µm/px, not a slide), picks the pyramid level tiles are read
+from, places the tiles (a tissue grid refused beyond ``max_tiles``, or given spots) and
+estimates the memory the run needs (refused beyond what the machine has available).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from mclx.errors import DataError
+
+MPP_TOLERANCE = 0.02  # slides within 2% of the training µm/px are read without resampling
+MAX_DOWNSAMPLE = 32.0  # level-0 px per model px: an 80x scan for a 2.5 µm/px model
+MAX_UPSAMPLE = 8.0  # model px per level-0 px: beyond, tiles are blur and their number explodes
+MAX_TILES = 2_000_000  # default --max-tiles: a 4 cm² section at 224 px, 0.5 µm/px, 4x overlap
+GiB = 1 << 30
+
+
+def tile_size(pre, slide_mpp: float | None, source: str, found: str = "") -> int:
+    """Level-0 pixels per tile so that tiles match the checkpoint's µm/px."""
+    if pre.mpp is None or slide_mpp is None:
+        if pre.mpp is not None:
+            why = found or "no resolution in its metadata, no spot grid"
+            msg = (
+                f"{source}: µm/px unknown ({why}); pass --mpp (µm per level-0 pixel) "
+                "or --spots on an array grid"
+            )
+            raise DataError(msg)
+        return pre.patch_size
+    ratio = pre.mpp / slide_mpp
+    if abs(ratio - 1) <= MPP_TOLERANCE:
+        return pre.patch_size
+    return max(1, round(pre.patch_size * ratio))
+
+
+def check_resampling(size: int, pre, slide_mpp: float | None, source: str) -> float:
+    """Level-0 px per model px of ``size``-px tiles; refused beyond the bounds (judged
+    on the µm/px ratio, which the tile's whole pixels round)."""
+    factor = size / pre.patch_size
+    exact = pre.mpp / slide_mpp if pre.mpp and slide_mpp else factor
+    up, down = 1 / exact, exact
+    if down > MAX_DOWNSAMPLE or up > MAX_UPSAMPLE:
+        how = f"{down:.3g}x down" if down > 1 else f"{up:.3g}x up"
+        limit = MAX_DOWNSAMPLE if down > 1 else MAX_UPSAMPLE
+        msg = (
+            f"{source}: tiles would be resampled {how} (slide {slide_mpp:.4g} µm/px, model "
+            f"{pre.mpp:.4g} µm/px; limit {limit:g}x); is the slide's µm/px right? pass --mpp"
+        )
+        raise DataError(msg)
+    return factor
+
+
+@dataclass
+class Plan:
+    """The run, before its tiles are read. ``memory`` is the estimated peak (bytes) of
+    what grows with the slide: decoded image, patches in flight, predictions."""
+
+    tiles: Any
+    patch_size: int
+    resample: float
+    level: int
+    level_downsample: float
+    memory: int
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "tiles": len(self.tiles),
+            "tile_size_level0": int(self.tiles.size),
+            "resample": float(self.resample),
+            "read_level": int(self.level),
+            "read_level_downsample": float(self.level_downsample),
+            "memory_estimate_bytes": int(self.memory),
+        }
+
+
+def available_memory() -> int | None:
+    """Bytes this machine can still give (Linux MemAvailable), None when unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_memory(slide, n_tiles: int, *, size: int, level_ds: float, patch: int,
+                    n_genes: int, batch_size: int, workers: int) -> int:  # fmt: skip
+    """Peak bytes of the run's slide-sized parts: the decoded image (plain images are
+    decoded whole), ``workers + 2`` batches of patches in flight (uint8 and the float32
+    model input), each reader's level region (RGBA), and the predictions (twice: the
+    array and the AnnData written from it)."""
+    in_flight = (workers + 2) * batch_size * patch * patch * 3 + batch_size * 3 * patch**2 * 4
+    regions = workers * 4 * int(size / level_ds + 1) ** 2
+    preds = 2 * n_tiles * n_genes * 4 + n_tiles * 96  # float32 + centres and ids
+    return int(slide.decoded_bytes() + in_flight + regions + preds)
+
+
+def check_memory(need: int, source: str, what: str) -> None:
+    have = available_memory()
+    if have is not None and need > have:
+        msg = (
+            f"{source}: the run needs about {need / GiB:.1f} GiB ({what}) and "
+            f"{have / GiB:.1f} GiB is available"
+        )
+        raise MemoryError(msg)
+
+
+def plan(slide, where, pre, *, n_genes: int, stride: int | None = None,
+         max_tiles: int = MAX_TILES, batch_size: int = 64, workers: int = 2,
+         source: str = "") -> Plan:  # fmt: skip
+    """Tile size, resampling, read level, tiles and memory of a run; refusals first."""
+    source = source or str(slide.path)
+    size = tile_size(pre, where.mpp, source, where.found)
+    factor = check_resampling(size, pre, where.mpp, source)
+    level = slide.level_for(factor)
+    ds = slide.level_downsamples[level]
+    mem = dict(size=size, level_ds=ds, patch=pre.patch_size, n_genes=n_genes,
+               batch_size=batch_size, workers=workers)  # fmt: skip
+    if slide.decoded_bytes():  # the tissue grid decodes a plain image: check it first
+        check_memory(estimate_memory(slide, 0, **mem), source, "the decoded image")
+    tiles = where.tiles(slide, size=size, stride=stride, max_tiles=max_tiles)
+    need = estimate_memory(slide, len(tiles), **mem)
+    check_memory(need, source, f"{len(tiles):,} tiles x {n_genes} genes, image and patches")
+    return Plan(tiles, pre.patch_size, factor, level, ds, need)
