@@ -135,9 +135,38 @@ def test_pyramidal_tiff_through_openslide(her2st, synth_model, tmp_path):
     W, H = slide.dimensions
     assert 0 < pred.n_obs < 0.5 * (W // size) * (H // size)  # tissue tiles only
     assert size == round(224 * load_checkpoint(ck).preprocess.mpp / 1.372)
+    u = pred.uns["mclx"]
+    assert (u["slide_vendor"], u["slide_mpp_source"]) == ("generic-tiff", "resolution tag")
+    assert (u["tiles"], u["read_level"]) == (pred.n_obs, 0)  # tiles upsampled: level 0
+    assert u["resample"] == pytest.approx(size / 224) and u["memory_estimate_bytes"] > 0
     for g in ("GENE001", "GENE002"):
         png = tmp_path / f"c3.{g}.png"
         assert png.is_file() and Image.open(png).size[0] > 400
+
+
+def test_dicom_slide_given_as_its_folder(synth_model, tmp_path):
+    """OpenSlide's DICOM test slide (16 x 16 px), opened through its folder, at a spot
+    given in a CSV: the vendor and where the µm/px came from are in the predictions."""
+    from helpers.data import ROOT
+
+    fixtures = ROOT.parent / "shared" / "data" / "slide-fixtures"
+    if not (fixtures / "boxes_0.dcm").is_file():
+        pytest.skip(f"needs OpenSlide's test slides: not found at {fixtures}")
+    ck, bank = synth_model
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        (folder / name).write_bytes((fixtures / name).read_bytes())
+    (tmp_path / "spots.csv").write_text("id,x,y\ncentre,8,8\n")
+    out = tmp_path / "d.h5ad"
+    args = ["infer", folder, "--bank", bank, "--spots", tmp_path / "spots.csv", "--out", out]
+    res = mclx(*args, "-q")
+    assert res.returncode == 0, res.stderr
+    u = ad.read_h5ad(out).uns["mclx"]
+    assert (u["slide_reader"], u["slide_vendor"]) == ("openslide", "dicom")
+    assert (u["slide_mpp"], u["slide_mpp_source"]) == (pytest.approx(0.499), "dicom metadata")
+    want = round(224 * load_checkpoint(ck).preprocess.mpp / 0.499)
+    assert u["tile_size_level0"] == want
 
 
 def test_evaluate_a_trained_checkpoint_with_its_bank(synthetic, synth_model, tmp_path):

@@ -69,13 +69,10 @@ def stream(
     state=None,
     progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """Predictions (N, G) for every tile, and seconds spent per stage.
-
-    Embeddings stay on the encoder's device and are matched against the bank (same
-    device) in blocks of ``retrieve_block`` tiles (whole batches). With ``state``
-    (:class:`~mclx.infer_state.InferState`) the tiles it saved are not read again and
-    the predictions so far are saved after each block.
-    """
+    """Predictions (N, G) for every tile, and seconds spent per stage. Embeddings stay
+    on the encoder's device and are matched against the bank (same device) in blocks of
+    ``retrieve_block`` tiles. With ``state`` (:class:`~mclx.infer_state.InferState`) the
+    tiles it saved are not read again and the predictions are saved after each block."""
     from tqdm.auto import tqdm
 
     from mclx.inference import match, to_host
@@ -103,8 +100,9 @@ def stream(
         slide, tiles, out=encoder.pre.patch_size, batch_size=batch_size, workers=workers,
         start=done,
     )  # fmt: skip
-    bar = tqdm(total=len(tiles), initial=done, desc="infer", unit="tile", disable=not progress)
-    with bar:
+    with tqdm(
+        total=len(tiles), initial=done, desc="infer", unit="tile", disable=not progress
+    ) as bar:
         for batch, read_s, wait_s in batches:
             timings["read"] += read_s
             timings["wait"] += wait_s
