@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev,bench]"
-	$(BIN)/python -m pytest bench --benchmark-only --benchmark-group-by=group
+	$(BIN)/python -m pytest --benchmark-only --benchmark-group-by=group
 
 lint: $(STAMP)
 	$(BIN)/ruff check toolkit export kernels tests bench

@@ -1,4 +1,7 @@
-"""Benchmarks: `pytest bench --benchmark-only` (or `make bench`).
+"""Benchmarks: `pytest --benchmark-only` from the repository root (or `make bench`).
+
+They are collected only under ``--benchmark-only``: a plain ``pytest`` (``make test``)
+never imports them, and ``pytest --benchmark-only`` collects nothing but them.
 
 Shared fixtures: :func:`her2st_model`, a DenseNet-121 checkpoint trained on HER2+ C3-C6
 with its bank and exports, and the patches of the held-out section C2 (built once per
@@ -14,6 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Benchmarks only under --benchmark-only (None: let other rules decide)."""
+    return None if config.getoption("benchmark_only", default=False) else True
+
 
 HER2ST = Path(os.environ.get("MCLX_HER2ST", Path(__file__).parents[2] / "shared/data/her2st"))
 

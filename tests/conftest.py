@@ -24,6 +24,11 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_ignore_collect(collection_path, config):
+    """``pytest --benchmark-only`` runs the benchmarks (bench/), not these tests."""
+    return True if config.getoption("benchmark_only", default=False) else None
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the data / gpu markers it adds
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:

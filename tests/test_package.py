@@ -35,3 +35,17 @@ def test_subpackages_map_to_top_level_folders():
     assert Path(mclx.kernels.__file__).parent == ROOT / "kernels"
     assert Path(mclx.export.__file__).parent == ROOT / "export"
     assert Path(mclx.inference.__file__).parent == ROOT / "toolkit" / "inference"
+
+
+def _collected(*args: str) -> set[str]:
+    """Top-level folders of the tests ``pytest --collect-only`` finds from the root."""
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", *args],
+        capture_output=True, text=True, cwd=ROOT, check=True,
+    )  # fmt: skip
+    return {line.split("/")[0] for line in out.stdout.splitlines() if "::" in line}
+
+
+def test_benchmark_only_from_the_root_runs_the_benchmarks_and_only_them():
+    assert _collected("--benchmark-only") == {"bench"}
+    assert _collected() == {"tests"}  # a plain run (make test) never collects them
