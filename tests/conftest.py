@@ -63,3 +63,15 @@ def slide_predictions(synthetic, tmp_path_factory) -> dict[str, Path]:
 
     folder = tmp_path_factory.mktemp("slide_predictions")
     return predict_slide(synthetic, folder, spatialdata=spatialdata_missing() is None)
+
+
+@pytest.fixture(scope="session")
+def view_folder(slide_predictions, tmp_path_factory) -> Path:
+    """``mclx view`` of ``slide_predictions``: the folder a browser opens."""
+    from helpers.cli import mclx
+
+    out = tmp_path_factory.mktemp("view") / "S3_view"
+    res = mclx("view", slide_predictions["h5ad"], "--out", out, "-q")
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {out}/index.html" in res.stdout
+    return out

@@ -32,6 +32,7 @@ from mclx.cli_options import (
     sections_option,
     split_names,
 )
+from mclx.cli_view import view
 from mclx.io import all_or_nothing, check_output
 
 
@@ -426,6 +427,9 @@ def infer(
         f"{adata.uns['mclx']['precision']}; wrote {out}"
         + (f" and {', '.join(str(p) for p in pngs)}" if pngs else "")
     )
+
+
+cli.add_command(view)
 
 
 def _inference_state(out: Path, resume: bool, save_every: int | None):
