@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import anndata as ad
 import numpy as np
@@ -46,7 +47,8 @@ def test_sc_pl_spatial_plots_a_prediction_as_it_is(pred, slide_predictions, tmp_
 
     adata = sc.read_h5ad(slide_predictions["h5ad"])
     gene = adata.var_names[np.argmax(np.asarray(adata.X).var(0))]
-    with pytest.warns(FutureWarning):  # scanpy points to squidpy; the call still works
+    with warnings.catch_warnings():  # scanpy 1.11 points to squidpy; the call still works
+        warnings.simplefilter("ignore", FutureWarning)
         (ax,) = sc.pl.spatial(adata, color=gene, show=False)
     sf = adata.uns["spatial"]["S3"]["scalefactors"]["tissue_hires_scalef"]
     (image,) = ax.images
