@@ -22,6 +22,7 @@ from mclx.cli_options import (
     data_option,
     distance_option,
     encoder_options,
+    extra_outputs_options,
     given,
     k_option,
     model_options,
@@ -31,6 +32,7 @@ from mclx.cli_options import (
     sections_option,
     split_names,
 )
+from mclx.cli_view import view
 from mclx.io import all_or_nothing, check_output
 
 
@@ -371,6 +373,7 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
 )
 @out_option("Predictions (.h5ad). Default: SLIDE stem + .pred.h5ad in the current folder.")
 @click.option("--plot", "plot", multiple=True, help="Write a PNG map for this gene (repeatable).")
+@extra_outputs_options()
 @click.option(
     "--resume",
     is_flag=True,
@@ -383,26 +386,38 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
     help="Save the predictions so far every N batches for --resume (default 64; 0: never).",
 )
 @quiet_option("No progress bar.")
-def infer(slide: Path, bank_path: Path, out, plot, resume, save_every, quiet, **kw: Any) -> None:
+def infer(
+    slide: Path, bank_path: Path, out, plot, geojson, geojson_genes, spatialdata, resume,
+    save_every, quiet, **kw: Any,
+) -> None:  # fmt: skip
     """Predict spatial expression over a whole slide (or at given spots).
 
+    \b
+    The .h5ad holds the slide image in uns["spatial"] (scanpy's layout): sc.pl.spatial
+    plots it as it is. --geojson opens in QuPath, --spatialdata in napari-spatialdata;
+    `mclx view OUT` makes a page to pan and zoom in a browser.
     \b
     Examples:
       mclx infer slide.svs --bank her2.npz --plot FASN --plot IGKC
       mclx infer C2.jpg --bank her2.npz --spots C2_selection.tsv --out C2.h5ad
       mclx infer slide.tif --bank her2.npz --model model.onnx --batch-size 128
+      mclx infer slide.svs --bank her2.npz --geojson slide.geojson --geojson-genes 50
     """
+    from mclx.outputs import Outputs
     from mclx.runtime import infer as run_infer
-    from mclx.writer import plot_genes, write_predictions
+    from mclx.writer import add_spatial_image, write_predictions
 
     out = check_output(out or Path(f"{slide.stem}.pred.h5ad"))
+    extra = Outputs(out, plot, geojson, geojson_genes, spatialdata)
+    extra.check()
     state = _inference_state(out, resume, save_every)
     adata = run_infer(
         slide, bank_path=bank_path, plot_genes=plot, state=state, progress=not quiet, **kw
     )
-    with all_or_nothing():  # the predictions and every plot, or nothing
+    add_spatial_image(adata, slide, mpp=kw["mpp"])
+    with all_or_nothing():  # the predictions and every other output, or nothing
         write_predictions(adata, out)
-        pngs = plot_genes(adata, slide, plot, out.with_suffix(""), mpp=kw["mpp"]) if plot else []
+        pngs = extra.write(adata, slide, mpp=kw["mpp"])
     state.remove()
     t = adata.uns["mclx"]["timings"]
     click.echo(
@@ -410,8 +425,11 @@ def infer(slide: Path, bank_path: Path, out, plot, resume, save_every, quiet, **
         f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, retrieve "
         f"{t['retrieve']:.1f} s, write {t['write']:.2f} s) with {adata.uns['mclx']['backend']}/"
         f"{adata.uns['mclx']['precision']}; wrote {out}"
-        + (f" and {len(pngs)} plots ({', '.join(str(p) for p in pngs)})" if pngs else "")
+        + (f" and {', '.join(str(p) for p in pngs)}" if pngs else "")
     )
+
+
+cli.add_command(view)
 
 
 def _inference_state(out: Path, resume: bool, save_every: int | None):

@@ -137,6 +137,26 @@ def encoder_options() -> Decorator:
     )  # fmt: skip
 
 
+def extra_outputs_options() -> Decorator:
+    """``mclx infer``'s outputs for other tools (:mod:`mclx.outputs`)."""
+    return stack(
+        click.option(
+            "--geojson", type=click.Path(path_type=Path), default=None,
+            help="Also write the tiles as GeoJSON polygons with the predicted genes as "
+            "measurements (QuPath: File > Import objects).",
+        ),
+        click.option(
+            "--geojson-genes", type=click.IntRange(1), default=None,
+            help="Only the N genes of highest mean prediction in --geojson (default: all).",
+        ),
+        click.option(
+            "--spatialdata", type=click.Path(path_type=Path), default=None,
+            help="Also write a SpatialData store DIR.zarr (image, tile shapes, table); "
+            "needs pip install 'mclx[spatialdata]'.",
+        ),
+    )  # fmt: skip
+
+
 def model_options() -> Decorator:
     """Model choice, gene selection, ablations and training recipe (train and evaluate)."""
     from mclx.config import Context, LogBase
