@@ -65,12 +65,15 @@ def _as_tensor(x: Any):
 
 
 def _like(t, ref: Any):
-    """Return tensor ``t`` as the array type of ``ref``."""
+    """Return tensor ``t`` as the array type of ``ref``: a CuPy ``ref`` gets a CuPy array
+    (zero-copy from a CUDA tensor, copied from a CPU one: CuPy imports no host memory)."""
     torch = _torch()
     if isinstance(ref, torch.Tensor):
         return t
     cp = sys.modules.get("cupy")
     if cp is not None and isinstance(ref, cp.ndarray):
+        if t.device.type == "cpu":  # CuPy queries against a host bank
+            return cp.asarray(t.numpy())
         return cp.from_dlpack(t.contiguous())
     return t.cpu().numpy()
 

@@ -125,10 +125,15 @@ def stream(
 def _concat(parts):
     if len(parts) == 1:
         return parts[0]
-    if type(parts[0]).__module__.startswith("cupy"):
+    kind = type(parts[0]).__module__
+    if kind.startswith("cupy"):
         import cupy as cp
 
         return cp.concatenate(parts)
+    if kind.startswith("torch"):
+        import torch
+
+        return torch.cat(parts)
     return np.concatenate(parts)
 
 
@@ -219,8 +224,8 @@ def infer(
         where = _Where.find(slide, spots)
         encoder = open_encoder(model, backend=backend, precision=precision, device=device)
         bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
-        if encoder.device == "cuda":
-            bank = bank.to_device("cuda")
+        if encoder.device.startswith("cuda"):
+            bank = bank.to_device(encoder.device)
         size = tile_size(encoder.pre, where.mpp, str(slide_path))
         tiles = where.tiles(slide, size=size, stride=stride, source=str(spots))
         preds, timings = stream(
