@@ -54,8 +54,21 @@ class FakeCuPyArray:
     def __len__(self) -> int:
         return len(self.a)
 
+    device = property(lambda self: types.SimpleNamespace(id=0))
+
     def __getitem__(self, key) -> FakeCuPyArray:
-        return FakeCuPyArray(self.a[key])
+        return FakeCuPyArray(self.a[_host(key)])
+
+    def __setitem__(self, key, value) -> None:
+        self.a[_host(key)] = _host(value)
+
+    def reshape(self, *shape) -> FakeCuPyArray:
+        view = self.a.reshape(*shape)
+        assert np.shares_memory(view, self.a), "reshape of a non-contiguous fake array"
+        return FakeCuPyArray(view)
+
+    def all(self):
+        return self.a.all()
 
     def __array__(self, *args, **kwargs):
         msg = "Implicit conversion to a NumPy array is not allowed. Please use `.get()`"
@@ -73,6 +86,10 @@ class FakeCuPyArray:
     def astype(self, dtype, copy=True) -> FakeCuPyArray:
         _op("astype")
         return FakeCuPyArray(self.a.astype(dtype))
+
+
+def _host(x):
+    return x.a if isinstance(x, FakeCuPyArray) else x
 
 
 class _Event:
@@ -125,7 +142,8 @@ def fake_cupy(devices: int = 1) -> types.ModuleType:
     cp.__version__ = "14.2.0-fake"
     cp.log = []
     cp.ndarray = FakeCuPyArray
-    cp.float32, cp.float16 = np.float32, np.float16
+    cp.float32, cp.float16, cp.int32, cp.int64 = np.float32, np.float16, np.int32, np.int64
+    cp.uint16 = np.uint16
     cuda = types.SimpleNamespace(_stack=[], _device=[0])
     null = _Stream(cp, ptr=0)
     cuda.Stream = lambda non_blocking=False: _Stream(cp, non_blocking)
@@ -154,6 +172,17 @@ def fake_cupy(devices: int = 1) -> types.ModuleType:
     def concatenate(parts):
         _op("concatenate")
         return FakeCuPyArray(np.concatenate([p.a for p in parts]))
+
+    def full(shape, value, dtype=np.float32):
+        _op("full")
+        return FakeCuPyArray(np.full(shape, value, dtype))
+
+    def zeros(shape, dtype=np.float32):
+        _op("zeros")
+        return FakeCuPyArray(np.zeros(shape, dtype))
+
+    cp.full, cp.zeros = full, zeros
+    cp.isfinite = lambda x: FakeCuPyArray(np.isfinite(x.a))
 
     def from_dlpack(x):
         if x.__dlpack_device__()[0] == 1:  # kDLCPU: what CuPy 14.2 says
