@@ -127,7 +127,7 @@ def test_cuda_provider_asks_for_the_chosen_gpu(onnx_model, monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", Session)
     enc = OnnxRuntimeEncoder(onnx_model, device="cuda:2")
-    assert seen["providers"][0] == ("CUDAExecutionProvider", {"device_id": 2})
+    assert seen["providers"][0] == ("CUDAExecutionProvider", {"device_id": 2, "use_tf32": 0})
     assert enc.device == "cuda:2"
 
 
@@ -206,6 +206,26 @@ def test_bank_lives_as_torch_cuda_tensors_without_cupy(monkeypatch):
     np.testing.assert_array_equal(to_host(both), np.concatenate([q, q]))
 
 
+def test_bank_follows_the_encoder_unless_device_cpu(monkeypatch):
+    """An engine runs on its GPU whatever --device says; with --device cpu the bank
+    stays on the host (CuPy embeddings matched on the CPU), else it joins the encoder."""
+    from types import SimpleNamespace
+
+    from mclx.bank import Bank
+    from mclx.runtime import _array_device, place_bank
+
+    moved = []
+    monkeypatch.setattr(Bank, "to_device", lambda self, dev: moved.append(dev) or self)
+    engine = SimpleNamespace(device="cuda:1")
+    host = _bank()
+    assert place_bank(host, engine, "cpu") is host and moved == []
+    place_bank(host, engine, "auto")
+    place_bank(host, SimpleNamespace(device="cpu"), "auto")
+    assert moved == ["cuda:1"]
+    assert _array_device(host.embeddings) == "cpu"
+    assert _array_device(torch.zeros(1)) == "cpu"
+
+
 def test_bank_without_any_gpu_is_one_line(monkeypatch):
     import mclx.inference.device as device
 
@@ -247,3 +267,15 @@ def test_cuda_n_devices(capsys):
     if not torch_cuda():
         res = run_cli(capsys, ["infer", "s.png", "--bank", "b.npz", "--device", "cuda:1"])
         assert res.returncode != 0 and "--device" not in res.stderr  # parsed; fails later
+
+
+def test_fp32_on_a_gpu_runs_without_tf32():
+    """PyTorch lets cuDNN use TF32 for float32 convolutions by default (10-bit
+    mantissas): the FP32 encoder and the evaluation features turn it off meanwhile."""
+    from mclx.inference.encoders import no_tf32
+
+    cudnn = torch.backends.cudnn
+    before = cudnn.allow_tf32
+    with no_tf32():
+        assert cudnn.allow_tf32 is False
+    assert cudnn.allow_tf32 == before

@@ -137,6 +137,22 @@ def _concat(parts):
     return np.concatenate(parts)
 
 
+def place_bank(bank, encoder, device: str):
+    """The bank where retrieval runs: in the memory of the encoder's GPU, unless
+    ``--device cpu`` asked for the host (an engine still encodes on its GPU; its CuPy
+    embeddings are then matched on the CPU)."""
+    if encoder.device.startswith("cuda") and device != "cpu":
+        return bank.to_device(encoder.device)
+    return bank
+
+
+def _array_device(array) -> str:
+    """``cpu`` for host arrays, ``cuda:N`` for CuPy arrays and CUDA tensors."""
+    if type(array).__module__.startswith("cupy"):
+        return f"cuda:{array.device.id}"
+    return str(getattr(array, "device", "cpu"))
+
+
 def _check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
     """The bank, the model path (default: the bank's checkpoint) and k, checked before
     the slide is opened or a model loaded."""
@@ -224,8 +240,7 @@ def infer(
         where = _Where.find(slide, spots)
         encoder = open_encoder(model, backend=backend, precision=precision, device=device)
         bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
-        if encoder.device.startswith("cuda"):
-            bank = bank.to_device(encoder.device)
+        bank = place_bank(bank, encoder, device)
         size = tile_size(encoder.pre, where.mpp, str(slide_path))
         tiles = where.tiles(slide, size=size, stride=stride, source=str(spots))
         preds, timings = stream(
@@ -245,6 +260,7 @@ def infer(
         "k": int(k),
         "distance": distance or bank.distance,
         "tiles_from": where.origin,
+        "bank_device": _array_device(bank.embeddings),
     }
     return predictions(preds, tiles, bank, encoder, provenance, timings)
 

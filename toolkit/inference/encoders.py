@@ -96,7 +96,7 @@ class TorchEncoder:
         kind = "cuda" if is_cuda(self.device) else "cpu"
         if dtype is not None:
             return torch.autocast(kind, dtype=dtype)
-        return _no_tf32() if kind == "cuda" else contextlib.nullcontext()
+        return no_tf32() if kind == "cuda" else contextlib.nullcontext()
 
     def __call__(self, batch):
         import torch
@@ -110,7 +110,7 @@ class TorchEncoder:
 
 
 @contextlib.contextmanager
-def _no_tf32():
+def no_tf32():
     """cuDNN convolutions in true float32 for the duration (process-wide setting)."""
     import torch
 
@@ -179,7 +179,9 @@ class OnnxRuntimeEncoder:
         providers: list[Any] = ["CPUExecutionProvider"]
         if is_cuda(device):
             _require_cuda_provider(ort, path)
-            cuda = ("CUDAExecutionProvider", {"device_id": device_index(device)})
+            # float32 convolutions without TF32 (on by default in the CUDA provider)
+            options = {"device_id": device_index(device), "use_tf32": 0}
+            cuda = ("CUDAExecutionProvider", options)
             providers = [cuda, "CPUExecutionProvider"]
         self.device, self.path = device, path
         try:
