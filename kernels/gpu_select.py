@@ -303,20 +303,19 @@ def _disable(device: int, why: str) -> bool:
 
 
 def _prepare(queries, keys, k: int, values=None):
-    """CuPy float32 C-contiguous queries (copied to the keys' GPU when elsewhere), keys
-    and values, checked as the torch path checks them."""
+    """CuPy float32 C-contiguous queries (copied from host memory or a CPU tensor; a
+    CuPy or CUDA-tensor query must be on the keys' GPU), keys and values, checked as the
+    torch path checks them."""
     cp = sys.modules["cupy"]
     from mclx.kernels.retrieval import _check
 
-    keys = cp.ascontiguousarray(keys, dtype=cp.float32)
-    if isinstance(queries, cp.ndarray):
-        q = cp.ascontiguousarray(queries, dtype=cp.float32)
-    elif type(queries).__module__.startswith("torch"):
-        q = cp.from_dlpack(queries.detach().float().contiguous()) if queries.is_cuda else None
-        q = q if q is not None else cp.asarray(queries.detach().float().numpy())
-    else:
-        q = cp.asarray(np.ascontiguousarray(queries, np.float32))
-    vals = None if values is None else cp.ascontiguousarray(values, dtype=cp.float32)
+    keys = cp.asarray(keys, dtype=cp.float32, order="C")
+    if type(queries).__module__.startswith("torch"):
+        t = queries.detach().float().contiguous()
+        q = cp.from_dlpack(t) if t.is_cuda else cp.asarray(t.numpy())
+    else:  # CuPy (no copy when float32 and C-contiguous) or host memory
+        q = cp.asarray(queries, dtype=cp.float32, order="C")
+    vals = None if values is None else cp.asarray(values, dtype=cp.float32, order="C")
     _check(_Shape(q), _Shape(keys), k, None if vals is None else _Shape(vals))
     if len(q) and not bool(cp.isfinite(q).all()):
         msg = "queries contain NaN or infinite values"

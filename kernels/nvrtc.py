@@ -43,9 +43,9 @@ def _check(result, what: str) -> None:
 def _log(nvrtc, prog) -> str:
     err, size = nvrtc.nvrtcGetProgramLogSize(prog)
     _check(err, "log size")
-    log = b" " * size
-    _check(nvrtc.nvrtcGetProgramLog(prog, log), "log")
-    return log.rstrip(b"\x00 ").decode(errors="replace")
+    log = bytearray(size)  # never bytes: NVRTC writes into the buffer, and b" " * 1 is
+    _check(nvrtc.nvrtcGetProgramLog(prog, log), "log")  # CPython's shared b" " object
+    return bytes(log).rstrip(b"\x00 ").decode(errors="replace")
 
 
 def compile_source(text: str, name: str, arch: str = "sm_90", options=OPTIONS) -> bytes:
@@ -68,9 +68,9 @@ def compile_source(text: str, name: str, arch: str = "sm_90", options=OPTIONS) -
         get = nvrtc.nvrtcGetCUBIN if cubin else nvrtc.nvrtcGetPTX
         err, size = size_of(prog)
         _check(err, "binary size")
-        out = b" " * size
+        out = bytearray(size)
         _check(get(prog, out), "binary")
-        return out
+        return bytes(out)
     finally:
         nvrtc.nvrtcDestroyProgram(prog)
 

@@ -32,6 +32,9 @@ def test_every_cuda_source_compiles_without_a_gpu(arch):
     assert "retrieval.cu" in found
     for name, text in found.items():
         assert len(compile_source(text, name, arch)) > 1000, name
+    # NVRTC writes its (here one-byte) log into the buffer it is given: a bytes buffer
+    # would have been CPython's shared b" ", breaking every later torch.load in-process
+    assert b" " == bytes([32]) and b" ".decode() == " "
 
 
 def test_a_typo_in_a_kernel_fails_to_compile():

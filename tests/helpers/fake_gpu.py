@@ -155,11 +155,12 @@ def fake_cupy(devices: int = 1) -> types.ModuleType:
     )
     cp.cuda = cuda
 
-    def asarray(x, dtype=None):
+    def asarray(x, dtype=None, order=None):
         _op("asarray")
         if isinstance(x, FakeCuPyArray):
-            return x if dtype is None or x.dtype == dtype else x.astype(dtype)
-        return FakeCuPyArray(np.array(x, dtype=dtype))
+            same = (dtype is None or x.dtype == dtype) and (order is None or x.a.flags.c_contiguous)
+            return x if same else FakeCuPyArray(np.array(x.a, dtype=dtype, order=order or "K"))
+        return FakeCuPyArray(np.array(x, dtype=dtype, order=order or "K"))
 
     def ascontiguousarray(x, dtype=None):
         _op("ascontiguousarray")
