@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tomllib
 import torch
-from helpers import assert_one_line_error, fake_gpu, run_cli
+from helpers import assert_one_line_error, fake_gpu, needs, run_cli
 
 from mclx.checkpoint import load_checkpoint, save_checkpoint
 from mclx.config import ModelCfg, PreprocessCfg
@@ -279,3 +279,39 @@ def test_fp32_on_a_gpu_runs_without_tf32():
     with no_tf32():
         assert cudnn.allow_tf32 is False
     assert cudnn.allow_tf32 == before
+
+
+# --- on a GPU: the same paths for real --------------------------------------------------
+
+
+@needs("gpu")
+def test_real_onnxruntime_cuda_and_torch_on_the_gpu(onnx_model):
+    """ONNX Runtime's CUDA provider really starts (the gpu extra brings CUDA 13 and
+    cuDNN 9), FP32 within 1e-4 of PyTorch on the CPU; torch FP16 cosine >= 0.99."""
+    from mclx.export.parity import compare
+    from mclx.inference.encoders import OnnxRuntimeEncoder, TorchEncoder
+
+    ck = load_checkpoint(onnx_model.with_suffix(".pt"))
+    x = np.random.default_rng(0).integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
+    ref = TorchEncoder(ck)(x)
+    ort_cuda = OnnxRuntimeEncoder(onnx_model, device="cuda")
+    assert ort_cuda.session.get_providers()[0] == "CUDAExecutionProvider"
+    assert compare(ref, ort_cuda(x))["max_rel_err"] <= 1e-4
+    assert compare(ref, TorchEncoder(ck, device="cuda")(x))["max_rel_err"] <= 1e-4
+    fp16 = TorchEncoder(ck, precision="fp16", device="cuda")(x)
+    assert compare(ref, fp16)["min_cosine"] >= 0.99
+
+
+@needs("cupy")
+def test_real_bank_on_the_gpu_predicts_what_the_host_bank_does():
+    import cupy as cp
+
+    from mclx.inference import match, to_host
+
+    host = _bank(n=3000)
+    on_gpu = host.to_device("cuda")
+    assert isinstance(on_gpu.embeddings, cp.ndarray) and on_gpu.embeddings.dtype == cp.float32
+    q, _, _ = _bank_arrays(n=3000)
+    want = match(q, host)
+    np.testing.assert_allclose(to_host(match(cp.asarray(q), on_gpu)), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(to_host(match(q, on_gpu)), want, rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import fake_gpu
+from helpers import fake_gpu, needs
 
 from mclx.checkpoint import load_checkpoint, save_checkpoint
 from mclx.config import ModelCfg, PreprocessCfg
@@ -176,3 +176,36 @@ def test_engine_on_a_chosen_gpu(engine):
     enc = TensorRTEncoder(path, device="cuda:1")
     assert enc.device == "cuda:1" and enc.gpu.id == 1
     assert enc(np.zeros((0, 32, 32, 3), np.uint8)).shape == (0, 256)
+
+
+# --- on a GPU: the same paths with the real TensorRT ----------------------------------
+
+
+@needs("tensorrt")
+@pytest.mark.parametrize("fp16", [True, False])
+def test_real_engine_at_its_profile_edges_with_the_null_stream_busy(tmp_path, fp16):
+    """What the stand-in tests check, on a real GPU: FP16 cosine >= 0.99 or FP32 within
+    1e-4 of PyTorch at batches 1, 7, max, max + 1 and 3 max + 5, from host and device
+    memory, while the null stream is busy."""
+    import cupy as cp
+
+    from mclx.export.parity import compare
+    from mclx.inference.tensorrt import TensorRTEncoder
+    from mclx.inference.transform import to_model_input
+
+    ck = _ckpt(tmp_path / "m.pt")
+    report = export(ck, trt=True, fp16=fp16, max_batch=8, n_patches=8, log=lambda *_: None)
+    assert report["engine"]["precision"] == ("fp16" if fp16 else "fp32")
+    enc = TensorRTEncoder(ENGINE.path(ck))
+    assert (enc.min_batch, enc.max_batch) == (1, 8)
+    x = _patches(29, seed=3)
+    ref = TorchEncoder(load_checkpoint(ck))(x)
+    for n in (1, 7, 8, 9, 29):
+        for batch in (x[:n], cp.asarray(to_model_input(x[:n], PRE))):
+            with cp.cuda.Stream.null:
+                busy = cp.ones((2048, 2048), cp.float32)
+                for _ in range(4):
+                    busy = (busy @ busy) * np.float32(1e-3)
+            res = compare(ref[:n], enc(batch).get())
+            assert res["min_cosine"] >= 0.99, (n, res)
+            assert fp16 or res["max_rel_err"] <= 1e-4, (n, res)

@@ -64,7 +64,10 @@ def read_sidecar(engine: str | os.PathLike, data: bytes | None = None) -> dict:
             "sha256": str(meta["engine_sha256"]),
         }
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
-        msg = f"{side}: not a valid engine sidecar ({exc.__class__.__name__}: {exc})"
+        msg = (
+            f"{side}: not a valid engine sidecar ({exc.__class__.__name__}: {exc}); "
+            f"rebuild the engine with 'mclx export --trt'"
+        )
         raise FormatError(msg) from exc
     if data is not None and hashlib.sha256(data).hexdigest() != out["sha256"]:
         msg = (
