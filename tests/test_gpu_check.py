@@ -171,3 +171,51 @@ def test_workspace_inputs_are_made_on_the_cpu(tmp_path, synthetic):
     bank = load_bank(ws.bank())
     assert bank.fingerprint == fp and len(bank) == 300 and bank.k <= len(bank)
     assert ws.slide().stat().st_size > 10_000 and ws.checkpoint() is ws.checkpoint()
+
+
+def _tiny_checkpoint(ws, name, seed):
+    """The workspace's checkpoint with the tiny CNN instead of DenseNet-121."""
+    import torch
+
+    from mclx.checkpoint import save_checkpoint
+    from mclx.config import ModelCfg, PreprocessCfg
+    from mclx.models import create_model
+
+    genes = tuple((ws.data() / "genes.txt").read_text().split())
+    torch.manual_seed(seed)
+    net = create_model(ModelCfg(encoder="tiny_cnn", n_genes=len(genes), pos_size=(64, 64)))
+    save_checkpoint(ws.root / name, net.eval(), preprocess=PreprocessCfg(genes=genes, mpp=0.9))
+    return ws.root / name
+
+
+@pytest.mark.slow
+def test_tensorrt_checks_run_on_the_stand_ins(tmp_path, synthetic, monkeypatch):
+    """The TensorRT checks' own code (export at max batch 32, engines at 256 and in FP32,
+    parity at the profile edges from host and device, the two refusals) on the TensorRT
+    11 and CuPy stand-ins with a tiny model: all a GPU run executes, but the GPU."""
+    import anndata  # noqa: F401  (imported before the fake cupy: it probes for cupyx)
+    import torch
+    from helpers import fake_gpu
+
+    import mclx.gpu_checks as gc
+
+    fake_gpu.install(monkeypatch, 11)
+    monkeypatch.setattr("mclx.inference.select.torch_device", lambda d: torch.device(d))
+    monkeypatch.setattr(gc, "_busy_null_stream", lambda: None)
+    monkeypatch.setattr(gc, "_densenet_checkpoint", _tiny_checkpoint)
+    monkeypatch.setattr(gc, "batches", lambda m: [1, m + 1])  # the edges, fewer images
+    ws = gc.Workspace(tmp_path, most=0)
+    ws.made["data"] = synthetic
+    seen = {}
+    for check in (gc.tensorrt_fp16, gc.tensorrt_fp32, gc.tensorrt_refusals):
+        details, problems = check(ws)
+        assert problems == [], (check.__name__, problems)
+        seen[check.__name__] = details
+    fp16 = seen["tensorrt_fp16"]
+    assert fp16["export_max_batch_32"]["precision"] == "fp16"
+    assert fp16["max_batch_256"]["profile"] == [1, 256]
+    assert set(fp16["max_batch_256"]) >= {"batch_257_host", "batch_257_device"}
+    assert seen["tensorrt_fp32"]["precision"] == "fp32"
+    assert seen["tensorrt_fp32"]["batch_33_device"]["max_rel_err"] < 1e-4
+    assert "re-export" in seen["tensorrt_refusals"]["other_checkpoint"]
+    assert "describes another engine" in seen["tensorrt_refusals"]["other_build"]

@@ -34,6 +34,7 @@ class Workspace:
     root: Path
     made: dict[str, Any] = field(default_factory=dict)
     rates: dict[str, float] = field(default_factory=dict)  # throughput seen by the checks
+    most: int = 3 * 256 + 5  # the most patches a check compares: references made at once
 
     def _once(self, key: str, make):
         if key not in self.made:
@@ -92,7 +93,7 @@ class Workspace:
 
         have = self.made.get("reference")
         if have is None or len(have) < n:
-            x = self.patches(max(n, 3 * 256 + 5))
+            x = self.patches(max(n, self.most))
             enc = TorchEncoder(self.ck())
             have = np.concatenate([enc(x[s : s + 64]) for s in range(0, len(x), 64)])
             self.made["reference"] = have
