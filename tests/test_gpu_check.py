@@ -219,3 +219,18 @@ def test_tensorrt_checks_run_on_the_stand_ins(tmp_path, synthetic, monkeypatch):
     assert seen["tensorrt_fp32"]["batch_33_device"]["max_rel_err"] < 1e-4
     assert "re-export" in seen["tensorrt_refusals"]["other_checkpoint"]
     assert "describes another engine" in seen["tensorrt_refusals"]["other_build"]
+
+
+def test_environment_check_runs_on_the_stand_ins(monkeypatch):
+    """On this CPU machine it must run and name what is missing for the GPU path."""
+    from helpers import fake_gpu
+
+    from mclx.gpu_checks import environment
+
+    fake_gpu.install(monkeypatch, 11)
+    info, problems = environment(None)
+    assert info["tensorrt"] == "11.4.0.106" and info["cuda_majors"]["cupy"] == 13
+    assert info["onnxruntime_distributions"] == ["onnxruntime"]
+    assert info["cuda_majors"]["nvrtc"] == 13 and info["cuda_majors"]["torch"] == 13
+    assert "ONNX Runtime has no CUDAExecutionProvider" in problems
+    assert "PyTorch sees no CUDA GPU" in problems

@@ -152,6 +152,7 @@ def fake_cupy(devices: int = 1) -> types.ModuleType:
     cuda.runtime = types.SimpleNamespace(
         getDeviceCount=lambda: devices,
         getDeviceProperties=lambda i: {"name": b"Fake GPU", "major": 9, "minor": 0},
+        runtimeGetVersion=lambda: 13000,
     )
     cp.cuda = cuda
 
