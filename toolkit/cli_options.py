@@ -48,6 +48,22 @@ def _encoder_names() -> list[str]:
     return ENCODERS.names()
 
 
+class DeviceType(click.ParamType):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the N-th GPU)."""
+
+    name = "[auto|cpu|cuda|cuda:N]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from mclx.inference.device import resolve_device
+
+        if value == "auto":
+            return value
+        try:
+            return resolve_device(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def literal_choice(alias: Any) -> click.Choice:
     """The values of a ``Literal`` type alias of :mod:`mclx.config` as a click choice."""
     return click.Choice(list(typing.get_args(alias)))
@@ -118,7 +134,6 @@ def distance_option() -> Decorator:
 def encoder_options() -> Decorator:
     """``--backend``, ``--precision`` and ``--device``, with the choices of the formats
     table (:mod:`mclx.inference.formats`)."""
-    from mclx.inference.device import DeviceArg
     from mclx.inference.formats import FORMATS
 
     def choice(values: Iterable[str]) -> click.Choice:
@@ -133,7 +148,10 @@ def encoder_options() -> Decorator:
             "--precision", type=choice(f.precision for f in FORMATS.values()), default="auto",
             show_default=True,
         ),
-        click.option("--device", type=literal_choice(DeviceArg), default="auto", show_default=True),
+        click.option(
+            "--device", type=DeviceType(), default="auto", show_default=True,
+            help="Where the encoder and the bank run; cuda:N picks the N-th GPU.",
+        ),
     )  # fmt: skip
 
 

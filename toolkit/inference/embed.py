@@ -22,7 +22,7 @@ from mclx.inference.transform import to_tensor
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on a GPU (training and feature passes); nothing on the CPU."""
+    """bf16 autocast on a GPU (training steps); nothing on the CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -38,8 +38,12 @@ def encode_features(
     device: torch.device | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Pooled encoder features (N, F) float32 of uint8 patches, in eval mode."""
+    """Pooled encoder features (N, F) float32 of uint8 patches, in eval mode, in float32
+    on every device (without TF32 on a GPU): the features a fold of ``mclx evaluate``
+    predicts from are the ones the FP32 runtime computes."""
     from tqdm.auto import tqdm
+
+    from mclx.inference.encoders import no_tf32
 
     device = device or torch_device()
     encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
@@ -47,7 +51,7 @@ def encode_features(
     for start in tqdm(
         range(0, len(patches), batch_size), desc="encode", unit="batch", disable=not progress
     ):
-        with autocast(device):
+        with no_tf32() if device.type == "cuda" else contextlib.nullcontext():
             f = encoder(to_tensor(patches[start : start + batch_size], pre, device))
         out.append(f.float().cpu().numpy())
     dim = getattr(encoder, "num_features", 0)
