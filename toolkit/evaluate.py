@@ -18,7 +18,6 @@ import numpy as np
 
 from mclx.config import Distance, PreprocessCfg, to_dict
 from mclx.data.dataset import build_table
-from mclx.data.her2st import read_her2st
 from mclx.io import all_or_nothing, atomic_path, write_text_atomic
 from mclx.metrics import score
 from mclx.recipe import PatchCache, Recipe, train_model
@@ -44,27 +43,34 @@ def cross_validate(
         bank_sections: sections (image or not) whose spots join every fold's bank.
         k, distance: retrieval settings (default: the model's).
     """
-    recipe = recipe or Recipe()
-    adatas = read_her2st(root, list(sections) if sections else None, with_image=True)
+    from mclx.data.readers import open_data
+
+    recipe, data = recipe or Recipe(), open_data(root)
+    adatas = data.read(list(sections) if sections else None, with_image=True)
     if len(adatas) < 2:
-        msg = f"{root}: cross-validation needs at least two sections with images"
+        msg = f"{data.root}: cross-validation needs at least two sections with images"
         raise ValueError(msg)
     extra = [s for s in bank_sections if s not in adatas]
-    extra_adatas = read_her2st(root, extra) if extra else {}
-    _check_k(root, recipe, adatas, extra_adatas, k)
+    extra_adatas = data.read(extra) if extra else {}
+    _check_k(data.root, recipe, adatas, extra_adatas, k)
     cache = PatchCache(adatas, PreprocessCfg().patch_size)
     results: dict[str, Any] = {}
     genes_out: dict[str, dict[str, float]] = {}
+    panels: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
     for test in adatas:
-        fold = _Fold(root, recipe, adatas, extra_adatas, test)
+        fold = _Fold(data, recipe, adatas, extra_adatas, test)
         row, genes_out[test] = fold.run(cache, k=k, distance=distance, progress=progress)
         results[test] = row
+        panels[test] = {"train": fold.train, "genes": list(fold.pre.genes)}
     config = fold.config(k, distance) | {
+        "data": str(data.root),
+        "layout": data.name,
         "bank_sections": list(bank_sections),
+        "gene_panel": recipe.gene_panel(data),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    return _summary(results, config, genes_out)
+    return _summary(results, config, genes_out) | {"folds": panels}
 
 
 def _check_k(root, recipe: Recipe, adatas, extra, k: int | None) -> None:
@@ -89,11 +95,11 @@ class _Fold:
     """One held-out section: train on the others, bank them (and the extra sections),
     predict the held-out spots from their patches and score them."""
 
-    def __init__(self, root, recipe: Recipe, adatas, extra, test: str) -> None:
+    def __init__(self, data, recipe: Recipe, adatas, extra, test: str) -> None:
         self.recipe, self.test, self.adatas = recipe, test, adatas
         self.train = [s for s in adatas if s != test]
         self.bank_adatas = {s: adatas[s] for s in self.train} | extra
-        self.pre, self.net = recipe.setup(root, adatas | extra, self.train)
+        self.pre, self.net = recipe.setup(data, adatas | extra, self.train)
 
     def run(self, cache: PatchCache, *, k, distance, progress: bool):
         from mclx.bank import bank_from_model
@@ -152,6 +158,7 @@ def score_checkpoint(
     from mclx.bank import load_bank
     from mclx.checkpoint import load_checkpoint
     from mclx.data.patches import section_patches
+    from mclx.data.readers import open_data
     from mclx.inference import predict
     from mclx.inference.device import torch_device
     from mclx.inference.encoders import TorchEncoder
@@ -161,7 +168,7 @@ def score_checkpoint(
     bank = loaded if ck.model.kind == "contrastive" else None  # ST-Net: no retrieval
     if bank is not None:
         bank.check_k(k)
-    adatas = read_her2st(root, list(sections), with_image=True)
+    adatas = open_data(root).read(list(sections), with_image=True)
     overlap = set(sections) & set(loaded.sections.tolist())
     if overlap:
         msg = f"{bank_path}: bank contains the scored sections {sorted(overlap)} (leakage)"
@@ -170,7 +177,7 @@ def score_checkpoint(
     results, genes_out = {}, {}
     for name, adata in adatas.items():
         truth = build_table({name: adata}, ck.preprocess).expr
-        patches = section_patches(adata, ck.preprocess.patch_size)
+        patches = section_patches(adata, ck.preprocess.patch_size, ck.preprocess.mpp)
         s = score(predict(encoder, patches, bank, k=k, distance=distance), truth)
         genes_out[name] = dict(zip(ck.preprocess.genes, s.pop("pcc_genes").tolist()))
         results[name] = s | {"n_spots": len(truth)}

@@ -1,4 +1,5 @@
 """``needs`` marks, resolved at collection as scanpy's are: ``@needs("her2st")``,
+``@needs("stutility-mob")``, ``@needs("visium-fixture")`` (real data of shared/data),
 ``@needs("gpu")``, ``@needs("cupy")``, ``@needs("tensorrt")``, ``@needs("numba")``.
 
 A test so marked is skipped, with the reason, before it runs (``pytest -rs`` lists them
@@ -20,7 +21,7 @@ from functools import cache
 
 import pytest
 
-from helpers.data import data_required, her2st_missing
+from helpers.data import SHARED, data_required, her2st_missing, shared_missing
 
 GPU_STACK = "pip install .[gpu] on a machine with an NVIDIA GPU"
 
@@ -79,6 +80,9 @@ NEEDS: dict[str, Need] = {
     "cupy": Need(_cupy, "gpu"),
     "tensorrt": Need(_tensorrt, "gpu"),
     "numba": Need(_numba),
+    **{
+        name: Need(lambda name=name: shared_missing(name), "data", data_required) for name in SHARED
+    },
 }
 
 
