@@ -282,3 +282,38 @@ def test_hest_bad_inputs(hest, tmp_path):
     (root / "st" / "C2.h5ad").write_bytes(b"not hdf5")
     with pytest.raises(DataError, match="C2.h5ad: cannot read AnnData"):
         open_data(root).read_section("C2")
+
+
+# --- infer --spots: spots from data of any layout -----------------------------------
+
+
+@needs("visium-fixture", "stutility-mob")
+def test_infer_spots_from_data(tmp_path):
+    from mclx.tiling import read_spots, spot_mpp
+
+    outs = shared_path("visium-fixture")
+    spots, kind = read_spots(outs)  # a one-section Visium folder: full-resolution pixels
+    pos = _positions()
+    pos = pos[pos["in_tissue"] == 1]
+    assert kind == "visium" and list(spots["id"]) == list(pos.index)
+    np.testing.assert_array_equal(spots[["x", "y"]], pos[["pxl_col", "pxl_row"]])
+    hires = open_data(outs).read_section("visium-fixture").uns["mpp"]
+    factors = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())
+    assert spot_mpp(spots, kind) == pytest.approx(hires * factors["tissue_hires_scalef"])
+    # the MOB spot file alone: the 2k array is recognised, so the µm/px is ~4.4, not ~8.8
+    mob, kind = read_spots(shared_path("stutility-mob") / "alignment_table_MOB1.tsv")
+    assert spot_mpp(mob, kind) == pytest.approx(
+        open_data(shared_path("stutility-mob")).read_section("MOB1").uns["mpp"], rel=1e-9
+    )
+    with pytest.raises(DataError, match="--spots takes one section.* has 4 .*MOB1"):
+        read_spots(shared_path("stutility-mob"))
+
+
+@needs("her2st")
+def test_infer_spots_from_a_hest_h5ad(hest):
+    from mclx.tiling import read_spots, spot_mpp
+
+    root, c2, _ = hest
+    spots, kind = read_spots(root / "st" / "C2.h5ad")
+    np.testing.assert_allclose(spots[["x", "y"]], c2.obsm["spatial"] / 4)
+    assert spot_mpp(spots, kind) == pytest.approx(c2.uns["mpp"] * 4, rel=1e-12)

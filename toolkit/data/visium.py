@@ -92,8 +92,6 @@ class VisiumReader(Reader):
         return positions_frame(positions, path)
 
     def read_section(self, section: str):
-        from mclx.data.arrays import estimate_mpp
-
         outs = self._folders()[section]
         adata = read_counts_h5(outs / COUNTS)
         positions, pos_path = read_positions(outs / "spatial")
@@ -116,7 +114,7 @@ class VisiumReader(Reader):
         if image is not None:
             check_inside(image, adata.obs)
         adata.obsm["spatial"] = adata.obs[["pixel_x", "pixel_y"]].to_numpy(np.float64)
-        mpp = self.full_mpp(estimate_mpp(grid, full, "visium"))
+        mpp = self.full_mpp(positions_frame(positions, pos_path).attrs["mpp"])
         return self.finish(
             adata,
             section,
@@ -215,7 +213,7 @@ def scale_factor(spatial: Path, kind: str) -> float:
 
 def positions_frame(positions: pd.DataFrame, path: Path) -> pd.DataFrame:
     """In-tissue positions as spots (id, x, y, array_x, array_y in full-resolution pixels),
-    with the µm/px of the grid in ``attrs["mpp"]``."""
+    with the µm/px of the whole grid (every position, in tissue or not) in ``attrs["mpp"]``."""
     from mclx.data.arrays import estimate_mpp
 
     pos = positions[positions["in_tissue"] == 1]
