@@ -57,10 +57,13 @@ def cross_validate(
     results: dict[str, Any] = {}
     genes_out: dict[str, dict[str, float]] = {}
     panels: dict[str, dict[str, Any]] = {}
+    preds: dict[str, Any] = {}
     t0 = time.perf_counter()
     for test in adatas:
         fold = _Fold(data, recipe, adatas, extra_adatas, test)
-        row, genes_out[test] = fold.run(cache, k=k, distance=distance, progress=progress)
+        row, genes_out[test], preds[test] = fold.run(
+            cache, k=k, distance=distance, progress=progress
+        )
         results[test] = row
         panels[test] = {"train": fold.train, "genes": list(fold.pre.genes)}
     config = fold.config(k, distance) | {
@@ -70,7 +73,7 @@ def cross_validate(
         "gene_panel": recipe.gene_panel(data),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    return _summary(results, config, genes_out) | {"folds": panels}
+    return _summary(results, config, genes_out) | {"folds": panels, "predictions": preds}
 
 
 def _check_k(root, recipe: Recipe, adatas, extra, k: int | None) -> None:
@@ -114,10 +117,12 @@ class _Fold:
             bank = bank_from_model(net, table, pre.genes, fingerprint="fold")
         feats = cache.features(net.image_encoder, self.test, pre)
         pred = match(head_outputs(net, feats), bank, k=k, distance=distance)
-        s = score(pred, build_table({self.test: self.adatas[self.test]}, pre).expr)
+        truth = build_table({self.test: self.adatas[self.test]}, pre).expr
+        s = score(pred, truth)
         genes = dict(zip(pre.genes, s.pop("pcc_genes").tolist()))
         n = self.adatas[self.test].n_obs
-        return s | {"n_spots": n, "final_loss": history[-1]}, genes
+        held_out = prediction_adata(self.adatas[self.test], pred, truth, pre.genes)
+        return s | {"n_spots": n, "final_loss": history[-1]}, genes, held_out
 
     def config(self, k: int | None, distance: str | None) -> dict[str, Any]:
         """The fold's model, preprocessing (genes aside) and retrieval settings."""
@@ -132,6 +137,27 @@ class _Fold:
             "n_genes": len(pre.genes),
             "encoder_weights": str(self.recipe.encoder_weights),
         }
+
+
+def prediction_adata(adata, pred: np.ndarray, truth: np.ndarray, genes: Sequence[str]):
+    """A held-out section's predictions as AnnData: ``X`` predicted and
+    ``layers["measured"]`` measured (preprocessed) expression, the section's ``obs``
+    (array and pixel coordinates, labels when it has them) and ``obsm["spatial"]``;
+    ``uns["sections"][name]`` its image and µm/px. What ``mclx analyze`` reads."""
+    import anndata as ad
+    import pandas as pd
+
+    out = ad.AnnData(
+        X=np.asarray(pred, np.float32),
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=pd.Index([str(g) for g in genes])),
+    )
+    out.layers["measured"] = np.asarray(truth, np.float32)
+    out.obsm["spatial"] = np.asarray(adata.obsm["spatial"], np.float64)
+    name = str(adata.uns.get("section"))
+    info = {k: adata.uns.get(k) for k in ("image_path", "mpp", "layout", "array")}
+    out.uns["sections"] = {name: {k: v for k, v in info.items() if v is not None}}
+    return out
 
 
 def _summary(results: dict[str, Any], config: dict[str, Any], genes: dict) -> dict[str, Any]:
@@ -215,12 +241,29 @@ def write_results(res: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Pa
     import pandas as pd
 
     out = Path(out)
-    summary = {k: v for k, v in res.items() if k != "genes"}
+    preds = res.get("predictions") or {}
+    pred_path = out.with_name(out.stem + ".predictions.h5ad")
+    summary = {k: v for k, v in res.items() if k not in ("genes", "predictions")}
+    if preds:
+        summary["predictions"] = pred_path.name
     csv = out.with_name(out.stem + ".genes.csv")
     table = pd.DataFrame(res["genes"])
     table.index.name = "gene"
-    with all_or_nothing():  # both files or neither
+    with all_or_nothing():  # every file or none
         write_text_atomic(out, json.dumps(summary, indent=2) + "\n")
         with atomic_path(csv) as tmp:
             table.to_csv(tmp)
+        if preds:
+            with atomic_path(pred_path, suffix=".h5ad") as tmp:
+                joined_predictions(preds).write_h5ad(tmp)
     return out, csv
+
+
+def joined_predictions(preds: dict[str, Any]):
+    """The held-out sections' predictions in one AnnData (``obs["section"]`` tells them
+    apart; a gene outside a fold's panel is NaN in that section's rows)."""
+    import anndata as ad
+
+    joined = ad.concat(list(preds.values()), join="outer", merge="same", uns_merge="first")
+    joined.uns["sections"] = {k: v for p in preds.values() for k, v in p.uns["sections"].items()}
+    return joined
