@@ -317,3 +317,42 @@ def test_infer_spots_from_a_hest_h5ad(hest):
     spots, kind = read_spots(root / "st" / "C2.h5ad")
     np.testing.assert_allclose(spots[["x", "y"]], c2.obsm["spatial"] / 4)
     assert spot_mpp(spots, kind) == pytest.approx(c2.uns["mpp"] * 4, rel=1e-12)
+
+
+def test_cli_names_the_layouts_it_looked_for(tmp_path, capsys):
+    from helpers import assert_one_line_error, run_cli
+
+    (tmp_path / "empty").mkdir()
+    res = run_cli(capsys, ["bank", "build", "--ckpt", tmp_path / "m.pt", "--data",
+                           tmp_path / "empty", "--out", tmp_path / "b.npz"])  # fmt: skip
+    assert_one_line_error(res, "empty: no known data layout", "visium: filtered_feature_bc_matrix")
+    res = run_cli(capsys, ["train", "--data", tmp_path / "empty", "--layout", "hest",
+                           "--out", tmp_path / "m.pt"])  # fmt: skip
+    assert_one_line_error(res, "not a hest data folder (looked for st/ID.h5ad")
+    res = run_cli(capsys, ["train", "--data", tmp_path, "--layout", "visum", "--out", "m.pt"])
+    assert_one_line_error(res, "--layout", "visium")
+    assert not (tmp_path / "b.npz").exists() and not (tmp_path / "m.pt").exists()
+
+
+@needs("stutility-mob")
+def test_evaluate_runs_on_the_mob_sections(tmp_path, capsys):
+    """Leave-one-section-out on another tissue, species and array (tiny model)."""
+    from helpers import run_cli
+
+    out = tmp_path / "mob.json"
+    res = run_cli(capsys, [
+        "evaluate", "--data", shared_path("stutility-mob"), "--sections", "MOB1,MOB2",
+        "--encoder", "tiny_cnn", "--encoder-weights", "none", "--freeze-encoder",
+        "--epochs", 1, "--batch-size", 64, "--n-hvg", 50, "--k", 50, "-q", "--out", out,
+    ])  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "MOB1" in res.stdout and "MOB2" in res.stdout and "mean±std" in res.stdout
+    saved = json.loads(out.read_text())
+    assert saved["config"]["layout"] == "stutility" and saved["config"]["n_genes"] == 50
+    assert 3.5 < saved["config"]["preprocess"]["mpp"] < 5.0  # the 2k array's µm/px
+    assert saved["folds"]["MOB2"]["train"] == ["MOB1"]
+    assert all(g.startswith("ENSMUSG") for g in saved["folds"]["MOB2"]["genes"])
+    import anndata as ad
+
+    pred = ad.read_h5ad(tmp_path / "mob.predictions.h5ad")
+    assert set(pred.obs["section"]) == {"MOB1", "MOB2"} and "measured" in pred.layers
