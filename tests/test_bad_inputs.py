@@ -217,7 +217,7 @@ def _(e, w, o):
     return bank_build(e, o, data=e.her2st(w), sections="S1,Q7")
 
 
-@case("data-folder-not-her2st", "plain", "not a her2st data folder")
+@case("data-folder-of-no-layout", "plain", "no known data layout", "her2st: ST-cnts/", "hest: st/")
 def _(e, w, o):
     (w / "plain").mkdir()
     return bank_build(e, o, data=w / "plain")

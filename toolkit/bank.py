@@ -148,18 +148,19 @@ def bank_from_model(
 
 def build_bank(
     checkpoint: str | os.PathLike,
-    data: str | os.PathLike,
+    data: Any,
     *,
     sections: Sequence[str] | None = None,
 ) -> Bank:
-    """Embed every spot of ``sections`` (default: all) with the checkpoint's spot encoder."""
+    """Embed every spot of ``sections`` (default: all) with the checkpoint's spot encoder;
+    ``data`` is a data folder of any layout or a :class:`~mclx.data.readers.Reader`."""
     from mclx.data.dataset import build_table
-    from mclx.data.her2st import read_her2st
+    from mclx.data.readers import open_data
 
     if not Path(checkpoint).exists():  # before reading the data: fail fast
         msg = f"{checkpoint}: checkpoint does not exist"
         raise FileNotFoundError(msg)
-    adatas = read_her2st(data, list(sections) if sections else None)  # no torch needed yet
+    adatas = open_data(data).read(list(sections) if sections else None)  # no torch needed yet
 
     from mclx.checkpoint import load_checkpoint
 

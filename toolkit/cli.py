@@ -26,6 +26,7 @@ from mclx.cli_options import (
     given,
     k_option,
     model_options,
+    open_data_from,
     out_option,
     quiet_option,
     recipe_from,
@@ -91,17 +92,18 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
       mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt
       mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt --resume
       mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
+      mclx train --data ../shared/data/stutility-mob --holdout MOB4 --n-hvg 500 --out mob.pt
     """
     from mclx.checkpoint import save_checkpoint
-    from mclx.data.her2st import read_her2st
     from mclx.recipe import PatchCache, train_model
 
     check_output(out)
+    reader = open_data_from(data, kw)
     recipe = recipe_from(kw)
     state = _training_state(out, resume, save_every)
-    names, held = _training_sections(data, sections, holdout)
-    adatas = read_her2st(data, names, with_image=True)
-    pre, net = recipe.setup(data, adatas, names)
+    names, held = _training_sections(reader, sections, holdout)
+    adatas = reader.read(names, with_image=True)
+    pre, net = recipe.setup(reader, adatas, names)
     state.record = recipe.record(
         names, net, pre, holdout=held, encoder_weights=kw["encoder_weights"]
     )
@@ -112,7 +114,8 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
     prov = recipe.provenance(
         names,
         history,
-        data=str(data),
+        data=str(reader.root),
+        layout=reader.name,
         holdout=held,
         encoder_weights=kw["encoder_weights"],
         n_spots=len(table),
@@ -146,21 +149,20 @@ def _training_state(out: Path, resume: bool, save_every: int | None):
     return state
 
 
-def _training_sections(data: Path, sections, holdout) -> tuple[list[str], list[str]]:
+def _training_sections(reader, sections, holdout) -> tuple[list[str], list[str]]:
     """(training sections, held-out sections): the given or all image sections, once
     each, without the held-out ones (which must exist)."""
-    from mclx.data.her2st import list_sections
     from mclx.errors import DataError
 
-    wanted = split_names(sections) or list_sections(data, with_image=True)
+    wanted = split_names(sections) or reader.sections(with_image=True)
     held = set(split_names(holdout))
-    unknown = held - set(list_sections(data))
+    unknown = held - set(reader.sections())
     if unknown:
-        msg = f"{data}: holdout section(s) {sorted(unknown)} do not exist"
+        msg = f"{reader.root}: holdout section(s) {sorted(unknown)} do not exist"
         raise KeyError(msg)
     names = [s for s in dict.fromkeys(wanted) if s not in held]  # repeated: once
     if not names:
-        msg = f"{data}: no training section left after --holdout"
+        msg = f"{reader.root}: no training section left after --holdout"
         raise DataError(msg)
     return names, sorted(held)
 
@@ -198,24 +200,30 @@ def evaluate(
       mclx evaluate --model bleep --freeze-encoder --out bleep.json
       mclx evaluate --freeze-encoder --bank-sections A1,A2,B1 --distance l1
       mclx evaluate --ckpt model.pt --bank her2.npz --sections C2 --out c2.json
+      mclx evaluate --data ../shared/data/stutility-mob --freeze-encoder --n-hvg 500 --k 100
+    \b
+    With --n-hvg N each fold chooses its genes on its training sections only (the
+    held-out section's counts never enter the panel); the results JSON says so.
     """
-    from mclx.data.her2st import list_sections
     from mclx.evaluate import cross_validate, format_table, score_checkpoint, write_results
 
     out = check_output(out or Path(f"evaluate_{kw['model']}.json"))
+    reader = open_data_from(data, kw)
     if ckpt is not None or bank_path is not None:
         if ckpt is None or bank_path is None or not sections:
             msg = "evaluate: --ckpt needs --bank and --sections (the sections to score)"
             raise click.UsageError(msg)
-        res = score_checkpoint(ckpt, bank_path, data, split_names(sections), k=k, distance=distance)
+        res = score_checkpoint(
+            ckpt, bank_path, reader, split_names(sections), k=k, distance=distance
+        )
         title = f"{ckpt} with {bank_path}"
     else:
         extra = split_names(bank_sections)
         res = cross_validate(
-            data,
+            reader,
             recipe_from(kw),
             sections=split_names(sections) or None,
-            bank_sections=list_sections(data) if extra == ["all"] else extra,
+            bank_sections=reader.sections() if extra == ["all"] else extra,
             k=k,
             distance=distance,
             progress=not kw["quiet"],
@@ -226,7 +234,12 @@ def evaluate(
             f"epochs={kw['epochs']} ({c['seconds']} s)"
         )
     click.echo(format_table(res, title=title))
-    click.echo("mclx: wrote {} and {}".format(*write_results(res, out)))
+    json_path, csv_path = write_results(res, out)
+    preds = json_path.with_name(json_path.stem + ".predictions.h5ad")
+    click.echo(
+        f"mclx: wrote {json_path} and {csv_path}"
+        + (f" and {preds} (for mclx analyze)" if res.get("predictions") else "")
+    )
 
 
 @cli.group(context_settings=CONTEXT)
@@ -239,18 +252,19 @@ def bank() -> None:
 @data_option()
 @sections_option("Sections to embed (default: every section with counts, image or not).")
 @out_option("Bank (.npz).", required=True)
-def bank_build(ckpt: Path, data: Path, sections, out: Path) -> None:
+def bank_build(ckpt: Path, data: Path, sections, out: Path, **kw: Any) -> None:
     """Embed spots with a checkpoint's spot encoder and write a bank.
 
     \b
     Examples:
       mclx bank build --ckpt model.pt --data ../shared/data/her2st --out her2.npz
       mclx bank build --ckpt model.pt --sections C3,C4,C5,C6 --out images_only.npz
+      mclx bank build --ckpt mob.pt --data ../shared/data/stutility-mob --out mob.npz
     """
     from mclx.bank import build_bank, save_bank
 
     check_output(out)
-    b = build_bank(ckpt, data, sections=split_names(sections) or None)
+    b = build_bank(ckpt, open_data_from(data, kw), sections=split_names(sections) or None)
     save_bank(b, out)
     click.echo(
         f"mclx: wrote {out}: {len(b)} spots from {len(set(b.sections.tolist()))} sections, "
@@ -347,7 +361,8 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
 @click.option(
     "--spots",
     type=click.Path(path_type=Path),
-    help="Tiles at these spots: her2st spot file, Visium tissue_positions, or CSV x,y.",
+    help="Tiles at these spots: her2st/ST spot file, Visium tissue_positions (.csv, "
+    ".parquet), CSV x,y, a HEST st/ID.h5ad, or a one-section data folder of any layout.",
 )
 @k_option("Neighbours (default: the bank's).")
 @distance_option()
@@ -450,6 +465,53 @@ def _inference_state(out: Path, resume: bool, save_every: int | None):
     for p in (out, state.path):
         remove_stale_temps(p)  # left by a killed write
     return state
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("source", type=click.Path(path_type=Path))
+@out_option("Folder for the tables, annotated predictions and figures.", required=True)
+@click.option(
+    "--markers",
+    type=click.Path(path_type=Path),
+    help="Marker genes (one per line, or .npy) reported as a panel beside ACG, HEG, HVG.",
+)
+@click.option(
+    "--k",
+    "n_domains",
+    type=click.IntRange(2),
+    default=None,
+    help="Spatial domains per section (default: the number of labels, else 5).",
+)
+@click.option("--top", type=click.IntRange(1, 12), default=4, show_default=True,
+              help="Top-ranked genes drawn as measured vs predicted maps.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="PCA / KMeans seed.")
+def analyze(source: Path, out: Path, markers, n_domains, top, seed) -> None:
+    """The paper's analyses on predictions with their truth (beyond Table 1).
+
+    \b
+    SOURCE: the results JSON of `mclx evaluate` (or the .predictions.h5ad beside it), or
+    any .h5ad with predicted X, layers["measured"] and obs["section"]. Writes to --out:
+      gene_ranking.csv   per-gene r and p per section, ranked by mean -log10(p)
+      panels.csv         mean PCC over ACG, HEG, HVG (and --markers) per section
+      gene_gene.csv      gene-gene correlation preservation per section
+      domains.csv        KMeans domains on predicted expression: ARI / NMI vs labels
+      analysis.h5ad      the predictions with obs["domain"] and the ranking in var
+      *.png              top genes' maps, gene-gene heatmaps, domain maps
+    \b
+    Examples:
+      mclx evaluate --freeze-encoder --out her2.json && mclx analyze her2.json --out her2_analysis
+      mclx analyze her2.predictions.h5ad --markers markers.txt --k 6 --out her2_analysis
+    """
+    from mclx.analyze import analyze as run_analysis
+    from mclx.analyze import write_analysis
+    from mclx.data.preprocess import load_gene_list
+
+    genes = load_gene_list(markers) if markers else ()
+    res = run_analysis(source, markers=genes, k=n_domains, seed=seed)
+    written = write_analysis(res, out, top=top)
+    click.echo(res.ranking.head(10)[["rank", "mean_neglog10_p", "mean_pcc"]].to_string())
+    click.echo(res.panels.to_string())
+    click.echo(f"mclx: wrote {len(written)} files to {out}")
 
 
 def _close_progress_bars() -> bool:

@@ -1,4 +1,5 @@
 """``needs`` marks, resolved at collection as scanpy's are: ``@needs("her2st")``,
+``@needs("stutility-mob")``, ``@needs("visium-fixture")`` (real data of shared/data),
 ``@needs("gpu")``, ``@needs("cupy")``, ``@needs("tensorrt")``, ``@needs("numba")``,
 ``@needs("browser")`` (system Chromium + chromedriver + selenium),
 ``@needs("openseadragon")``, ``@needs("spatialdata")``.
@@ -22,7 +23,7 @@ from functools import cache
 
 import pytest
 
-from helpers.data import data_required, her2st_missing
+from helpers.data import SHARED, data_required, her2st_missing, shared_missing
 from helpers.viewer import (
     browser_missing,
     openseadragon_missing,
@@ -91,6 +92,9 @@ NEEDS: dict[str, Need] = {
     "browser": Need(cache(browser_missing), "browser", viewer_required),
     "openseadragon": Need(cache(openseadragon_missing), None, viewer_required),
     "spatialdata": Need(cache(spatialdata_missing), None, spatialdata_required),
+    **{
+        name: Need(lambda name=name: shared_missing(name), "data", data_required) for name in SHARED
+    },
 }
 
 
