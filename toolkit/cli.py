@@ -130,17 +130,24 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
 
 
 def _training_state(out: Path, resume: bool, save_every: int | None):
-    """The resumable state beside ``out``: loaded (and checked) now with ``--resume``,
-    before any work; temporary files that a killed write left are removed."""
-    from mclx.run_state import remove_stale_temps, state_path
+    """The resumable training state beside ``out`` (see :func:`_ready_state`)."""
+    from mclx.run_state import state_path
     from mclx.train_state import StateFile
 
-    state = StateFile(state_path(out), every=save_every)
+    return _ready_state(StateFile(state_path(out), every=save_every), out, resume, "state")
+
+
+def _ready_state(state, out: Path, resume: bool, what: str):
+    """A run's state file, ready: loaded (and checked) now with ``--resume``, before any
+    work; otherwise a warning that an interrupted run's ``what`` will be replaced; and
+    the temporary files that a killed write of ``out`` or the state left, removed."""
+    from mclx.run_state import remove_stale_temps
+
     if resume:
         state.load()  # fails now, before any work, when missing or corrupt
     elif state.path.exists():
         click.echo(
-            f"mclx: warning: {state.path}: an interrupted run's state will be replaced "
+            f"mclx: warning: {state.path}: an interrupted run's {what} will be replaced "
             "(use --resume to continue it)",
             err=True,
         )
@@ -448,23 +455,12 @@ cli.add_command(view)
 
 
 def _inference_state(out: Path, resume: bool, save_every: int | None):
-    """The resumable state beside ``out``, loaded now with ``--resume`` (before any
-    work); temporary files that a killed save left are removed."""
+    """The resumable inference state beside ``out`` (see :func:`_ready_state`)."""
     from mclx.infer_state import SAVE_EVERY, InferState
-    from mclx.run_state import remove_stale_temps, state_path
+    from mclx.run_state import state_path
 
-    state = InferState(state_path(out), every=SAVE_EVERY if save_every is None else save_every)
-    if resume:
-        state.load()  # fails now, before any work, when missing or corrupt
-    elif state.path.exists():
-        click.echo(
-            f"mclx: warning: {state.path}: an interrupted run's predictions will be replaced "
-            "(use --resume to continue it)",
-            err=True,
-        )
-    for p in (out, state.path):
-        remove_stale_temps(p)  # left by a killed write
-    return state
+    every = SAVE_EVERY if save_every is None else save_every
+    return _ready_state(InferState(state_path(out), every=every), out, resume, "predictions")
 
 
 @cli.command(context_settings=CONTEXT)
