@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from mclx import __version__
+from mclx.cli_cohort import cohort_options
 from mclx.cli_options import (
     CONTEXT,
     ckpt_option,
@@ -350,7 +351,7 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("slide", type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, type=click.Path(path_type=Path))
 @click.option(
     "--bank",
     "bank_path",
@@ -407,12 +408,10 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
     default=None,
     help="Save the predictions so far every N batches for --resume (default 64; 0: never).",
 )
+@cohort_options()
 @quiet_option("No progress bar.")
-def infer(
-    slide: Path, bank_path: Path, out, plot, geojson, geojson_genes, spatialdata, resume,
-    save_every, quiet, **kw: Any,
-) -> None:  # fmt: skip
-    """Predict spatial expression over a whole slide (or at given spots).
+def infer(slides: tuple[Path, ...], bank_path: Path, quiet, **kw: Any) -> None:
+    """Predict spatial expression over a whole slide (or at given spots), or a cohort.
 
     \b
     The .h5ad holds the slide image in uns["spatial"] (scanpy's layout): sc.pl.spatial
@@ -424,7 +423,30 @@ def infer(
       mclx infer C2.jpg --bank her2.npz --spots C2_selection.tsv --out C2.h5ad
       mclx infer slide.tif --bank her2.npz --model model.onnx --batch-size 128
       mclx infer slide.svs --bank her2.npz --geojson slide.geojson --geojson-genes 50
+    \b
+    Cohorts (several slides or --manifest): one .h5ad per slide in --out-dir and a
+    summary.csv; a failing slide is reported and the others go on; slides already done
+    with the same checkpoint and bank are skipped (--force redoes them).
+      mclx infer a.svs b.svs --bank her2.npz --out-dir preds/
+      mclx infer --manifest slides.csv --bank her2.npz --out-dir preds/ --engine ray
+      mclx infer --manifest slides.csv --bank her2.npz --out-dir preds/ --engine ray \\
+          --address ray://head:10001 --gpus-per-worker 1
     """
+    from mclx.cli_cohort import is_cohort, run_cohort_cli
+
+    if is_cohort(slides, kw):
+        return run_cohort_cli(slides, bank_path, quiet, kw)
+    for key in ("manifest", "out_dir", "engine", "address", "gpus_per_worker", "readers",
+                "actors", "force"):  # fmt: skip
+        kw.pop(key)
+    _infer_one(slides[0], bank_path, quiet=quiet, **kw)
+
+
+def _infer_one(
+    slide: Path, bank_path: Path, out, plot, geojson, geojson_genes, spatialdata, resume,
+    save_every, quiet, **kw: Any,
+) -> None:  # fmt: skip
+    """``mclx infer`` of one slide."""
     from mclx.outputs import Outputs
     from mclx.runtime import infer as run_infer
     from mclx.writer import add_spatial_image, write_predictions
