@@ -80,8 +80,16 @@ def cli(debug: bool) -> None:
     help="Save the resumable state OUT.state every N epochs (0: never). Default: every "
     "epoch, or every few when epochs are so short that saving would take over 5% of the time.",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Data-parallel processes on this machine (DDP: gloo on CPU, NCCL with one GPU "
+    "each); --batch-size stays the global batch, negatives are global.",
+)
 @model_options()
-def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: Any) -> None:
+def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, **kw: Any) -> None:
     """Train a model and write a self-describing checkpoint.
 
     \b
@@ -94,14 +102,27 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
       mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt --resume
       mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
       mclx train --data ../shared/data/stutility-mob --holdout MOB4 --n-hvg 500 --out mob.pt
+      mclx train --data ../shared/data/her2st --holdout C2 --nproc 2 --out model.pt
+      torchrun --nproc_per_node 4 -m mclx train --data ../shared/data/her2st --out model.pt
     """
+    from mclx import distributed
     from mclx.checkpoint import save_checkpoint
     from mclx.recipe import PatchCache, train_model
 
+    world = distributed.from_env()  # set by torchrun, or by the launch below
+    if nproc > 1 and world is None:
+        rc = distributed.launch(click.get_current_context().find_root().obj["argv"], nproc)
+        if rc:
+            sys.exit(rc)
+        return
+    if world is not None and not world.main:
+        kw["quiet"] = True
     check_output(out)
     reader = open_data_from(data, kw)
     recipe = recipe_from(kw)
     state = _training_state(out, resume, save_every)
+    if world is not None and not world.main:
+        state.every = 0  # rank 0 alone writes the state and the checkpoint
     names, held = _training_sections(reader, sections, holdout)
     adatas = reader.read(names, with_image=True)
     pre, net = recipe.setup(reader, adatas, names)
@@ -121,13 +142,30 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
         encoder_weights=kw["encoder_weights"],
         n_spots=len(table),
         **({"resumed_at": state.resumed_at} if resume else {}),
+        **(_data_parallel(world, net) if world is not None else {}),
     )
+    if world is not None and not world.main:
+        return distributed.shutdown()
     fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
     state.remove()
+    if world is not None:
+        distributed.shutdown()
     click.echo(
         f"mclx: trained {kw['model']} on {len(table)} spots of {', '.join(names)}; "
         f"loss {history[0]:.4f} -> {history[-1]:.4f}; wrote {out} (fingerprint {fp})"
     )
+
+
+def _data_parallel(world, net) -> dict:
+    """The provenance of a data-parallel run; its processes must end with equal weights."""
+    from mclx import distributed
+
+    prints = distributed.same_weights(net)
+    if len(set(prints)) > 1:
+        msg = f"data-parallel processes ended with different weights: {prints}"
+        raise RuntimeError(msg)
+    return {"data_parallel": {"processes": world.size, "backend": world.backend,
+                              "rank_fingerprints": prints}}  # fmt: skip
 
 
 def _training_state(out: Path, resume: bool, save_every: int | None):
@@ -557,7 +595,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        cli.main(args=args, prog_name="mclx", standalone_mode=False)
+        cli.main(args=args, prog_name="mclx", standalone_mode=False, obj={"argv": args})
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:
