@@ -64,7 +64,9 @@ def cohort(synthetic, her2st, tmp_path_factory):
     slides = []
     for s in ("C2", "C3"):
         with Image.open(read_section(root, s).uns["image_path"]) as im:
-            im.reduce(SHRINK).convert("RGB").save(d / f"{s}.png")
+            size = (im.width // SHRINK, im.height // SHRINK)
+            im.draft("RGB", size)  # the JPEG decoded at a reduced scale: fast
+            im.convert("RGB").resize(size, Image.Resampling.BOX).save(d / f"{s}.png")
         slides.append(d / f"{s}.png")
     src = read_section(root, "C2").uns["image_path"]
     (d / "broken.jpg").write_bytes(open(src, "rb").read(4096))  # a truncated JPEG

@@ -36,7 +36,7 @@ def ddp_runs(synthetic, tmp_path_factory):
     mp.start_processes(step, args=(2, _port(), str(d)), nprocs=2, start_method="spawn")
     ranks = [dict(np.load(d / f"{r}.npz")) for r in range(2)]
     out = d / "m.pt"
-    res = mclx(*tiny_train_args(synthetic, out, "--nproc", "2", epochs=2))
+    res = mclx(*tiny_train_args(synthetic, out, "--nproc", "2", epochs=1, batch_size=100))
     return {"ranks": ranks, "cli": res, "ckpt": out}
 
 
@@ -70,7 +70,7 @@ def test_nproc_2_trains_with_equal_weights_on_both_processes(ddp_runs):
     dp = ck.provenance["data_parallel"]
     assert dp["processes"] == 2 and dp["backend"] == "gloo"
     assert dp["rank_fingerprints"] == [ck.fingerprint, ck.fingerprint]
-    assert len(ck.provenance["loss_history"]) == 2
+    assert len(ck.provenance["loss_history"]) == 1
     assert np.isfinite(ck.provenance["loss_history"]).all()
     assert not ddp_runs["ckpt"].with_name("m.pt.state").exists()
     assert torch.isfinite(next(iter(ck.model.parameters()))).all()

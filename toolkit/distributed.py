@@ -111,13 +111,14 @@ def _pad(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((n - len(x), *x.shape[1:]))])
 
 
-def gather(x: torch.Tensor, *, grad: bool = True) -> torch.Tensor:
-    """``x`` of every process concatenated in rank order (shares may differ in length);
-    with ``grad`` through the autograd-aware all-gather, whose backward sends each
-    process the gradient of its share summed over the processes."""
+def gather(x: torch.Tensor, *, grad: bool = True, sizes: list[int] | None = None) -> torch.Tensor:
+    """``x`` of every process concatenated in rank order (shares may differ in length:
+    ``sizes``, asked for when not given); with ``grad`` through the autograd-aware
+    all-gather, whose backward sends each process the gradient of its share summed over
+    the processes."""
     import torch.distributed as dist
 
-    sizes = _sizes(len(x), x.device)
+    sizes = sizes or _sizes(len(x), x.device)
     padded = _pad(x, max(sizes))
     if grad:
         import warnings
@@ -162,8 +163,11 @@ class GlobalLoss(nn.Module):
         if getattr(m, "kind", "") != "contrastive":
             size = torch.distributed.get_world_size()
             return m.loss(feats, expr, pos) * (len(feats) * size / n_global)
-        img = gather(m.embed_image_features(feats))
-        spot = m.embed_spots(gather(expr, grad=False), gather(pos, grad=False))
+        sizes = _sizes(len(feats), feats.device)
+        img = gather(m.embed_image_features(feats), sizes=sizes)
+        spots = gather(torch.cat([expr, pos.to(expr.dtype)], 1), grad=False, sizes=sizes)
+        g = expr.shape[1]  # positions are small integers: exact in the expression's dtype
+        spot = m.embed_spots(spots[:, :g], spots[:, g:].to(pos.dtype))
         return m.loss_fn(spot, img, m.cfg.temperature)
 
 
@@ -209,6 +213,7 @@ def launch(argv: Sequence[str], nproc: int) -> int:
             [sys.executable, "-m", "mclx", *argv],
             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
             stdout=subprocess.DEVNULL if rank else None, stderr=log,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         ))  # fmt: skip
     try:
         rc = _wait(procs)
@@ -227,6 +232,15 @@ def launch(argv: Sequence[str], nproc: int) -> int:
     for log in logs[1:]:
         log.close()
     return rc
+
+
+def _die_with_parent() -> None:
+    """In a launched process (Linux): be killed when the launcher dies, even by SIGKILL,
+    rather than wait forever for a process group that lost its launcher."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _wait(procs: list[subprocess.Popen]) -> int:
