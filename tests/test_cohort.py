@@ -2,13 +2,12 @@
 
 The reference is ``mclx infer`` of each slide alone (the one-slide runtime, itself checked
 against a float64 oracle in test_runtime.py). Ray starts once for the module (2 CPUs, no
-dashboard, a small object store); tests that need it skip without Ray, and fail instead
-with ``MCLX_REQUIRE_RAY=1`` (CI).
+dashboard, a small object store); tests that need it (``needs("ray")``) skip without Ray,
+and fail instead with ``MCLX_REQUIRE_RAY=1`` (CI).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 import time
@@ -17,13 +16,11 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import assert_one_line_error, run_cli, tiny_model
+from helpers import assert_one_line_error, needs, run_cli, tiny_model
 
 from mclx.bank import build_bank, save_bank
 from mclx.data.her2st import find_data_root
 
-RAY_MISSING = importlib.util.find_spec("ray") is None
-RAY_REQUIRED = os.environ.get("MCLX_REQUIRE_RAY") == "1"
 SHRINK = (
     3  # her2st images at 1/3 size, read as if at the model's µm/px: ~50 tiles each at --stride 112
 )
@@ -31,12 +28,7 @@ SHRINK = (
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """Ray, started once for the module (tests of the ray engine take this fixture)."""
-    if RAY_MISSING:
-        reason = "needs Ray (pip install 'mclx[ray]')"
-        if RAY_REQUIRED:
-            pytest.fail(reason + " and MCLX_REQUIRE_RAY=1")
-        pytest.skip(reason)
+    """Ray, started once for the module (for tests marked ``needs("ray")``)."""
     os.environ["RAY_AUTH_MODE"] = "disabled"
     import ray
 
@@ -55,7 +47,7 @@ def cohort(synthetic, her2st, tmp_path_factory):
     from mclx.data.her2st import read_section
 
     d = tmp_path_factory.mktemp("cohort")
-    ck = tiny_model(synthetic).save(d / "m.pt")
+    ck = tiny_model(synthetic, epochs=1).save(d / "m.pt")
     bank = save_bank(build_bank(ck, synthetic, sections=["S1", "S2", "S4"]), d / "bank.npz")
     from mclx.checkpoint import load_checkpoint
 
@@ -100,6 +92,7 @@ class _Capsys:
         return "", ""
 
 
+@needs("ray")
 def test_ray_cohort_matches_local_runs_reports_the_corrupt_slide_and_skips_done_ones(
     ray_session, cohort, local_runs, capsys, tmp_path
 ):
@@ -110,7 +103,8 @@ def test_ray_cohort_matches_local_runs_reports_the_corrupt_slide_and_skips_done_
     t0 = time.perf_counter()
     res = run_cli(capsys, args)
     ray_s = time.perf_counter() - t0
-    print(f"ray cohort {ray_s:.1f} s; three local runs {local_runs['seconds']:.1f} s")
+    with capsys.disabled():
+        print(f"\nray cohort {ray_s:.1f} s; three local runs {local_runs['seconds']:.1f} s")
     assert res.returncode == 1, res
     assert_one_line_error(res, "1 of 3 slides failed", "broken.jpg", "summary.csv")
     summary = pd.read_csv(out_dir / "summary.csv", keep_default_na=False)
