@@ -109,20 +109,14 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, *
     from mclx.checkpoint import save_checkpoint
     from mclx.recipe import PatchCache, train_model
 
-    world = distributed.from_env()  # set by torchrun, or by the launch below
-    if nproc > 1 and world is None:
-        rc = distributed.launch(click.get_current_context().find_root().obj["argv"], nproc)
-        if rc:
-            sys.exit(rc)
+    world = _processes(nproc, kw)
+    if world is False:
         return
-    if world is not None and not world.main:
-        kw["quiet"] = True
+    main = world is None or world.main  # rank 0 alone writes the state and the checkpoint
     check_output(out)
     reader = open_data_from(data, kw)
     recipe = recipe_from(kw)
-    state = _training_state(out, resume, save_every)
-    if world is not None and not world.main:
-        state.every = 0  # rank 0 alone writes the state and the checkpoint
+    state = _training_state(out, resume, save_every if main else 0)
     names, held = _training_sections(reader, sections, holdout)
     adatas = reader.read(names, with_image=True)
     pre, net = recipe.setup(reader, adatas, names)
@@ -144,16 +138,36 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, *
         **({"resumed_at": state.resumed_at} if resume else {}),
         **(_data_parallel(world, net) if world is not None else {}),
     )
-    if world is not None and not world.main:
-        return distributed.shutdown()
-    fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
-    state.remove()
+    if main:
+        fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
+        state.remove()
     if world is not None:
         distributed.shutdown()
+    if not main:
+        return
     click.echo(
         f"mclx: trained {kw['model']} on {len(table)} spots of {', '.join(names)}; "
         f"loss {history[0]:.4f} -> {history[-1]:.4f}; wrote {out} (fingerprint {fp})"
     )
+
+
+def _processes(nproc: int, kw: dict[str, Any]):
+    """This process's place in a data-parallel run (set by torchrun or by a launch;
+    None: alone), or False when this call launched ``nproc`` processes, now finished."""
+    from mclx import distributed
+
+    world = distributed.from_env()
+    if nproc > 1 and world is None:
+        rc = distributed.launch(click.get_current_context().find_root().obj["argv"], nproc)
+        if rc:
+            sys.exit(rc)
+        return False
+    if world is not None and nproc > 1 and nproc != world.size:
+        msg = f"--nproc {nproc} but this is process {world.rank} of {world.size} (torchrun?)"
+        raise click.UsageError(msg)
+    if world is not None and not world.main:
+        kw["quiet"] = True
+    return world
 
 
 def _data_parallel(world, net) -> dict:

@@ -98,8 +98,12 @@ def run_cohort_cli(slides: tuple[Path, ...], bank_path: Path, quiet: bool, kw: d
     if kw["out_dir"] is None:
         raise click.UsageError("infer: several slides (or --manifest, --engine ray) need --out-dir")
     out_dir = kw.pop("out_dir")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_output(out_dir / SUMMARY)
+    check_output(out_dir, folder_ok=True)  # created once a slide is written: no empty one
+    if out_dir.exists() and not out_dir.is_dir():
+        msg = f"{out_dir}: --out-dir is a file, not a folder"
+        raise NotADirectoryError(msg)
+    if out_dir.is_dir():
+        check_output(out_dir / SUMMARY)
     jobs = cohort_jobs(slides, manifest=kw.pop("manifest"), out_dir=out_dir, mpp=kw.pop("mpp"))
     opts = Options(batch_size=kw.pop("batch_size"), stride=kw.pop("stride"),
                    workers=kw.pop("workers"), max_tiles=kw.pop("max_tiles"))  # fmt: skip

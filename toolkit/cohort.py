@@ -207,7 +207,7 @@ def run_local(jobs: Sequence[Job], run, opts: Options, log: Callable[[str], None
 def progress_line(n: int, total: int, r: Result) -> str:
     """``[n/total] slide: ...`` once a slide is finished."""
     if r.status == "failed":
-        return f"mclx: [{n}/{total}] {r.slide}: failed: {r.error}"
+        return f"mclx: [{n}/{total}] failed: {r.error}"
     rate = r.tiles / r.seconds if r.seconds else 0.0
     return (
         f"mclx: [{n}/{total}] {r.slide}: {r.tiles} tiles in {r.seconds:.1f} s ({rate:.1f} tiles/s)"  # noqa: E501

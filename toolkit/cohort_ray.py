@@ -51,14 +51,33 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        _check_reachable(address)
+    # a Ray started here: quiet, no dashboard; a cluster's settings are its own
+    local = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)  # fmt: skip
+        ray.init(address=address, **({} if address else local))
     except (ConnectionError, RuntimeError, ValueError) as exc:
         detail = " ".join(str(exc).split())[:200]
         msg = f"cannot connect to the Ray cluster at {address or 'this machine'}: {detail}"
         raise MclxError(msg) from exc
     return True
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail in one line, within ``timeout`` seconds, when nothing answers at a
+    ``[ray://]HOST:PORT`` address (Ray itself retries for minutes)."""
+    import socket
+
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", "local" or another form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        msg = f"cannot reach the Ray cluster at {address} (--address / RAY_ADDRESS): {exc}"
+        raise MclxError(msg) from exc
 
 
 def plan_task(job: Job, pre, n_genes: int, plan_kw: dict[str, Any]) -> dict[str, Any]:
