@@ -442,10 +442,15 @@ def infer(
         pngs = extra.write(adata, slide, mpp=kw["mpp"])
     state.remove()
     t = adata.uns["mclx"]["timings"]
+    once = "".join(
+        f", {what} {t[key]:.1f} s" for key, what in (("warmup", "warm-up"), ("compile", "compile"))
+        if t.get(key, 0) >= 0.05
+    )  # fmt: skip
     click.echo(
         f"mclx: {adata.n_obs} tiles in {t['total']:.1f} s ({adata.n_obs / t['total']:.1f} "
         f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, retrieve "
-        f"{t['retrieve']:.1f} s, write {t['write']:.2f} s) with {adata.uns['mclx']['backend']}/"
+        f"{t['retrieve']:.1f} s, write {t['write']:.2f} s{once}) with "
+        f"{adata.uns['mclx']['backend']}/"
         f"{adata.uns['mclx']['precision']}; wrote {out}"
         + (f" and {', '.join(str(p) for p in pngs)}" if pngs else "")
     )
