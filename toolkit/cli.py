@@ -386,7 +386,15 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
     default=None,
     help="Slide µm per level-0 pixel, when its metadata lacks it (or is not believable).",
 )
-@click.option("--workers", type=click.IntRange(1), default=2, help="Reader threads (default 2).")
+@click.option("--workers", type=click.IntRange(1), default=2, help="Tile readers (default 2).")
+@click.option(
+    "--reader-pool",
+    type=click.Choice(["threads", "processes"]),
+    default="threads",
+    show_default=True,
+    help="Readers as threads sharing the slide, or processes that open it each (scale with "
+    "cores; slides OpenSlide reads, a plain image is always read by threads).",
+)
 @click.option(
     "--max-tiles",
     type=click.IntRange(1),

@@ -4,18 +4,16 @@ The stages, each a function: :func:`infer` checks the inputs (bank, model, genes
 before anything expensive, opens the slide and places tiles (a tissue grid, or given
 spots) at the checkpoint's µm/px; :func:`stream` runs them through the inference layer
 (:mod:`mclx.inference`: encoder, then :func:`~mclx.inference.match` against the bank)
-while reader threads decode the next batches; :func:`predictions` wraps the result as
-AnnData. Memory is bounded by the prefetch depth, one retrieval block and the
-predictions themselves.
+while readers (:mod:`mclx.prefetch`) decode the next batches; :func:`predictions`
+wraps the result as AnnData. Memory is bounded by the prefetch depth, one retrieval
+block and the predictions themselves.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,36 +21,6 @@ from typing import Any
 import numpy as np
 
 from mclx.errors import DataError
-
-
-def _read_batch(slide, tiles, idx: range, out: int) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    batch = np.stack([slide.read(*tiles.origin(i), tiles.size, out) for i in idx])
-    return batch, time.perf_counter() - t0
-
-
-def prefetch(
-    slide, tiles, *, out: int, batch_size: int, workers: int, start: int = 0
-) -> Iterator[tuple[np.ndarray, float, float]]:
-    """Batches of uint8 patches in tile order from tile ``start``, read by ``workers``
-    threads that keep ``workers + 1`` batches in flight; yields (batch, read seconds,
-    wait seconds)."""
-    n = len(tiles)
-    batches = (range(s, min(s + batch_size, n)) for s in range(start, n, batch_size))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        queue: deque = deque()
-        for idx in batches:
-            queue.append(pool.submit(_read_batch, slide, tiles, idx, out))
-            if len(queue) > workers:
-                break
-        while queue:
-            t0 = time.perf_counter()
-            batch, read_s = queue.popleft().result()
-            wait_s = time.perf_counter() - t0
-            idx = next(batches, None)
-            if idx is not None:
-                queue.append(pool.submit(_read_batch, slide, tiles, idx, out))
-            yield batch, read_s, wait_s
 
 
 def stream(
@@ -65,6 +33,7 @@ def stream(
     distance: str | None = None,
     batch_size: int = 64,
     workers: int = 2,
+    reader_pool: str = "threads",
     retrieve_block: int = 4096,
     state=None,
     progress: bool = True,
@@ -76,6 +45,7 @@ def stream(
     from tqdm.auto import tqdm
 
     from mclx.inference import match, to_host
+    from mclx.prefetch import prefetch
 
     timings = {"read": 0.0, "wait": 0.0, "encode": 0.0, "retrieve": 0.0, "save": 0.0}
     timings.update(warm_up(encoder, bank))
@@ -99,7 +69,7 @@ def stream(
 
     batches = prefetch(
         slide, tiles, out=encoder.pre.patch_size, batch_size=batch_size, workers=workers,
-        start=done,
+        start=done, pool=reader_pool,
     )  # fmt: skip
     with tqdm(
         total=len(tiles), initial=done, desc="infer", unit="tile", disable=not progress
@@ -248,6 +218,7 @@ def infer(  # long: the run's options, each documented once in the CLI
     stride: int | None = None,
     mpp: float | None = None,
     workers: int = 2,
+    reader_pool: str = "threads",
     max_tiles: int | None = None,
     state=None,
     plot_genes: Sequence[str] = (),
@@ -261,6 +232,7 @@ def infer(  # long: the run's options, each documented once in the CLI
     """
     from mclx.inference import open_encoder
     from mclx.plan import MAX_TILES, plan
+    from mclx.prefetch import pool_for
     from mclx.slide import open_slide
 
     t_start = time.perf_counter()
@@ -282,7 +254,7 @@ def infer(  # long: the run's options, each documented once in the CLI
                                        batch_size, state.every)  # fmt: skip
         preds, timings = stream(
             slide, work.tiles, encoder, bank, k=k, distance=distance, batch_size=batch_size,
-            workers=workers, state=state, progress=progress,
+            workers=workers, reader_pool=reader_pool, state=state, progress=progress,
         )  # fmt: skip
     finally:
         slide.close()
@@ -300,6 +272,8 @@ def infer(  # long: the run's options, each documented once in the CLI
         "k": int(k),
         "distance": distance or bank.distance,
         "tiles_from": where.origin,
+        "reader_pool": pool_for(slide, reader_pool),
+        "readers": int(workers),
         "bank_device": _array_device(bank.embeddings),
         "resumed_from_tile": int(state.saved[0]) if state is not None and state.saved else 0,
     }
