@@ -17,6 +17,7 @@ GPU_STAMP := $(GPU_VENV)/.mclx-installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python $(PIP) -e ".[$(EXTRAS)]"
+	$(BIN)/python -m mclx.kernels.warm  # compile the CPU retrieval kernels once, here
 	touch $(STAMP)
 
 $(GPU_STAMP): pyproject.toml

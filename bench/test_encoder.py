@@ -1,7 +1,8 @@
 """Encoder backends side by side on DenseNet-121 (+ projection head), 224 px patches.
 
-PyTorch eager FP32 vs PyTorch BF16 autocast (channels-last) vs ONNX Runtime FP32 vs ONNX
-Runtime INT8 (vs TensorRT FP16 where present), at batch 32 and 64; images/s and the
+PyTorch eager FP32 vs PyTorch BF16 (frozen TorchScript, channels-last) vs ONNX Runtime
+FP32 / INT8 vs OpenVINO FP32 / BF16 / INT8 (on the same ONNX files; with the openvino
+extra) (vs TensorRT FP16 where present), at batch 32 and 64; images/s and the
 embedding cosine against FP32 in extra_info. ``test_pcc_on_held_out_section`` reports
 PCC(ACG) on C2 when the queries come from each backend (model trained on C3-C6).
 
@@ -20,6 +21,9 @@ BACKENDS = [
     ("torch", "bf16"),
     ("onnxruntime", "fp32"),
     ("onnxruntime", "int8"),
+    ("openvino", "fp32"),
+    ("openvino", "bf16"),
+    ("openvino", "int8"),
     ("tensorrt", "fp16"),
 ]
 

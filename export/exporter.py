@@ -5,7 +5,8 @@
 staging name, opened by the inference layer and compared with PyTorch FP32 on the same
 patches, and only then renamed into place: a failed parity check leaves the previous
 good artifact untouched. Each row is labelled with the precision that was actually
-built. The results go to ``<stem>.export.json``.
+built. OpenVINO, which runs the ONNX files themselves, gets its parity recorded on them
+(fp32, bf16, int8) when installed. The results go to ``<stem>.export.json``.
 """
 
 from __future__ import annotations
@@ -131,6 +132,8 @@ def export(
     for fmt in rows:
         report[fmt.name] = _publish(fmt, job, reference, log)
         write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
+    if _record_readers(job, reference, report, log):
+        write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -172,6 +175,30 @@ def _record_torch_reduced(job: Job, reference, report: dict, checkpoint, log) ->
         got = TorchEncoder(job.ck, precision=precision, device=device)(job.patches)
         job.ck.model.cpu()  # the encoder moved the shared model
         report[name] = _record(name, Path(checkpoint), precision, reference, got, log)
+
+
+def _record_readers(job: Job, reference, report: dict, log) -> bool:
+    """Rows that run another row's file (OpenVINO on the ONNX files) get their parity
+    recorded once that file is exported here; ``--backend auto`` takes them only with a
+    record that held. Skipped where their runtime is not installed or cannot run (bf16
+    on a CPU without it). Returns whether anything was recorded."""
+    import importlib.util
+
+    recorded = False
+    for fmt in FORMATS.values():
+        if fmt.reads not in report or importlib.util.find_spec(fmt.backend) is None:
+            continue
+        from mclx.inference.openvino import OpenVinoEncoder  # the one backend that reads
+
+        path = Path(report[fmt.reads]["path"])
+        try:
+            got = OpenVinoEncoder(path, precision=fmt.precision)(job.patches)
+        except RuntimeError as exc:
+            log(f"{fmt.name:<11} {fmt.precision:<5} not recorded: {exc}")
+            continue
+        report[fmt.name] = _record(fmt.name, path, fmt.precision, reference, got, log)
+        recorded = True
+    return recorded
 
 
 def _publish(fmt: Format, job: Job, reference, log) -> dict[str, Any]:

@@ -40,6 +40,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     marks.fail_if_required(item)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_folder(tmp_path_factory):
+    """mclx's cache (frozen TorchScript models) in a folder of this session, not the
+    user's ~/.cache/mclx; subprocesses inherit it."""
+    import os
+
+    saved = os.environ.get("MCLX_CACHE_DIR")
+    os.environ["MCLX_CACHE_DIR"] = str(tmp_path_factory.mktemp("mclx-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("MCLX_CACHE_DIR", None)
+    else:
+        os.environ["MCLX_CACHE_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def her2st() -> Path:
     """The real HER2+ data (a test taking it needs("her2st"), resolved at collection)."""

@@ -166,3 +166,63 @@ def test_regression_model_predicts_without_a_bank(tmp_path):
     with torch.no_grad():
         direct = net.eval()(torch.from_numpy(patches.transpose(0, 3, 1, 2) / 255).float())
     np.testing.assert_allclose(predict(TorchEncoder(ck), patches), direct.numpy(), rtol=1e-5)
+
+
+def test_bf16_encoder_is_frozen_once_and_then_loaded_from_the_cache(tiny, tmp_path, monkeypatch):
+    """The traced, frozen bf16 model is cached by fingerprint and torch version: a second
+    encoder loads it (tracing would fail here) and gives the same embeddings; a torn
+    cache entry is rebuilt, an unwritable cache folder skipped."""
+    from mclx.inference.encoders import TorchEncoder
+
+    ck, _ = tiny
+    monkeypatch.setenv("MCLX_CACHE_DIR", str(tmp_path / "cache"))
+    patches = np.random.default_rng(5).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    first = TorchEncoder(ck, precision="bf16")
+    first.warm_up()
+    (entry,) = (tmp_path / "cache" / "torchscript").iterdir()
+    assert entry.name.startswith(f"{ck.fingerprint}-bf16-") and entry.suffix == ".pt"
+    want = first(patches)
+    fp32 = TorchEncoder(ck)(patches)
+    cos = (want * fp32).sum(1) / np.linalg.norm(want, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cos.min() >= 0.99  # it is the checkpoint's model, in bf16
+
+    def no_trace(*a, **k):
+        raise AssertionError("traced again instead of loading the cached model")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.jit, "trace", no_trace)
+        np.testing.assert_array_equal(TorchEncoder(ck, precision="bf16")(patches), want)
+    entry.write_bytes(entry.read_bytes()[:100])  # torn
+    np.testing.assert_array_equal(TorchEncoder(ck, precision="bf16")(patches), want)
+    assert entry.stat().st_size > 100  # rebuilt and saved again
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache folder would be")
+    monkeypatch.setenv("MCLX_CACHE_DIR", str(blocked))
+    np.testing.assert_array_equal(TorchEncoder(ck, precision="bf16")(patches), want)
+
+
+def test_kernel_warm_up_fills_numba_cache_that_the_next_process_loads(tmp_path):
+    """`python -m mclx.kernels.warm` (run by make install) compiles every CPU kernel into
+    the cache; a later process warming up loads all of them and compiles none."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    res = subprocess.run(
+        [sys.executable, "-m", "mclx.kernels.warm"], env=env, capture_output=True, text=True
+    )
+    assert res.returncode == 0 and "CPU retrieval kernels ready" in res.stderr, res.stderr
+    count = (
+        "from mclx.kernels import cpu_select as cs\n"
+        "from mclx.kernels.warm import warm_up\n"
+        "warm_up()\n"
+        "ks = [getattr(cs, n) for n in dir(cs) if hasattr(getattr(cs, n), 'stats')]\n"
+        "ks = [k for k in ks if k._cache.__class__.__name__ != 'NullCache']\n"
+        "cold = [k.__name__ for k in ks if not sum(k.stats.cache_hits.values())]\n"
+        "print(len(ks), sum(sum(k.stats.cache_misses.values()) for k in ks), *cold)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", count], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    kernels, misses, *cold = res.stdout.split()
+    assert int(kernels) >= 7 and int(misses) == 0 and not cold  # every kernel, from the cache

@@ -213,6 +213,26 @@ def test_resume_refuses_missing_corrupt_and_mismatched_states(
     assert not temps(tmp_path)
 
 
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs POSIX signal masks")
+def test_ctrl_c_while_the_save_thread_starts_is_raised_after_it_started():
+    """A Ctrl-C inside ``Thread.start`` used to leave a thread that could not be joined
+    ("cannot join thread before it is started", exit 1 instead of 130)."""
+    from mclx.train_state import _ctrl_c_deferred
+
+    inside, masks = [], []
+    with pytest.raises(KeyboardInterrupt):
+        with _ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # Python would raise here, between bytecodes
+                inside.append(1)
+            worker = threading.Thread(target=lambda: masks.append(signal.pthread_sigmask(0, [])))
+            worker.start()
+            worker.join()
+    assert len(inside) == 1000  # the interrupt waited for the block to end
+    assert signal.SIGINT in masks[0]  # and can never land on the thread started in it
+    assert signal.SIGINT not in signal.pthread_sigmask(0, [])  # the mask is restored
+
+
 def test_a_new_run_replaces_a_stale_state_and_cleans_temp_files(synthetic, tmp_path, capsys):
     out = tmp_path / "m.pt"
     state = Path(f"{out}.state")
@@ -318,7 +338,7 @@ def test_killed_training_keeps_the_old_output_and_resumes(
     saved = torch.load(state, weights_only=True)  # complete: written atomically
     assert 1 <= saved["epoch"] < KILL_EPOCHS
     if sig == signal.SIGINT:
-        assert rc == 130
+        assert rc == 130, run.stderr[-4000:]
         assert run.stderr.strip() == "mclx: error: interrupted", run.stderr
         assert not temps(tmp_path)  # Ctrl-C cleans its temporary file up
     else:

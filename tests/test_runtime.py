@@ -99,7 +99,7 @@ def test_infer_at_spots_matches_an_independent_computation(her2st, tmp_path):
     np.testing.assert_allclose(pred.obsm["spatial"], c2.obsm["spatial"])
     u = pred.uns["mclx"]
     assert u["checkpoint_fingerprint"] == u["bank_fingerprint"] == load_bank(bank).fingerprint
-    assert set(u["timings"]) >= {"read", "encode", "retrieve", "write"}
+    assert set(u["timings"]) >= {"read", "encode", "retrieve", "write", "warmup", "compile"}
     assert u["tile_size_level0"] == 224  # within 2% of the training µm/px: no resampling
 
 
@@ -118,8 +118,9 @@ def test_pyramidal_tiff_through_openslide(her2st, synth_model, tmp_path):
     assert slide.backend == "openslide" and slide.mpp == pytest.approx(1.372, rel=1e-3)
     out = tmp_path / "c3.h5ad"
     res = mclx(
-        "infer", tif, "--bank", bank, "--out", out, "--plot", "GENE001", "--plot", "GENE002", "-q"
-    )
+        "infer", tif, "--bank", bank, "--out", out, "--plot", "GENE001", "--plot", "GENE002", "-q",
+        "--reader-pool", "processes",
+    )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "tiles/s" in res.stdout
     pred = ad.read_h5ad(out)
@@ -139,6 +140,7 @@ def test_pyramidal_tiff_through_openslide(her2st, synth_model, tmp_path):
     assert (u["slide_vendor"], u["slide_mpp_source"]) == ("generic-tiff", "resolution tag")
     assert (u["tiles"], u["read_level"]) == (pred.n_obs, 0)  # tiles upsampled: level 0
     assert u["resample"] == pytest.approx(size / 224) and u["memory_estimate_bytes"] > 0
+    assert (u["reader_pool"], u["readers"]) == ("processes", 2)
     for g in ("GENE001", "GENE002"):
         png = tmp_path / f"c3.{g}.png"
         assert png.is_file() and Image.open(png).size[0] > 400

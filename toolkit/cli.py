@@ -439,7 +439,15 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
     default=None,
     help="Slide µm per level-0 pixel, when its metadata lacks it (or is not believable).",
 )
-@click.option("--workers", type=click.IntRange(1), default=2, help="Reader threads (default 2).")
+@click.option("--workers", type=click.IntRange(1), default=2, help="Tile readers (default 2).")
+@click.option(
+    "--reader-pool",
+    type=click.Choice(["threads", "processes"]),
+    default="threads",
+    show_default=True,
+    help="Readers as threads sharing the slide, or processes that open it each (scale with "
+    "cores; slides OpenSlide reads, a plain image is always read by threads).",
+)
 @click.option(
     "--max-tiles",
     type=click.IntRange(1),
@@ -516,10 +524,15 @@ def _infer_one(
         pngs = extra.write(adata, slide, mpp=kw["mpp"])
     state.remove()
     t = adata.uns["mclx"]["timings"]
+    once = "".join(
+        f", {what} {t[key]:.1f} s" for key, what in (("warmup", "warm-up"), ("compile", "compile"))
+        if t.get(key, 0) >= 0.05
+    )  # fmt: skip
     click.echo(
         f"mclx: {adata.n_obs} tiles in {t['total']:.1f} s ({adata.n_obs / t['total']:.1f} "
         f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, retrieve "
-        f"{t['retrieve']:.1f} s, write {t['write']:.2f} s) with {adata.uns['mclx']['backend']}/"
+        f"{t['retrieve']:.1f} s, write {t['write']:.2f} s{once}) with "
+        f"{adata.uns['mclx']['backend']}/"
         f"{adata.uns['mclx']['precision']}; wrote {out}"
         + (f" and {', '.join(str(p) for p in pngs)}" if pngs else "")
     )

@@ -106,7 +106,8 @@ def run_cohort_cli(slides: tuple[Path, ...], bank_path: Path, quiet: bool, kw: d
         check_output(out_dir / SUMMARY)
     jobs = cohort_jobs(slides, manifest=kw.pop("manifest"), out_dir=out_dir, mpp=kw.pop("mpp"))
     opts = Options(batch_size=kw.pop("batch_size"), stride=kw.pop("stride"),
-                   workers=kw.pop("workers"), max_tiles=kw.pop("max_tiles"))  # fmt: skip
+                   workers=kw.pop("workers"), max_tiles=kw.pop("max_tiles"),
+                   reader_pool=kw.pop("reader_pool"))  # fmt: skip
     t0 = time.perf_counter()
     results = run_cohort(
         jobs, bank_path=bank_path, engine=kw.pop("engine") or "local", opts=opts,

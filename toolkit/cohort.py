@@ -58,6 +58,7 @@ class Options:
     stride: int | None = None
     workers: int = 2
     max_tiles: int | None = None
+    reader_pool: str = "threads"
     plan: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -189,7 +190,8 @@ def run_local(jobs: Sequence[Job], run, opts: Options, log: Callable[[str], None
         try:
             slide, where = locate(job.slide, spots=job.spots, mpp=job.mpp)
             try:
-                adata = run.infer(job.slide, slide, where, progress=False, **opts.plan)
+                adata = run.infer(job.slide, slide, where, progress=False,
+                                  reader_pool=opts.reader_pool, **opts.plan)  # fmt: skip
             finally:
                 slide.close()
             write_slide(adata, job, "local")

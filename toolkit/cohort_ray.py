@@ -80,8 +80,9 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
         raise MclxError(msg) from exc
 
 
-def plan_task(job: Job, pre, n_genes: int, plan_kw: dict[str, Any]) -> dict[str, Any]:
+def plan_task(job: Job, pre, n_genes: int, plan_kw: dict[str, Any], pool: str) -> dict[str, Any]:
     """Step 1 for one slide (a Ray task): its tiles and provenance, or its error."""
+    from mclx.prefetch import pool_for
     from mclx.runtime import locate, plan_slide, slide_record
 
     t0 = time.perf_counter()
@@ -90,6 +91,7 @@ def plan_task(job: Job, pre, n_genes: int, plan_kw: dict[str, Any]) -> dict[str,
         try:
             work = plan_slide(slide, where, pre, n_genes=n_genes, source=str(job.slide), **plan_kw)
             info = slide_record(job.slide, slide, where, work)
+            info.update(reader_pool=pool_for(slide, pool), readers=int(plan_kw["workers"]))
         finally:
             slide.close()
     except SLIDE_ERRORS as exc:
@@ -98,9 +100,9 @@ def plan_task(job: Job, pre, n_genes: int, plan_kw: dict[str, Any]) -> dict[str,
 
 
 def read_tiles(row: dict[str, Any], *, jobs, tiles, patch_size: int, batch_size: int,
-               workers: int):  # fmt: skip
+               workers: int, reader_pool: str = "threads"):  # fmt: skip
     """Step 2 for one slide (``flat_map``): a row per tile, or one error row."""
-    from mclx.runtime import prefetch
+    from mclx.prefetch import prefetch
     from mclx.slide import open_slide
 
     i = int(row["job"])
@@ -109,7 +111,8 @@ def read_tiles(row: dict[str, Any], *, jobs, tiles, patch_size: int, batch_size:
     try:
         slide = open_slide(job.slide, mpp=job.mpp)
         try:
-            batches = prefetch(slide, t, out=patch_size, batch_size=batch_size, workers=workers)
+            batches = prefetch(slide, t, out=patch_size, batch_size=batch_size, workers=workers,
+                               pool=reader_pool)  # fmt: skip
             for batch, _, _ in batches:
                 for patch in batch:
                     yield {"job": i, "tile": done, "patch": patch, "error": ""}
@@ -192,7 +195,8 @@ class _Cohort:
 
         pre, n_genes = self.run.encoder.pre, len(self.run.bank.genes)
         task = ray.remote(num_cpus=1)(plan_task)
-        refs = [task.remote(job, pre, n_genes, self.opts.plan) for job in self.jobs]
+        o = self.opts
+        refs = [task.remote(job, pre, n_genes, o.plan, o.reader_pool) for job in self.jobs]
         tiles, plans = {}, {}
         for i, res in enumerate(ray.get(refs)):
             if "error" in res:
@@ -212,7 +216,8 @@ class _Cohort:
         ds = ds.flat_map(
             read_tiles,
             fn_kwargs={"jobs": self.jobs, "tiles": tiles, "patch_size": run.encoder.pre.patch_size,
-                       "batch_size": o.batch_size, "workers": o.workers},
+                       "batch_size": o.batch_size, "workers": o.workers,
+                       "reader_pool": o.reader_pool},
             compute=TaskPoolStrategy(size=readers or len(items)), num_cpus=1,
         )  # fmt: skip
         return ds.map_batches(

@@ -4,18 +4,16 @@ The stages, each a function: :func:`infer` checks the inputs (bank, model, genes
 before anything expensive, opens the slide and places tiles (a tissue grid, or given
 spots) at the checkpoint's µm/px; :func:`stream` runs them through the inference layer
 (:mod:`mclx.inference`: encoder, then :func:`~mclx.inference.match` against the bank)
-while reader threads decode the next batches; :func:`predictions` wraps the result as
-AnnData. Memory is bounded by the prefetch depth, one retrieval block and the
-predictions themselves.
+while readers (:mod:`mclx.prefetch`) decode the next batches; :func:`predictions`
+wraps the result as AnnData. Memory is bounded by the prefetch depth, one retrieval
+block and the predictions themselves.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,36 +21,6 @@ from typing import Any
 import numpy as np
 
 from mclx.errors import DataError
-
-
-def _read_batch(slide, tiles, idx: range, out: int) -> tuple[np.ndarray, float]:
-    t0 = time.perf_counter()
-    batch = np.stack([slide.read(*tiles.origin(i), tiles.size, out) for i in idx])
-    return batch, time.perf_counter() - t0
-
-
-def prefetch(
-    slide, tiles, *, out: int, batch_size: int, workers: int, start: int = 0
-) -> Iterator[tuple[np.ndarray, float, float]]:
-    """Batches of uint8 patches in tile order from tile ``start``, read by ``workers``
-    threads that keep ``workers + 1`` batches in flight; yields (batch, read seconds,
-    wait seconds)."""
-    n = len(tiles)
-    batches = (range(s, min(s + batch_size, n)) for s in range(start, n, batch_size))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        queue: deque = deque()
-        for idx in batches:
-            queue.append(pool.submit(_read_batch, slide, tiles, idx, out))
-            if len(queue) > workers:
-                break
-        while queue:
-            t0 = time.perf_counter()
-            batch, read_s = queue.popleft().result()
-            wait_s = time.perf_counter() - t0
-            idx = next(batches, None)
-            if idx is not None:
-                queue.append(pool.submit(_read_batch, slide, tiles, idx, out))
-            yield batch, read_s, wait_s
 
 
 def stream(
@@ -65,6 +33,7 @@ def stream(
     distance: str | None = None,
     batch_size: int = 64,
     workers: int = 2,
+    reader_pool: str = "threads",
     retrieve_block: int = 4096,
     state=None,
     progress: bool = True,
@@ -76,8 +45,10 @@ def stream(
     from tqdm.auto import tqdm
 
     from mclx.inference import match, to_host
+    from mclx.prefetch import prefetch
 
     timings = {"read": 0.0, "wait": 0.0, "encode": 0.0, "retrieve": 0.0, "save": 0.0}
+    timings.update(warm_up(encoder, bank))
     preds = np.empty((len(tiles), len(bank.genes)), np.float32)
     done = state.start(preds) if state is not None else 0
     block = state.block(batch_size, retrieve_block) if state is not None else retrieve_block
@@ -98,7 +69,7 @@ def stream(
 
     batches = prefetch(
         slide, tiles, out=encoder.pre.patch_size, batch_size=batch_size, workers=workers,
-        start=done,
+        start=done, pool=reader_pool,
     )  # fmt: skip
     with tqdm(
         total=len(tiles), initial=done, desc="infer", unit="tile", disable=not progress
@@ -115,6 +86,23 @@ def stream(
     if pending:
         flush()
     return preds, timings
+
+
+def warm_up(encoder, bank) -> dict[str, float]:
+    """One-time work before the first tile, timed apart from the steady state:
+    ``warmup``, the encoder's (bf16 on CPU: its frozen TorchScript model, traced or
+    loaded from the cache), and ``compile``, the CPU retrieval kernels' (numba: compiled
+    or loaded from its cache). Both are 0 when already done in this process."""
+    t0 = time.perf_counter()
+    prepare = getattr(encoder, "warm_up", None)
+    if prepare is not None:
+        prepare()
+    out = {"warmup": time.perf_counter() - t0, "compile": 0.0}
+    if bank is not None and _array_device(bank.embeddings) == "cpu":
+        from mclx.kernels.warm import warm_up as compile_kernels
+
+        out["compile"] = compile_kernels()
+    return out
 
 
 def _concat(parts):
@@ -286,12 +274,15 @@ class Run:
         *,
         batch_size: int = 64,
         workers: int = 2,
+        reader_pool: str = "threads",
         state=None,
         progress: bool = True,
         t_start=None,
         **plan_kw,
     ):
         """AnnData of the predictions over an open ``slide`` (tiles placed by ``where``)."""
+        from mclx.prefetch import pool_for
+
         t_start = time.perf_counter() if t_start is None else t_start
         work = self.plan(slide, where, str(slide_path), batch_size=batch_size, workers=workers,
                          **plan_kw)  # fmt: skip
@@ -300,11 +291,14 @@ class Run:
                                        self.distance, batch_size, state.every)  # fmt: skip
         preds, timings = stream(
             slide, work.tiles, self.encoder, self.bank, k=self.k, distance=self.distance,
-            batch_size=batch_size, workers=workers, state=state, progress=progress,
+            batch_size=batch_size, workers=workers, reader_pool=reader_pool, state=state,
+            progress=progress,
         )  # fmt: skip
         timings["total"] = time.perf_counter() - t_start
         resumed = int(state.saved[0]) if state is not None and state.saved else 0
-        prov = self.provenance(slide_record(slide_path, slide, where, work), resumed_from=resumed)
+        info = slide_record(slide_path, slide, where, work)
+        info.update(reader_pool=pool_for(slide, reader_pool), readers=int(workers))
+        prov = self.provenance(info, resumed_from=resumed)
         return predictions(preds, work.tiles, self.bank, self.encoder, prov, timings)
 
 
@@ -372,6 +366,7 @@ def infer(  # long: the run's options, each documented once in the CLI
     stride: int | None = None,
     mpp: float | None = None,
     workers: int = 2,
+    reader_pool: str = "threads",
     max_tiles: int | None = None,
     state=None,
     plot_genes: Sequence[str] = (),
@@ -393,6 +388,7 @@ def infer(  # long: the run's options, each documented once in the CLI
         return run.infer(
             slide_path, slide, where, batch_size=batch_size, workers=workers, state=state,
             progress=progress, t_start=t_start, stride=stride, max_tiles=max_tiles,
+            reader_pool=reader_pool,
         )  # fmt: skip
     finally:
         slide.close()

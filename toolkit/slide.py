@@ -293,10 +293,17 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
 
 
 def write_pyramidal_tiff(
-    image: np.ndarray, path: str | os.PathLike, *, mpp: float, tile: int = 256, levels: int = 4
+    image: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    mpp: float,
+    tile: int = 256,
+    levels: int = 4,
+    compression: str = "zlib",
 ) -> Path:
-    """Write an RGB array as a tiled, pyramidal, deflate-compressed TIFF with resolution
-    tags (what OpenSlide's generic-tiff reader expects); for tests and demos."""
+    """Write an RGB array as a tiled, pyramidal TIFF with resolution tags (what
+    OpenSlide's generic-tiff reader expects); for tests, demos and benchmarks.
+    ``compression``: "zlib" (deflate), or "jpeg" as scanners write (needs imagecodecs)."""
     import tifffile
     from PIL import Image
 
@@ -311,7 +318,7 @@ def write_pyramidal_tiff(
                 level,
                 tile=(tile, tile),
                 photometric="rgb",
-                compression="zlib",
+                compression=compression,
                 resolution=(res[0] / 2**i, res[1] / 2**i),
                 resolutionunit="CENTIMETER",
                 subfiletype=0 if i == 0 else 1,

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -75,6 +76,28 @@ def _host_copy(obj: Any) -> Any:
     if isinstance(obj, list | tuple):
         return type(obj)(_host_copy(v) for v in obj)
     return obj
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """Hold SIGINT back for the block (main thread, POSIX): Python raises the
+    KeyboardInterrupt of a Ctrl-C that came meanwhile right after it.
+
+    ``Thread.start`` interrupted between starting the thread and seeing it run leaves a
+    thread that cannot be joined yet ("cannot join thread before it is started"), and one
+    whose save would be abandoned; the thread also inherits the mask, so the signal never
+    lands on it.
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not (
+        threading.main_thread()
+    ):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class StateFile:
@@ -169,8 +192,10 @@ class StateFile:
             self._save_timed(snap, began)
             return
         snap = _host_copy(snap)
-        self._thread = threading.Thread(target=self._save_in_thread, args=(snap, began))
-        self._thread.start()
+        thread = threading.Thread(target=self._save_in_thread, args=(snap, began))
+        with _ctrl_c_deferred():  # a Ctrl-C inside start() could leave it half started
+            thread.start()
+            self._thread = thread
 
     def _save_timed(self, snap: Mapping[str, Any], began: float) -> None:
         try:

@@ -2,8 +2,8 @@
 ``@needs("stutility-mob")``, ``@needs("visium-fixture")`` (real data of shared/data),
 ``@needs("gpu")``, ``@needs("cupy")``, ``@needs("tensorrt")``, ``@needs("numba")``,
 ``@needs("browser")`` (system Chromium + chromedriver + selenium),
-``@needs("openseadragon")``, ``@needs("spatialdata")``, ``@needs("ray")`` (Ray Data;
-required with ``MCLX_REQUIRE_RAY=1``).
+``@needs("openseadragon")``, ``@needs("spatialdata")``, ``@needs("openvino")``,
+``@needs("ray")`` (Ray Data; required with ``MCLX_REQUIRE_RAY=1``).
 
 A test so marked is skipped, with the reason, before it runs (``pytest -rs`` lists them
 all up front) when what it needs is missing; with ``MCLX_REQUIRE_DATA=1`` a test that
@@ -85,6 +85,17 @@ def _env_flag(name: str) -> Callable[[], bool]:
     return lambda: os.environ.get(name) == "1"
 
 
+@cache
+def _openvino() -> str | None:
+    if importlib.util.find_spec("openvino") is None:
+        return "needs OpenVINO (pip install -e '.[dev,openvino]')"
+    return None
+
+
+def _openvino_required() -> bool:
+    return os.environ.get("MCLX_REQUIRE_OPENVINO") == "1"
+
+
 @dataclass(frozen=True)
 class Need:
     """What a test may need: ``missing()`` says why it cannot have it (None: it can);
@@ -103,6 +114,7 @@ NEEDS: dict[str, Need] = {
     "cupy": Need(_cupy, "gpu"),
     "tensorrt": Need(_tensorrt, "gpu"),
     "numba": Need(_numba),
+    "openvino": Need(_openvino, None, _openvino_required, "MCLX_REQUIRE_OPENVINO"),
     "browser": Need(cache(browser_missing), "browser", viewer_required),
     "openseadragon": Need(cache(openseadragon_missing), None, viewer_required),
     "spatialdata": Need(cache(spatialdata_missing), None, spatialdata_required),

@@ -74,17 +74,14 @@ class TorchEncoder:
         self.model = ck.model.to(device).eval().to(memory_format=torch.channels_last)
         self._frozen = None
 
+    def warm_up(self) -> None:
+        """The one-time work before the first batch, so that it is not timed as encoding:
+        for bf16 on the CPU, the frozen TorchScript model (:func:`frozen_bf16`)."""
+        if self.precision == "bf16" and self.device == "cpu" and self._frozen is None:
+            self._frozen = frozen_bf16(self.model, self.fingerprint, self.pre.patch_size)
+
     def _bf16_cpu(self, x):
-        import copy
-        import warnings
-
-        import torch
-
-        if self._frozen is None:
-            model = copy.deepcopy(self.model).bfloat16()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self._frozen = torch.jit.freeze(torch.jit.trace(model, x[:2].bfloat16()))
+        self.warm_up()
         return self._frozen(x.bfloat16())
 
     def _context(self):
@@ -107,6 +104,43 @@ class TorchEncoder:
                 return self._bf16_cpu(x).float().numpy()
             with self._context():
                 return self.model(x).float().cpu().numpy()
+
+
+_FROZEN_VERSION = 1  # of the recipe below: bump when it changes, to retire cached files
+
+
+def frozen_bf16(model, fingerprint: str, size: int):
+    """A bfloat16 copy of ``model`` traced and frozen with TorchScript (channels-last
+    input of ``size`` px), cached by checkpoint fingerprint and torch version in
+    ``cache_dir("torchscript")``: tracing and freezing DenseNet-121 takes seconds to tens
+    of seconds on 2 cores, loading the frozen file 0.2 s. An unreadable cache entry is
+    rebuilt; an unwritable cache folder is skipped."""
+    import copy
+    import warnings
+
+    import torch
+
+    from mclx.cache import cache_dir
+    from mclx.io import atomic_path
+
+    key = f"{fingerprint}-bf16-v{_FROZEN_VERSION}-torch{torch.__version__.replace('+', '_')}"
+    path = cache_dir("torchscript") / f"{key}.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation and tracer warnings
+        if fingerprint and path.is_file():
+            with contextlib.suppress(Exception):  # torn or from another build: rebuild it
+                return torch.jit.load(str(path), map_location="cpu")
+        example = torch.zeros(2, 3, size, size, dtype=torch.bfloat16)
+        example = example.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            model = copy.deepcopy(model).bfloat16()
+            frozen = torch.jit.freeze(torch.jit.trace(model, example))
+        if fingerprint:
+            with contextlib.suppress(OSError):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    torch.jit.save(frozen, str(tmp))
+    return frozen
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ class Format:
 
     Attributes:
         name: the format's key (also its record in the export report).
-        backend: ``torch``, ``onnxruntime`` or ``tensorrt``.
+        backend: ``torch``, ``onnxruntime``, ``openvino`` or ``tensorrt``.
         precision: ``fp32``, ``bf16``, ``fp16`` or ``int8``.
         suffix: file beside the checkpoint (``model.pt`` -> ``model.int8.onnx``); None
             for the checkpoint's own model.
@@ -41,10 +41,13 @@ class Format:
             that the runtime never loads the exporter), called as ``build(job, out)``
             and returning the precision it built.
         sidecars: suffixes of files written beside the artifact (``.engine.json``).
+        reads: the row whose file this one runs (OpenVINO runs the ONNX files): it has
+            no file, builder or flag of its own, and its parity is recorded when the
+            file it reads is exported.
     """
 
     name: str
-    backend: Literal["torch", "onnxruntime", "tensorrt"]
+    backend: Literal["torch", "onnxruntime", "openvino", "tensorrt"]
     precision: Literal["fp32", "bf16", "fp16", "int8"]
     suffix: str | None = None
     device: Literal["any", "cpu", "cuda"] = "any"
@@ -52,11 +55,19 @@ class Format:
     options: tuple[str, ...] = ()
     builder: str | None = None
     sidecars: tuple[str, ...] = ()
+    reads: str | None = None
 
     def path(self, checkpoint: str | os.PathLike) -> Path:
         """Where this format of ``checkpoint`` lives: beside it, same stem."""
+        if self.reads is not None:
+            return FORMATS[self.reads].path(checkpoint)
         ck = Path(checkpoint)
         return ck if self.suffix is None else ck.with_name(ck.stem + self.suffix)
+
+    @property
+    def has_file(self) -> bool:
+        """Whether it runs a file beside the checkpoint (its own, or the one it reads)."""
+        return self.suffix is not None or self.reads is not None
 
     def runs_on(self, device: str) -> bool:
         from mclx.inference.device import is_cuda
@@ -79,6 +90,10 @@ class Format:
 
             ck = ck or load_checkpoint(checkpoint)
             return TorchEncoder(ck, precision=self.precision, device=device)
+        if self.backend == "openvino":
+            from mclx.inference.openvino import OpenVinoEncoder
+
+            return OpenVinoEncoder(self.path(checkpoint), precision=self.precision, device=device)
         return open_file(self.path(checkpoint), device=device)
 
 
@@ -115,6 +130,9 @@ FORMATS: dict[str, Format] = {
             builder="mclx.export.tensorrt_build:build",
             sidecars=(".json",),
         ),
+        Format("openvino", "openvino", "fp32", device="cpu", reads="onnx"),
+        Format("openvino-bf16", "openvino", "bf16", device="cpu", reads="onnx"),
+        Format("openvino-int8", "openvino", "int8", device="cpu", reads="onnx-int8"),
     )
 }
 
@@ -122,7 +140,15 @@ FORMATS: dict[str, Format] = {
 # precision row is taken only with a parity record (``mclx export`` writes them)
 AUTO_ORDER = {
     "cuda": ("engine", "onnx", "torch-fp16", "torch"),
-    "cpu": ("torch-bf16", "onnx-int8", "onnx", "torch"),
+    "cpu": (
+        "openvino-bf16",
+        "torch-bf16",
+        "openvino-int8",
+        "onnx-int8",
+        "openvino",
+        "onnx",
+        "torch",
+    ),  # fmt: skip
 }
 
 
@@ -146,7 +172,8 @@ def parity_held(name: str, report: dict[str, Any]) -> bool:
 def format_of_file(path: str | os.PathLike) -> Format | None:
     """The exported format a file's name says it is (longest suffix first), or None."""
     name = Path(path).name
-    files = sorted((f for f in FORMATS.values() if f.suffix), key=lambda f: -len(f.suffix))
+    files = [f for f in FORMATS.values() if f.suffix and f.reads is None]
+    files.sort(key=lambda f: -len(f.suffix))
     return next((f for f in files if name.endswith(f.suffix)), None)
 
 

@@ -37,22 +37,44 @@ def open_encoder(
 
     Args:
         model: checkpoint (``.pt``), exported ``.onnx`` / ``.int8.onnx``, or ``.engine``.
-        backend: ``auto``, ``torch``, ``onnxruntime`` or ``tensorrt`` (checkpoints only).
+        backend: ``auto``, ``torch``, ``onnxruntime``, ``openvino`` or ``tensorrt``
+            (``openvino`` also runs an ``.onnx`` / ``.int8.onnx`` file given directly).
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` or ``int8`` (checkpoints only).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         ck: the checkpoint already loaded (spares reading it again).
     """
     path = Path(model)
+    if backend == "openvino" and device == "auto":
+        device = "cpu"  # its only device
     if format_of_file(path) is not None:
+        if backend == "openvino":  # the ONNX file, compiled by OpenVINO
+            return _openvino_file(path, precision, device)
         return open_file(path, device=resolve_device(device, onnx=path.suffix == ".onnx"))
     device = str(torch_device(device))
     if backend == "auto":
         return _best(path, precision, device, ck)
     fmt = _format(backend, precision, device, read_report(path))
     encoder = fmt.open(_require_artifact(path, fmt), device=device, ck=ck)
-    if fmt.suffix is not None:
+    if fmt.has_file:
         _check_fingerprint(encoder, path)
     return encoder
+
+
+def _openvino_file(path: Path, precision: str, device: str):
+    from mclx.inference.openvino import OpenVinoEncoder
+
+    fmt = format_of_file(path)
+    reading = [f for f in FORMATS.values() if f.backend == "openvino" and f.reads == fmt.name]
+    if not reading:
+        msg = f"{path}: OpenVINO runs the exported .onnx / .int8.onnx files, not a {fmt.name}"
+        raise ValueError(msg)
+    offered = [f.precision for f in reading]
+    if precision == "auto":
+        precision = offered[0]
+    elif precision not in offered:
+        msg = f"{path}: openvino runs this file at {', '.join(offered)}, not {precision}"
+        raise ValueError(msg)
+    return OpenVinoEncoder(path, precision=precision, device=str(torch_device(device)))
 
 
 def _best(checkpoint: Path, precision: str, device: str, ck):
@@ -65,13 +87,13 @@ def _best(checkpoint: Path, precision: str, device: str, ck):
             continue
         if name == "torch-bf16" and not cpu_has_fast_bf16():
             continue
-        if fmt.suffix is not None and not fmt.path(checkpoint).is_file():
+        if fmt.has_file and not fmt.path(checkpoint).is_file():
             continue
         if not parity_held(name, report):
             continue
         with contextlib.suppress(ImportError, RuntimeError):
             encoder = fmt.open(checkpoint, device=device, ck=ck)
-            if fmt.suffix is not None:
+            if fmt.has_file:
                 _check_fingerprint(encoder, checkpoint)
             return encoder
     msg = f"{checkpoint}: no encoder backend available for precision {precision}"
@@ -83,7 +105,8 @@ def _format(backend: str, precision: str, device: str, report: dict | None = Non
     offers it and its parity was recorded; else the first row that runs on ``device``)."""
     rows = [f for f in FORMATS.values() if f.backend == backend]
     if not rows:
-        msg = f"unknown backend {backend!r} (auto, torch, onnxruntime, tensorrt)"
+        known = ", ".join(dict.fromkeys(f.backend for f in FORMATS.values()))
+        msg = f"unknown backend {backend!r} (auto, {known})"
         raise ValueError(msg)
     if precision == "auto":
         usable = [f for f in rows if f.runs_on(device)] or rows
@@ -103,7 +126,7 @@ def _format(backend: str, precision: str, device: str, report: dict | None = Non
 def _require_artifact(checkpoint: Path, fmt: Format) -> Path:
     """The checkpoint (torch formats) or the exported file beside it, which must exist."""
     path = fmt.path(checkpoint)
-    if fmt.suffix is not None and not path.is_file():
+    if fmt.has_file and not path.is_file():
         msg = f"{path}: not exported yet; run 'mclx export --ckpt {checkpoint}'"
         raise FileNotFoundError(msg)
     return checkpoint

@@ -20,7 +20,7 @@ import numpy as np
 CMAP = "viridis"
 MAX_VALUES = 32_000_000  # observations x genes inlined: 128 MB of float32 in the page
 STATIC = ("view.js", "view.css")  # copied beside index.html
-TIMINGS = ("total", "read", "encode", "retrieve", "write")
+TIMINGS = ("total", "read", "encode", "retrieve", "write", "warmup", "compile")
 
 
 def _b64(a: np.ndarray) -> str:

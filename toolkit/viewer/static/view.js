@@ -332,7 +332,7 @@
     $("slide-name").textContent = base(m.slide);
     $("slide-name").title = m.slide;
     const t = m.timings || {};
-    const parts = ["read", "encode", "retrieve", "write"].filter((k) => k in t);
+    const parts = ["read", "encode", "retrieve", "write", "warmup", "compile"].filter((k) => k in t);
     const items = [
       ["slide", base(m.slide), m.slide],
       ["vendor", m.slide_vendor + (m.slide_mpp > 0 ? ", " + fmt(m.slide_mpp) + " µm/px" : "")],

@@ -1,0 +1,120 @@
+"""The OpenVINO backend: it runs the exported ONNX files (fp32, bf16 hint, the INT8 QDQ
+file), its parity is recorded at export, ``auto`` takes it only with a record that held."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import needs
+
+from mclx.checkpoint import load_checkpoint, save_checkpoint
+from mclx.config import ModelCfg, PreprocessCfg
+from mclx.export.exporter import export
+from mclx.export.parity import compare
+from mclx.inference import FORMATS, open_encoder
+from mclx.inference.encoders import OnnxRuntimeEncoder, TorchEncoder
+from mclx.inference.formats import MIN_COSINE, read_report, report_path
+from mclx.kernels import cpu_has_fast_bf16
+from mclx.models import create_model
+
+PRE = PreprocessCfg(genes=tuple(f"G{i}" for i in range(12)), mpp=0.7)
+ONNX, INT8 = FORMATS["onnx"], FORMATS["onnx-int8"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, synthetic):
+    torch.manual_seed(0)
+    net = create_model(ModelCfg(encoder="tiny_cnn", n_genes=12, pos_size=(4, 4))).eval()
+    ck = tmp_path_factory.mktemp("ov") / "model.pt"
+    save_checkpoint(ck, net, preprocess=PRE)
+    export(ck, int8=True, calib_data=synthetic, n_patches=24, log=lambda *_: None)
+    return ck
+
+
+@pytest.fixture(scope="module")
+def imgs():
+    return np.random.default_rng(2).integers(0, 256, (9, 224, 224, 3), dtype=np.uint8)
+
+
+@needs("openvino")
+def test_export_records_openvino_parity_on_the_onnx_files(exported):
+    report = read_report(exported)
+    assert report["openvino"]["path"] == str(ONNX.path(exported))
+    assert report["openvino"]["max_rel_err"] < 1e-4  # fp32 as ONNX Runtime
+    assert report["openvino-int8"]["path"] == str(INT8.path(exported))
+    assert report["openvino-int8"]["min_cosine"] >= MIN_COSINE
+    if cpu_has_fast_bf16():
+        assert report["openvino-bf16"]["min_cosine"] >= MIN_COSINE
+    # no file of its own: nothing but the ONNX files, the checkpoint and the report
+    assert sorted(p.name for p in exported.parent.iterdir()) == sorted(
+        ["model.pt", "model.onnx", "model.int8.onnx", report_path(exported).name]
+    )
+
+
+@needs("openvino")
+def test_openvino_fp32_matches_onnx_runtime_at_any_batch(exported, imgs):
+    ov = open_encoder(exported, backend="openvino", precision="fp32")
+    assert (ov.name, ov.precision, ov.fingerprint) == (
+        "openvino", "fp32", load_checkpoint(exported).fingerprint,
+    )  # fmt: skip
+    want = OnnxRuntimeEncoder(ONNX.path(exported))(imgs)
+    full = ov(imgs)
+    assert compare(want, full)["max_rel_err"] < 1e-4
+    np.testing.assert_allclose(ov(imgs[:1]), full[:1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ov(imgs[2:7]), full[2:7], rtol=1e-4, atol=1e-5)
+
+
+@needs("openvino")
+def test_openvino_reduced_precisions_keep_the_embeddings(exported, imgs):
+    ref = TorchEncoder(load_checkpoint(exported))(imgs)
+    int8 = open_encoder(exported, backend="openvino", precision="int8")
+    assert int8.path == INT8.path(exported)
+    assert compare(ref, int8(imgs))["min_cosine"] >= MIN_COSINE
+    direct = open_encoder(INT8.path(exported), backend="openvino")  # the file, given as is
+    assert (direct.precision, direct.path) == ("int8", INT8.path(exported))
+    if not cpu_has_fast_bf16():
+        with pytest.raises(RuntimeError, match="no bf16 arithmetic"):
+            open_encoder(exported, backend="openvino", precision="bf16")
+        return
+    bf16 = open_encoder(exported, backend="openvino", precision="bf16")
+    assert compare(ref, bf16(imgs))["min_cosine"] >= MIN_COSINE
+
+
+@needs("openvino")
+def test_auto_takes_openvino_only_with_a_record_that_held(exported, tmp_path):
+    import shutil
+
+    ck = tmp_path / "model.pt"
+    for src in (exported, ONNX.path(exported), INT8.path(exported), report_path(exported)):
+        shutil.copy(src, tmp_path / src.name)
+    first = "openvino-bf16" if cpu_has_fast_bf16() else "openvino-int8"
+    auto = open_encoder(ck, device="cpu")
+    assert (auto.name, auto.precision) == ("openvino", FORMATS[first].precision)
+    report = json.loads(report_path(ck).read_text())
+    report[first]["min_cosine"] = MIN_COSINE - 0.01  # drifted: never chosen
+    report_path(ck).write_text(json.dumps(report))
+    auto = open_encoder(ck, device="cpu")
+    assert (auto.name, auto.precision) != ("openvino", FORMATS[first].precision)
+    del report["openvino-int8"], report["openvino-bf16"]  # reduced precision unrecorded
+    report_path(ck).write_text(json.dumps(report))
+    auto = open_encoder(ck, device="cpu")
+    assert auto.name != "openvino" or auto.precision == "fp32"
+
+
+def test_openvino_refusals_are_one_line(tmp_path, monkeypatch):
+    from mclx.inference.openvino import OpenVinoEncoder
+
+    with pytest.raises(ValueError, match="CPU only"):
+        OpenVinoEncoder(tmp_path / "m.onnx", device="cuda")
+    with pytest.raises(ValueError, match="precision 'fp16' not offered"):
+        OpenVinoEncoder(tmp_path / "m.onnx", precision="fp16")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    missing = r"m\.onnx: OpenVINO is not installed .*mclx\[openvino\]"
+    with pytest.raises(RuntimeError, match=missing):
+        OpenVinoEncoder(tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="unknown backend 'openvin'.*openvino"):
+        open_encoder(tmp_path / "m.pt", backend="openvin")
