@@ -1,12 +1,13 @@
 """One export entry point: checkpoint -> the requested rows of the formats table.
 
 ``export()`` loops over the rows it is asked for (``onnx`` always; ``onnx-int8`` with
-``--int8``; ``engine`` with ``--trt``). Each row is built by its own builder under a
-staging name, opened by the inference layer and compared with PyTorch FP32 on the same
-patches, and only then renamed into place: a failed parity check leaves the previous
-good artifact untouched. Each row is labelled with the precision that was actually
-built. OpenVINO, which runs the ONNX files themselves, gets its parity recorded on them
-(fp32, bf16, int8) when installed. The results go to ``<stem>.export.json``.
+``--int8``; ``openvino-int8`` with ``--openvino``; ``engine`` with ``--trt``). Each row
+is built by its own builder under a staging name, opened by the inference layer and
+compared with PyTorch FP32 on the same patches, and only then renamed into place: a
+failed parity check leaves the previous good artifact untouched. Each row is labelled
+with the precision that was actually built. OpenVINO, which also runs the FP32 ONNX
+file itself, gets its parity recorded on it (fp32, bf16) when installed. The results go
+to ``<stem>.export.json``.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ def export(
     calib_data: str | os.PathLike | None = None,
     n_patches: int = 64,
     int8: bool = False,
+    openvino: bool = False,
     trt: bool = False,
     log: Callable[[str], Any] = print,
     **options: Any,
@@ -110,7 +112,8 @@ def export(
     from mclx.inference.device import require_gpu_stack
     from mclx.inference.encoders import TorchEncoder
 
-    rows = requested({f for f, on in (("int8", int8), ("trt", trt)) if on})
+    flags = (("int8", int8), ("openvino", openvino), ("trt", trt))
+    rows = requested({f for f, on in flags if on})
     check_options(rows, options)
     ck = load_checkpoint(checkpoint)
     paths = _paths(rows, checkpoint, onnx_path)

@@ -311,6 +311,11 @@ def bank_info(path: Path) -> None:
     help="her2st folder or folder of images for parity and INT8 calibration "
     "(default: random pixels).",
 )
+@click.option(
+    "--openvino",
+    is_flag=True,
+    help="Also write <stem>.ov-int8.onnx: INT8 for OpenVINO by NNCF (the openvino extra).",
+)
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (NVIDIA GPU only).")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="TensorRT FP16.")
 @click.option(
@@ -322,7 +327,9 @@ def bank_info(path: Path) -> None:
 )
 @quiet_option("Only the final line.")
 @click.pass_context
-def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt, quiet, **_):
+def export_cmd(
+    ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, openvino, trt, quiet, **_
+):
     """Export the image encoder to ONNX (and INT8 / TensorRT), checked against PyTorch.
 
     \b
@@ -333,6 +340,7 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
     Examples:
       mclx export --ckpt model.pt --calib-data ../shared/data/her2st
       mclx export --ckpt model.pt --int8 --calib-data ../shared/data/her2st
+      mclx export --ckpt model.pt --openvino --calib-data ../shared/data/her2st
       mclx export --ckpt model.pt --trt --max-batch 128
     """
     from mclx.export.exporter import export
@@ -342,6 +350,7 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
         onnx_path=onnx_path,
         int8=int8,
         calib_data=calib_data,
+        openvino=openvino,
         trt=trt,
         log=(lambda *_: None) if quiet else click.echo,
         **given(ctx, "opset", "fp16", "max_batch"),
