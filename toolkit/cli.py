@@ -89,6 +89,8 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
       mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt
       mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt --resume
       mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
+      mclx train --model cmrcnet --holdout C2 --freeze-encoder --out cmrcnet.pt
+      mclx train --model histogene --embed-dim 128 --depth 2 --heads 4 --out histogene.pt
     """
     from mclx.checkpoint import save_checkpoint
     from mclx.data.her2st import read_her2st
@@ -104,8 +106,9 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
         names, net, pre, holdout=held, encoder_weights=kw["encoder_weights"]
     )
     cache = PatchCache(adatas, pre.patch_size)
+    report: dict[str, Any] = {}  # the validation split's losses and the epoch kept
     history, table = train_model(
-        net, cache, names, pre, recipe.train, progress=not kw["quiet"], state=state
+        net, cache, names, pre, recipe.train, progress=not kw["quiet"], state=state, report=report
     )
     prov = recipe.provenance(
         names,
@@ -114,6 +117,7 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
         holdout=held,
         encoder_weights=kw["encoder_weights"],
         n_spots=len(table),
+        **report,
         **({"resumed_at": state.resumed_at} if resume else {}),
     )
     fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
@@ -179,7 +183,11 @@ def _training_sections(data: Path, sections, holdout) -> tuple[list[str], list[s
     "Score this trained checkpoint with --bank on --sections (no training).", required=False
 )
 @click.option(
-    "--bank", "bank_path", type=click.Path(path_type=Path), default=None, help="Bank for --ckpt."
+    "--bank",
+    "bank_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Bank for --ckpt (not for models that predict directly: stnet, histogene).",
 )
 @model_options()
 def evaluate(
@@ -202,8 +210,8 @@ def evaluate(
 
     out = check_output(out or Path(f"evaluate_{kw['model']}.json"))
     if ckpt is not None or bank_path is not None:
-        if ckpt is None or bank_path is None or not sections:
-            msg = "evaluate: --ckpt needs --bank and --sections (the sections to score)"
+        if ckpt is None or not sections:
+            msg = "evaluate: --ckpt needs --sections (the sections to score) and --bank"
             raise click.UsageError(msg)
         res = score_checkpoint(ckpt, bank_path, data, split_names(sections), k=k, distance=distance)
         title = f"{ckpt} with {bank_path}"
@@ -221,7 +229,7 @@ def evaluate(
         c = res["config"]
         title = (
             f"{kw['model']}: k={c['k']} distance={c['distance']} genes={c['n_genes']} "
-            f"epochs={kw['epochs']} ({c['seconds']} s)"
+            f"epochs={c['train']['epochs']} ({c['seconds']} s)"
         )
     click.echo(format_table(res, title=title))
     click.echo("mclx: wrote {} and {}".format(*write_results(res, out)))
