@@ -139,7 +139,7 @@ def export(
         "patches": source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    _record_torch_bf16(job, reference, report, checkpoint, log)
+    _record_torch_reduced(job, reference, report, checkpoint, log)
     for fmt in rows:
         report[fmt.name] = _publish(fmt, job, reference, log)
         write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
@@ -186,15 +186,24 @@ def _record(fmt: str, path: Path, precision: str, reference, got, log) -> dict[s
     return {"path": str(path), "precision": precision, **res}
 
 
-def _record_torch_bf16(job: Job, reference, report: dict, checkpoint, log) -> None:
-    """On CPUs with fast bf16, PyTorch bf16's parity, so that ``--backend auto`` knows
-    it is safe (it needs no file)."""
+def _record_torch_reduced(job: Job, reference, report: dict, checkpoint, log) -> None:
+    """PyTorch's own reduced precisions need no file, but ``--backend auto`` takes them
+    only with a parity record: bf16 on CPUs with fast bf16, fp16 where PyTorch sees a
+    GPU."""
+    from mclx.inference.device import torch_cuda
     from mclx.inference.encoders import TorchEncoder
     from mclx.kernels import cpu_has_fast_bf16
 
-    if cpu_has_fast_bf16() and job.positions is None:
-        got = TorchEncoder(job.ck, precision="bf16")(job.patches)
-        report["torch-bf16"] = _record("torch-bf16", Path(checkpoint), "bf16", reference, got, log)
+    if job.positions is not None:  # a section-level model is offered in FP32 only
+        return
+    rows = [("torch-bf16", "cpu")] if cpu_has_fast_bf16() else []
+    if torch_cuda():
+        rows.append(("torch-fp16", "cuda"))
+    for name, device in rows:
+        precision = FORMATS[name].precision
+        got = TorchEncoder(job.ck, precision=precision, device=device)(job.patches)
+        job.ck.model.cpu()  # the encoder moved the shared model
+        report[name] = _record(name, Path(checkpoint), precision, reference, got, log)
 
 
 def _publish(fmt: Format, job: Job, reference, log) -> dict[str, Any]:

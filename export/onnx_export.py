@@ -7,6 +7,10 @@ spots' array ``positions`` (int64, N x 2), and N is the section's spots. The Tor
 exporter (``dynamo=False``) is used: it gives a correct graph for DenseNet's concatenations.
 The file is saved after ONNX Runtime's basic (portable, ONNX-only) optimisations, so
 TensorRT can still parse it; the runtime enables the rest when it opens a session.
+
+``precision="fp16"`` writes the graph a strongly typed TensorRT network builds an FP16
+engine from (TensorRT 11 has no FP16 builder flag): the image encoder's weights and
+activations in float16, the projection head in float32, float32 input and output.
 """
 
 from __future__ import annotations
@@ -65,15 +69,54 @@ def _set_metadata(model_proto, meta: dict[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
-def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17) -> Path:
-    """Write checkpoint ``ck``'s image encoder to ``out`` as ONNX; return the path."""
-    import onnx
-    import onnxruntime as ort
+def _half_encoder(model):
+    """``images (, positions) -> embeddings`` with the image encoder in float16 (the
+    convolutions: almost all the work) and the head in float32; float32 in and out
+    (a section-level model's positions pass to its head as they are). ``model`` is not
+    changed."""
+    import copy
+
     import torch
 
+    class HalfEncoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = copy.deepcopy(model.image_encoder).half()
+            self.model = model
+
+        def forward(self, images, *positions):
+            feats = self.encoder(images.half()).float()
+            return self.model.embed_image_features(feats, *positions)
+
+    return HalfEncoder().eval()
+
+
+def graph_precision(path: str | os.PathLike) -> str:
+    """``fp16`` when an ONNX graph holds float16 weights, else ``fp32``."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    half = onnx.TensorProto.FLOAT16
+    return "fp16" if any(t.data_type == half for t in model.graph.initializer) else "fp32"
+
+
+def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17, precision: str = "fp32") -> Path:
+    """Write checkpoint ``ck``'s image encoder to ``out`` as ONNX (``fp32``, or ``fp16``
+    for TensorRT: see the module docstring); return the path."""
+    import onnx
+    import torch
+
+    from mclx.inference.device import import_onnxruntime
+
+    ort = import_onnxruntime(str(out))
     out = Path(out)
     size = ck.preprocess.patch_size
     module = ck.model.cpu().eval()  # forward: images (, positions) -> embeddings
+    if precision == "fp16":
+        module = _half_encoder(module)
+    elif precision != "fp32":
+        msg = f"{out}: ONNX export precision {precision!r} (fp32 or fp16)"
+        raise ValueError(msg)
     args: tuple = (torch.rand(3, 3, size, size),)
     names = [INPUT]
     if _section(ck):
@@ -98,7 +141,7 @@ def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17) -> Path:
         so.optimized_model_filepath = str(tmp)
         ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
         proto = onnx.load(str(tmp))
-        _set_metadata(proto, metadata(ck))
+        _set_metadata(proto, metadata(ck) | {"precision": precision})
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))
     return out
@@ -131,6 +174,10 @@ def quantize_int8(fp32_path: str | os.PathLike, out: str | os.PathLike, calib: n
     convolutions save (the slowdown seen with out-of-the-box QDQ).
     """
     import onnx
+
+    from mclx.inference.device import import_onnxruntime
+
+    import_onnxruntime(str(out))
     from onnxruntime.quantization import (
         CalibrationMethod,
         QuantFormat,

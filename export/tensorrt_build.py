@@ -1,93 +1,160 @@
-"""TensorRT: build an engine from the exported ONNX file (run by
+"""TensorRT: build an engine from an ONNX encoder (run by
 :class:`mclx.inference.tensorrt.TensorRTEncoder`).
 
-Written against the TensorRT 10 Python API (ONNX parser, explicit batch, one
-optimisation profile over batch sizes, a timing cache, FP16 when the GPU has fast FP16).
-The engine stays a plain engine; its metadata goes to a sidecar ``.engine.json``.
-Needs an NVIDIA GPU, ``tensorrt`` and ``cupy`` (``pip install .[gpu]``).
+One code path for the TensorRT 10 and 11 Python APIs: TensorRT 11 removed the FP16 builder
+flag and ``Builder.platform_has_fast_fp16`` and always builds strongly typed networks, so
+the precision comes from the graph's types on both. An FP16 engine is built from an FP16
+ONNX graph with float32 input and output (:func:`mclx.export.onnx_export.export_onnx`
+with ``precision="fp16"``); an FP32 engine from the FP32 graph with TF32 cleared (enabled
+by default in both versions, it rounds float32 products to 10-bit mantissas and misses
+the 1e-4 parity bound). One optimisation profile over batch sizes (``opt`` clamped to
+``max``), a timing cache. The engine stays a plain engine; its metadata goes to a sidecar
+``.engine.json`` bound to the engine's bytes by their sha256. Needs an NVIDIA GPU,
+``tensorrt`` and ``cupy`` (``pip install 'mclx[gpu]'``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from mclx.inference.device import require_gpu_stack
-from mclx.inference.encoders import INPUT, read_onnx_metadata
+from mclx.inference.encoders import INPUT, OUTPUT, read_onnx_metadata
 from mclx.io import atomic_path, write_text_atomic
+
+DEFAULT_MAX_BATCH = 256
+OPT_BATCH = 64
 
 
 def build(job, out: Path) -> str:
-    """Formats-table builder of ``engine``: from the job's FP32 ONNX file, FP16 unless
-    ``fp16=False`` (or the GPU has no fast FP16); returns the precision built."""
+    """Formats-table builder of ``engine``: FP16 (from an FP16 graph of the job's
+    checkpoint) unless ``fp16=False`` (from the job's FP32 ONNX file); returns the
+    precision built."""
+    from mclx.export.onnx_export import export_onnx
+
     engine = job.paths["engine"]
-    build_engine(
-        job.paths["onnx"],
-        out,
-        fp16=job.options.get("fp16", True),
-        max_batch=job.options.get("max_batch") or 256,
-        timing_cache=engine.with_name(engine.name + ".timing.cache"),
-    )
-    return json.loads(out.with_name(out.name + ".json").read_text())["precision"]
+    fp32_graph = job.paths["onnx"]
+    precision = "fp16" if job.options.get("fp16", True) else "fp32"
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        graph = fp32_graph
+        if precision == "fp16":
+            opset = job.options.get("opset") or 17
+            graph = export_onnx(job.ck, Path(tmp) / "fp16.onnx", opset=opset, precision="fp16")
+        build_engine(
+            graph,
+            out,
+            max_batch=job.options.get("max_batch") or DEFAULT_MAX_BATCH,
+            timing_cache=engine.with_name(engine.name + ".timing.cache"),
+            source=fp32_graph,
+        )
+    return precision
+
+
+def profile_batches(min_batch: int, opt_batch: int, max_batch: int) -> tuple[int, int, int]:
+    """``(min, opt, max)`` of the batch profile, ``opt`` clamped into ``[min, max]``."""
+    if not 1 <= min_batch <= max_batch:
+        msg = f"TensorRT profile: need 1 <= min batch ({min_batch}) <= max batch ({max_batch})"
+        raise ValueError(msg)
+    return min_batch, min(max(opt_batch, min_batch), max_batch), max_batch
+
+
+def strongly_typed(trt) -> int:
+    """``create_network`` flags of a strongly typed network (TensorRT 10; the flag is
+    kept, and ignored, by TensorRT 11 where every network is strongly typed)."""
+    return 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def build_engine(
     onnx_path: str | os.PathLike,
     out: str | os.PathLike,
     *,
-    fp16: bool = True,
     min_batch: int = 1,
-    opt_batch: int = 64,
-    max_batch: int = 256,
+    opt_batch: int = OPT_BATCH,
+    max_batch: int = DEFAULT_MAX_BATCH,
     workspace_gib: float = 4.0,
     timing_cache: str | os.PathLike | None = None,
+    source: str | os.PathLike | None = None,
 ) -> Path:
     """Build ``out`` (.engine) and its ``.engine.json`` sidecar from an ONNX encoder.
 
-    The timing cache (default ``out`` + ``.timing.cache``) speeds up later builds.
+    The engine's precision is the graph's (:func:`~mclx.export.onnx_export.graph_precision`).
+    ``source``: the ONNX file whose mclx metadata the sidecar carries (default
+    ``onnx_path``). The timing cache (default ``out`` + ``.timing.cache``) speeds up later
+    builds.
     """
     import tensorrt as trt
 
+    from mclx.export.onnx_export import graph_precision
+    from mclx.inference.tensorrt import collecting_logger
+
     out = Path(out)
     require_gpu_stack(str(out))
-    logger = trt.Logger(trt.Logger.WARNING)
+    batches = profile_batches(min_batch, opt_batch, max_batch)
+    precision = graph_precision(onnx_path)
+    logger = collecting_logger(trt)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        msg = f"{onnx_path}: TensorRT cannot parse the ONNX file ({errors})"
-        raise RuntimeError(msg)
+    network = builder.create_network(strongly_typed(trt))
+    _parse(trt, network, onnx_path, logger)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    use_fp16 = fp16 and builder.platform_has_fast_fp16
-    if use_fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
+    config.clear_flag(trt.BuilderFlag.TF32)  # float32 layers stay float32
     shape = tuple(network.get_input(0).shape)[1:]
     profile = builder.create_optimization_profile()
-    profile.set_shape(INPUT, (min_batch, *shape), (opt_batch, *shape), (max_batch, *shape))
+    profile.set_shape(INPUT, *((b, *shape) for b in batches))
     config.add_optimization_profile(profile)
     cache_path = Path(timing_cache) if timing_cache else out.with_name(out.name + ".timing.cache")
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        msg = f"{out}: TensorRT engine build failed"
-        raise RuntimeError(msg)
+        why = f": {logger.errors[-1]}" if logger.errors else ""
+        msg = f"{out}: TensorRT engine build failed{why}"
+        raise RuntimeError(" ".join(msg.split())[:300])
+    data = bytes(serialized)
     with atomic_path(out) as tmp:
-        tmp.write_bytes(bytes(serialized))
+        tmp.write_bytes(data)
     with atomic_path(cache_path) as tmp:
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    _write_sidecar(out, data, Path(source or onnx_path), precision, batches, trt.__version__)
+    return out
+
+
+def _write_sidecar(out: Path, data: bytes, source: Path, precision, batches, version) -> None:
+    """``out.json``: the ONNX file's mclx metadata, how the engine was built, and the
+    sha256 of its bytes (an engine is only run with the sidecar of its own build)."""
+    side = read_onnx_metadata(source) | {
+        "precision": precision,
+        "tensorrt_version": version,
+        "gpu": gpu_name(),
+        "profile": dict(zip(("min", "opt", "max"), batches)),
+        "onnx": str(source.resolve()),
+        "engine_sha256": hashlib.sha256(data).hexdigest(),
+    }
+    write_text_atomic(out.with_name(out.name + ".json"), json.dumps(side, indent=2) + "\n")
+
+
+def _parse(trt, network, onnx_path, logger) -> None:
+    """Parse the ONNX file into ``network``; its input and output must be float32 (the
+    encoder's interface whatever the precision inside)."""
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        msg = f"{onnx_path}: TensorRT cannot parse the ONNX file ({errors})"
+        raise RuntimeError(msg)
+    ends = [network.get_input(0), network.get_output(0)]
+    if [t.name for t in ends] != [INPUT, OUTPUT] or any(t.dtype != trt.float32 for t in ends):
+        got = ", ".join(f"{t.name} {t.dtype}" for t in ends)
+        msg = f"{onnx_path}: not an mclx encoder graph (need float32 {INPUT} -> {OUTPUT}; {got})"
+        raise RuntimeError(msg)
+
+
+def gpu_name() -> str:
+    """The name of the current CUDA device (for the sidecar)."""
     import cupy as cp
 
     props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
-    side = read_onnx_metadata(onnx_path) | {
-        "precision": "fp16" if use_fp16 else "fp32",
-        "tensorrt_version": trt.__version__,
-        "gpu": props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"]),
-        "profile": {"min": min_batch, "opt": opt_batch, "max": max_batch},
-        "onnx": str(Path(onnx_path).resolve()),
-    }
-    write_text_atomic(out.with_name(out.name + ".json"), json.dumps(side, indent=2) + "\n")
-    return out
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)

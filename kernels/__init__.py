@@ -1,7 +1,10 @@
 """Retrieval kernels: exact cosine top-k over a spot bank and weighted aggregation.
 
-One torch implementation serves numpy arrays (CPU) and CuPy arrays (GPU, bank in device
-memory, zero-copy through DLPack): the array type of the result follows the inputs.
+One interface over numpy arrays (CPU: torch products and compiled numba selection,
+``cpu_select``), CuPy arrays (GPU, bank in device memory: cuBLAS products and CUDA
+kernels, ``gpu_select`` and ``cuda/*.cu``, with the torch path as fallback) and torch
+tensors; the array type of the result follows the queries. ``nvrtc`` compiles the CUDA
+sources without a GPU (``make test``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,12 @@
 """Exact chunked cosine top-k, inverse-square-distance weights, weighted aggregation.
 
-One implementation serves every array type: numpy arrays run on the CPU (zero-copy
-``torch.from_numpy``), CuPy arrays on their GPU (zero-copy DLPack), and the result comes
-back as the caller's array type. Scores are torch matrix products on either device.
+One interface serves every array type, and the result comes back as the caller's
+(the queries') array type. A bank of CuPy arrays runs the CuPy kernels of
+:mod:`mclx.kernels.gpu_select` (cuBLAS scores, CUDA selection, re-scoring and
+aggregation) once they have passed their self-check on that GPU; everything else, and
+the CuPy case when the kernels step aside, runs the torch implementation below: numpy
+arrays on the CPU (zero-copy ``torch.from_numpy``), CuPy arrays and torch tensors on
+their device (zero-copy DLPack). The torch path is the fallback and the kernels' oracle.
 
 Cost for Q queries, a bank of N keys of width D, k neighbours and G genes: scores take
 2·Q·N·D flops and read N·D key values; selection reads Q·N scores once; re-scoring,
@@ -15,7 +19,7 @@ running top-m per query, skipping 64 scores at a time that cannot beat the row's
 threshold; a threshold estimated from a sample of the bank lets it skip almost
 everything from the start (a row whose estimate proves too high is redone without one).
 Candidates are then re-scored exactly from the raw float32 vectors, which also yields
-their distances. On GPU (or without numba) ``torch.topk`` selects instead.
+their distances. On the torch path on a GPU (or without numba) ``torch.topk`` selects.
 
 ``precision="bf16"`` makes the scores in bfloat16 (AMX on CPU), keeps m > k candidates
 and re-scores them exactly. bfloat16 moves a query's cosine by at most ``eps_q``, bounded
@@ -65,12 +69,15 @@ def _as_tensor(x: Any):
 
 
 def _like(t, ref: Any):
-    """Return tensor ``t`` as the array type of ``ref``."""
+    """Return tensor ``t`` as the array type of ``ref``: a CuPy ``ref`` gets a CuPy array
+    (zero-copy from a CUDA tensor, copied from a CPU one: CuPy imports no host memory)."""
     torch = _torch()
     if isinstance(ref, torch.Tensor):
         return t
     cp = sys.modules.get("cupy")
     if cp is not None and isinstance(ref, cp.ndarray):
+        if t.device.type == "cpu":  # CuPy queries against a host bank
+            return cp.asarray(t.numpy())
         return cp.from_dlpack(t.contiguous())
     return t.cpu().numpy()
 
@@ -190,7 +197,13 @@ def _bf16_eps(qn, width: int, key_err: float):
     measured bf16 rounding error of the unit query (a) and the largest of the bank's unit
     keys (b) give |a| + |b| + |a||b|, plus float32 accumulation over ``width`` terms
     and the float32 normalisation (1e-6)."""
-    a = (qn.to(_torch().bfloat16).float() - qn).norm(dim=1).double()
+    a = (qn.to(_torch().bfloat16).float() - qn).norm(dim=1)
+    return bf16_eps_from(a, width, key_err)
+
+
+def bf16_eps_from(a, width: int, key_err: float):
+    """:func:`_bf16_eps` from the queries' measured rounding errors ``a`` (Q,)."""
+    a = a.double()
     acc = width * 2.0**-24 * (1 + a) * (1 + key_err)
     return a + key_err + a * key_err + acc + 1e-6
 
@@ -464,6 +477,28 @@ def _neighbours(q, keys, k: int, chunk, precision: Precision, distance: Distance
     return s, idx, _distances(q.float(), keys, idx, distance)
 
 
+def _on_cupy(keys, k: int, precision: str):
+    """``(gpu_select, mode)`` when ``keys`` are a CuPy array that the CuPy kernels serve
+    (:mod:`mclx.kernels.gpu_select`: they passed their self-check on that GPU and the
+    candidates fit their buffers); None: the torch path. ``auto`` is float32 on a GPU
+    (the products are cheap there); bf16 gives the float32 result, so where its
+    candidates do not fit, float32 answers instead."""
+    cp = sys.modules.get("cupy")
+    if cp is None or not isinstance(keys, cp.ndarray) or keys.ndim != 2 or not len(keys):
+        return None
+    if precision not in ("auto", "fp32", "bf16"):
+        msg = f"unknown precision {precision!r} (auto, fp32 or bf16)"
+        raise ValueError(msg)
+    from mclx.kernels import gpu_select
+
+    n = len(keys)
+    modes = ("bf16", "fp32") if precision == "bf16" else ("fp32",)
+    mode = next((m for m in modes if gpu_select.supports(k, n, m)), None)
+    if mode is None or not 1 <= k <= n or not gpu_select.usable(keys.device.id):
+        return None
+    return gpu_select, mode
+
+
 def topk_cosine(queries, keys, k: int, chunk: int | None = None, *, precision: Precision = "auto"):
     """Exact top-``k`` keys by cosine similarity for every query.
 
@@ -477,6 +512,9 @@ def topk_cosine(queries, keys, k: int, chunk: int | None = None, *, precision: P
     Returns:
         ``(scores, indices)``, each (Q, k), best first; ties go to the lower index.
     """
+    gpu = _on_cupy(keys, k, precision)
+    if gpu is not None:
+        return gpu[0].topk_cupy(queries, keys, k, chunk, precision=gpu[1])
     torch = _torch()
     kk = _as_tensor(keys)
     q = _as_tensor(queries).to(kk.device)
@@ -562,10 +600,16 @@ def retrieve(
     Returns:
         (Q, G) float32 predictions, as the caller's array type.
     """
-    torch = _torch()
     if distance not in ("l1", "l2"):
         msg = f"unknown distance {distance!r} (l1 or l2)"
         raise ValueError(msg)
+    gpu = _on_cupy(keys, k, precision)
+    if gpu is not None and values.ndim == 2 and len(values) == len(keys):
+        return gpu[0].retrieve_cupy(
+            queries, keys, values, k, distance=distance, weighting=weighting, chunk=chunk,
+            precision=gpu[1], query_block=query_block,
+        )  # fmt: skip
+    torch = _torch()
     kk, v = _as_tensor(keys), _as_tensor(values)
     q = _as_tensor(queries).to(kk.device)  # host queries against a device-resident bank
     _check(q, kk, k, v)

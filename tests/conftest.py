@@ -57,3 +57,26 @@ def synthetic(tmp_path_factory) -> Path:
     from mclx.data.synthetic import write_synthetic_her2st
 
     return write_synthetic_her2st(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="session")
+def slide_predictions(synthetic, tmp_path_factory) -> dict[str, Path]:
+    """``mclx infer`` of a tiny model over a pyramidal TIFF of synthetic section S3: the
+    ``.h5ad``, its GeoJSON and (spatialdata installed) SpatialData store, the slide and
+    the JPEG it was made from (:func:`helpers.viewer.predict_slide`)."""
+    from helpers.viewer import predict_slide, spatialdata_missing
+
+    folder = tmp_path_factory.mktemp("slide_predictions")
+    return predict_slide(synthetic, folder, spatialdata=spatialdata_missing() is None)
+
+
+@pytest.fixture(scope="session")
+def view_folder(slide_predictions, tmp_path_factory) -> Path:
+    """``mclx view`` of ``slide_predictions``: the folder a browser opens."""
+    from helpers.cli import mclx
+
+    out = tmp_path_factory.mktemp("view") / "S3_view"
+    res = mclx("view", slide_predictions["h5ad"], "--out", out, "-q")
+    assert res.returncode == 0, res.stderr
+    assert f"wrote {out}/index.html" in res.stdout
+    return out

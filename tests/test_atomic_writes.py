@@ -94,6 +94,12 @@ def _plot(a, path):
     plot_genes(a["pred"], a["image"], ["GENE001"], path.parent / path.name.split(".")[0])
 
 
+def _geojson(a, path):
+    from mclx.geojson import write_geojson
+
+    write_geojson(a["pred"], path)
+
+
 def _onnx(a, path):
     from mclx.export.onnx_export import export_onnx
 
@@ -135,6 +141,7 @@ WRITERS = {
     "bank": (_bank, "b.npz"),
     "predictions-h5ad": (_predictions, "p.h5ad"),
     "plot-png": (_plot, "p.GENE001.png"),
+    "qupath-geojson": (_geojson, "p.geojson"),
     "onnx": (_onnx, "m.onnx"),
     "onnx-int8": (_int8, "m.int8.onnx"),
     "pyramidal-tiff": (_tiff, "s.tif"),
@@ -189,3 +196,22 @@ def test_all_or_nothing_discards_every_output_of_a_failed_block(tmp_path):
 def test_unwritable_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="output folder .* does not exist"):
         write_text_atomic(tmp_path / "missing" / "r.json", "{}")
+
+
+def test_a_folder_output_replaces_the_previous_one_whole_or_not_at_all(tmp_path):
+    from mclx.io import atomic_folder
+
+    dest = tmp_path / "view"
+    dest.mkdir()
+    (dest / "old.txt").write_bytes(PREVIOUS)
+    with pytest.raises(RuntimeError, match="later step"), all_or_nothing():
+        with atomic_folder(dest) as tmp:
+            (tmp / "new.txt").write_text("new")
+        write_text_atomic(tmp_path / "a.txt", "new a")
+        raise RuntimeError("a later step failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["view"]  # no temporary folder
+    assert listing(dest) == {"old.txt": PREVIOUS}
+    with atomic_folder(dest) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert listing(dest) == {"new.txt": b"new"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["view"]  # the old one removed

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import gzip
 import os
 import resource
@@ -217,7 +218,7 @@ def _(e, w, o):
     return bank_build(e, o, data=e.her2st(w), sections="S1,Q7")
 
 
-@case("data-folder-not-her2st", "plain", "not a her2st data folder")
+@case("data-folder-of-no-layout", "plain", "no known data layout", "her2st: ST-cnts/", "hest: st/")
 def _(e, w, o):
     (w / "plain").mkdir()
     return bank_build(e, o, data=w / "plain")
@@ -945,17 +946,28 @@ def test_bad_input(c: Case, outcomes: dict[str, Outcome]):
     assert o.after == o.before, "the failed run changed its output folder"
 
 
-def test_failed_infer_keeps_good_predictions_and_writes_no_plot(env: Env, tmp_path: Path):
-    """Real predictions of an earlier run survive a run that fails while writing: its
-    predictions (~30 KB) fit under the file size limit, its plot does not, and the
-    command writes both or neither."""
+def test_failed_infer_keeps_good_predictions_and_writes_no_plot(
+    env: Env, tmp_path: Path, capsys, monkeypatch
+):
+    """Real predictions of an earlier run survive a run that fails while writing its
+    plot after its predictions (the .h5ad, with the slide image scanpy wants, is larger
+    than the plot, so ``ulimit -f`` cannot pick the plot: its write fails as a full
+    ``ulimit -f`` makes it fail, EFBIG): the command writes both or neither."""
     import anndata as ad
+    import matplotlib.figure
+    from helpers import run_cli
 
     out = tmp_path / "p.h5ad"
     base = ["infer", env.image, "--bank", env.bank, "--spots", env.spots, "--out", out, "-q"]
     assert mclx(*base, "--k", "5").returncode == 0
     good, before = out.read_bytes(), snapshot(tmp_path)
-    res = run_limited([*base, "--plot", "GENE001"], _limit_file_size_to(200_000))
-    assert_one_line_error(res, "p.GENE001.png", "file size limit")
+
+    def too_large(self, fname, *args, **kwargs):
+        Path(fname).write_bytes(b"\x89PNG partial")
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", too_large)
+    res = run_cli(capsys, [*base, "--plot", "GENE001"])
+    assert_one_line_error(res, "p.GENE001.png", "file too large")
     assert snapshot(tmp_path) == before and out.read_bytes() == good
     assert ad.read_h5ad(out).uns["mclx"]["k"] == 5

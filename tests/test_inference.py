@@ -68,7 +68,7 @@ def test_formats_table_names_files_and_refuses_foreign_options():
         check_options(requested(set()), {"max_batch": 32})
     with pytest.raises(TypeError, match="unknown option --colour"):
         check_options(requested(set()), {"colour": 1})
-    assert _format("torch", "auto", "cuda").precision == "fp16"
+    assert _format("torch", "auto", "cuda").precision == "fp32"  # fp16: with a parity record
     assert _format("torch", "auto", "cpu").precision == "fp32"
     assert _format("onnxruntime", "int8", "cpu").name == "onnx-int8"
     with pytest.raises(ValueError, match=r"precision 'bf16' not offered \(fp32, int8\)"):

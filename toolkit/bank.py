@@ -32,8 +32,8 @@ _ARRAYS = ("embeddings", "expressions", "genes", "sections", "spot_ids", "coords
 
 @dataclass
 class Bank:
-    """A loaded bank. ``embeddings`` / ``expressions`` are numpy or (after
-    :meth:`to_device`) CuPy arrays."""
+    """A loaded bank. ``embeddings`` / ``expressions`` are numpy arrays or (after
+    :meth:`to_device`) CuPy arrays or torch CUDA tensors."""
 
     embeddings: Any
     expressions: Any
@@ -75,19 +75,47 @@ class Bank:
         return k
 
     def to_device(self, device: str = "cuda") -> Bank:
-        """Copy embeddings and expressions to GPU memory as float32 CuPy arrays."""
+        """The bank with embeddings and expressions in the memory of GPU ``device``
+        (``cuda`` or ``cuda:N``), float32 as on disk: CuPy arrays where CuPy works (the
+        CuPy retrieval kernels run on them), else torch CUDA tensors (the torch path:
+        CuPy is needed only for its kernels)."""
+        from mclx.inference.device import device_index, torch_cuda
+
         if device == "cpu":
             return self
-        try:
-            import cupy as cp
-
-            cp.cuda.runtime.getDeviceCount()
-        except Exception as exc:  # ImportError, CUDARuntimeError
-            msg = f"{self.path or 'bank'}: device {device!r} needs CuPy and a CUDA GPU ({exc})"
-            raise RuntimeError(msg) from exc
-        emb = cp.asarray(self.embeddings, dtype=cp.float32)
-        expr = cp.asarray(self.expressions, dtype=cp.float32)
+        index = device_index(device)
+        cp = _usable_cupy()
+        if cp is not None:
+            with cp.cuda.Device(index):
+                emb = cp.asarray(self.embeddings, dtype=cp.float32)
+                expr = cp.asarray(self.expressions, dtype=cp.float32)
+        elif torch_cuda():
+            emb = _to_torch(self.embeddings, f"cuda:{index}")
+            expr = _to_torch(self.expressions, f"cuda:{index}")
+        else:
+            where = self.path or "bank"
+            msg = f"{where}: device {device!r}: no CUDA GPU visible to CuPy or PyTorch"
+            raise RuntimeError(msg)
         return Bank(**{**self.__dict__, "embeddings": emb, "expressions": expr})
+
+
+def _usable_cupy():
+    """The ``cupy`` module when it imports and sees a GPU, else None."""
+    try:
+        import cupy as cp
+
+        if cp.cuda.runtime.getDeviceCount() > 0:
+            return cp
+    except Exception:  # ImportError, CUDARuntimeError without a driver or device
+        pass
+    return None
+
+
+def _to_torch(array, device: str):
+    """A float32 torch tensor of a host or CuPy array on ``device``."""
+    import torch
+
+    return torch.as_tensor(np.asarray(array, np.float32), device=device)
 
 
 def bank_from_model(
@@ -120,18 +148,19 @@ def bank_from_model(
 
 def build_bank(
     checkpoint: str | os.PathLike,
-    data: str | os.PathLike,
+    data: Any,
     *,
     sections: Sequence[str] | None = None,
 ) -> Bank:
-    """Embed every spot of ``sections`` (default: all) with the checkpoint's spot encoder."""
+    """Embed every spot of ``sections`` (default: all) with the checkpoint's spot encoder;
+    ``data`` is a data folder of any layout or a :class:`~mclx.data.readers.Reader`."""
     from mclx.data.dataset import build_table
-    from mclx.data.her2st import read_her2st
+    from mclx.data.readers import open_data
 
     if not Path(checkpoint).exists():  # before reading the data: fail fast
         msg = f"{checkpoint}: checkpoint does not exist"
         raise FileNotFoundError(msg)
-    adatas = read_her2st(data, list(sections) if sections else None)  # no torch needed yet
+    adatas = open_data(data).read(list(sections) if sections else None)  # no torch needed yet
 
     from mclx.checkpoint import load_checkpoint
 

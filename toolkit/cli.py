@@ -22,15 +22,18 @@ from mclx.cli_options import (
     data_option,
     distance_option,
     encoder_options,
+    extra_outputs_options,
     given,
     k_option,
     model_options,
+    open_data_from,
     out_option,
     quiet_option,
     recipe_from,
     sections_option,
     split_names,
 )
+from mclx.cli_view import view
 from mclx.io import all_or_nothing, check_output
 
 
@@ -91,17 +94,18 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
       mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
       mclx train --model cmrcnet --holdout C2 --freeze-encoder --out cmrcnet.pt
       mclx train --model histogene --embed-dim 128 --depth 2 --heads 4 --out histogene.pt
+      mclx train --data ../shared/data/stutility-mob --holdout MOB4 --n-hvg 500 --out mob.pt
     """
     from mclx.checkpoint import save_checkpoint
-    from mclx.data.her2st import read_her2st
     from mclx.recipe import PatchCache, train_model
 
     check_output(out)
+    reader = open_data_from(data, kw)
     recipe = recipe_from(kw)
     state = _training_state(out, resume, save_every)
-    names, held = _training_sections(data, sections, holdout)
-    adatas = read_her2st(data, names, with_image=True)
-    pre, net = recipe.setup(data, adatas, names)
+    names, held = _training_sections(reader, sections, holdout)
+    adatas = reader.read(names, with_image=True)
+    pre, net = recipe.setup(reader, adatas, names)
     state.record = recipe.record(
         names, net, pre, holdout=held, encoder_weights=kw["encoder_weights"]
     )
@@ -113,7 +117,8 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
     prov = recipe.provenance(
         names,
         history,
-        data=str(data),
+        data=str(reader.root),
+        layout=reader.name,
         holdout=held,
         encoder_weights=kw["encoder_weights"],
         n_spots=len(table),
@@ -129,17 +134,24 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
 
 
 def _training_state(out: Path, resume: bool, save_every: int | None):
-    """The resumable state beside ``out``: loaded (and checked) now with ``--resume``,
-    before any work; temporary files that a killed write left are removed."""
-    from mclx.run_state import remove_stale_temps, state_path
+    """The resumable training state beside ``out`` (see :func:`_ready_state`)."""
+    from mclx.run_state import state_path
     from mclx.train_state import StateFile
 
-    state = StateFile(state_path(out), every=save_every)
+    return _ready_state(StateFile(state_path(out), every=save_every), out, resume, "state")
+
+
+def _ready_state(state, out: Path, resume: bool, what: str):
+    """A run's state file, ready: loaded (and checked) now with ``--resume``, before any
+    work; otherwise a warning that an interrupted run's ``what`` will be replaced; and
+    the temporary files that a killed write of ``out`` or the state left, removed."""
+    from mclx.run_state import remove_stale_temps
+
     if resume:
         state.load()  # fails now, before any work, when missing or corrupt
     elif state.path.exists():
         click.echo(
-            f"mclx: warning: {state.path}: an interrupted run's state will be replaced "
+            f"mclx: warning: {state.path}: an interrupted run's {what} will be replaced "
             "(use --resume to continue it)",
             err=True,
         )
@@ -148,21 +160,20 @@ def _training_state(out: Path, resume: bool, save_every: int | None):
     return state
 
 
-def _training_sections(data: Path, sections, holdout) -> tuple[list[str], list[str]]:
+def _training_sections(reader, sections, holdout) -> tuple[list[str], list[str]]:
     """(training sections, held-out sections): the given or all image sections, once
     each, without the held-out ones (which must exist)."""
-    from mclx.data.her2st import list_sections
     from mclx.errors import DataError
 
-    wanted = split_names(sections) or list_sections(data, with_image=True)
+    wanted = split_names(sections) or reader.sections(with_image=True)
     held = set(split_names(holdout))
-    unknown = held - set(list_sections(data))
+    unknown = held - set(reader.sections())
     if unknown:
-        msg = f"{data}: holdout section(s) {sorted(unknown)} do not exist"
+        msg = f"{reader.root}: holdout section(s) {sorted(unknown)} do not exist"
         raise KeyError(msg)
     names = [s for s in dict.fromkeys(wanted) if s not in held]  # repeated: once
     if not names:
-        msg = f"{data}: no training section left after --holdout"
+        msg = f"{reader.root}: no training section left after --holdout"
         raise DataError(msg)
     return names, sorted(held)
 
@@ -204,24 +215,30 @@ def evaluate(
       mclx evaluate --model bleep --freeze-encoder --out bleep.json
       mclx evaluate --freeze-encoder --bank-sections A1,A2,B1 --distance l1
       mclx evaluate --ckpt model.pt --bank her2.npz --sections C2 --out c2.json
+      mclx evaluate --data ../shared/data/stutility-mob --freeze-encoder --n-hvg 500 --k 100
+    \b
+    With --n-hvg N each fold chooses its genes on its training sections only (the
+    held-out section's counts never enter the panel); the results JSON says so.
     """
-    from mclx.data.her2st import list_sections
     from mclx.evaluate import cross_validate, format_table, score_checkpoint, write_results
 
     out = check_output(out or Path(f"evaluate_{kw['model']}.json"))
+    reader = open_data_from(data, kw)
     if ckpt is not None or bank_path is not None:
         if ckpt is None or not sections:
             msg = "evaluate: --ckpt needs --sections (the sections to score) and --bank"
             raise click.UsageError(msg)
-        res = score_checkpoint(ckpt, bank_path, data, split_names(sections), k=k, distance=distance)
+        res = score_checkpoint(
+            ckpt, bank_path, reader, split_names(sections), k=k, distance=distance
+        )
         title = f"{ckpt} with {bank_path}"
     else:
         extra = split_names(bank_sections)
         res = cross_validate(
-            data,
+            reader,
             recipe_from(kw),
             sections=split_names(sections) or None,
-            bank_sections=list_sections(data) if extra == ["all"] else extra,
+            bank_sections=reader.sections() if extra == ["all"] else extra,
             k=k,
             distance=distance,
             progress=not kw["quiet"],
@@ -232,7 +249,12 @@ def evaluate(
             f"epochs={c['train']['epochs']} ({c['seconds']} s)"
         )
     click.echo(format_table(res, title=title))
-    click.echo("mclx: wrote {} and {}".format(*write_results(res, out)))
+    json_path, csv_path = write_results(res, out)
+    preds = json_path.with_name(json_path.stem + ".predictions.h5ad")
+    click.echo(
+        f"mclx: wrote {json_path} and {csv_path}"
+        + (f" and {preds} (for mclx analyze)" if res.get("predictions") else "")
+    )
 
 
 @cli.group(context_settings=CONTEXT)
@@ -245,18 +267,19 @@ def bank() -> None:
 @data_option()
 @sections_option("Sections to embed (default: every section with counts, image or not).")
 @out_option("Bank (.npz).", required=True)
-def bank_build(ckpt: Path, data: Path, sections, out: Path) -> None:
+def bank_build(ckpt: Path, data: Path, sections, out: Path, **kw: Any) -> None:
     """Embed spots with a checkpoint's spot encoder and write a bank.
 
     \b
     Examples:
       mclx bank build --ckpt model.pt --data ../shared/data/her2st --out her2.npz
       mclx bank build --ckpt model.pt --sections C3,C4,C5,C6 --out images_only.npz
+      mclx bank build --ckpt mob.pt --data ../shared/data/stutility-mob --out mob.npz
     """
     from mclx.bank import build_bank, save_bank
 
     check_output(out)
-    b = build_bank(ckpt, data, sections=split_names(sections) or None)
+    b = build_bank(ckpt, open_data_from(data, kw), sections=split_names(sections) or None)
     save_bank(b, out)
     click.echo(
         f"mclx: wrote {out}: {len(b)} spots from {len(set(b.sections.tolist()))} sections, "
@@ -353,7 +376,8 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
 @click.option(
     "--spots",
     type=click.Path(path_type=Path),
-    help="Tiles at these spots: her2st spot file, Visium tissue_positions, or CSV x,y.",
+    help="Tiles at these spots: her2st/ST spot file, Visium tissue_positions (.csv, "
+    ".parquet), CSV x,y, a HEST st/ID.h5ad, or a one-section data folder of any layout.",
 )
 @k_option("Neighbours (default: the bank's).")
 @distance_option()
@@ -379,6 +403,7 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
 )
 @out_option("Predictions (.h5ad). Default: SLIDE stem + .pred.h5ad in the current folder.")
 @click.option("--plot", "plot", multiple=True, help="Write a PNG map for this gene (repeatable).")
+@extra_outputs_options()
 @click.option(
     "--resume",
     is_flag=True,
@@ -391,26 +416,38 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
     help="Save the predictions so far every N batches for --resume (default 64; 0: never).",
 )
 @quiet_option("No progress bar.")
-def infer(slide: Path, bank_path: Path, out, plot, resume, save_every, quiet, **kw: Any) -> None:
+def infer(
+    slide: Path, bank_path: Path, out, plot, geojson, geojson_genes, spatialdata, resume,
+    save_every, quiet, **kw: Any,
+) -> None:  # fmt: skip
     """Predict spatial expression over a whole slide (or at given spots).
 
+    \b
+    The .h5ad holds the slide image in uns["spatial"] (scanpy's layout): sc.pl.spatial
+    plots it as it is. --geojson opens in QuPath, --spatialdata in napari-spatialdata;
+    `mclx view OUT` makes a page to pan and zoom in a browser.
     \b
     Examples:
       mclx infer slide.svs --bank her2.npz --plot FASN --plot IGKC
       mclx infer C2.jpg --bank her2.npz --spots C2_selection.tsv --out C2.h5ad
       mclx infer slide.tif --bank her2.npz --model model.onnx --batch-size 128
+      mclx infer slide.svs --bank her2.npz --geojson slide.geojson --geojson-genes 50
     """
+    from mclx.outputs import Outputs
     from mclx.runtime import infer as run_infer
-    from mclx.writer import plot_genes, write_predictions
+    from mclx.writer import add_spatial_image, write_predictions
 
     out = check_output(out or Path(f"{slide.stem}.pred.h5ad"))
+    extra = Outputs(out, plot, geojson, geojson_genes, spatialdata)
+    extra.check()
     state = _inference_state(out, resume, save_every)
     adata = run_infer(
         slide, bank_path=bank_path, plot_genes=plot, state=state, progress=not quiet, **kw
     )
-    with all_or_nothing():  # the predictions and every plot, or nothing
+    add_spatial_image(adata, slide, mpp=kw["mpp"])
+    with all_or_nothing():  # the predictions and every other output, or nothing
         write_predictions(adata, out)
-        pngs = plot_genes(adata, slide, plot, out.with_suffix(""), mpp=kw["mpp"]) if plot else []
+        pngs = extra.write(adata, slide, mpp=kw["mpp"])
     state.remove()
     t = adata.uns["mclx"]["timings"]
     click.echo(
@@ -418,28 +455,67 @@ def infer(slide: Path, bank_path: Path, out, plot, resume, save_every, quiet, **
         f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, retrieve "
         f"{t['retrieve']:.1f} s, write {t['write']:.2f} s) with {adata.uns['mclx']['backend']}/"
         f"{adata.uns['mclx']['precision']}; wrote {out}"
-        + (f" and {len(pngs)} plots ({', '.join(str(p) for p in pngs)})" if pngs else "")
+        + (f" and {', '.join(str(p) for p in pngs)}" if pngs else "")
     )
 
 
-def _inference_state(out: Path, resume: bool, save_every: int | None):
-    """The resumable state beside ``out``, loaded now with ``--resume`` (before any
-    work); temporary files that a killed save left are removed."""
-    from mclx.infer_state import SAVE_EVERY, InferState
-    from mclx.run_state import remove_stale_temps, state_path
+cli.add_command(view)
 
-    state = InferState(state_path(out), every=SAVE_EVERY if save_every is None else save_every)
-    if resume:
-        state.load()  # fails now, before any work, when missing or corrupt
-    elif state.path.exists():
-        click.echo(
-            f"mclx: warning: {state.path}: an interrupted run's predictions will be replaced "
-            "(use --resume to continue it)",
-            err=True,
-        )
-    for p in (out, state.path):
-        remove_stale_temps(p)  # left by a killed write
-    return state
+
+def _inference_state(out: Path, resume: bool, save_every: int | None):
+    """The resumable inference state beside ``out`` (see :func:`_ready_state`)."""
+    from mclx.infer_state import SAVE_EVERY, InferState
+    from mclx.run_state import state_path
+
+    every = SAVE_EVERY if save_every is None else save_every
+    return _ready_state(InferState(state_path(out), every=every), out, resume, "predictions")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("source", type=click.Path(path_type=Path))
+@out_option("Folder for the tables, annotated predictions and figures.", required=True)
+@click.option(
+    "--markers",
+    type=click.Path(path_type=Path),
+    help="Marker genes (one per line, or .npy) reported as a panel beside ACG, HEG, HVG.",
+)
+@click.option(
+    "--k",
+    "n_domains",
+    type=click.IntRange(2),
+    default=None,
+    help="Spatial domains per section (default: the number of labels, else 5).",
+)
+@click.option("--top", type=click.IntRange(1, 12), default=4, show_default=True,
+              help="Top-ranked genes drawn as measured vs predicted maps.")  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True, help="PCA / KMeans seed.")
+def analyze(source: Path, out: Path, markers, n_domains, top, seed) -> None:
+    """The paper's analyses on predictions with their truth (beyond Table 1).
+
+    \b
+    SOURCE: the results JSON of `mclx evaluate` (or the .predictions.h5ad beside it), or
+    any .h5ad with predicted X, layers["measured"] and obs["section"]. Writes to --out:
+      gene_ranking.csv   per-gene r and p per section, ranked by mean -log10(p)
+      panels.csv         mean PCC over ACG, HEG, HVG (and --markers) per section
+      gene_gene.csv      gene-gene correlation preservation per section
+      domains.csv        KMeans domains on predicted expression: ARI / NMI vs labels
+      analysis.h5ad      the predictions with obs["domain"] and the ranking in var
+      *.png              top genes' maps, gene-gene heatmaps, domain maps
+    \b
+    Examples:
+      mclx evaluate --freeze-encoder --out her2.json && mclx analyze her2.json --out her2_analysis
+      mclx analyze her2.predictions.h5ad --markers markers.txt --k 6 --out her2_analysis
+    """
+    from mclx.analyze import analyze as run_analysis
+    from mclx.analyze import write_analysis
+    from mclx.data.preprocess import load_gene_list
+
+    genes = load_gene_list(markers) if markers else ()
+    res = run_analysis(source, markers=genes, k=n_domains, seed=seed)
+    written = write_analysis(res, out, top=top)
+    click.echo(res.ranking.head(10)[["rank", "mean_neglog10_p", "mean_pcc"]].to_string())
+    click.echo(res.panels.to_string())
+    click.echo(f"mclx: wrote {len(written)} files to {out}")
 
 
 def _close_progress_bars() -> bool:

@@ -49,6 +49,22 @@ def _encoder_names() -> list[str]:
     return ENCODERS.names()
 
 
+class DeviceType(click.ParamType):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the N-th GPU)."""
+
+    name = "[auto|cpu|cuda|cuda:N]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        from mclx.inference.device import resolve_device
+
+        if value == "auto":
+            return value
+        try:
+            return resolve_device(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def literal_choice(alias: Any) -> click.Choice:
     """The values of a ``Literal`` type alias of :mod:`mclx.config` as a click choice."""
     return click.Choice(list(typing.get_args(alias)))
@@ -70,15 +86,61 @@ def stack(*decorators: Decorator) -> Decorator:
     return deco
 
 
+def _layout_names() -> list[str]:
+    from mclx.data.readers import layout_names
+
+    return layout_names()
+
+
 def data_option() -> Decorator:
-    return click.option(
-        "--data",
-        type=click.Path(path_type=Path),
-        envvar="MCLX_HER2ST",
-        default=DEFAULT_DATA,
-        show_default=True,
-        help="her2st-layout folder (ST-cnts/, ST-spotfiles/, ST-imgs/). Env: MCLX_HER2ST.",
-    )
+    """``--data`` (a folder of any registered layout), ``--layout``, ``--mpp`` and
+    ``--image``: read together by :func:`open_data_from`."""
+    return stack(
+        click.option(
+            "--data", type=click.Path(path_type=Path), envvar="MCLX_HER2ST",
+            default=DEFAULT_DATA, show_default=True,
+            help="Data folder: her2st, legacy ST/STUtility, Visium outs or HEST-1k layout "
+            "(detected). Env: MCLX_HER2ST.",
+        ),
+        click.option(
+            "--layout", type=RegistryChoice(_layout_names), default=None,
+            help="Force the data layout instead of detecting it.",
+        ),
+        click.option(
+            "--mpp", "data_mpp", type=click.FloatRange(min=0, min_open=True), default=None,
+            help="µm/px of the sections' full-resolution images (default: from the spot "
+            "grid of the detected array, or the data's metadata).",
+        ),
+        click.option(
+            "--image", "data_images", multiple=True,
+            help="Full-resolution image of a section whose folder lacks it (Visium): FILE "
+            "for a single-section folder, or SECTION=FILE (repeatable).",
+        ),
+    )  # fmt: skip
+
+
+def open_data_from(data: Path, kw: dict[str, Any]):
+    """The :class:`~mclx.data.readers.Reader` that ``--data``, ``--layout``, ``--mpp``
+    and ``--image`` ask for (those are taken out of ``kw``)."""
+    from mclx.data.readers import open_data
+
+    layout, mpp, given = kw.pop("layout"), kw.pop("data_mpp"), kw.pop("data_images")
+    pairs = [v.split("=", 1) if "=" in v else [None, v] for v in given]
+    reader = open_data(data, layout, mpp=mpp)
+    if pairs:
+        names = reader.sections()
+        if any(name is None for name, _ in pairs) and len(names) != 1:
+            msg = (
+                f"--image: {data} has {len(names)} sections ({', '.join(names)}); give SECTION=FILE"
+            )
+            raise click.UsageError(msg)
+        images = {name or names[0]: Path(path) for name, path in pairs}
+        unknown = sorted(set(images) - set(names))
+        if unknown:
+            msg = f"--image: no section {unknown[0]!r} in {data} (known: {', '.join(names)})"
+            raise click.UsageError(msg)
+        reader = open_data(data, reader.name, mpp=mpp, images=images)
+    return reader
 
 
 def out_option(help: str, *, required: bool = False) -> Decorator:
@@ -119,7 +181,6 @@ def distance_option() -> Decorator:
 def encoder_options() -> Decorator:
     """``--backend``, ``--precision`` and ``--device``, with the choices of the formats
     table (:mod:`mclx.inference.formats`)."""
-    from mclx.inference.device import DeviceArg
     from mclx.inference.formats import FORMATS
 
     def choice(values: Iterable[str]) -> click.Choice:
@@ -134,7 +195,30 @@ def encoder_options() -> Decorator:
             "--precision", type=choice(f.precision for f in FORMATS.values()), default="auto",
             show_default=True,
         ),
-        click.option("--device", type=literal_choice(DeviceArg), default="auto", show_default=True),
+        click.option(
+            "--device", type=DeviceType(), default="auto", show_default=True,
+            help="Where the encoder and the bank run; cuda:N picks the N-th GPU.",
+        ),
+    )  # fmt: skip
+
+
+def extra_outputs_options() -> Decorator:
+    """``mclx infer``'s outputs for other tools (:mod:`mclx.outputs`)."""
+    return stack(
+        click.option(
+            "--geojson", type=click.Path(path_type=Path), default=None,
+            help="Also write the tiles as GeoJSON polygons with the predicted genes as "
+            "measurements (QuPath: File > Import objects).",
+        ),
+        click.option(
+            "--geojson-genes", type=click.IntRange(1), default=None,
+            help="Only the N genes of highest mean prediction in --geojson (default: all).",
+        ),
+        click.option(
+            "--spatialdata", type=click.Path(path_type=Path), default=None,
+            help="Also write a SpatialData store DIR.zarr (image, tile shapes, table); "
+            "needs pip install 'mclx[spatialdata]'.",
+        ),
     )  # fmt: skip
 
 

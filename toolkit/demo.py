@@ -1,6 +1,6 @@
 """``make demo``: the whole chain on an embedded default, through the real commands.
 
-train -> bank build -> export -> infer (with plots). Uses the HER2+ data when
+train -> bank build -> export -> infer (with plots, GeoJSON) -> view. Uses the HER2+ data when
 ``$MCLX_HER2ST`` or ``../shared/data/her2st`` exists (held-out section C2, predicted at
 its spots), otherwise writes a small synthetic dataset in the same layout and a pyramidal
 TIFF slide (predicted on a tissue grid read through OpenSlide). Outputs go to demo_out/.
@@ -62,7 +62,8 @@ def her2st_steps(data: Path, model: Path, bank: Path) -> list[list[object]]:
         ["bank", "build", "--ckpt", model, "--data", data, "--sections", sections, "--out", bank],
         ["export", "--ckpt", model, "--calib-data", data],
         ["infer", slide, "--bank", bank, "--spots", spots, "--plot", "FASN", "--plot", "GNAS",
-         "--out", OUT / "C2.h5ad"],
+         "--geojson", OUT / "C2.geojson", "--geojson-genes", 50, "--out", OUT / "C2.h5ad"],
+        ["view", OUT / "C2.h5ad", "--gene", "FASN", "--out", OUT / "C2_view"],
     ]  # fmt: skip
 
 
@@ -76,7 +77,8 @@ def synthetic_steps(model: Path, bank: Path) -> list[list[object]]:
         ["bank", "build", "--ckpt", model, "--data", root, "--sections", "S1,S2,S4", "--out", bank],
         ["export", "--ckpt", model, "--int8", "--calib-data", root],
         ["infer", slide, "--bank", bank, "--k", 20, "--plot", "GENE000", "--plot", "GENE001",
-         "--out", OUT / "S3.h5ad"],
+         "--geojson", OUT / "S3.geojson", "--out", OUT / "S3.h5ad"],
+        ["view", OUT / "S3.h5ad", "--out", OUT / "S3_view"],
     ]  # fmt: skip
 
 
@@ -91,14 +93,31 @@ def main() -> int:
     else:
         print(f"mclx demo on synthetic data in {OUT / 'synthetic'} (no HER2+ data); S3 held out")
         steps = synthetic_steps(model, bank)
+    viewer = _viewer_missing()
+    if viewer:  # the demo still shows everything else
+        print(f"mclx demo: skipping `mclx view`: {viewer}")
+        steps = steps[:-1]
     for step in steps:
         run(*step)
+    infer = next(s for s in steps if s[0] == "infer")
     print(
-        f"\nmclx demo done in {time.perf_counter() - t0:.0f} s. Predictions: {steps[-1][-1]} "
-        f"(open with anndata.read_h5ad / scanpy); plots: {OUT}/*.png; checkpoint {model}, "
-        f"bank {bank}, ONNX encoder {model.with_suffix('.onnx')}"
+        f"\nmclx demo done in {time.perf_counter() - t0:.0f} s. Predictions: {infer[-1]} "
+        f"(sc.read_h5ad, then sc.pl.spatial(adata, color=GENE)); plots: {OUT}/*.png; "
+        f"QuPath objects: {OUT}/*.geojson; checkpoint {model}, bank {bank}, ONNX encoder "
+        f"{model.with_suffix('.onnx')}"
+        + ("" if viewer else f"; viewer: open {steps[-1][-1]}/index.html in a browser")
     )
     return 0
+
+
+def _viewer_missing() -> str | None:
+    from mclx.viewer import openseadragon
+
+    try:
+        openseadragon.find()
+    except FileNotFoundError as exc:
+        return str(exc)
+    return None
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import numpy as np
 
 from mclx.config import Distance, PreprocessCfg, to_dict
 from mclx.data.dataset import build_table
-from mclx.data.her2st import read_her2st
 from mclx.io import all_or_nothing, atomic_path, write_text_atomic
 from mclx.metrics import score
 from mclx.recipe import PatchCache, Recipe, train_model
@@ -44,27 +43,37 @@ def cross_validate(
         bank_sections: sections (image or not) whose spots join every fold's bank.
         k, distance: retrieval settings (default: the model's).
     """
-    recipe = recipe or Recipe()
-    adatas = read_her2st(root, list(sections) if sections else None, with_image=True)
+    from mclx.data.readers import open_data
+
+    recipe, data = recipe or Recipe(), open_data(root)
+    adatas = data.read(list(sections) if sections else None, with_image=True)
     if len(adatas) < 2:
-        msg = f"{root}: cross-validation needs at least two sections with images"
+        msg = f"{data.root}: cross-validation needs at least two sections with images"
         raise ValueError(msg)
     extra = [s for s in bank_sections if s not in adatas]
-    extra_adatas = read_her2st(root, extra) if extra else {}
-    _check_k(root, recipe, adatas, extra_adatas, k)
+    extra_adatas = data.read(extra) if extra else {}
+    _check_k(data.root, recipe, adatas, extra_adatas, k)
     cache = PatchCache(adatas, PreprocessCfg().patch_size)
     results: dict[str, Any] = {}
     genes_out: dict[str, dict[str, float]] = {}
+    panels: dict[str, dict[str, Any]] = {}
+    preds: dict[str, Any] = {}
     t0 = time.perf_counter()
     for test in adatas:
-        fold = _Fold(root, recipe, adatas, extra_adatas, test)
-        row, genes_out[test] = fold.run(cache, k=k, distance=distance, progress=progress)
+        fold = _Fold(data, recipe, adatas, extra_adatas, test)
+        row, genes_out[test], preds[test] = fold.run(
+            cache, k=k, distance=distance, progress=progress
+        )
         results[test] = row
+        panels[test] = {"train": fold.train, "genes": list(fold.pre.genes)}
     config = fold.config(k, distance) | {
+        "data": str(data.root),
+        "layout": data.name,
         "bank_sections": list(bank_sections),
+        "gene_panel": recipe.gene_panel(data),
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    return _summary(results, config, genes_out)
+    return _summary(results, config, genes_out) | {"folds": panels, "predictions": preds}
 
 
 def _check_k(root, recipe: Recipe, adatas, extra, k: int | None) -> None:
@@ -89,11 +98,11 @@ class _Fold:
     """One held-out section: train on the others, bank them (and the extra sections),
     predict the held-out spots from their patches and score them."""
 
-    def __init__(self, root, recipe: Recipe, adatas, extra, test: str) -> None:
+    def __init__(self, data, recipe: Recipe, adatas, extra, test: str) -> None:
         self.recipe, self.test, self.adatas = recipe, test, adatas
         self.train = [s for s in adatas if s != test]
         self.bank_adatas = {s: adatas[s] for s in self.train} | extra
-        self.pre, self.net = recipe.setup(root, adatas | extra, self.train)
+        self.pre, self.net = recipe.setup(data, adatas | extra, self.train)
 
     def run(self, cache: PatchCache, *, k, distance, progress: bool):
         from mclx.bank import bank_from_model
@@ -107,12 +116,14 @@ class _Fold:
             table = build_table(self.bank_adatas, pre)
             bank = bank_from_model(net, table, pre.genes, fingerprint="fold")
         feats = cache.features(net.image_encoder, self.test, pre)
-        truth = build_table({self.test: self.adatas[self.test]}, pre)
-        out = head_outputs(net, feats, positions=truth.pos)  # positions: HisToGene's
-        s = score(match(out, bank, k=k, distance=distance), truth.expr)
+        table = build_table({self.test: self.adatas[self.test]}, pre)
+        out = head_outputs(net, feats, positions=table.pos)  # positions: HisToGene's
+        pred, truth = match(out, bank, k=k, distance=distance), table.expr
+        s = score(pred, truth)
         genes = dict(zip(pre.genes, s.pop("pcc_genes").tolist()))
         n = self.adatas[self.test].n_obs
-        return s | {"n_spots": n, "final_loss": history[-1]}, genes
+        held_out = prediction_adata(self.adatas[self.test], pred, truth, pre.genes)
+        return s | {"n_spots": n, "final_loss": history[-1]}, genes, held_out
 
     def config(self, k: int | None, distance: str | None) -> dict[str, Any]:
         """The fold's model, preprocessing (genes aside) and retrieval settings."""
@@ -127,6 +138,27 @@ class _Fold:
             "n_genes": len(pre.genes),
             "encoder_weights": str(self.recipe.encoder_weights),
         }
+
+
+def prediction_adata(adata, pred: np.ndarray, truth: np.ndarray, genes: Sequence[str]):
+    """A held-out section's predictions as AnnData: ``X`` predicted and
+    ``layers["measured"]`` measured (preprocessed) expression, the section's ``obs``
+    (array and pixel coordinates, labels when it has them) and ``obsm["spatial"]``;
+    ``uns["sections"][name]`` its image and µm/px. What ``mclx analyze`` reads."""
+    import anndata as ad
+    import pandas as pd
+
+    out = ad.AnnData(
+        X=np.asarray(pred, np.float32),
+        obs=adata.obs.copy(),
+        var=pd.DataFrame(index=pd.Index([str(g) for g in genes])),
+    )
+    out.layers["measured"] = np.asarray(truth, np.float32)
+    out.obsm["spatial"] = np.asarray(adata.obsm["spatial"], np.float64)
+    name = str(adata.uns.get("section"))
+    info = {k: adata.uns.get(k) for k in ("image_path", "mpp", "layout", "array")}
+    out.uns["sections"] = {name: {k: v for k, v in info.items() if v is not None}}
+    return out
 
 
 def _summary(results: dict[str, Any], config: dict[str, Any], genes: dict) -> dict[str, Any]:
@@ -152,19 +184,20 @@ def score_checkpoint(
     """Table 1 for a trained checkpoint and bank on ``sections`` (no training)."""
     from mclx.checkpoint import load_checkpoint
     from mclx.data.patches import section_patches
+    from mclx.data.readers import open_data
     from mclx.inference import predict
     from mclx.inference.device import torch_device
     from mclx.inference.encoders import TorchEncoder
 
     ck = load_checkpoint(checkpoint)
-    bank = _scoring_bank(ck, checkpoint, bank_path, sections, k)
-    adatas = read_her2st(root, list(sections), with_image=True)
+    bank = _scoring_bank(ck, checkpoint, bank_path, sections, k)  # before reading any data
+    adatas = open_data(root).read(list(sections), with_image=True)
     encoder = TorchEncoder(ck, device=torch_device().type)
     results, genes_out = {}, {}
     section = ck.model.kind == "section"  # HisToGene: each section at once, with positions
     for name, adata in adatas.items():
         table = build_table({name: adata}, ck.preprocess)
-        patches = section_patches(adata, ck.preprocess.patch_size)
+        patches = section_patches(adata, ck.preprocess.patch_size, ck.preprocess.mpp)
         pos = table.pos if section else None
         pred = predict(encoder, patches, bank, k=k, distance=distance, positions=pos)
         s, truth = score(pred, table.expr), table.expr
@@ -224,12 +257,29 @@ def write_results(res: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Pa
     import pandas as pd
 
     out = Path(out)
-    summary = {k: v for k, v in res.items() if k != "genes"}
+    preds = res.get("predictions") or {}
+    pred_path = out.with_name(out.stem + ".predictions.h5ad")
+    summary = {k: v for k, v in res.items() if k not in ("genes", "predictions")}
+    if preds:
+        summary["predictions"] = pred_path.name
     csv = out.with_name(out.stem + ".genes.csv")
     table = pd.DataFrame(res["genes"])
     table.index.name = "gene"
-    with all_or_nothing():  # both files or neither
+    with all_or_nothing():  # every file or none
         write_text_atomic(out, json.dumps(summary, indent=2) + "\n")
         with atomic_path(csv) as tmp:
             table.to_csv(tmp)
+        if preds:
+            with atomic_path(pred_path, suffix=".h5ad") as tmp:
+                joined_predictions(preds).write_h5ad(tmp)
     return out, csv
+
+
+def joined_predictions(preds: dict[str, Any]):
+    """The held-out sections' predictions in one AnnData (``obs["section"]`` tells them
+    apart; a gene outside a fold's panel is NaN in that section's rows)."""
+    import anndata as ad
+
+    joined = ad.concat(list(preds.values()), join="outer", merge="same", uns_merge="first")
+    joined.uns["sections"] = {k: v for p in preds.values() for k, v in p.uns["sections"].items()}
+    return joined

@@ -13,6 +13,7 @@ import contextlib
 import contextvars
 import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,15 +161,61 @@ def all_or_nothing() -> Iterator[None]:
         yield
     except BaseException:
         for tmp, _ in pending:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
             with contextlib.suppress(OSError):
                 tmp.unlink()
         raise
     finally:
         _PENDING.reset(token)
     for tmp, path in pending:
-        os.replace(tmp, path)
+        _install(tmp, path)
     for folder in {path.parent for _, path in pending}:
         _fsync_folder(folder)
+
+
+def _install(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` onto ``path``; a folder replaces the folder there (moved aside, then
+    removed once the new one is in place: a rename cannot replace a non-empty folder)."""
+    if not tmp.is_dir() or not path.is_dir():
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+    os.replace(path, old / path.name)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it takes the place of
+    ``path`` (a folder already there is replaced), else it is removed. Joins an
+    enclosing :func:`all_or_nothing` block like :func:`atomic_path`. The caller decides
+    beforehand whether a folder at ``path`` may be replaced (:func:`check_output_folder`).
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    check_output(path, folder_ok=True)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder))
+    except OSError as exc:
+        reason = exc.strerror.lower() if exc.strerror else str(exc)
+        raise _write_error(path, f"cannot create a folder in {folder} ({reason})", exc) from exc
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; behave like mkdir()
+    pending = _PENDING.get()
+    try:
+        yield tmp
+        if pending is not None:
+            pending.append((tmp, path))
+        else:
+            _install(tmp, path)
+            _fsync_folder(folder)
+    except BaseException as exc:
+        reason = write_failure(exc, folder, []) if isinstance(exc, Exception) else None
+        shutil.rmtree(tmp, ignore_errors=True)
+        if reason is not None:
+            raise _write_error(path, reason, exc) from exc
+        raise
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -181,8 +228,9 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def check_output(path: str | os.PathLike) -> Path:
-    """Fail before any work when ``path`` cannot be written (missing or read-only folder)."""
+def check_output(path: str | os.PathLike, *, folder_ok: bool = False) -> Path:
+    """Fail before any work when ``path`` cannot be written (missing or read-only folder);
+    ``path`` may be an existing folder only with ``folder_ok`` (a folder output)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -191,9 +239,29 @@ def check_output(path: str | os.PathLike) -> Path:
     if not os.access(folder, os.W_OK | os.X_OK):
         msg = f"{path}: output folder {folder} is not writable"
         raise PermissionError(msg)
-    if path.is_dir():
+    if path.is_dir() and not folder_ok:
         msg = f"{path}: output path is a folder"
         raise IsADirectoryError(msg)
+    return path
+
+
+def check_output_folder(
+    path: str | os.PathLike, *, marker: str | tuple[str, ...], what: str
+) -> Path:
+    """Fail before any work when the folder output ``path`` cannot be written, or when a
+    folder is there that this kind of output did not write: one that is not empty and
+    has no ``marker`` (a file every such output has) is never replaced."""
+    path = check_output(path, folder_ok=True)
+    markers = (marker,) if isinstance(marker, str) else marker
+    if path.exists() and not path.is_dir():
+        msg = f"{path}: exists and is a file, not {what}"
+        raise FileExistsError(msg)
+    if path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in markers):
+        msg = (
+            f"{path}: a folder that is not {what} (no {' or '.join(markers)}) is there; "
+            "remove it or choose another output"
+        )
+        raise FileExistsError(msg)
     return path
 
 

@@ -20,31 +20,29 @@ import numpy as np
 
 from mclx.config import LogBase, PreprocessCfg, TrainCfg, to_dict
 from mclx.data.dataset import SpotTable, build_table
-from mclx.data.her2st import array_extent, find_data_root
-from mclx.data.patches import section_patches
+from mclx.data.patches import section_patches, source_size
 from mclx.data.preprocess import check_genes, highly_variable_genes, load_gene_list
 
 if TYPE_CHECKING:
     from torch import nn
 
+    from mclx.data.readers import Reader
     from mclx.train_state import StateFile
 
-GENE_LIST_NAME = "her_hvg_cut_1000.npy"
+
+def default_gene_file(data: str | os.PathLike | Reader) -> Path | None:
+    """The gene list that ships with the data (her2st's, beside its folder), if any."""
+    from mclx.data.readers import open_data
+
+    return open_data(data).gene_file()
 
 
-def default_gene_file(root: str | os.PathLike) -> Path | None:
-    """her2st's gene list beside the data folder, when present."""
-    data = find_data_root(root)
-    for folder in (data, data.parent):
-        if (folder / GENE_LIST_NAME).is_file():
-            return folder / GENE_LIST_NAME
-    return None
+def pos_size(data: str | os.PathLike | Reader, adatas: Sequence[Any] = ()) -> tuple[int, int]:
+    """Positional table sizes: the largest array coordinate + 1 over every section of the
+    data folder (and the given sections), so any section of it fits a bank."""
+    from mclx.data.readers import open_data
 
-
-def pos_size(root: str | os.PathLike, adatas: Sequence[Any] = ()) -> tuple[int, int]:
-    """Positional table sizes: the largest array coordinate + 1 over every spot file of
-    the folder (and the given sections), so any section of it fits a bank."""
-    extent = array_extent(root)
+    extent = open_data(data).extent()
     for a in adatas:
         extent = (
             max(extent[0], int(a.obs["x"].max()) + 1),
@@ -76,19 +74,53 @@ class Recipe:
     log_base: LogBase = "10"
     encoder_weights: str | os.PathLike | None = "auto"
 
-    def genes(self, root: str | os.PathLike, train: Mapping[str, Any]) -> list[str]:
-        """A given gene list, her2st's default list, or HVGs over the training sections."""
+    def gene_file(self, data: str | os.PathLike | Reader) -> Path | None:
+        """The gene list used as given: ``genes_file``, else the data's own (her2st's);
+        None when the genes are highly variable genes of the training sections."""
         if self.n_hvg:
-            return highly_variable_genes(list(train.values()), n_top=self.n_hvg)
-        path = Path(self.genes_file) if self.genes_file else default_gene_file(root)
+            return None
+        return Path(self.genes_file) if self.genes_file else default_gene_file(data)
+
+    def genes(
+        self,
+        data: str | os.PathLike | Reader,
+        train: Mapping[str, Any],
+        others: Sequence[Any] = (),
+    ) -> list[str]:
+        """A given gene list, or highly variable genes of the *training* sections only
+        (scanpy), among the genes that the ``others`` (held-out and bank sections) also
+        measure: their names are used, never their counts, so no held-out expression
+        leaks into the panel."""
+        path = self.gene_file(data)
         if path is None:
-            return highly_variable_genes(list(train.values()), n_top=1000)
+            measured = None
+            if others:
+                measured = set(others[0].var_names).intersection(*(a.var_names for a in others))
+            return highly_variable_genes(
+                list(train.values()), n_top=self.n_hvg or 1000, among=measured
+            )
         genes = load_gene_list(path)
         for a in train.values():
             check_genes(a, genes)
         return genes
 
-    def preprocess(self, root: str | os.PathLike, train: Mapping[str, Any]) -> PreprocessCfg:
+    def gene_panel(self, data: str | os.PathLike | Reader) -> dict[str, Any]:
+        """How the genes are chosen, for results and provenance."""
+        path = self.gene_file(data)
+        if path is not None:
+            return {"source": "file", "file": str(path), "chosen_on": "given list, used as is"}
+        return {
+            "source": "highly_variable_genes",
+            "n_hvg": self.n_hvg or 1000,
+            "chosen_on": "training sections only (each fold's own, held-out section excluded)",
+        }
+
+    def preprocess(
+        self,
+        data: str | os.PathLike | Reader,
+        train: Mapping[str, Any],
+        others: Sequence[Any] = (),
+    ) -> PreprocessCfg:
         """Genes, the median µm/px of the training sections' images and the model's
         pixel normalisation."""
         from mclx.models import preprocess_defaults
@@ -97,7 +129,7 @@ class Recipe:
             a.uns["mpp"] for a in train.values() if a.uns.get("image_path") and a.uns.get("mpp")
         ]
         return PreprocessCfg(
-            genes=tuple(self.genes(root, train)),
+            genes=tuple(self.genes(data, train, others)),
             mpp=float(np.median(mpps)) if mpps else None,
             log_base=self.log_base,
             **preprocess_defaults(self.model),  # CMRCNet: ImageNet mean / std
@@ -119,11 +151,17 @@ class Recipe:
         return create_model(cfg, encoder_weights=self.encoder_weights)
 
     def setup(
-        self, root: str | os.PathLike, adatas: Mapping[str, Any], sections: Sequence[str]
+        self,
+        data: str | os.PathLike | Reader,
+        adatas: Mapping[str, Any],
+        sections: Sequence[str],
     ) -> tuple[PreprocessCfg, nn.Module]:
-        """Preprocessing and a new model for training on ``sections`` of ``adatas``."""
-        pre = self.preprocess(root, {s: adatas[s] for s in sections})
-        return pre, self.build_model(pre, pos_size(root, list(adatas.values())))
+        """Preprocessing and a new model for training on ``sections`` of ``adatas`` (the
+        other sections of ``adatas``, held out or bank-only, only constrain which genes
+        can be chosen, by name)."""
+        others = [a for s, a in adatas.items() if s not in sections]
+        pre = self.preprocess(data, {s: adatas[s] for s in sections}, others)
+        return pre, self.build_model(pre, pos_size(data, list(adatas.values())))
 
     def record(self, sections: Sequence[str], model, pre: PreprocessCfg, **extra: Any) -> dict:
         """What a run trains on, as a training state records it (``epochs`` aside)."""
@@ -166,22 +204,29 @@ def _train_record(cfg: TrainCfg) -> dict[str, Any]:
 
 
 class PatchCache:
-    """Patches cut once per section, and frozen-encoder features once per encoder."""
+    """Patches cut once per section and µm/px, and frozen-encoder features once per
+    encoder: a patch covers ``patch_size`` pixels at the model's µm/px (``pre.mpp``),
+    resampled from each section's own image."""
 
     def __init__(self, adatas: Mapping[str, Any], patch_size: int) -> None:
         self.adatas = adatas
         self.patch_size = patch_size
-        self._patches: dict[str, np.ndarray] = {}
-        self._features: dict[tuple[str, str, str, bool], np.ndarray] = {}
+        self._patches: dict[tuple[str, int], np.ndarray] = {}
+        self._features: dict[tuple[str, str, str, int, bool], np.ndarray] = {}
 
-    def patches(self, section: str) -> np.ndarray:
-        if section not in self._patches:
-            self._patches[section] = section_patches(self.adatas[section], self.patch_size)
-        return self._patches[section]
+    def _source(self, section: str, mpp: float | None) -> int:
+        a = self.adatas[section]
+        return source_size(self.patch_size, mpp, a.uns.get("mpp"), str(a.uns.get("image_path")))
+
+    def patches(self, section: str, mpp: float | None = None) -> np.ndarray:
+        key = (section, self._source(section, mpp))
+        if key not in self._patches:
+            self._patches[key] = section_patches(self.adatas[section], self.patch_size, mpp)
+        return self._patches[key]
 
     def table(self, sections: Sequence[str], pre: PreprocessCfg) -> SpotTable:
         table = build_table({s: self.adatas[s] for s in sections}, pre)
-        table.patches = np.concatenate([self.patches(s) for s in sections])
+        table.patches = np.concatenate([self.patches(s, pre.mpp) for s in sections])
         return table
 
     def features(
@@ -193,11 +238,12 @@ class PatchCache:
         from mclx.inference.embed import encode_features
 
         fp = (type(encoder).__name__, encoder_fingerprint(encoder))
-        key = (*fp, section, tokens)
-        if not tokens and (*fp, section, True) in self._features:
-            return self._features[(*fp, section, True)].mean(axis=1)
+        where = (section, self._source(section, pre.mpp))
+        key = (*fp, *where, tokens)
+        if not tokens and (*fp, *where, True) in self._features:
+            return self._features[(*fp, *where, True)].mean(axis=1)
         if key not in self._features:
-            patches = self.patches(section)
+            patches = self.patches(section, pre.mpp)
             self._features[key] = encode_features(encoder, patches, pre, tokens=tokens, **kw)
         return self._features[key]
 

@@ -120,11 +120,32 @@ def stream(
 def _concat(parts):
     if len(parts) == 1:
         return parts[0]
-    if type(parts[0]).__module__.startswith("cupy"):
+    kind = type(parts[0]).__module__
+    if kind.startswith("cupy"):
         import cupy as cp
 
         return cp.concatenate(parts)
+    if kind.startswith("torch"):
+        import torch
+
+        return torch.cat(parts)
     return np.concatenate(parts)
+
+
+def place_bank(bank, encoder, device: str):
+    """The bank where retrieval runs: in the memory of the encoder's GPU, unless
+    ``--device cpu`` asked for the host (an engine still encodes on its GPU; its CuPy
+    embeddings are then matched on the CPU)."""
+    if encoder.device.startswith("cuda") and device != "cpu":
+        return bank.to_device(encoder.device)
+    return bank
+
+
+def _array_device(array) -> str:
+    """``cpu`` for host arrays, ``cuda:N`` for CuPy arrays and CUDA tensors."""
+    if type(array).__module__.startswith("cupy"):
+        return f"cuda:{array.device.id}"
+    return str(getattr(array, "device", "cpu"))
 
 
 def _check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
@@ -237,8 +258,7 @@ def infer(  # long: the run's options, each documented once in the CLI
             max_tiles=max_tiles or MAX_TILES, batch_size=batch_size, workers=workers,
             source=str(slide_path),
         )  # fmt: skip
-        if encoder.device == "cuda":
-            bank = bank.to_device("cuda")
+        bank = place_bank(bank, encoder, device)
         if state is not None:
             state.record = _run_record(slide_path, work.tiles, encoder, bank, k, distance,
                                        batch_size, state.every)  # fmt: skip
@@ -262,6 +282,7 @@ def infer(  # long: the run's options, each documented once in the CLI
         "k": int(k),
         "distance": distance or bank.distance,
         "tiles_from": where.origin,
+        "bank_device": _array_device(bank.embeddings),
         "resumed_from_tile": int(state.saved[0]) if state is not None and state.saved else 0,
     }
     return predictions(preds, work.tiles, bank, encoder, provenance, timings)

@@ -179,11 +179,15 @@ def _read_table(path: Path, **kw) -> pd.DataFrame:
 
 def read_spots(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
     """Spot centres from a her2st spot file, a Visium tissue_positions file or a CSV
-    with ``x,y`` (level-0 pixels, optional ``id``). Returns (frame[id, x, y, ...], kind)."""
+    with ``x,y`` (level-0 pixels, optional ``id``), or from data of any layout that
+    :mod:`mclx.data.readers` reads (a one-section folder, a HEST ``.h5ad``, a Visium
+    ``.parquet``). Returns (frame[id, x, y, ...], kind)."""
+    from mclx.data.readers import SPOT_SUFFIXES, section_spots
+
     path = Path(path)
-    if path.is_dir():
-        msg = f"{path}: spot file is a folder"
-        raise DataError(msg)
+    if path.is_dir() or (path.suffix.lower() in SPOT_SUFFIXES and path.is_file()):
+        out, kind = section_spots(path)
+        return _check_spots(path, out), kind
     if not path.is_file():
         msg = f"{path}: spot file does not exist"
         raise FileNotFoundError(msg)
@@ -270,6 +274,8 @@ def _numbers(col: pd.Series) -> pd.Series:
 def spot_mpp(spots: pd.DataFrame, kind: str) -> float | None:
     """µm/px from the array grid: pixels per array-column step against its pitch in µm
     (legacy ST: 200 µm per step; Visium: 50 µm, columns step by 2 between spots)."""
+    if spots.attrs.get("mpp"):  # the data's own (mclx.data.readers.section_spots)
+        return float(spots.attrs["mpp"])
     if "array_x" not in spots or spots["array_x"].nunique() < 2:
         return None
     if kind == "her2st":  # same estimate as the reader's, so training and inference agree

@@ -1,4 +1,5 @@
-"""Prediction outputs: the ``.h5ad`` file and per-gene PNG maps, written atomically."""
+"""Prediction outputs: the ``.h5ad`` file (in scanpy's spatial layout) and per-gene PNG
+maps, written atomically; and reading predictions back, checked."""
 
 from __future__ import annotations
 
@@ -41,6 +42,79 @@ def write_predictions(adata, out: str | os.PathLike) -> float:
     return seconds
 
 
+HIRES_SIDE = 2000  # px, the longer side of uns["spatial"][...]["images"]["hires"] (as Visium's)
+
+
+def library_id(slide_path: str | os.PathLike) -> str:
+    """The key of the slide in ``uns["spatial"]``: its file (or DICOM folder) name stem,
+    in letters, digits, ``_``, ``-`` and ``.`` (what SpatialData accepts as a name)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(slide_path).stem) or "slide"
+
+
+def add_spatial_image(
+    adata, slide_path: str | os.PathLike, *, mpp: float | None = None, max_side: int = HIRES_SIDE
+) -> None:
+    """Put the slide in ``uns["spatial"]`` as scanpy, squidpy and HEST expect it, so that
+    ``sc.pl.spatial(adata, color=GENE)`` draws the predictions over it as they are:
+    ``uns["spatial"][library_id]`` holds ``images["hires"]`` (RGB uint8, longer side
+    ``max_side``), ``scalefactors`` (``tissue_hires_scalef`` = hires px per level-0 px,
+    ``spot_diameter_fullres`` = the tile side in level-0 px) and ``metadata``."""
+    from mclx.slide import open_slide
+
+    slide = open_slide(slide_path, mpp=mpp)
+    try:
+        thumb, f = slide.thumbnail(max_side)
+    finally:
+        slide.close()
+    adata.uns["spatial"] = {
+        library_id(slide_path): {
+            "images": {"hires": np.ascontiguousarray(thumb, dtype=np.uint8)},
+            "scalefactors": {
+                "tissue_hires_scalef": float(1.0 / f),
+                "spot_diameter_fullres": float(adata.uns["mclx"]["tile_size_level0"]),
+            },
+            "metadata": {"source_image_path": str(Path(slide_path).resolve())},
+        }
+    }
+
+
+def hires_image(adata) -> tuple[np.ndarray, float] | None:
+    """The slide image of ``uns["spatial"]`` and its level-0 px per image px, if any."""
+    spatial = adata.uns.get("spatial") or {}
+    for lib in spatial.values():
+        img = lib.get("images", {}).get("hires")
+        scale = lib.get("scalefactors", {}).get("tissue_hires_scalef")
+        if img is not None and scale:
+            return np.asarray(img), 1.0 / float(scale)
+    return None
+
+
+def read_predictions(path: str | os.PathLike):
+    """mclx predictions (``.h5ad``) back as AnnData; refuses a file that is not one."""
+    from mclx.artifacts import require_file
+    from mclx.errors import DataError
+    from mclx.io import describe_file
+
+    path = require_file(Path(path), "predictions", nonempty=True, error=DataError)
+    import anndata as ad
+
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # h5py / anndata raise many types for a wrong file
+        msg = f"{path}: cannot read it as .h5ad predictions (the file is {describe_file(path)})"
+        raise DataError(msg) from exc
+    u = adata.uns.get("mclx")
+    if not isinstance(u, dict) or "spatial" not in adata.obsm or "tile_size_level0" not in u:
+        msg = (
+            f"{path}: not mclx predictions (no uns['mclx'] with tile_size_level0, or no "
+            "obsm['spatial'])"
+        )
+        raise DataError(msg)
+    return adata
+
+
 def plot_genes(
     adata,
     slide_path: str | os.PathLike,
@@ -61,9 +135,14 @@ def plot_genes(
     if missing:
         msg = f"--plot: genes not in the bank: {', '.join(missing[:5])}"
         raise KeyError(msg)
-    slide = open_slide(slide_path, mpp=mpp)
-    thumb, f = slide.thumbnail(1600)
-    slide.close()
+    found = hires_image(adata)  # the image uns["spatial"] holds, else read again
+    if found is None:
+        slide = open_slide(slide_path, mpp=mpp)
+        try:
+            found = slide.thumbnail(1600)
+        finally:
+            slide.close()
+    thumb, f = found
     xy = np.asarray(adata.obsm["spatial"]) / f
     size = float(adata.uns["mclx"]["tile_size_level0"]) / f
     paths = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from helpers.arrays import ARRAY_TYPES, as_numpy
 from helpers.cli import assert_one_line_error, mclx, run_cli
-from helpers.data import her2st_available, her2st_path
+from helpers.data import her2st_available, her2st_path, shared_path
 from helpers.marks import needs
 from helpers.models import (
     Tiny,
@@ -34,6 +34,7 @@ __all__ = [
     "mclx",
     "needs",
     "run_cli",
+    "shared_path",
     "tiny_model",
     "tiny_options",
     "tiny_recipe",

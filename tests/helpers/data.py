@@ -1,5 +1,6 @@
-"""Where the test data lives: the real her2st folder (optional, or required with
-``MCLX_REQUIRE_DATA=1``) and the synthetic her2st-layout folder the fixtures write."""
+"""Where the test data lives: the real her2st folder and the other real data sets of
+``shared/data`` (optional, or required with ``MCLX_REQUIRE_DATA=1``); the synthetic
+her2st-layout folder is written by a fixture."""
 
 from __future__ import annotations
 
@@ -8,6 +9,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 REQUIRE_DATA = "MCLX_REQUIRE_DATA"
+# the real data sets beside her2st, and the file that says each one is there
+SHARED = {
+    "stutility-mob": "alignment_table_MOB1.tsv",
+    "visium-fixture": "filtered_feature_bc_matrix.h5",
+}
 
 
 def her2st_path() -> Path:
@@ -32,3 +38,17 @@ def her2st_missing() -> str | None:
     if her2st_available(path):
         return None
     return f"needs the her2st data: not found at {path} (set MCLX_HER2ST)"
+
+
+def shared_path(name: str) -> Path:
+    """``$MCLX_SHARED_DATA/NAME``, else ``../shared/data/NAME`` beside the repository."""
+    base = os.environ.get("MCLX_SHARED_DATA", ROOT.parent / "shared" / "data")
+    return Path(base) / name
+
+
+def shared_missing(name: str) -> str | None:
+    """Why the shared data set ``name`` cannot be used (None when it can)."""
+    path = shared_path(name)
+    if (path / SHARED[name]).is_file():
+        return None
+    return f"needs the {name} data: not found at {path} (set MCLX_SHARED_DATA)"

@@ -1,5 +1,8 @@
 """``needs`` marks, resolved at collection as scanpy's are: ``@needs("her2st")``,
-``@needs("gpu")``, ``@needs("cupy")``, ``@needs("tensorrt")``, ``@needs("numba")``.
+``@needs("stutility-mob")``, ``@needs("visium-fixture")`` (real data of shared/data),
+``@needs("gpu")``, ``@needs("cupy")``, ``@needs("tensorrt")``, ``@needs("numba")``,
+``@needs("browser")`` (system Chromium + chromedriver + selenium),
+``@needs("openseadragon")``, ``@needs("spatialdata")``.
 
 A test so marked is skipped, with the reason, before it runs (``pytest -rs`` lists them
 all up front) when what it needs is missing; with ``MCLX_REQUIRE_DATA=1`` a test that
@@ -20,7 +23,14 @@ from functools import cache
 
 import pytest
 
-from helpers.data import data_required, her2st_missing
+from helpers.data import SHARED, data_required, her2st_missing, shared_missing
+from helpers.viewer import (
+    browser_missing,
+    openseadragon_missing,
+    spatialdata_missing,
+    spatialdata_required,
+    viewer_required,
+)
 
 GPU_STACK = "pip install .[gpu] on a machine with an NVIDIA GPU"
 
@@ -79,6 +89,12 @@ NEEDS: dict[str, Need] = {
     "cupy": Need(_cupy, "gpu"),
     "tensorrt": Need(_tensorrt, "gpu"),
     "numba": Need(_numba),
+    "browser": Need(cache(browser_missing), "browser", viewer_required),
+    "openseadragon": Need(cache(openseadragon_missing), None, viewer_required),
+    "spatialdata": Need(cache(spatialdata_missing), None, spatialdata_required),
+    **{
+        name: Need(lambda name=name: shared_missing(name), "data", data_required) for name in SHARED
+    },
 }
 
 

@@ -3,12 +3,13 @@
 Each section becomes one AnnData:
 
 - ``X``: raw UMI counts (CSR, float32), ``var_names`` the genes of the counts file;
-- ``obs``: ``x``, ``y`` (integer array coordinates), ``pixel_x``, ``pixel_y``, ``section``;
-  ``obs_names`` are ``"{section}_{x}x{y}"``;
+- ``obs``: ``x``, ``y`` (integer array coordinates), ``pixel_x``, ``pixel_y``, ``section``
+  and, for sections with pathologist labels (``ST-pat/lbl/{section}_labeled_coordinates.tsv``),
+  ``label`` (None for unlabelled spots); ``obs_names`` are ``"{section}_{x}x{y}"``;
 - ``obsm["spatial"]``: spot centres in full-resolution image pixels (x, y);
-- ``uns``: ``section``, ``image_path`` (None when the section has no image), ``mpp``
-  (µm/px estimated from the spot grid: legacy ST spots are 200 µm apart) and the source
-  files.
+- ``uns``: ``section``, ``layout``, ``array`` (``1k``), ``image_path`` (None when the
+  section has no image), ``mpp`` (µm/px estimated from the spot grid: legacy ST spots are
+  200 µm apart, :mod:`mclx.data.arrays`) and the source files.
 
 Counts and spot files are joined on ``"{x}x{y}"`` and only ``selected == 1`` spots kept.
 """
@@ -23,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mclx.data.readers import Reader, check_inside, register
 from mclx.errors import DataError, short
 
-ST_PITCH_UM = 200.0  # centre-to-centre distance of legacy ST array positions
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+GENE_LIST_NAME = "her_hvg_cut_1000.npy"  # the 785-gene list of mclSTExp / Hist2ST / HisToGene
 
 
 def find_data_root(path: str | os.PathLike) -> Path:
@@ -175,25 +177,34 @@ def array_extent(root: str | os.PathLike) -> tuple[int, int]:
     return max(xs) + 1, max(ys) + 1
 
 
-def estimate_mpp(obs: pd.DataFrame, pitch_um: float = ST_PITCH_UM) -> float | None:
-    """µm/px from the spot grid: least-squares pixels per array step, x and y pooled."""
-    slopes = []
-    for a, p in (("x", "pixel_x"), ("y", "pixel_y")):
-        if obs[a].nunique() > 1:
-            slopes.append(abs(np.polyfit(obs[a].to_numpy(float), obs[p].to_numpy(float), 1)[0]))
-    if not slopes or min(slopes) <= 0:
-        return None
-    return float(pitch_um / np.mean(slopes))
+def estimate_mpp(obs: pd.DataFrame, array: str | None = None) -> float | None:
+    """µm/px from the spot grid of ``obs`` (``x``, ``y``, ``pixel_x``, ``pixel_y``): the
+    ST array (1k or 2k, detected from the coordinates when not given) knows the pitch."""
+    from mclx.data.arrays import detect_st_array
+    from mclx.data.arrays import estimate_mpp as grid_mpp
+
+    array = array or detect_st_array(obs["x"].to_numpy(), obs["y"].to_numpy())
+    return grid_mpp(obs[["x", "y"]].to_numpy(), obs[["pixel_x", "pixel_y"]].to_numpy(), array)
 
 
 def read_section(root: str | os.PathLike, section: str):
     """Read one section as AnnData (see module docstring)."""
+    return Her2stReader(find_data_root(root)).read_section(section)
+
+
+def st_section(
+    section: str,
+    counts_path: Path,
+    spots_path: Path,
+    image: Path | None,
+    *,
+    labels: Path | None = None,
+):
+    """A legacy ST section (her2st or STUtility files) as AnnData: counts joined with the
+    selected spots of the spot file on ``"{x}x{y}"``, checked against the image."""
     import anndata as ad
     import scipy.sparse as sp
 
-    root = find_data_root(root)
-    counts_path = _counts_path(root, section)
-    spots_path = root / "ST-spotfiles" / f"{section}_selection.tsv"
     if not spots_path.is_file():
         msg = f"{spots_path}: spot file for section {section!r} does not exist"
         raise FileNotFoundError(msg)
@@ -203,8 +214,7 @@ def read_section(root: str | os.PathLike, section: str):
     if len(common) == 0:
         msg = f"{counts_path}: no spot in common with {spots_path}"
         raise DataError(msg)
-    counts = counts.loc[common]
-    spots = spots.loc[common]
+    counts, spots = counts.loc[common], spots.loc[common]
     obs = pd.DataFrame(
         {
             "x": spots["x"].to_numpy(),
@@ -215,53 +225,87 @@ def read_section(root: str | os.PathLike, section: str):
         },
         index=[f"{section}_{i}" for i in common],
     )
-    image = _image_path(root, section)
+    if labels is not None:
+        obs["label"] = read_labels(labels).reindex(list(common)).to_numpy(dtype=object)
     if image is not None:
-        _check_spots_inside(image, obs)
+        check_inside(image, obs)
     adata = ad.AnnData(
         X=sp.csr_matrix(counts.to_numpy(dtype=np.float32)),
         obs=obs,
         var=pd.DataFrame(index=counts.columns.astype(str)),
     )
     adata.obsm["spatial"] = obs[["pixel_x", "pixel_y"]].to_numpy(float)
-    adata.uns["section"] = section
-    adata.uns["image_path"] = str(image) if image is not None else None
-    adata.uns["mpp"] = estimate_mpp(obs)
-    adata.uns["counts_path"] = str(counts_path)
-    adata.uns["spots_path"] = str(spots_path)
     return adata
 
 
-def _check_spots_inside(image: Path, obs: pd.DataFrame) -> None:
-    from mclx.data.patches import image_size
-
-    width, height = image_size(image)
-    px, py = obs["pixel_x"].to_numpy(), obs["pixel_y"].to_numpy()
-    outside = (px < 0) | (py < 0) | (px >= width) | (py >= height)
-    if outside.any():
-        first = obs.index[outside][0]
-        msg = (
-            f"{image}: {int(outside.sum())} spots lie outside the {width}x{height} image "
-            f"(first: {first})"
-        )
+def read_labels(path: Path) -> pd.Series:
+    """Pathologist labels of a ``*_labeled_coordinates.tsv`` file, indexed ``"{x}x{y}"``
+    (its x, y are the spot-detector's adjusted array coordinates: rounded here)."""
+    try:
+        df = pd.read_csv(path, sep="\t")
+        x = np.rint(pd.to_numeric(df["x"])).astype(np.int64)
+        y = np.rint(pd.to_numeric(df["y"])).astype(np.int64)
+        labels = df["label"].astype(str).to_numpy()
+    except (*READ_ERRORS, KeyError) as exc:
+        msg = f"{path}: cannot read labels (need columns x, y, label; {short(exc)})"
+        raise DataError(msg) from exc
+    out = pd.Series(labels, index=[f"{a}x{b}" for a, b in zip(x, y)], dtype=object)
+    if out.index.duplicated().any():
+        msg = f"{path}: two labels for spot {out.index[out.index.duplicated()][0]}"
         raise DataError(msg)
+    return out
+
+
+@register
+class Her2stReader(Reader):
+    """The her2st layout (github.com/almaan/her2st): see the module docstring."""
+
+    name = "her2st"
+    looks_for = "ST-cnts/ and ST-spotfiles/ in DIR or DIR/data"
+
+    @classmethod
+    def find(cls, path: Path) -> Path | None:
+        for cand in (path, path / "data"):
+            if (cand / "ST-cnts").is_dir():
+                return cand
+        return None
+
+    def _all_sections(self) -> list[str]:
+        return list_sections(self.root)
+
+    def image_path(self, section: str) -> Path | None:
+        return _image_path(self.root, section)
+
+    def gene_file(self) -> Path | None:
+        for folder in (self.root, self.root.parent):
+            if (folder / GENE_LIST_NAME).is_file():
+                return folder / GENE_LIST_NAME
+        return None
+
+    def extent(self) -> tuple[int, int]:
+        return array_extent(self.root)
+
+    def read_section(self, section: str):
+        counts_path = _counts_path(self.root, section)
+        spots_path = self.root / "ST-spotfiles" / f"{section}_selection.tsv"
+        labels = self.root / "ST-pat" / "lbl" / f"{section}_labeled_coordinates.tsv"
+        image = self.image_path(section)
+        adata = st_section(
+            section, counts_path, spots_path, image, labels=labels if labels.is_file() else None
+        )
+        return self.finish(
+            adata,
+            section,
+            array="1k",
+            image=image,
+            mpp=self.full_mpp(estimate_mpp(adata.obs, "1k")),
+            counts_path=counts_path,
+            spots_path=spots_path,
+        )
 
 
 def read_her2st(
     root: str | os.PathLike, sections: list[str] | None = None, *, with_image: bool = False
 ) -> dict[str, object]:
     """Read several sections (all, or those with an image) into ``{name: AnnData}``."""
-    root = find_data_root(root)
-    available = list_sections(root, with_image=with_image)
-    if sections is None:
-        sections = available
-    else:
-        everything = list_sections(root)
-        for s in sections:
-            if s not in everything:
-                msg = f"{root}: section {s!r} does not exist (known: {', '.join(everything)})"
-                raise KeyError(msg)
-            if with_image and s not in available:
-                msg = f"{root}: section {s!r} has no image under ST-imgs/"
-                raise DataError(msg)
-    return {s: read_section(root, s) for s in sections}
+    return Her2stReader(find_data_root(root)).read(sections, with_image=with_image)

@@ -78,10 +78,32 @@ def extract_patches(image: np.ndarray, centers: np.ndarray, size: int = 224) -> 
     return out
 
 
-def section_patches(adata, size: int = 224) -> np.ndarray:
-    """Patches of every spot of a section that has an image."""
+def source_size(size: int, mpp: float | None, section_mpp: float | None, where: str = "") -> int:
+    """Pixels of the section's image that cover a ``size``-pixel patch at ``mpp`` (the
+    model's µm/px): the rule of whole-slide inference (:func:`mclx.plan.tile_size`),
+    so that training, evaluation and inference cut the same tissue."""
+    from types import SimpleNamespace
+
+    from mclx.plan import tile_size
+
+    return tile_size(SimpleNamespace(mpp=mpp, patch_size=size), section_mpp, where)
+
+
+def section_patches(adata, size: int = 224, mpp: float | None = None) -> np.ndarray:
+    """Patches of every spot of a section that has an image, resampled to ``mpp`` µm/px
+    (None: as the image is), read through the slide readers as whole-slide inference
+    reads tiles (whole-slide formats region by region, plain images decoded once)."""
+    from mclx.slide import open_slide
+
     path = adata.uns.get("image_path")
     if not path:
         msg = f"section {adata.uns.get('section')}: has no image, cannot cut patches"
         raise DataError(msg)
-    return extract_patches(load_image(path), adata.obsm["spatial"], size)
+    where = f"{path} (section {adata.uns.get('section')})"
+    src = source_size(size, mpp, adata.uns.get("mpp"), where)
+    corners = np.floor(np.asarray(adata.obsm["spatial"], np.float64)).astype(np.int64) - src // 2
+    slide = open_slide(path)
+    try:
+        return np.stack([slide.read(int(x), int(y), src, size) for x, y in corners])
+    finally:
+        slide.close()

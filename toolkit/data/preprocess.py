@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +53,14 @@ def check_genes(adata, genes: Sequence[str]) -> None:
         raise DataError(msg)
 
 
-def highly_variable_genes(adatas: Sequence, n_top: int = 1000) -> list[str]:
-    """Top ``n_top`` highly variable genes across sections (scanpy, ``seurat_v3`` on counts).
+def highly_variable_genes(
+    adatas: Sequence, n_top: int = 1000, *, among: Collection[str] | None = None
+) -> list[str]:
+    """Top ``n_top`` highly variable genes across ``adatas`` (scanpy, ``seurat_v3`` on
+    counts), computed on these sections' counts alone.
 
-    Only genes present in every section are considered; sections form the batches.
+    Only genes present in every section (and in ``among``, when given) are considered;
+    sections form the batches.
     """
     import anndata as ad
     import scanpy as sc
@@ -64,7 +68,12 @@ def highly_variable_genes(adatas: Sequence, n_top: int = 1000) -> list[str]:
     common = set(adatas[0].var_names)
     for a in adatas[1:]:
         common &= set(a.var_names)
+    if among is not None:
+        common &= set(among)
     genes = [g for g in adatas[0].var_names if g in common]
+    if not genes:
+        msg = "no gene is measured in every section: cannot choose highly variable genes"
+        raise DataError(msg)
     joined = ad.concat([a[:, genes] for a in adatas], label="batch", index_unique="-")
     n_top = min(n_top, len(genes))
     with warnings.catch_warnings():

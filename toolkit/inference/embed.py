@@ -23,7 +23,7 @@ from mclx.inference.transform import to_tensor
 
 
 def autocast(device: torch.device):
-    """bf16 autocast on a GPU (training and feature passes); nothing on the CPU."""
+    """bf16 autocast on a GPU (training steps); nothing on the CPU."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -42,8 +42,11 @@ def encode_features(
 ) -> np.ndarray:
     """Pooled encoder features (N, F) float32 of uint8 patches, in eval mode; with
     ``tokens`` every token (N, T, F) (``forward_tokens``: a ViT's tokens, a feature
-    map's positions)."""
+    map's positions). Float32 on every device (without TF32 on a GPU): the features a
+    fold of ``mclx evaluate`` predicts from are the ones the FP32 runtime computes."""
     from tqdm.auto import tqdm
+
+    from mclx.inference.encoders import no_tf32
 
     device = device or torch_device()
     encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
@@ -52,7 +55,7 @@ def encode_features(
         range(0, len(patches), batch_size), desc="encode", unit="batch", disable=not progress
     ):
         x = to_tensor(patches[start : start + batch_size], pre, device)
-        with autocast(device):
+        with no_tf32() if device.type == "cuda" else contextlib.nullcontext():
             f = encoder.forward_tokens(x) if tokens else encoder(x)
         out.append(f.float().cpu().numpy())
     dim = getattr(encoder, "num_features", 0)

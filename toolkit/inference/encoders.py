@@ -9,9 +9,10 @@ model (HisToGene) is called with a whole section and its array coordinates,
 checkpoint it came from (``fingerprint``), how its pixels are prepared (``pre``) and
 how it runs (``name``, ``precision``, ``device``).
 
-- :class:`TorchEncoder`: the checkpoint's own model (fp32; bf16 on CPUs with AMX /
-  AVX512-BF16; fp16 on CUDA).
-- :class:`OnnxRuntimeEncoder`: an exported ``.onnx`` / ``.int8.onnx`` (CPU or CUDA).
+- :class:`TorchEncoder`: the checkpoint's own model (fp32, without TF32 on a GPU; bf16
+  on CPUs with AMX / AVX512-BF16; fp16 on CUDA).
+- :class:`OnnxRuntimeEncoder`: an exported ``.onnx`` / ``.int8.onnx`` (CPU, or CUDA with
+  its provider checked).
 - :class:`~mclx.inference.tensorrt.TensorRTEncoder`: an engine (NVIDIA GPUs).
 """
 
@@ -27,6 +28,12 @@ import numpy as np
 
 from mclx.config import PreprocessCfg, from_dict
 from mclx.errors import FormatError, short
+from mclx.inference.device import (
+    device_index,
+    import_onnxruntime,
+    is_cuda,
+    onnxruntime_distributions,
+)
 from mclx.inference.transform import to_model_input, to_tensor
 
 INPUT, OUTPUT = "images", "embeddings"  # tensor names of every exported encoder
@@ -62,7 +69,7 @@ class TorchEncoder:
         if precision not in ("fp32", "bf16", "fp16"):
             msg = f"torch backend: precision {precision!r} not offered (fp32, bf16, fp16)"
             raise ValueError(msg)
-        if precision == "fp16" and device != "cuda":
+        if precision == "fp16" and not is_cuda(device):
             msg = "torch backend: fp16 needs --device cuda"
             raise ValueError(msg)
         self.pre, self.precision, self.device = ck.preprocess, precision, device
@@ -83,6 +90,17 @@ class TorchEncoder:
                 self._frozen = torch.jit.freeze(torch.jit.trace(model, x[:2].bfloat16()))
         return self._frozen(x.bfloat16())
 
+    def _context(self):
+        """Autocast for bf16 / fp16; for fp32 on a GPU, no TF32 in cuDNN convolutions
+        (PyTorch allows it by default, which would make "fp32" miss the 1e-4 bound)."""
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        kind = "cuda" if is_cuda(self.device) else "cpu"
+        if dtype is not None:
+            return torch.autocast(kind, dtype=dtype)
+        return no_tf32() if kind == "cuda" else contextlib.nullcontext()
+
     def __call__(self, batch, positions=None):
         import torch
 
@@ -91,10 +109,21 @@ class TorchEncoder:
         with torch.inference_mode():
             if self.precision == "bf16" and self.device == "cpu" and positions is None:
                 return self._bf16_cpu(x).float().numpy()
-            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-            ctx = torch.autocast(self.device, dtype=dtype) if dtype else contextlib.nullcontext()
-            with ctx:
+            with self._context():
                 return self.model(*args).float().cpu().numpy()
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """cuDNN convolutions in true float32 for the duration (process-wide setting)."""
+    import torch
+
+    cudnn = torch.backends.cudnn
+    saved, cudnn.allow_tf32 = cudnn.allow_tf32, False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32 = saved
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -131,34 +160,46 @@ def onnx_metadata(path: Path) -> tuple[dict[str, str], PreprocessCfg]:
 
 
 class OnnxRuntimeEncoder:
-    """An exported ``.onnx`` (or ``.int8.onnx``) file in ONNX Runtime."""
+    """An exported ``.onnx`` (or ``.int8.onnx``) file in ONNX Runtime.
+
+    On ``cuda`` / ``cuda:N`` the session must really run on that GPU: ONNX Runtime
+    quietly falls back to the CPU when the CUDA or cuDNN libraries do not load, so the
+    session's providers are checked and a fallback is one clear error.
+    """
 
     name = "onnxruntime"
 
     def __init__(
         self, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None
     ) -> None:
-        import onnxruntime as ort
-
         path = Path(path)
+        ort = import_onnxruntime(str(path))
         meta, self.pre = onnx_metadata(path)
         self.fingerprint = meta["fingerprint"]
         self.precision = meta.get("precision", "fp32")
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.intra_op_num_threads = threads or os.cpu_count() or 1
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                msg = f"{path}: ONNX Runtime has no CUDA provider (pip install .[gpu])"
-                raise RuntimeError(msg)
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        providers: list[Any] = ["CPUExecutionProvider"]
+        if is_cuda(device):
+            _require_cuda_provider(ort, path)
+            # float32 convolutions without TF32 (on by default in the CUDA provider)
+            options = {"device_id": device_index(device), "use_tf32": 0}
+            cuda = ("CUDAExecutionProvider", options)
+            providers = [cuda, "CPUExecutionProvider"]
         self.device, self.path = device, path
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as exc:  # ORT's Fail, InvalidProtobuf, InvalidGraph: not OSError
             msg = f"{path}: ONNX Runtime cannot load the model ({short(exc, 200)})"
             raise FormatError(msg) from exc
+        if is_cuda(device) and "CUDAExecutionProvider" not in self.session.get_providers():
+            msg = (
+                f"{path}: ONNX Runtime did not start its CUDA provider on {device} (the CUDA "
+                f"13 / cuDNN 9 libraries did not load; the session would run on the CPU); "
+                f"providers: {', '.join(self.session.get_providers())}"
+            )
+            raise RuntimeError(msg)
 
     def __call__(self, batch, positions=None):
         x = to_model_input(np.asarray(batch), self.pre)
@@ -173,3 +214,24 @@ class OnnxRuntimeEncoder:
         except Exception as exc:  # InvalidArgument on a wrong input shape, ...
             msg = f"{self.path}: ONNX Runtime failed on a batch of {x.shape} ({short(exc, 200)})"
             raise RuntimeError(msg) from exc
+
+
+def _require_cuda_provider(ort, path: Path) -> None:
+    """One line when this ONNX Runtime has no CUDA provider, naming the usual cause: the
+    CPU build installed beside (and over) onnxruntime-gpu."""
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        preload = getattr(ort, "preload_dlls", None)  # CUDA / cuDNN from the nvidia wheels
+        if preload is not None:
+            with contextlib.suppress(Exception):
+                preload()
+        return
+    dists = onnxruntime_distributions()
+    if len(dists) > 1:
+        msg = (
+            f"{path}: ONNX Runtime has no CUDA provider: {' and '.join(dists)} are both "
+            f"installed and the CPU build hides the GPU one (pip uninstall -y {' '.join(dists)}"
+            f" && pip install 'mclx[gpu]')"
+        )
+    else:
+        msg = f"{path}: ONNX Runtime has no CUDA provider (pip install 'mclx[gpu]')"
+    raise RuntimeError(msg)

@@ -59,7 +59,9 @@ class Format:
         return ck if self.suffix is None else ck.with_name(ck.stem + self.suffix)
 
     def runs_on(self, device: str) -> bool:
-        return self.device in ("any", device)
+        from mclx.inference.device import is_cuda
+
+        return self.device in ("any", "cuda" if is_cuda(device) else device)
 
     def build(self) -> Callable[..., Any]:
         """The exporter function ``build(job, out) -> precision built``."""
@@ -116,11 +118,29 @@ FORMATS: dict[str, Format] = {
     )
 }
 
-# --backend auto, fastest first where each is available and kept its parity
+# --backend auto, fastest first where each is available and kept its parity; a reduced
+# precision row is taken only with a parity record (``mclx export`` writes them)
 AUTO_ORDER = {
-    "cuda": ("engine", "onnx", "torch-fp16"),
+    "cuda": ("engine", "onnx", "torch-fp16", "torch"),
     "cpu": ("torch-bf16", "onnx-int8", "onnx", "torch"),
 }
+
+
+def auto_order(device: str) -> tuple[str, ...]:
+    """The rows ``--backend auto`` tries on ``device`` (``cpu``, ``cuda`` or ``cuda:N``)."""
+    from mclx.inference.device import is_cuda
+
+    return AUTO_ORDER["cuda" if is_cuda(device) else "cpu"]
+
+
+def parity_held(name: str, report: dict[str, Any]) -> bool:
+    """Whether ``auto`` may take row ``name``: its recorded cosine to FP32 is at least
+    :data:`MIN_COSINE`; a reduced-precision row needs that record (an FP32 row without
+    one is taken: it is the reference's own precision)."""
+    entry = report.get(name)
+    if entry is None:
+        return FORMATS[name].precision == "fp32"
+    return entry.get("min_cosine", 0.0) >= MIN_COSINE
 
 
 def format_of_file(path: str | os.PathLike) -> Format | None:
@@ -136,7 +156,7 @@ def open_file(path: Path, *, device: str = "cpu"):
     if fmt is not None and fmt.backend == "tensorrt":
         from mclx.inference.tensorrt import TensorRTEncoder
 
-        return TensorRTEncoder(path)
+        return TensorRTEncoder(path, device=device)
     from mclx.inference.encoders import OnnxRuntimeEncoder
 
     return OnnxRuntimeEncoder(path, device=device)

@@ -16,8 +16,12 @@ import numpy as np
 
 
 def to_host(x: Any) -> np.ndarray:
-    """A numpy array of ``x`` (CuPy arrays are copied from the GPU)."""
-    return x.get() if hasattr(x, "get") else np.asarray(x)
+    """A numpy array of ``x`` (CuPy arrays and torch tensors are copied from the GPU)."""
+    if hasattr(x, "get"):  # CuPy
+        return x.get()
+    if type(x).__module__.startswith("torch"):  # a bank kept as torch CUDA tensors
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
 
 
 def match(outputs: Any, bank=None, *, k: int | None = None, distance: str | None = None):

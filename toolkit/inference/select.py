@@ -13,14 +13,14 @@ import contextlib
 import os
 from pathlib import Path
 
-from mclx.inference.device import resolve_device, torch_device
+from mclx.inference.device import is_cuda, resolve_device, torch_device
 from mclx.inference.formats import (
-    AUTO_ORDER,
     FORMATS,
-    MIN_COSINE,
     Format,
+    auto_order,
     format_of_file,
     open_file,
+    parity_held,
     read_report,
 )
 
@@ -39,16 +39,16 @@ def open_encoder(
         model: checkpoint (``.pt``), exported ``.onnx`` / ``.int8.onnx``, or ``.engine``.
         backend: ``auto``, ``torch``, ``onnxruntime`` or ``tensorrt`` (checkpoints only).
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` or ``int8`` (checkpoints only).
-        device: ``auto``, ``cpu`` or ``cuda``.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         ck: the checkpoint already loaded (spares reading it again).
     """
     path = Path(model)
     if format_of_file(path) is not None:
         return open_file(path, device=resolve_device(device, onnx=path.suffix == ".onnx"))
-    device = torch_device(device).type
+    device = str(torch_device(device))
     if backend == "auto":
         return _best(path, precision, device, ck)
-    fmt = _format(backend, precision, device)
+    fmt = _format(backend, precision, device, read_report(path))
     encoder = fmt.open(_require_artifact(path, fmt), device=device, ck=ck)
     if fmt.suffix is not None:
         _check_fingerprint(encoder, path)
@@ -59,7 +59,7 @@ def _best(checkpoint: Path, precision: str, device: str, ck):
     from mclx.kernels import cpu_has_fast_bf16
 
     report = read_report(checkpoint)
-    for name in AUTO_ORDER[device]:
+    for name in auto_order(device):
         fmt = FORMATS[name]
         if precision not in ("auto", fmt.precision):
             continue
@@ -67,7 +67,7 @@ def _best(checkpoint: Path, precision: str, device: str, ck):
             continue
         if fmt.suffix is not None and not fmt.path(checkpoint).is_file():
             continue
-        if report.get(name, {}).get("min_cosine", 1.0) < MIN_COSINE:
+        if not parity_held(name, report):
             continue
         with contextlib.suppress(ImportError, RuntimeError):
             encoder = fmt.open(checkpoint, device=device, ck=ck)
@@ -78,17 +78,20 @@ def _best(checkpoint: Path, precision: str, device: str, ck):
     raise RuntimeError(msg)
 
 
-def _format(backend: str, precision: str, device: str) -> Format:
-    """The row of ``backend`` at ``precision`` (``auto``: fp16 on a GPU where the backend
-    offers it, else the first row that runs on ``device``)."""
+def _format(backend: str, precision: str, device: str, report: dict | None = None) -> Format:
+    """The row of ``backend`` at ``precision`` (``auto``: on a GPU, fp16 where the backend
+    offers it and its parity was recorded; else the first row that runs on ``device``)."""
     rows = [f for f in FORMATS.values() if f.backend == backend]
     if not rows:
         msg = f"unknown backend {backend!r} (auto, torch, onnxruntime, tensorrt)"
         raise ValueError(msg)
     if precision == "auto":
         usable = [f for f in rows if f.runs_on(device)] or rows
-        preferred = "fp16" if device == "cuda" else "fp32"
-        return next((f for f in usable if f.precision == preferred), usable[0])
+        fp16 = [f for f in usable if f.precision == "fp16"]
+        only = len(usable) == 1  # tensorrt: the engine is what there is
+        if is_cuda(device) and fp16 and (only or parity_held(fp16[0].name, report or {})):
+            return fp16[0]
+        return next((f for f in usable if f.precision == "fp32"), usable[0])
     for f in rows:
         if f.precision == precision:
             return f

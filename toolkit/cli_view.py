@@ -1,0 +1,57 @@
+"""``mclx view``: the viewer command (registered on the group in :mod:`mclx.cli`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mclx.cli_options import CONTEXT, out_option, quiet_option, split_names
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("predictions", type=click.Path(path_type=Path))
+@click.option(
+    "--slide",
+    type=click.Path(path_type=Path),
+    help="The slide the predictions were made on (default: the path they record).",
+)
+@out_option("Folder to write: index.html, the slide's tile pyramid, OpenSeadragon.", required=True)
+@click.option("--gene", default=None, help="Gene coloured first (default: the most variable).")
+@click.option(
+    "--genes",
+    multiple=True,
+    help="Only these genes in the page (comma-separated or repeated; default: all).",
+)
+@click.option("--workers", type=click.IntRange(1), default=2, help="Threads writing tiles.")
+@quiet_option("No progress bar.")
+def view(predictions: Path, slide, out: Path, gene, genes, workers: int, quiet: bool) -> None:
+    """Write a folder that shows predictions over their slide in any web browser.
+
+    \b
+    Pan and zoom the slide (OpenSeadragon, Deep Zoom tiles); tiles or spots coloured by a
+    gene (search over all genes, colour bar with its range, opacity slider); a click on a
+    tile lists its top genes; the header shows the slide, checkpoint, bank, backend and
+    timings. Open OUT/index.html from disk (file://) or serve OUT with any web server.
+    \b
+    Examples:
+      mclx view S3.h5ad --out S3_view && xdg-open S3_view/index.html
+      mclx view C2.h5ad --slide C2.jpg --gene FASN --out C2_view
+      python -m http.server -d C2_view 8000    # then http://localhost:8000
+    """
+    from mclx.viewer import write_view
+
+    s = write_view(
+        predictions,
+        out,
+        slide=slide,
+        gene=gene,
+        genes=split_names(genes),
+        workers=workers,
+        progress=not quiet,
+    )
+    w, h = s["slide_size"]
+    click.echo(
+        f"mclx: wrote {out}/index.html: {s['n_obs']} tiles x {s['n_genes']} genes over "
+        f"{Path(s['slide']).name} ({w} x {h} px), first gene {s['gene']}; open it in a browser"
+    )
