@@ -16,7 +16,7 @@ from helpers import run_cli, tiny_options
 from helpers.oracles import image_outputs_f64, knn_predict
 
 from mclx.checkpoint import load_checkpoint
-from mclx.config import ModelCfg, TrainCfg
+from mclx.config import ModelCfg, PreprocessCfg, TrainCfg
 from mclx.errors import DataError
 from mclx.models import (
     IMAGENET,
@@ -337,3 +337,44 @@ def test_histogene_through_the_command_line(synthetic, tmp_path, capsys):
         onnx(patches)
     res = run_cli(capsys, ["export", "--ckpt", ck, "--int8", "-q"])
     assert res.returncode == 1 and "only FP32 ONNX is offered, not onnx-int8" in res.stderr
+
+
+def test_token_cache_is_per_resolution_and_pools_to_the_encoder_features(synthetic, monkeypatch):
+    """The frozen-feature cache after the merge with main's µm/px resampling: tokens and
+    pooled features of one section at one resolution are encoded once (pooled = the mean
+    of the cached tokens = the encoder's own pooled output); another µm/px cuts other
+    tissue and is encoded on its own."""
+    import dataclasses
+
+    from mclx.data.patches import section_patches
+    from mclx.data.readers import open_data
+    from mclx.inference import embed
+    from mclx.recipe import PatchCache
+
+    adatas = open_data(synthetic).read(["S1"], with_image=True)
+    native = adatas["S1"].uns["mpp"]
+    assert native
+    encoder = _cmrcnet().image_encoder
+    pre = dataclasses.replace(PreprocessCfg(), mpp=native, **preprocess_defaults("cmrcnet"))
+    coarse = dataclasses.replace(pre, mpp=native * 2)
+    calls = []
+    encode = embed.encode_features
+
+    def counting(enc, patches, p, **kw):
+        calls.append((len(patches), kw.get("tokens", False)))
+        return encode(enc, patches, p, **kw)
+
+    monkeypatch.setattr(embed, "encode_features", counting)
+    cache = PatchCache(adatas, 224)
+    tokens = cache.features(encoder, "S1", pre, tokens=True)
+    n = adatas["S1"].n_obs
+    assert tokens.shape[0] == n and tokens.ndim == 3 and tokens.shape[1] > 1
+    pooled = cache.features(encoder, "S1", pre)
+    assert calls == [(n, True)]  # pooled features came from the cached tokens
+    np.testing.assert_allclose(pooled, tokens.mean(axis=1), rtol=1e-6)
+    own = encode(encoder, section_patches(adatas["S1"], 224, native), pre)
+    np.testing.assert_allclose(pooled, own, rtol=1e-4, atol=1e-5)
+    other = cache.features(encoder, "S1", coarse)
+    assert calls == [(n, True), (n, False)]  # another resolution: encoded again
+    assert not np.allclose(other, pooled, atol=1e-3)
+    assert not np.array_equal(cache.patches("S1", coarse.mpp), cache.patches("S1", pre.mpp))
