@@ -40,12 +40,23 @@ class Job:
         patches: uint8 patches for parity (and INT8 calibration).
         paths: final path of each requested format.
         options: the export options (see each row's ``options``).
+        positions: array coordinates given with the patches to a section-level model
+            (HisToGene; None for the others).
     """
 
     ck: Any
     patches: np.ndarray
     paths: dict[str, Path]
     options: dict[str, Any] = field(default_factory=dict)
+    positions: np.ndarray | None = None
+
+    def run(self, encoder) -> Any:
+        """``encoder`` on the parity patches (with their positions when it needs them)."""
+        return (
+            encoder(self.patches)
+            if self.positions is None
+            else encoder(self.patches, self.positions)
+        )
 
 
 def _staging(path: Path) -> Path:
@@ -116,6 +127,7 @@ def export(
     rows = requested({f for f, on in flags if on})
     check_options(rows, options)
     ck = load_checkpoint(checkpoint)
+    positions = _section_positions(ck, rows, n_patches, checkpoint)
     paths = _paths(rows, checkpoint, onnx_path)
     for fmt in rows:
         if fmt.device == "cuda":  # before writing anything
@@ -124,8 +136,8 @@ def export(
         check_output(out)
     patches, source = calibration_patches(calib_data, n=n_patches, size=ck.preprocess.patch_size)
     log(f"parity patches: {len(patches)} from {source}")
-    job = Job(ck, patches, paths, options)
-    reference = TorchEncoder(ck)(patches)
+    job = Job(ck, patches, paths, options, positions)
+    reference = job.run(TorchEncoder(ck))
     report: dict[str, Any] = {
         "fingerprint": ck.fingerprint,
         "patches": source,
@@ -138,6 +150,24 @@ def export(
     if _record_readers(job, reference, report, log):
         write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _section_positions(ck, rows: list[Format], n: int, checkpoint) -> np.ndarray | None:
+    """For a section-level model (HisToGene): array coordinates for the ``n`` parity
+    patches (a raster over its positional tables, one section of ``n`` spots), after
+    refusing the formats it cannot be built in. None for the other models."""
+    if getattr(ck.model, "kind", "") != "section":
+        return None
+    other = [f.name for f in rows if f.name != "onnx"]
+    if other:
+        msg = (
+            f"{checkpoint}: a {ck.model_cfg.name} model takes a whole section with its "
+            f"positions; only FP32 ONNX is offered, not {', '.join(other)}"
+        )
+        raise ValueError(msg)
+    nx, ny = ck.model_cfg.pos_size
+    i = np.arange(n)
+    return np.stack([i % nx, (i // nx) % ny], axis=1).astype(np.int64)
 
 
 def _paths(rows: list[Format], checkpoint, onnx_path) -> dict[str, Path]:
@@ -170,6 +200,8 @@ def _record_torch_reduced(job: Job, reference, report: dict, checkpoint, log) ->
     from mclx.inference.encoders import TorchEncoder
     from mclx.kernels import cpu_has_fast_bf16
 
+    if job.positions is not None:  # a section-level model is offered in FP32 only
+        return
     rows = [("torch-bf16", "cpu")] if cpu_has_fast_bf16() else []
     if torch_cuda():
         rows.append(("torch-fp16", "cuda"))
@@ -218,7 +250,7 @@ def _publish(fmt: Format, job: Job, reference, log) -> dict[str, Any]:
     try:
         precision = _build(fmt, job, stage, final)
         device = "cuda" if fmt.device == "cuda" else "cpu"
-        got = to_host(open_file(stage, device=device)(job.patches))
+        got = to_host(job.run(open_file(stage, device=device)))
         entry = _record(fmt.name, final, precision, reference, got, log)
         check_parity(fmt.name, final, entry, precision)
         os.replace(stage, final)

@@ -92,6 +92,8 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
       mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt
       mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt --resume
       mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
+      mclx train --model cmrcnet --holdout C2 --freeze-encoder --out cmrcnet.pt
+      mclx train --model histogene --embed-dim 128 --depth 2 --heads 4 --out histogene.pt
       mclx train --data ../shared/data/stutility-mob --holdout MOB4 --n-hvg 500 --out mob.pt
     """
     from mclx.checkpoint import save_checkpoint
@@ -108,8 +110,9 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
         names, net, pre, holdout=held, encoder_weights=kw["encoder_weights"]
     )
     cache = PatchCache(adatas, pre.patch_size)
+    report: dict[str, Any] = {}  # the validation split's losses and the epoch kept
     history, table = train_model(
-        net, cache, names, pre, recipe.train, progress=not kw["quiet"], state=state
+        net, cache, names, pre, recipe.train, progress=not kw["quiet"], state=state, report=report
     )
     prov = recipe.provenance(
         names,
@@ -119,6 +122,7 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
         holdout=held,
         encoder_weights=kw["encoder_weights"],
         n_spots=len(table),
+        **report,
         **({"resumed_at": state.resumed_at} if resume else {}),
     )
     fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
@@ -190,7 +194,11 @@ def _training_sections(reader, sections, holdout) -> tuple[list[str], list[str]]
     "Score this trained checkpoint with --bank on --sections (no training).", required=False
 )
 @click.option(
-    "--bank", "bank_path", type=click.Path(path_type=Path), default=None, help="Bank for --ckpt."
+    "--bank",
+    "bank_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Bank for --ckpt (not for models that predict directly: stnet, histogene).",
 )
 @model_options()
 def evaluate(
@@ -217,8 +225,8 @@ def evaluate(
     out = check_output(out or Path(f"evaluate_{kw['model']}.json"))
     reader = open_data_from(data, kw)
     if ckpt is not None or bank_path is not None:
-        if ckpt is None or bank_path is None or not sections:
-            msg = "evaluate: --ckpt needs --bank and --sections (the sections to score)"
+        if ckpt is None or not sections:
+            msg = "evaluate: --ckpt needs --sections (the sections to score) and --bank"
             raise click.UsageError(msg)
         res = score_checkpoint(
             ckpt, bank_path, reader, split_names(sections), k=k, distance=distance
@@ -238,7 +246,7 @@ def evaluate(
         c = res["config"]
         title = (
             f"{kw['model']}: k={c['k']} distance={c['distance']} genes={c['n_genes']} "
-            f"epochs={kw['epochs']} ({c['seconds']} s)"
+            f"epochs={c['train']['epochs']} ({c['seconds']} s)"
         )
     click.echo(format_table(res, title=title))
     json_path, csv_path = write_results(res, out)
