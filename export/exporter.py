@@ -220,6 +220,8 @@ def _record_readers(job: Job, reference, report: dict, log) -> bool:
     import importlib.util
 
     recorded = False
+    if job.positions is not None:  # a section-level model is offered in FP32 ONNX only
+        return recorded
     for fmt in FORMATS.values():
         if fmt.reads not in report or importlib.util.find_spec(fmt.backend) is None:
             continue

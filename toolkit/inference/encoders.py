@@ -80,7 +80,13 @@ class TorchEncoder:
     def warm_up(self) -> None:
         """The one-time work before the first batch, so that it is not timed as encoding:
         for bf16 on the CPU, the frozen TorchScript model (:func:`frozen_bf16`)."""
-        if self.precision == "bf16" and self.device == "cpu" and self._frozen is None:
+        section = getattr(self.model, "kind", "") == "section"  # HisToGene: eager, positions
+        if (
+            self.precision == "bf16"
+            and self.device == "cpu"
+            and self._frozen is None
+            and not section
+        ):
             self._frozen = frozen_bf16(self.model, self.fingerprint, self.pre.patch_size)
 
     def _bf16_cpu(self, x):
