@@ -1,12 +1,13 @@
 """One export entry point: checkpoint -> the requested rows of the formats table.
 
 ``export()`` loops over the rows it is asked for (``onnx`` always; ``onnx-int8`` with
-``--int8``; ``engine`` with ``--trt``). Each row is built by its own builder under a
-staging name, opened by the inference layer and compared with PyTorch FP32 on the same
-patches, and only then renamed into place: a failed parity check leaves the previous
-good artifact untouched. Each row is labelled with the precision that was actually
-built. OpenVINO, which runs the ONNX files themselves, gets its parity recorded on them
-(fp32, bf16, int8) when installed. The results go to ``<stem>.export.json``.
+``--int8``; ``openvino-int8`` with ``--openvino``; ``engine`` with ``--trt``). Each row
+is built by its own builder under a staging name, opened by the inference layer and
+compared with PyTorch FP32 on the same patches, and only then renamed into place: a
+failed parity check leaves the previous good artifact untouched. Each row is labelled
+with the precision that was actually built. OpenVINO, which also runs the FP32 ONNX
+file itself, gets its parity recorded on it (fp32, bf16) when installed. The results go
+to ``<stem>.export.json``.
 """
 
 from __future__ import annotations
@@ -39,12 +40,23 @@ class Job:
         patches: uint8 patches for parity (and INT8 calibration).
         paths: final path of each requested format.
         options: the export options (see each row's ``options``).
+        positions: array coordinates given with the patches to a section-level model
+            (HisToGene; None for the others).
     """
 
     ck: Any
     patches: np.ndarray
     paths: dict[str, Path]
     options: dict[str, Any] = field(default_factory=dict)
+    positions: np.ndarray | None = None
+
+    def run(self, encoder) -> Any:
+        """``encoder`` on the parity patches (with their positions when it needs them)."""
+        return (
+            encoder(self.patches)
+            if self.positions is None
+            else encoder(self.patches, self.positions)
+        )
 
 
 def _staging(path: Path) -> Path:
@@ -92,6 +104,7 @@ def export(
     calib_data: str | os.PathLike | None = None,
     n_patches: int = 64,
     int8: bool = False,
+    openvino: bool = False,
     trt: bool = False,
     log: Callable[[str], Any] = print,
     **options: Any,
@@ -110,9 +123,11 @@ def export(
     from mclx.inference.device import require_gpu_stack
     from mclx.inference.encoders import TorchEncoder
 
-    rows = requested({f for f, on in (("int8", int8), ("trt", trt)) if on})
+    flags = (("int8", int8), ("openvino", openvino), ("trt", trt))
+    rows = requested({f for f, on in flags if on})
     check_options(rows, options)
     ck = load_checkpoint(checkpoint)
+    positions = _section_positions(ck, rows, n_patches, checkpoint)
     paths = _paths(rows, checkpoint, onnx_path)
     for fmt in rows:
         if fmt.device == "cuda":  # before writing anything
@@ -121,8 +136,8 @@ def export(
         check_output(out)
     patches, source = calibration_patches(calib_data, n=n_patches, size=ck.preprocess.patch_size)
     log(f"parity patches: {len(patches)} from {source}")
-    job = Job(ck, patches, paths, options)
-    reference = TorchEncoder(ck)(patches)
+    job = Job(ck, patches, paths, options, positions)
+    reference = job.run(TorchEncoder(ck))
     report: dict[str, Any] = {
         "fingerprint": ck.fingerprint,
         "patches": source,
@@ -135,6 +150,24 @@ def export(
     if _record_readers(job, reference, report, log):
         write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _section_positions(ck, rows: list[Format], n: int, checkpoint) -> np.ndarray | None:
+    """For a section-level model (HisToGene): array coordinates for the ``n`` parity
+    patches (a raster over its positional tables, one section of ``n`` spots), after
+    refusing the formats it cannot be built in. None for the other models."""
+    if getattr(ck.model, "kind", "") != "section":
+        return None
+    other = [f.name for f in rows if f.name != "onnx"]
+    if other:
+        msg = (
+            f"{checkpoint}: a {ck.model_cfg.name} model takes a whole section with its "
+            f"positions; only FP32 ONNX is offered, not {', '.join(other)}"
+        )
+        raise ValueError(msg)
+    nx, ny = ck.model_cfg.pos_size
+    i = np.arange(n)
+    return np.stack([i % nx, (i // nx) % ny], axis=1).astype(np.int64)
 
 
 def _paths(rows: list[Format], checkpoint, onnx_path) -> dict[str, Path]:
@@ -167,6 +200,8 @@ def _record_torch_reduced(job: Job, reference, report: dict, checkpoint, log) ->
     from mclx.inference.encoders import TorchEncoder
     from mclx.kernels import cpu_has_fast_bf16
 
+    if job.positions is not None:  # a section-level model is offered in FP32 only
+        return
     rows = [("torch-bf16", "cpu")] if cpu_has_fast_bf16() else []
     if torch_cuda():
         rows.append(("torch-fp16", "cuda"))
@@ -185,6 +220,8 @@ def _record_readers(job: Job, reference, report: dict, log) -> bool:
     import importlib.util
 
     recorded = False
+    if job.positions is not None:  # a section-level model is offered in FP32 ONNX only
+        return recorded
     for fmt in FORMATS.values():
         if fmt.reads not in report or importlib.util.find_spec(fmt.backend) is None:
             continue
@@ -215,7 +252,7 @@ def _publish(fmt: Format, job: Job, reference, log) -> dict[str, Any]:
     try:
         precision = _build(fmt, job, stage, final)
         device = "cuda" if fmt.device == "cuda" else "cpu"
-        got = to_host(open_file(stage, device=device)(job.patches))
+        got = to_host(job.run(open_file(stage, device=device)))
         entry = _record(fmt.name, final, precision, reference, got, log)
         check_parity(fmt.name, final, entry, precision)
         os.replace(stage, final)

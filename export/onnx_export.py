@@ -1,7 +1,9 @@
 """PyTorch -> ONNX (FP32) and ONNX Runtime static INT8 quantisation of the image encoder.
 
 The graph maps an image batch (float32, N x 3 x H x W, the checkpoint's pixel scale) to
-its embeddings (DenseNet + projection head), with a dynamic batch axis. The TorchScript
+its embeddings (image encoder + projection head; a ViT's tokens included), with a
+dynamic batch axis. A section-level model (HisToGene) takes a second input, the
+spots' array ``positions`` (int64, N x 2), and N is the section's spots. The TorchScript
 exporter (``dynamo=False``) is used: it gives a correct graph for DenseNet's concatenations.
 The file is saved after ONNX Runtime's basic (portable, ONNX-only) optimisations, so
 TensorRT can still parse it; the runtime enables the rest when it opens a session.
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mclx.inference.encoders import INPUT, OUTPUT, read_onnx_metadata
+from mclx.inference.encoders import INPUT, OUTPUT, POSITIONS, read_onnx_metadata
 from mclx.inference.transform import to_model_input
 from mclx.io import atomic_path
 
@@ -37,9 +39,15 @@ def metadata(ck) -> dict[str, str]:
         "checkpoint": str(Path(ck.path).resolve()) if ck.path else "",
         "model": json.dumps(to_dict(ck.model_cfg)),
         "preprocess": json.dumps(to_dict(ck.preprocess)),
-        "input": f"{INPUT}: float32 N x 3 x H x W, pixel scale of 'preprocess'",
+        "input": f"{INPUT}: float32 N x 3 x H x W, pixel scale of 'preprocess'"
+        + (f"; {POSITIONS}: int64 N x 2 array coordinates" if _section(ck) else ""),
         "output": f"{OUTPUT}: float32 N x D",
     }
+
+
+def _section(ck) -> bool:
+    """Whether the checkpoint's model predicts a whole section at once (HisToGene)."""
+    return getattr(ck.model, "kind", "") == "section"
 
 
 def build_onnx(job, out: Path) -> str:
@@ -62,8 +70,10 @@ def _set_metadata(model_proto, meta: dict[str, str]) -> None:
 
 
 def _half_encoder(model):
-    """``images -> embeddings`` with the image encoder in float16 (the convolutions: almost
-    all the work) and the head in float32; float32 in and out. ``model`` is not changed."""
+    """``images (, positions) -> embeddings`` with the image encoder in float16 (the
+    convolutions: almost all the work) and the head in float32; float32 in and out
+    (a section-level model's positions pass to its head as they are). ``model`` is not
+    changed."""
     import copy
 
     import torch
@@ -74,9 +84,9 @@ def _half_encoder(model):
             self.encoder = copy.deepcopy(model.image_encoder).half()
             self.model = model
 
-        def forward(self, images):
+        def forward(self, images, *positions):
             feats = self.encoder(images.half()).float()
-            return self.model.embed_image_features(feats)
+            return self.model.embed_image_features(feats, *positions)
 
     return HalfEncoder().eval()
 
@@ -101,25 +111,30 @@ def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17, precision: str =
     ort = import_onnxruntime(str(out))
     out = Path(out)
     size = ck.preprocess.patch_size
-    module = ck.model.cpu().eval()  # forward: images -> embeddings
+    module = ck.model.cpu().eval()  # forward: images (, positions) -> embeddings
     if precision == "fp16":
         module = _half_encoder(module)
     elif precision != "fp32":
         msg = f"{out}: ONNX export precision {precision!r} (fp32 or fp16)"
         raise ValueError(msg)
+    args: tuple = (torch.rand(3, 3, size, size),)
+    names = [INPUT]
+    if _section(ck):
+        args += (torch.tensor([[0, 0], [1, 0], [0, 1]]),)
+        names.append(POSITIONS)
     with atomic_path(out) as tmp:
         raw = tmp.with_name(tmp.name + ".raw.onnx")  # removed by atomic_path
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
-                (torch.rand(2, 3, size, size),),
+                args,
                 str(raw),
                 dynamo=False,
-                input_names=[INPUT],
+                input_names=names,
                 output_names=[OUTPUT],
                 opset_version=opset,
-                dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}},
+                dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT]},
             )
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

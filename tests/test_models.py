@@ -19,10 +19,16 @@ from mclx.models import (
 
 @pytest.mark.parametrize("name", ENCODERS.names())
 def test_encoders_from_registry(name):
-    enc = create_encoder(name, weights=None)
-    feats = enc(torch.rand(2, 3, 64, 64))
+    """Every encoder pools to ``num_features`` and gives tokens (N, T, F) whose mean is
+    the pooled feature (CMRCNet trains on any encoder's tokens)."""
+    torch.manual_seed(0)
+    enc = create_encoder(name, weights=None).eval()
+    x = torch.rand(2, 3, 128, 128)
+    with torch.no_grad():
+        feats, tokens = enc(x), enc.forward_tokens(x)
     assert feats.shape == (2, enc.num_features)
-    assert enc.forward_features(torch.rand(1, 3, 64, 64)).shape[1] == enc.num_features
+    assert tokens.ndim == 3 and tokens.shape[::2] == (2, enc.num_features)
+    torch.testing.assert_close(tokens.mean(1), feats, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_encoder_suggests_close_names():

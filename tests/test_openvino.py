@@ -1,8 +1,10 @@
-"""The OpenVINO backend: it runs the exported ONNX files (fp32, bf16 hint, the INT8 QDQ
-file), its parity is recorded at export, ``auto`` takes it only with a record that held."""
+"""The OpenVINO backend: it runs the FP32 ONNX file (fp32, bf16 hint) and NNCF's INT8
+file (``mclx export --openvino``); its parity is recorded at export, ``auto`` takes it
+only with a record that held."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -22,7 +24,7 @@ from mclx.kernels import cpu_has_fast_bf16
 from mclx.models import create_model
 
 PRE = PreprocessCfg(genes=tuple(f"G{i}" for i in range(12)), mpp=0.7)
-ONNX, INT8 = FORMATS["onnx"], FORMATS["onnx-int8"]
+ONNX, INT8 = FORMATS["onnx"], FORMATS["openvino-int8"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,8 @@ def exported(tmp_path_factory, synthetic):
     net = create_model(ModelCfg(encoder="tiny_cnn", n_genes=12, pos_size=(4, 4))).eval()
     ck = tmp_path_factory.mktemp("ov") / "model.pt"
     save_checkpoint(ck, net, preprocess=PRE)
-    export(ck, int8=True, calib_data=synthetic, n_patches=24, log=lambda *_: None)
+    openvino = importlib.util.find_spec("openvino") is not None
+    export(ck, openvino=openvino, calib_data=synthetic, n_patches=24, log=lambda *_: None)
     return ck
 
 
@@ -51,7 +54,7 @@ def test_export_records_openvino_parity_on_the_onnx_files(exported):
         assert report["openvino-bf16"]["min_cosine"] >= MIN_COSINE
     # no file of its own: nothing but the ONNX files, the checkpoint and the report
     assert sorted(p.name for p in exported.parent.iterdir()) == sorted(
-        ["model.pt", "model.onnx", "model.int8.onnx", report_path(exported).name]
+        ["model.pt", "model.onnx", "model.ov-int8.onnx", report_path(exported).name]
     )
 
 
@@ -74,8 +77,10 @@ def test_openvino_reduced_precisions_keep_the_embeddings(exported, imgs):
     int8 = open_encoder(exported, backend="openvino", precision="int8")
     assert int8.path == INT8.path(exported)
     assert compare(ref, int8(imgs))["min_cosine"] >= MIN_COSINE
-    direct = open_encoder(INT8.path(exported), backend="openvino")  # the file, given as is
-    assert (direct.precision, direct.path) == ("int8", INT8.path(exported))
+    direct = open_encoder(INT8.path(exported))  # the file, given as is
+    assert (direct.name, direct.precision) == ("openvino", "int8")
+    with pytest.raises(ValueError, match="OpenVINO runs the exported"):
+        open_encoder(FORMATS["onnx-int8"].path(exported), backend="openvino")
     if not cpu_has_fast_bf16():
         with pytest.raises(RuntimeError, match="no bf16 arithmetic"):
             open_encoder(exported, backend="openvino", precision="bf16")

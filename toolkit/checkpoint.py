@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict loadable with ``torch.load(weights_only=True)``::
 
-    {"format": "mclx-checkpoint", "format_version": 1,
+    {"format": "mclx-checkpoint", "format_version": 3,
      "model": ModelCfg dict, "preprocess": PreprocessCfg dict,
      "provenance": {sections, epochs, seed, mclx version, ...},
      "fingerprint": sha256 of the weights (16 hex digits), "state_dict": {...}}
@@ -25,7 +25,10 @@ from mclx.errors import FormatError, short
 from mclx.io import atomic_path
 
 FORMAT = "mclx-checkpoint"
-FORMAT_VERSION = 2  # 2: the spot encoder's attention length is in the model config
+# 2: the spot encoder's attention length is in the model config; 3: model configs carry
+# CMRCNet's fusion fields (fusion_shared, mask_keep), which older readers do not know.
+# Files of versions 1 and 2 load: fields they lack take the defaults they were built with.
+FORMAT_VERSION = 3
 
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:

@@ -101,6 +101,8 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, *
       mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt
       mclx train --data ../shared/data/her2st --holdout C2 --freeze-encoder --out model.pt --resume
       mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
+      mclx train --model cmrcnet --holdout C2 --freeze-encoder --out cmrcnet.pt
+      mclx train --model histogene --embed-dim 128 --depth 2 --heads 4 --out histogene.pt
       mclx train --data ../shared/data/stutility-mob --holdout MOB4 --n-hvg 500 --out mob.pt
       mclx train --data ../shared/data/her2st --holdout C2 --nproc 2 --out model.pt
       torchrun --nproc_per_node 4 -m mclx train --data ../shared/data/her2st --out model.pt
@@ -124,8 +126,9 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, *
         names, net, pre, holdout=held, encoder_weights=kw["encoder_weights"]
     )
     cache = PatchCache(adatas, pre.patch_size)
+    report: dict[str, Any] = {}  # the validation split's losses and the epoch kept
     history, table = train_model(
-        net, cache, names, pre, recipe.train, progress=not kw["quiet"], state=state
+        net, cache, names, pre, recipe.train, progress=not kw["quiet"], state=state, report=report
     )
     prov = recipe.provenance(
         names,
@@ -135,6 +138,7 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, *
         holdout=held,
         encoder_weights=kw["encoder_weights"],
         n_spots=len(table),
+        **report,
         **({"resumed_at": state.resumed_at} if resume else {}),
         **(_data_parallel(world, net) if world is not None else {}),
     )
@@ -243,7 +247,11 @@ def _training_sections(reader, sections, holdout) -> tuple[list[str], list[str]]
     "Score this trained checkpoint with --bank on --sections (no training).", required=False
 )
 @click.option(
-    "--bank", "bank_path", type=click.Path(path_type=Path), default=None, help="Bank for --ckpt."
+    "--bank",
+    "bank_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Bank for --ckpt (not for models that predict directly: stnet, histogene).",
 )
 @model_options()
 def evaluate(
@@ -270,8 +278,8 @@ def evaluate(
     out = check_output(out or Path(f"evaluate_{kw['model']}.json"))
     reader = open_data_from(data, kw)
     if ckpt is not None or bank_path is not None:
-        if ckpt is None or bank_path is None or not sections:
-            msg = "evaluate: --ckpt needs --bank and --sections (the sections to score)"
+        if ckpt is None or not sections:
+            msg = "evaluate: --ckpt needs --sections (the sections to score) and --bank"
             raise click.UsageError(msg)
         res = score_checkpoint(
             ckpt, bank_path, reader, split_names(sections), k=k, distance=distance
@@ -291,7 +299,7 @@ def evaluate(
         c = res["config"]
         title = (
             f"{kw['model']}: k={c['k']} distance={c['distance']} genes={c['n_genes']} "
-            f"epochs={kw['epochs']} ({c['seconds']} s)"
+            f"epochs={c['train']['epochs']} ({c['seconds']} s)"
         )
     click.echo(format_table(res, title=title))
     json_path, csv_path = write_results(res, out)
@@ -364,6 +372,11 @@ def bank_info(path: Path) -> None:
     help="her2st folder or folder of images for parity and INT8 calibration "
     "(default: random pixels).",
 )
+@click.option(
+    "--openvino",
+    is_flag=True,
+    help="Also write <stem>.ov-int8.onnx: INT8 for OpenVINO by NNCF (the openvino extra).",
+)
 @click.option("--trt", is_flag=True, help="Also build a TensorRT engine (NVIDIA GPU only).")
 @click.option("--fp16/--no-fp16", default=True, show_default=True, help="TensorRT FP16.")
 @click.option(
@@ -375,7 +388,9 @@ def bank_info(path: Path) -> None:
 )
 @quiet_option("Only the final line.")
 @click.pass_context
-def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt, quiet, **_):
+def export_cmd(
+    ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, openvino, trt, quiet, **_
+):
     """Export the image encoder to ONNX (and INT8 / TensorRT), checked against PyTorch.
 
     \b
@@ -386,6 +401,7 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
     Examples:
       mclx export --ckpt model.pt --calib-data ../shared/data/her2st
       mclx export --ckpt model.pt --int8 --calib-data ../shared/data/her2st
+      mclx export --ckpt model.pt --openvino --calib-data ../shared/data/her2st
       mclx export --ckpt model.pt --trt --max-batch 128
     """
     from mclx.export.exporter import export
@@ -395,6 +411,7 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
         onnx_path=onnx_path,
         int8=int8,
         calib_data=calib_data,
+        openvino=openvino,
         trt=trt,
         log=(lambda *_: None) if quiet else click.echo,
         **given(ctx, "opset", "fp16", "max_batch"),

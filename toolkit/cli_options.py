@@ -5,6 +5,7 @@ read from the registries and config types, not listed again.
 
 from __future__ import annotations
 
+import dataclasses
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -223,16 +224,19 @@ def extra_outputs_options() -> Decorator:
 
 def model_options() -> Decorator:
     """Model choice, gene selection, ablations and training recipe (train and evaluate)."""
-    from mclx.config import Context, LogBase
+    from mclx.config import LogBase
 
     return stack(
         click.option(
             "--model", type=RegistryChoice(_model_names), default="mclstexp",
-            show_default=True, help="Method to train.",
+            show_default=True,
+            help="Method to train; its publication's architecture and recipe are the "
+            "defaults of the options below.",
         ),
         click.option(
-            "--encoder", type=RegistryChoice(_encoder_names), default="densenet121",
-            show_default=True, help="Image encoder from the registry.",
+            "--encoder", type=RegistryChoice(_encoder_names), default=None,
+            help="Image encoder from the registry (default: the model's: densenet121; "
+            "vit_b32 for cmrcnet, patch112 for histogene).",
         ),
         click.option(
             "--encoder-weights", default="auto", show_default=True,
@@ -248,26 +252,61 @@ def model_options() -> Decorator:
             "--log-base", type=literal_choice(LogBase), default="10", show_default=True,
             help="log(1 + x) base after library-size scaling.",
         ),
-        click.option("--epochs", type=click.IntRange(1), default=90, show_default=True),
-        click.option("--batch-size", type=click.IntRange(2), default=128, show_default=True),
-        click.option("--lr", type=float, default=1e-4, show_default=True),
-        click.option("--weight-decay", type=float, default=1e-3, show_default=True),
+        click.option(
+            "--epochs", type=click.IntRange(1), default=None,
+            help="Default: the model's (90; cmrcnet 60, histogene 100).",
+        ),
+        click.option(
+            "--batch-size", type=click.IntRange(2), default=None,
+            help="Default: the model's (128; cmrcnet 64; histogene: one section per step).",
+        ),
+        click.option("--lr", type=float, default=None, help="Default: 1e-4 (histogene 1e-5)."),
+        click.option(
+            "--weight-decay", type=float, default=None, help="Default: 1e-3 (histogene 0)."
+        ),
+        click.option(
+            "--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
+            help="Hold out this fraction of each training section's spots and keep the "
+            "epoch with the lowest loss on them (CMRCNet's choice: 0.2). Default 0: the last.",
+        ),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option(
             "--freeze-encoder", is_flag=True,
             help="Cache encoder features once; train heads and spot encoder only.",
         ),
         click.option("--no-augment", is_flag=True, help="Disable the reference augmentation."),
+        architecture_options(),
+        quiet_option(),
+    )  # fmt: skip
+
+
+def architecture_options() -> Decorator:
+    """Ablations and sizes of the model (each default: the model's published value)."""
+    from mclx.config import Context
+
+    return stack(
         click.option("--no-pos-embed", is_flag=True, help="Ablation: no positional embeddings."),
         click.option(
             "--depth", type=click.IntRange(0), default=None,
-            help="Spot Transformer blocks (0 = ablation without Transformer).",
+            help="Transformer blocks: over spots (mclstexp; 0 = ablation without "
+            "Transformer), cmrcnet's fusion layers, histogene's blocks (default 8).",
+        ),
+        click.option(
+            "--embed-dim", type=click.IntRange(1), default=None,
+            help="Embedding width (default 256; histogene's Transformer width 1024).",
+        ),
+        click.option(
+            "--heads", type=click.IntRange(1), default=None,
+            help="Attention heads (default 8; histogene 16).",
+        ),
+        click.option(
+            "--separate-fusion", is_flag=True,
+            help="cmrcnet: each fusion layer its own weights (its reference shares one).",
         ),
         click.option(
             "--context", type=literal_choice(Context), default=None,
             help="Attention context of the spot encoder (default batch).",
         ),
-        quiet_option(),
     )  # fmt: skip
 
 
@@ -277,23 +316,29 @@ def encoder_weights_arg(value: str) -> str | None:
 
 def recipe_from(kw: dict[str, Any]):
     """The :class:`~mclx.recipe.Recipe` that the options of :func:`model_options` ask for."""
-    from mclx.config import TrainCfg
+    from mclx.models import train_cfg
     from mclx.recipe import Recipe
 
-    overrides: dict[str, Any] = {"encoder": kw["encoder"]}
+    overrides: dict[str, Any] = {}
     if kw["no_pos_embed"]:
         overrides["pos_embed"] = False
-    for name in ("depth", "context"):
+    if kw["separate_fusion"]:
+        overrides["fusion_shared"] = False
+    for name in ("encoder", "depth", "context", "embed_dim", "heads"):
         if kw[name] is not None:
             overrides[name] = kw[name]
-    train = TrainCfg(
-        epochs=kw["epochs"],
-        batch_size=kw["batch_size"],
-        lr=kw["lr"],
-        weight_decay=kw["weight_decay"],
+    recipe = train_cfg(kw["model"])
+    given_train = {
+        name: kw[name]
+        for name in ("epochs", "batch_size", "lr", "weight_decay", "val_fraction")
+        if kw[name] is not None
+    }
+    train = dataclasses.replace(
+        recipe,
+        **given_train,
         seed=kw["seed"],
         freeze_encoder=kw["freeze_encoder"],
-        augment=not kw["no_augment"],
+        augment=recipe.augment and not kw["no_augment"],
     )
     return Recipe(
         model=kw["model"],

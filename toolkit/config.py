@@ -17,6 +17,8 @@ Context = Literal["batch", "section"]
 Distance = Literal["l1", "l2"]
 Weighting = Literal["inverse_square", "mean"]
 LogBase = Literal["10", "e"]
+Optimizer = Literal["adam", "adamw"]
+Augmentation = Literal["mclstexp", "dihedral"]
 
 
 @dataclass(frozen=True)
@@ -48,20 +50,27 @@ class ModelCfg:
 
     Attributes:
         name: a model of the registry (``mclx.models.MODELS``): ``mclstexp`` (the
-            paper), ``bleep`` or ``stnet`` (comparison methods).
+            paper), ``bleep``, ``stnet``, ``cmrcnet`` or ``histogene`` (comparison methods).
         encoder: image encoder registry name (``densenet121`` by default).
         n_genes: number of genes G (spot encoder width, ST-Net output size).
-        embed_dim: shared embedding size of the projection heads.
-        dropout: dropout of projection heads.
+        embed_dim: shared embedding size of the projection heads (HisToGene: the width of
+            its Transformer over a section's patches).
+        dropout: dropout of projection heads (HisToGene: of its Transformer).
         temperature: softmax temperature of the contrastive loss.
         pos_embed: learnable x/y positional embeddings (mclSTExp); False is an ablation.
         pos_size: rows of the x and y embedding tables, sized from the data.
-        depth: number of pre-norm Transformer blocks over spots; 0 is an ablation.
-        heads, dim_head: attention heads and their width.
+        depth: number of Transformer blocks: over spots (mclSTExp; 0 is an ablation),
+            CMRCNet's fusion layers, HisToGene's blocks over a section's patches.
+        heads, dim_head: attention heads and their width (CMRCNet's fusion layers: heads
+            of ``embed_dim / heads``).
         context: attention context, ``batch`` (reference) or ``section``.
         seq_len: spots per attention sequence in ``batch`` context (the training batch
             size); banks embed their spots in runs of this length, as training saw them.
         k, distance, weighting: retrieval defaults stored for inference.
+        fusion_shared: CMRCNet applies one fusion layer ``depth`` times (its reference
+            code appends the same layer twice); False gives each application its own.
+        mask_keep: CMRCNet's probability that an element of the image tokens is kept
+            by the training-time mask (no rescaling; no mask in eval mode).
     """
 
     name: str = "mclstexp"
@@ -80,11 +89,28 @@ class ModelCfg:
     k: int = 200
     distance: Distance = "l2"
     weighting: Weighting = "inverse_square"
+    fusion_shared: bool = True
+    mask_keep: float = 0.5
 
 
 @dataclass(frozen=True)
 class TrainCfg:
-    """Optimisation recipe; the defaults are the reference code's."""
+    """Optimisation recipe; the defaults are mclSTExp's reference code's (each model's
+    own: ``mclx.models.train_cfg``).
+
+    Attributes:
+        optimizer: ``adam`` (mclSTExp) or ``adamw`` (CMRCNet), with ``lr`` and
+            ``weight_decay``.
+        min_lr: None for a constant ``lr``; else cosine decay per epoch from ``lr`` to
+            ``min_lr``, epoch ``e`` (from 0) at ``min_lr + (lr - min_lr)(1 + cos(pi (e +
+            1) / epochs)) / 2`` as CMRCNet's scheduler, stepped before each epoch, gives.
+        augment, augmentation: whether training patches are augmented, and how:
+            ``mclstexp`` (ColorJitter 0.5, horizontal flip, rotation by up to 180°) or
+            ``dihedral`` (horizontal and vertical flips, rotations by 90°; CMRCNet).
+        val_fraction: hold out this fraction of the training spots and keep the weights
+            of the epoch with the lowest loss on them (CMRCNet's checkpoint choice, 0.2
+            there); 0 trains on every spot and keeps the last epoch.
+    """
 
     epochs: int = 90
     batch_size: int = 128
@@ -93,6 +119,10 @@ class TrainCfg:
     seed: int = 0
     freeze_encoder: bool = False
     augment: bool = True
+    optimizer: Optimizer = "adam"
+    min_lr: float | None = None
+    augmentation: Augmentation = "mclstexp"
+    val_fraction: float = 0.0
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

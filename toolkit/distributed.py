@@ -148,10 +148,11 @@ def mean(value: float) -> float:
 class GlobalLoss(nn.Module):
     """A model's loss over the global batch, from this process's share of it.
 
-    Contrastive models: the image embeddings of all processes (gathered with gradients)
-    against the spot embeddings of the whole global sequence. Other models (a mean over
-    spots): the share's mean scaled by its part of the global batch, so that DDP's
-    average of the processes' gradients is the global mean's.
+    mclSTExp and BLEEP: the image embeddings of all processes (gathered with gradients)
+    against the spot embeddings of the whole global sequence. Other models: the share's
+    loss scaled by its part of the global batch, so that DDP's average of the processes'
+    gradients is the global mean's for a mean over spots (ST-Net); a contrastive model of
+    another structure (CMRCNet) sees its own share's negatives.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -160,7 +161,7 @@ class GlobalLoss(nn.Module):
 
     def forward(self, feats, expr, pos, n_global: int) -> torch.Tensor:
         m = self.model
-        if getattr(m, "kind", "") != "contrastive":
+        if not all(hasattr(m, a) for a in ("embed_image_features", "embed_spots", "loss_fn")):
             size = torch.distributed.get_world_size()
             return m.loss(feats, expr, pos) * (len(feats) * size / n_global)
         sizes = _sizes(len(feats), feats.device)

@@ -22,7 +22,7 @@ from mclx.io import all_or_nothing, atomic_path, write_text_atomic
 from mclx.metrics import score
 from mclx.recipe import PatchCache, Recipe, train_model
 
-METRICS = ("pcc_acg", "pcc_heg", "mse", "mae")
+METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 
 
 def cross_validate(
@@ -116,8 +116,9 @@ class _Fold:
             table = build_table(self.bank_adatas, pre)
             bank = bank_from_model(net, table, pre.genes, fingerprint="fold")
         feats = cache.features(net.image_encoder, self.test, pre)
-        pred = match(head_outputs(net, feats), bank, k=k, distance=distance)
-        truth = build_table({self.test: self.adatas[self.test]}, pre).expr
+        table = build_table({self.test: self.adatas[self.test]}, pre)
+        out = head_outputs(net, feats, positions=table.pos)  # positions: HisToGene's
+        pred, truth = match(out, bank, k=k, distance=distance), table.expr
         s = score(pred, truth)
         genes = dict(zip(pre.genes, s.pop("pcc_genes").tolist()))
         n = self.adatas[self.test].n_obs
@@ -181,7 +182,6 @@ def score_checkpoint(
     distance: str | None = None,
 ) -> dict[str, Any]:
     """Table 1 for a trained checkpoint and bank on ``sections`` (no training)."""
-    from mclx.bank import load_bank
     from mclx.checkpoint import load_checkpoint
     from mclx.data.patches import section_patches
     from mclx.data.readers import open_data
@@ -189,29 +189,25 @@ def score_checkpoint(
     from mclx.inference.device import torch_device
     from mclx.inference.encoders import TorchEncoder
 
-    ck, loaded = load_checkpoint(checkpoint), load_bank(bank_path)
-    loaded.check_compatible(ck.fingerprint, ck.preprocess.genes)  # before reading any data
-    bank = loaded if ck.model.kind == "contrastive" else None  # ST-Net: no retrieval
-    if bank is not None:
-        bank.check_k(k)
+    ck = load_checkpoint(checkpoint)
+    bank = _scoring_bank(ck, checkpoint, bank_path, sections, k)  # before reading any data
     adatas = open_data(root).read(list(sections), with_image=True)
-    overlap = set(sections) & set(loaded.sections.tolist())
-    if overlap:
-        msg = f"{bank_path}: bank contains the scored sections {sorted(overlap)} (leakage)"
-        raise ValueError(msg)
     encoder = TorchEncoder(ck, device=torch_device().type)
     results, genes_out = {}, {}
+    section = ck.model.kind == "section"  # HisToGene: each section at once, with positions
     for name, adata in adatas.items():
-        truth = build_table({name: adata}, ck.preprocess).expr
+        table = build_table({name: adata}, ck.preprocess)
         patches = section_patches(adata, ck.preprocess.patch_size, ck.preprocess.mpp)
-        s = score(predict(encoder, patches, bank, k=k, distance=distance), truth)
+        pos = table.pos if section else None
+        pred = predict(encoder, patches, bank, k=k, distance=distance, positions=pos)
+        s, truth = score(pred, table.expr), table.expr
         genes_out[name] = dict(zip(ck.preprocess.genes, s.pop("pcc_genes").tolist()))
         results[name] = s | {"n_spots": len(truth)}
     config = {
         "checkpoint": str(checkpoint),
-        "bank": str(bank_path),
-        "k": k or loaded.k,
-        "distance": distance or loaded.distance,
+        "bank": str(bank_path) if bank_path else "",
+        "k": k or (bank.k if bank is not None else 0),
+        "distance": distance or (bank.distance if bank is not None else ""),
         "n_genes": len(ck.preprocess.genes),
         "fingerprint": ck.fingerprint,
         "seconds": 0.0,
@@ -219,20 +215,40 @@ def score_checkpoint(
     return _summary(results, config, genes_out)
 
 
+def _scoring_bank(ck, checkpoint, bank_path, sections: Sequence[str], k: int | None):
+    """The bank a contrastive checkpoint retrieves from, checked against it (same
+    checkpoint and genes, k, none of the scored sections) before any data is read;
+    None for a model that predicts directly (a bank given to one is still checked)."""
+    from mclx.bank import load_bank
+
+    if bank_path is None:
+        if ck.model.kind == "contrastive":
+            msg = f"{checkpoint}: a {ck.model_cfg.name} model retrieves from a bank: pass --bank"
+            raise ValueError(msg)
+        return None
+    loaded = load_bank(bank_path)
+    loaded.check_compatible(ck.fingerprint, ck.preprocess.genes)
+    overlap = set(sections) & set(loaded.sections.tolist())
+    if overlap:
+        msg = f"{bank_path}: bank contains the scored sections {sorted(overlap)} (leakage)"
+        raise ValueError(msg)
+    if ck.model.kind != "contrastive":
+        return None  # ST-Net, HisToGene: no retrieval
+    loaded.check_k(k)
+    return loaded
+
+
 def format_table(res: dict[str, Any], title: str = "") -> str:
     """Plain-text Table 1: one row per section, then mean +- std."""
-    head = f"{'section':<10}{'PCC(ACG)':>14}{'PCC(HEG)':>14}{'MSE':>14}{'MAE':>14}"
+    names = {"pcc_acg": "PCC(ACG)", "pcc_heg": "PCC(HEG)", "pcc_hvg": "PCC(HVG)"}
+    head = f"{'section':<10}" + "".join(f"{names.get(m, m.upper()):>14}" for m in METRICS)
     lines = [title] if title else []
     lines += [head, "-" * len(head)]
     for name, r in res["sections"].items():
-        lines.append(
-            f"{name:<10}{r['pcc_acg']:>14.4f}{r['pcc_heg']:>14.4f}{r['mse']:>14.4f}"
-            f"{r['mae']:>14.4f}"
-        )
+        lines.append(f"{name:<10}" + "".join(f"{r.get(m, np.nan):>14.4f}" for m in METRICS))
     lines.append("-" * len(head))
     m, s = res["mean"], res["std"]
-    cells = [f"{m[k]:.4f}±{s[k]:.3f}" for k in METRICS]
-    lines.append(f"{'mean±std':<10}{cells[0]:>14}{cells[1]:>14}{cells[2]:>14}{cells[3]:>14}")
+    lines.append(f"{'mean±std':<10}" + "".join(f"{m[k]:.4f}±{s[k]:.3f}".rjust(14) for k in METRICS))
     return "\n".join(lines)
 
 

@@ -121,7 +121,10 @@ class Recipe:
         train: Mapping[str, Any],
         others: Sequence[Any] = (),
     ) -> PreprocessCfg:
-        """Genes and the median µm/px of the training sections' images."""
+        """Genes, the median µm/px of the training sections' images and the model's
+        pixel normalisation."""
+        from mclx.models import preprocess_defaults
+
         mpps = [
             a.uns["mpp"] for a in train.values() if a.uns.get("image_path") and a.uns.get("mpp")
         ]
@@ -129,6 +132,7 @@ class Recipe:
             genes=tuple(self.genes(data, train, others)),
             mpp=float(np.median(mpps)) if mpps else None,
             log_base=self.log_base,
+            **preprocess_defaults(self.model),  # CMRCNet: ImageNet mean / std
         )
 
     def build_model(self, pre: PreprocessCfg, pos: tuple[int, int]) -> nn.Module:
@@ -165,7 +169,7 @@ class Recipe:
             "sections": list(sections),
             "model": to_dict(model.cfg),
             "preprocess": to_dict(pre),
-            "train": {k: v for k, v in to_dict(self.train).items() if k != "epochs"},
+            "train": _train_record(self.train),
             **extra,
         }
 
@@ -185,6 +189,20 @@ class Recipe:
         }
 
 
+# TrainCfg fields newer than the first training states: recorded only when set, so
+# that a state saved before they existed still resumes
+_LATER_TRAIN_FIELDS = {"optimizer", "min_lr", "augmentation", "val_fraction"}
+
+
+def _train_record(cfg: TrainCfg) -> dict[str, Any]:
+    default = to_dict(TrainCfg())
+    return {
+        k: v
+        for k, v in to_dict(cfg).items()
+        if k != "epochs" and not (k in _LATER_TRAIN_FIELDS and v == default[k])
+    }
+
+
 class PatchCache:
     """Patches cut once per section and µm/px, and frozen-encoder features once per
     encoder: a patch covers ``patch_size`` pixels at the model's µm/px (``pre.mpp``),
@@ -194,7 +212,7 @@ class PatchCache:
         self.adatas = adatas
         self.patch_size = patch_size
         self._patches: dict[tuple[str, int], np.ndarray] = {}
-        self._features: dict[tuple[str, str, int], np.ndarray] = {}
+        self._features: dict[tuple[str, str, str, int, bool], np.ndarray] = {}
 
     def _source(self, section: str, mpp: float | None) -> int:
         a = self.adatas[section]
@@ -211,14 +229,22 @@ class PatchCache:
         table.patches = np.concatenate([self.patches(s, pre.mpp) for s in sections])
         return table
 
-    def features(self, encoder, section: str, pre, **kw: Any) -> np.ndarray:
-        """Pooled features of ``section``'s patches, cached per encoder weights."""
+    def features(
+        self, encoder, section: str, pre, *, tokens: bool = False, **kw: Any
+    ) -> np.ndarray:
+        """Pooled features (N, F), or with ``tokens`` every token (N, T, F), of
+        ``section``'s patches, cached per encoder and weights (pooled features are the
+        mean of cached tokens when those are there)."""
         from mclx.inference.embed import encode_features
 
-        key = (encoder_fingerprint(encoder), section, self._source(section, pre.mpp))
+        fp = (type(encoder).__name__, encoder_fingerprint(encoder))
+        where = (section, self._source(section, pre.mpp))
+        key = (*fp, *where, tokens)
+        if not tokens and (*fp, *where, True) in self._features:
+            return self._features[(*fp, *where, True)].mean(axis=1)
         if key not in self._features:
             patches = self.patches(section, pre.mpp)
-            self._features[key] = encode_features(encoder, patches, pre, **kw)
+            self._features[key] = encode_features(encoder, patches, pre, tokens=tokens, **kw)
         return self._features[key]
 
 
@@ -237,6 +263,7 @@ def train_model(
     *,
     progress: bool = True,
     state: StateFile | None = None,
+    report: dict[str, Any] | None = None,
 ) -> tuple[list[float], SpotTable]:
     """Fit ``model`` on the image spots of ``sections``; return loss history and table.
 
@@ -244,6 +271,7 @@ def train_model(
         state: save a resumable state after each epoch, and continue from the one it
             loaded (if any) once the run's record (completed here with the data digest
             and, for a frozen encoder, its fingerprint) is checked against it.
+        report: see :func:`mclx.train.fit` (the validation split's record).
     """
     from mclx.errors import FormatError
     from mclx.train import StateMismatch, fit
@@ -260,10 +288,7 @@ def train_model(
         def on_epoch(epoch, snapshot):
             state.on_epoch(epoch, cfg.epochs, snapshot)
 
-    feats = None
-    if cfg.freeze_encoder:
-        parts = [cache.features(model.image_encoder, s, pre, progress=progress) for s in sections]
-        feats = np.concatenate(parts)
+    feats = _frozen_features(model, cache, sections, pre, progress) if cfg.freeze_encoder else None
     try:
         history = fit(
             model,
@@ -274,6 +299,7 @@ def train_model(
             progress=progress,
             start=start,
             on_epoch=on_epoch,
+            report=report,
         )
     except StateMismatch as exc:
         msg = f"{state.path if state else 'training state'}: {exc} (corrupt file?)"
@@ -285,3 +311,14 @@ def train_model(
     if state is not None:
         state.wait()
     return history, table
+
+
+def _frozen_features(model, cache: PatchCache, sections, pre, progress: bool) -> np.ndarray:
+    """The frozen encoder's features of ``sections``, as the model trains on them:
+    pooled, or every token (``feature_kind = "tokens"``: CMRCNet)."""
+    tokens = getattr(model, "feature_kind", "pooled") == "tokens"
+    parts = [
+        cache.features(model.image_encoder, s, pre, tokens=tokens, progress=progress)
+        for s in sections
+    ]
+    return np.concatenate(parts)

@@ -3,7 +3,9 @@
 An :class:`Encoder` takes uint8 N x H x W x 3 patches (what slide readers and patch
 cutters give) or float32 N x 3 x H x W already in the model's pixel scale, applies the
 one pixel transform (:mod:`mclx.inference.transform`) and returns the model's image
-output: embeddings for a contrastive model, expression for ST-Net. Each says which
+output: embeddings for a contrastive model, expression for ST-Net. A section-level
+model (HisToGene) is called with a whole section and its array coordinates,
+``encoder(batch, positions)``. Each says which
 checkpoint it came from (``fingerprint``), how its pixels are prepared (``pre``) and
 how it runs (``name``, ``precision``, ``device``).
 
@@ -35,6 +37,7 @@ from mclx.inference.device import (
 from mclx.inference.transform import to_model_input, to_tensor
 
 INPUT, OUTPUT = "images", "embeddings"  # tensor names of every exported encoder
+POSITIONS = "positions"  # the second input of a section-level model (HisToGene)
 
 
 class Encoder(Protocol):
@@ -77,7 +80,13 @@ class TorchEncoder:
     def warm_up(self) -> None:
         """The one-time work before the first batch, so that it is not timed as encoding:
         for bf16 on the CPU, the frozen TorchScript model (:func:`frozen_bf16`)."""
-        if self.precision == "bf16" and self.device == "cpu" and self._frozen is None:
+        section = getattr(self.model, "kind", "") == "section"  # HisToGene: eager, positions
+        if (
+            self.precision == "bf16"
+            and self.device == "cpu"
+            and self._frozen is None
+            and not section
+        ):
             self._frozen = frozen_bf16(self.model, self.fingerprint, self.pre.patch_size)
 
     def _bf16_cpu(self, x):
@@ -95,15 +104,16 @@ class TorchEncoder:
             return torch.autocast(kind, dtype=dtype)
         return no_tf32() if kind == "cuda" else contextlib.nullcontext()
 
-    def __call__(self, batch):
+    def __call__(self, batch, positions=None):
         import torch
 
         x = to_tensor(np.asarray(batch), self.pre, self.device)
+        args = (x,) if positions is None else (x, torch.as_tensor(positions, device=self.device))
         with torch.inference_mode():
-            if self.precision == "bf16" and self.device == "cpu":
+            if self.precision == "bf16" and self.device == "cpu" and positions is None:
                 return self._bf16_cpu(x).float().numpy()
             with self._context():
-                return self.model(x).float().cpu().numpy()
+                return self.model(*args).float().cpu().numpy()
 
 
 _FROZEN_VERSION = 1  # of the recipe below: bump when it changes, to retire cached files
@@ -231,10 +241,16 @@ class OnnxRuntimeEncoder:
             )
             raise RuntimeError(msg)
 
-    def __call__(self, batch):
+    def __call__(self, batch, positions=None):
         x = to_model_input(np.asarray(batch), self.pre)
+        feed = {INPUT: x}
+        if any(i.name == POSITIONS for i in self.session.get_inputs()):
+            if positions is None:
+                msg = f"{self.path}: a section-level model needs each spot's array positions"
+                raise ValueError(msg)
+            feed[POSITIONS] = np.ascontiguousarray(positions, dtype=np.int64)
         try:
-            return self.session.run(None, {INPUT: x})[0]
+            return self.session.run(None, feed)[0]
         except Exception as exc:  # InvalidArgument on a wrong input shape, ...
             msg = f"{self.path}: ONNX Runtime failed on a batch of {x.shape} ({short(exc, 200)})"
             raise RuntimeError(msg) from exc

@@ -41,8 +41,8 @@ class Format:
             that the runtime never loads the exporter), called as ``build(job, out)``
             and returning the precision it built.
         sidecars: suffixes of files written beside the artifact (``.engine.json``).
-        reads: the row whose file this one runs (OpenVINO runs the ONNX files): it has
-            no file, builder or flag of its own, and its parity is recorded when the
+        reads: the row whose file this one runs (OpenVINO runs the FP32 ONNX file): it
+            has no file, builder or flag of its own, and its parity is recorded when the
             file it reads is exported.
     """
 
@@ -132,7 +132,15 @@ FORMATS: dict[str, Format] = {
         ),
         Format("openvino", "openvino", "fp32", device="cpu", reads="onnx"),
         Format("openvino-bf16", "openvino", "bf16", device="cpu", reads="onnx"),
-        Format("openvino-int8", "openvino", "int8", device="cpu", reads="onnx-int8"),
+        Format(
+            "openvino-int8",
+            "openvino",
+            "int8",
+            ".ov-int8.onnx",
+            device="cpu",
+            flag="openvino",
+            builder="mclx.export.openvino_export:build_int8",
+        ),
     )
 }
 
@@ -184,6 +192,10 @@ def open_file(path: Path, *, device: str = "cpu"):
         from mclx.inference.tensorrt import TensorRTEncoder
 
         return TensorRTEncoder(path, device=device)
+    if fmt is not None and fmt.backend == "openvino":
+        from mclx.inference.openvino import OpenVinoEncoder
+
+        return OpenVinoEncoder(path, precision=fmt.precision, device=device)
     from mclx.inference.encoders import OnnxRuntimeEncoder
 
     return OnnxRuntimeEncoder(path, device=device)

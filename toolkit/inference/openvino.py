@@ -1,12 +1,12 @@
 """Exported encoders in OpenVINO, Intel's inference runtime (CPU).
 
-OpenVINO reads the exported ONNX files directly: ``model.onnx`` at fp32 or with its
-bf16 inference-precision hint (AVX512-BF16 / AMX), ``model.int8.onnx`` (the QDQ file
-``mclx export --int8`` calibrated on real patches) as int8 kernels. Nothing else is
-written beside the checkpoint: the compiled model is cached by OpenVINO in
-``cache_dir("openvino")`` (the first compile of DenseNet-121 takes ~1 s, a cached one a
-fraction). The ONNX file's mclx metadata (fingerprint, preprocessing) is read as for ONNX
-Runtime. An optional extra: ``pip install 'mclx[openvino]'``.
+OpenVINO runs the FP32 ONNX file itself, at fp32 or with its bf16 inference-precision
+hint (AVX512-BF16 / AMX), and ``model.ov-int8.onnx``, NNCF's INT8 QDQ graph made by
+``mclx export --openvino`` (:mod:`mclx.export.openvino_export`), with int8 kernels. The
+compiled model is cached by OpenVINO in ``cache_dir("openvino")`` (the first compile of
+DenseNet-121 takes ~1 s, a cached one a fraction). The ONNX file's mclx metadata
+(fingerprint, preprocessing) is read as for ONNX Runtime. An optional extra:
+``pip install 'mclx[openvino]'`` (NNCF included).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def import_openvino(what: str):
 
 
 class OpenVinoEncoder:
-    """An exported ``.onnx`` / ``.int8.onnx`` compiled by OpenVINO for the CPU at
+    """An exported ``.onnx`` / ``.ov-int8.onnx`` compiled by OpenVINO for the CPU at
     ``precision`` (``fp32`` or ``bf16`` for the FP32 file; ``int8`` for the INT8 one)."""
 
     name = "openvino"

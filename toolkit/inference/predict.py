@@ -4,7 +4,8 @@
 over the patches in batches, then :func:`match` turns its outputs into expression: the
 inverse-square-distance (or mean) weighted expression of the top-k bank spots by cosine
 similarity for a contrastive model, the outputs themselves for a regression model
-(ST-Net, no bank). The whole-slide runtime streams tiles through the same two steps.
+(ST-Net, no bank; HisToGene, which takes a whole section and its array coordinates at
+once). The whole-slide runtime streams tiles through the same two steps.
 """
 
 from __future__ import annotations
@@ -54,17 +55,24 @@ def predict(
     k: int | None = None,
     distance: str | None = None,
     batch_size: int = 64,
+    positions: np.ndarray | None = None,
 ) -> np.ndarray:
     """Predicted expression (N, G) float32 of uint8 patches (N, S, S, 3).
 
-    The bank must come from the encoder's checkpoint and genes (checked first).
+    The bank must come from the encoder's checkpoint and genes (checked first). With
+    ``positions`` (N, 2), the array coordinates of a whole section, the patches go
+    through the encoder together (a section-level model: HisToGene).
     """
     if bank is not None:
         bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
         bank.check_k(k)
-    parts = [
-        to_host(encoder(patches[s : s + batch_size])) for s in range(0, len(patches), batch_size)
-    ]
+    if positions is not None:
+        parts = [to_host(encoder(patches, positions))] if len(patches) else []
+    else:
+        parts = [
+            to_host(encoder(patches[s : s + batch_size]))
+            for s in range(0, len(patches), batch_size)
+        ]
     if not parts:
         return np.zeros((0, len(encoder.pre.genes)), np.float32)
     return to_host(match(np.concatenate(parts), bank, k=k, distance=distance))

@@ -38,7 +38,7 @@ def open_encoder(
     Args:
         model: checkpoint (``.pt``), exported ``.onnx`` / ``.int8.onnx``, or ``.engine``.
         backend: ``auto``, ``torch``, ``onnxruntime``, ``openvino`` or ``tensorrt``
-            (``openvino`` also runs an ``.onnx`` / ``.int8.onnx`` file given directly).
+            (``openvino`` also runs an ``.onnx`` / ``.ov-int8.onnx`` file given directly).
         precision: ``auto``, ``fp32``, ``bf16``, ``fp16`` or ``int8`` (checkpoints only).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         ck: the checkpoint already loaded (spares reading it again).
@@ -64,9 +64,12 @@ def _openvino_file(path: Path, precision: str, device: str):
     from mclx.inference.openvino import OpenVinoEncoder
 
     fmt = format_of_file(path)
-    reading = [f for f in FORMATS.values() if f.backend == "openvino" and f.reads == fmt.name]
+    rows = [fmt] if fmt.backend == "openvino" else []
+    reading = rows or [
+        f for f in FORMATS.values() if f.backend == "openvino" and f.reads == fmt.name
+    ]
     if not reading:
-        msg = f"{path}: OpenVINO runs the exported .onnx / .int8.onnx files, not a {fmt.name}"
+        msg = f"{path}: OpenVINO runs the exported .onnx / .ov-int8.onnx files, not a {fmt.name}"
         raise ValueError(msg)
     offered = [f.precision for f in reading]
     if precision == "auto":

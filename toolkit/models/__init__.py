@@ -1,8 +1,10 @@
 """Model registry: ``create_model(cfg)`` builds any registered method from its config.
 
-Registered models: ``mclstexp`` (the paper), ``bleep`` and ``stnet`` (comparison methods),
-each with the defaults of its publication (:func:`model_cfg`). Registered image encoders:
-see :data:`ENCODERS` (``densenet121`` by default).
+Registered models: ``mclstexp`` (the paper), ``bleep``, ``stnet``, ``cmrcnet`` and
+``histogene`` (comparison methods), each with the defaults of its publication: its
+architecture (:func:`model_cfg`), its training recipe (:func:`train_cfg`) and its pixel
+normalisation (:func:`preprocess_defaults`). Registered image encoders: see
+:data:`ENCODERS` (``densenet121`` by default; ViTs in :mod:`mclx.models.vit`).
 """
 
 from __future__ import annotations
@@ -12,15 +14,19 @@ from typing import Any
 
 from torch import nn
 
-from mclx.config import ModelCfg
+from mclx.config import ModelCfg, TrainCfg
+from mclx.models import vit  # noqa: F401  (registers the ViT encoders)
 from mclx.models.bleep import bleep_loss
+from mclx.models.cmrcnet import CMRCNet
 from mclx.models.encoders import ENCODERS, ImageEncoder, create_encoder
+from mclx.models.histogene import HisToGene
 from mclx.models.layers import ProjectionHead, TransformerBlock
 from mclx.models.mclstexp import MclSTExp, SpotEncoder, clip_loss
 from mclx.models.registry import Registry
 from mclx.models.stnet import STNet
 
 MODELS = Registry("model")
+IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
 
 
 @MODELS.register(defaults={})
@@ -39,9 +45,46 @@ def stnet(cfg: ModelCfg, encoder: ImageEncoder) -> STNet:
     return STNet(cfg, encoder)
 
 
+# a ViT-B/32 over tokens, no positions; the top 50 neighbours averaged; AdamW with a
+# cosine decay, flips and 90-degree rotations, ImageNet mean / std (its public code)
+@MODELS.register(
+    defaults={"encoder": "vit_b32", "pos_embed": False, "k": 50, "weighting": "mean"},
+    train={
+        "epochs": 60, "batch_size": 64, "optimizer": "adamw", "min_lr": 1e-5,
+        "augmentation": "dihedral",
+    },
+    preprocess=IMAGENET,
+)  # fmt: skip
+def cmrcnet(cfg: ModelCfg, encoder: nn.Module) -> CMRCNet:
+    return CMRCNet(cfg, encoder)
+
+
+# a ViT over a section's flattened 112 px patches (width 1024, 8 blocks, 16 heads);
+# one section per step, Adam 1e-5, 100 epochs, no augmentation (its tutorial)
+@MODELS.register(
+    defaults={
+        "encoder": "patch112", "embed_dim": 1024, "depth": 8, "heads": 16, "dim_head": 64,
+        "context": "section", "k": 0,
+    },
+    train={"epochs": 100, "lr": 1e-5, "weight_decay": 0.0, "augment": False},
+)  # fmt: skip
+def histogene(cfg: ModelCfg, encoder: nn.Module) -> HisToGene:
+    return HisToGene(cfg, encoder)
+
+
 def model_cfg(name: str, **overrides: Any) -> ModelCfg:
     """The config of model ``name`` with its publication's defaults, then ``overrides``."""
     return ModelCfg(**{"name": name, **MODELS.meta(name)["defaults"], **overrides})
+
+
+def train_cfg(name: str, **overrides: Any) -> TrainCfg:
+    """The training recipe of model ``name`` (its publication's), then ``overrides``."""
+    return TrainCfg(**{**MODELS.meta(name).get("train", {}), **overrides})
+
+
+def preprocess_defaults(name: str) -> dict[str, Any]:
+    """PreprocessCfg fields model ``name`` sets (ImageNet ``mean`` / ``std`` for CMRCNet)."""
+    return dict(MODELS.meta(name).get("preprocess", {}))
 
 
 def create_model(cfg: ModelCfg, *, encoder_weights: str | os.PathLike | None = None) -> nn.Module:
@@ -58,8 +101,10 @@ def create_model(cfg: ModelCfg, *, encoder_weights: str | os.PathLike | None = N
 
 
 __all__ = [
+    "CMRCNet",
     "ENCODERS",
     "MODELS",
+    "HisToGene",
     "ImageEncoder",
     "MclSTExp",
     "ProjectionHead",
@@ -71,4 +116,6 @@ __all__ = [
     "create_encoder",
     "create_model",
     "model_cfg",
+    "preprocess_defaults",
+    "train_cfg",
 ]

@@ -1,8 +1,11 @@
 """Image encoders: torchvision backbones -> global average pool -> feature vector.
 
-Every encoder answers ``num_features``, ``forward_features`` (the feature map) and
-``forward`` (pooled features). Weights come from torchvision's local cache when present,
-or from ``weights_file``; nothing is downloaded. Random initialisation is allowed, with a
+Every encoder answers ``num_features``, ``forward_features`` (the feature map, or a
+ViT's tokens), ``forward_tokens`` (N x T x F: a feature map's positions, a ViT's
+tokens) and ``forward`` (pooled features, the mean of the tokens). ViTs are in
+:mod:`mclx.models.vit`; :func:`patch112` is HisToGene's parameter-free pixel input.
+Weights come from torchvision's local cache when present, or from ``weights_file``;
+nothing is downloaded. Random initialisation is allowed, with a
 warning, so that tests and air-gapped machines still work.
 """
 
@@ -35,8 +38,37 @@ class ImageEncoder(nn.Module):
         x = self.features(x)
         return torch.relu(x) if self.final_relu else x
 
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The feature map's positions as tokens (N, H * W, F)."""
+        return self.forward_features(x).flatten(2).transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x).mean(dim=(2, 3))
+
+
+class PixelEncoder(nn.Module):
+    """The centre ``crop`` x ``crop`` pixels of a patch, flattened (channel, row,
+    column): HisToGene's input, whose patch embedding is a linear layer on the pixels.
+    No parameters; a patch smaller than ``crop`` is refused."""
+
+    def __init__(self, crop: int) -> None:
+        super().__init__()
+        self.crop = crop
+        self.num_features = 3 * crop * crop
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h < self.crop or w < self.crop:
+            msg = f"patches of {h} x {w} px are smaller than the encoder's {self.crop} px crop"
+            raise ValueError(msg)
+        top, left = (h - self.crop) // 2, (w - self.crop) // 2
+        return x[:, :, top : top + self.crop, left : left + self.crop]
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x).unsqueeze(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).flatten(1)
 
 
 def _cached_weights(weights) -> Path | None:
@@ -139,6 +171,16 @@ def tiny_cnn(weights: str | os.PathLike | None = None) -> ImageEncoder:
     if weights not in (None, "auto"):
         _load_backbone_weights(features, Path(weights))
     return ImageEncoder(features, 64, final_relu=False)
+
+
+@ENCODERS.register
+def patch112(weights: str | os.PathLike | None = None) -> PixelEncoder:
+    """The centre 112 x 112 px of the patch, flattened (37,632 features): HisToGene's
+    input (its reference cuts 112 px spot patches; mclx cuts 224 px, same centre)."""
+    if weights not in (None, "auto"):
+        msg = f"{weights}: patch112 has no weights to load"
+        raise ValueError(msg)
+    return PixelEncoder(112)
 
 
 def create_encoder(name: str, *, weights: str | os.PathLike | None = "auto") -> ImageEncoder:
