@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from mclx import __version__
+from mclx.cli_cohort import cohort_options
 from mclx.cli_options import (
     CONTEXT,
     ckpt_option,
@@ -79,8 +80,16 @@ def cli(debug: bool) -> None:
     help="Save the resumable state OUT.state every N epochs (0: never). Default: every "
     "epoch, or every few when epochs are so short that saving would take over 5% of the time.",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Data-parallel processes on this machine (DDP: gloo on CPU, NCCL with one GPU "
+    "each); --batch-size stays the global batch, negatives are global.",
+)
 @model_options()
-def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: Any) -> None:
+def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, **kw: Any) -> None:
     """Train a model and write a self-describing checkpoint.
 
     \b
@@ -95,14 +104,21 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
       mclx train --model cmrcnet --holdout C2 --freeze-encoder --out cmrcnet.pt
       mclx train --model histogene --embed-dim 128 --depth 2 --heads 4 --out histogene.pt
       mclx train --data ../shared/data/stutility-mob --holdout MOB4 --n-hvg 500 --out mob.pt
+      mclx train --data ../shared/data/her2st --holdout C2 --nproc 2 --out model.pt
+      torchrun --nproc_per_node 4 -m mclx train --data ../shared/data/her2st --out model.pt
     """
+    from mclx import distributed
     from mclx.checkpoint import save_checkpoint
     from mclx.recipe import PatchCache, train_model
 
+    world = _processes(nproc, kw)
+    if world is False:
+        return
+    main = world is None or world.main  # rank 0 alone writes the state and the checkpoint
     check_output(out)
     reader = open_data_from(data, kw)
     recipe = recipe_from(kw)
-    state = _training_state(out, resume, save_every)
+    state = _training_state(out, resume, save_every if main else 0)
     names, held = _training_sections(reader, sections, holdout)
     adatas = reader.read(names, with_image=True)
     pre, net = recipe.setup(reader, adatas, names)
@@ -124,13 +140,50 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
         n_spots=len(table),
         **report,
         **({"resumed_at": state.resumed_at} if resume else {}),
+        **(_data_parallel(world, net) if world is not None else {}),
     )
-    fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
-    state.remove()
+    if main:
+        fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
+        state.remove()
+    if world is not None:
+        distributed.shutdown()
+    if not main:
+        return
     click.echo(
         f"mclx: trained {kw['model']} on {len(table)} spots of {', '.join(names)}; "
         f"loss {history[0]:.4f} -> {history[-1]:.4f}; wrote {out} (fingerprint {fp})"
     )
+
+
+def _processes(nproc: int, kw: dict[str, Any]):
+    """This process's place in a data-parallel run (set by torchrun or by a launch;
+    None: alone), or False when this call launched ``nproc`` processes, now finished."""
+    from mclx import distributed
+
+    world = distributed.from_env()
+    if nproc > 1 and world is None:
+        rc = distributed.launch(click.get_current_context().find_root().obj["argv"], nproc)
+        if rc:
+            sys.exit(rc)
+        return False
+    if world is not None and nproc > 1 and nproc != world.size:
+        msg = f"--nproc {nproc} but this is process {world.rank} of {world.size} (torchrun?)"
+        raise click.UsageError(msg)
+    if world is not None and not world.main:
+        kw["quiet"] = True
+    return world
+
+
+def _data_parallel(world, net) -> dict:
+    """The provenance of a data-parallel run; its processes must end with equal weights."""
+    from mclx import distributed
+
+    prints = distributed.same_weights(net)
+    if len(set(prints)) > 1:
+        msg = f"data-parallel processes ended with different weights: {prints}"
+        raise RuntimeError(msg)
+    return {"data_parallel": {"processes": world.size, "backend": world.backend,
+                              "rank_fingerprints": prints}}  # fmt: skip
 
 
 def _training_state(out: Path, resume: bool, save_every: int | None):
@@ -367,7 +420,7 @@ def export_cmd(
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("slide", type=click.Path(path_type=Path))
+@click.argument("slides", nargs=-1, type=click.Path(path_type=Path))
 @click.option(
     "--bank",
     "bank_path",
@@ -432,12 +485,10 @@ def export_cmd(
     default=None,
     help="Save the predictions so far every N batches for --resume (default 64; 0: never).",
 )
+@cohort_options()
 @quiet_option("No progress bar.")
-def infer(
-    slide: Path, bank_path: Path, out, plot, geojson, geojson_genes, spatialdata, resume,
-    save_every, quiet, **kw: Any,
-) -> None:  # fmt: skip
-    """Predict spatial expression over a whole slide (or at given spots).
+def infer(slides: tuple[Path, ...], bank_path: Path, quiet, **kw: Any) -> None:
+    """Predict spatial expression over a whole slide (or at given spots), or a cohort.
 
     \b
     The .h5ad holds the slide image in uns["spatial"] (scanpy's layout): sc.pl.spatial
@@ -449,7 +500,30 @@ def infer(
       mclx infer C2.jpg --bank her2.npz --spots C2_selection.tsv --out C2.h5ad
       mclx infer slide.tif --bank her2.npz --model model.onnx --batch-size 128
       mclx infer slide.svs --bank her2.npz --geojson slide.geojson --geojson-genes 50
+    \b
+    Cohorts (several slides or --manifest): one .h5ad per slide in --out-dir and a
+    summary.csv; a failing slide is reported and the others go on; slides already done
+    with the same checkpoint and bank are skipped (--force redoes them).
+      mclx infer a.svs b.svs --bank her2.npz --out-dir preds/
+      mclx infer --manifest slides.csv --bank her2.npz --out-dir preds/ --engine ray
+      mclx infer --manifest slides.csv --bank her2.npz --out-dir preds/ --engine ray \\
+          --address ray://head:10001 --gpus-per-worker 1
     """
+    from mclx.cli_cohort import is_cohort, run_cohort_cli
+
+    if is_cohort(slides, kw):
+        return run_cohort_cli(slides, bank_path, quiet, kw)
+    for key in ("manifest", "out_dir", "engine", "address", "gpus_per_worker", "readers",
+                "actors", "force"):  # fmt: skip
+        kw.pop(key)
+    _infer_one(slides[0], bank_path, quiet=quiet, **kw)
+
+
+def _infer_one(
+    slide: Path, bank_path: Path, out, plot, geojson, geojson_genes, spatialdata, resume,
+    save_every, quiet, **kw: Any,
+) -> None:  # fmt: skip
+    """``mclx infer`` of one slide."""
     from mclx.outputs import Outputs
     from mclx.runtime import infer as run_infer
     from mclx.writer import add_spatial_image, write_predictions
@@ -565,7 +639,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        cli.main(args=args, prog_name="mclx", standalone_mode=False)
+        cli.main(args=args, prog_name="mclx", standalone_mode=False, obj={"argv": args})
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except click.ClickException as exc:

@@ -203,6 +203,154 @@ class _Where:
         return spot_tiles(slide, self.spots, size=size, source=self.source)
 
 
+@dataclass
+class Run:
+    """What every slide of a run shares: the bank (placed where retrieval runs), the
+    model path, the open encoder, k and the distance. ``mclx infer`` builds one for its
+    slide; a cohort (:mod:`mclx.cohort`) one per process or Ray actor, for all slides."""
+
+    bank_path: Path
+    bank: Any
+    model: Path
+    encoder: Any
+    k: int
+    distance: str | None = None
+
+    @classmethod
+    def open(
+        cls,
+        bank_path: str | os.PathLike,
+        *,
+        model: str | os.PathLike | None = None,
+        backend: str = "auto",
+        precision: str = "auto",
+        device: str = "auto",
+        k: int | None = None,
+        distance: str | None = None,
+        plot_genes: Sequence[str] = (),
+        checked=None,
+    ) -> Run:
+        """Load the bank and the encoder and check that they belong together;
+        ``checked``: the result of :func:`_check_inputs` when already called."""
+        from mclx.inference import open_encoder
+
+        bank, model, k = checked or _check_inputs(bank_path, model, plot_genes, k)
+        encoder = open_encoder(model, backend=backend, precision=precision, device=device)
+        bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
+        bank = place_bank(bank, encoder, device)
+        return cls(Path(bank_path), bank, Path(model), encoder, k, distance)
+
+    def plan(self, slide, where: _Where, source, **kw: Any):
+        """The slide's :class:`~mclx.plan.Plan` at this run's µm/px (see :func:`plan_slide`)."""
+        return plan_slide(slide, where, self.encoder.pre, n_genes=len(self.bank.genes),
+                          source=source, **kw)  # fmt: skip
+
+    def predict(self, patches):
+        """Predictions (N, G) on the host for a batch of uint8 patches: the encoder, then
+        retrieval against the bank (the steps :func:`stream` runs block by block)."""
+        from mclx.inference import match, to_host
+
+        emb = self.encoder(patches)
+        return to_host(match(emb, self.bank, k=self.k, distance=self.distance))
+
+    def provenance(self, slide_info: dict, *, resumed_from: int = 0) -> dict:
+        """``uns["mclx"]`` of a slide: its ``slide_info`` (:func:`slide_record`), then
+        the bank, model and retrieval settings."""
+        return {
+            **slide_info,
+            "bank": str(self.bank_path.resolve()),
+            "model": str(self.model.resolve()),
+            "k": int(self.k),
+            "distance": self.distance or self.bank.distance,
+            "bank_device": _array_device(self.bank.embeddings),
+            "resumed_from_tile": int(resumed_from),
+        }
+
+    def infer(
+        self,
+        slide_path,
+        slide,
+        where: _Where,
+        *,
+        batch_size: int = 64,
+        workers: int = 2,
+        reader_pool: str = "threads",
+        state=None,
+        progress: bool = True,
+        t_start=None,
+        **plan_kw,
+    ):
+        """AnnData of the predictions over an open ``slide`` (tiles placed by ``where``)."""
+        from mclx.prefetch import pool_for
+
+        t_start = time.perf_counter() if t_start is None else t_start
+        work = self.plan(slide, where, str(slide_path), batch_size=batch_size, workers=workers,
+                         **plan_kw)  # fmt: skip
+        if state is not None:
+            state.record = _run_record(slide_path, work.tiles, self.encoder, self.bank, self.k,
+                                       self.distance, batch_size, state.every)  # fmt: skip
+        preds, timings = stream(
+            slide, work.tiles, self.encoder, self.bank, k=self.k, distance=self.distance,
+            batch_size=batch_size, workers=workers, reader_pool=reader_pool, state=state,
+            progress=progress,
+        )  # fmt: skip
+        timings["total"] = time.perf_counter() - t_start
+        resumed = int(state.saved[0]) if state is not None and state.saved else 0
+        info = slide_record(slide_path, slide, where, work)
+        info.update(reader_pool=pool_for(slide, reader_pool), readers=int(workers))
+        prov = self.provenance(info, resumed_from=resumed)
+        return predictions(preds, work.tiles, self.bank, self.encoder, prov, timings)
+
+
+def locate(slide_path: str | os.PathLike, *, spots=None, mpp: float | None = None):
+    """The open slide (its header read) and where its tiles go (:class:`_Where`); the
+    slide is closed again when the spots fail."""
+    from mclx.slide import open_slide
+
+    slide = open_slide(slide_path, mpp=mpp)
+    try:
+        return slide, _Where.find(slide, spots)
+    except BaseException:
+        slide.close()
+        raise
+
+
+def plan_slide(
+    slide,
+    where: _Where,
+    pre,
+    *,
+    n_genes: int,
+    source: str,
+    stride=None,
+    max_tiles=None,
+    batch_size: int = 64,
+    workers: int = 2,
+):
+    """The run's :class:`~mclx.plan.Plan` over ``slide``: tiles at ``pre``'s µm/px,
+    refused when too many, too resampled or too large for memory."""
+    from mclx.plan import MAX_TILES, plan
+
+    return plan(
+        slide, where, pre, n_genes=n_genes, stride=stride, max_tiles=max_tiles or MAX_TILES,
+        batch_size=batch_size, workers=workers, source=source,
+    )  # fmt: skip
+
+
+def slide_record(slide_path, slide, where: _Where, work) -> dict:
+    """The slide's part of ``uns["mclx"]``: the file, its reader, µm/px and the plan."""
+    return {
+        "slide": str(Path(slide_path).resolve()),
+        "slide_reader": slide.backend,
+        "slide_vendor": slide.vendor,
+        "slide_mpp": where.mpp or -1.0,
+        "slide_mpp_source": where.mpp_source,
+        "slide_mpp_found": where.found,
+        **work.record(),
+        "tiles_from": where.origin,
+    }
+
+
 def infer(  # long: the run's options, each documented once in the CLI
     slide_path: str | os.PathLike,
     *,
@@ -230,54 +378,20 @@ def infer(  # long: the run's options, each documented once in the CLI
     ``state`` (:class:`~mclx.infer_state.InferState`, loaded for a resume) keeps the
     predictions made so far beside the output.
     """
-    from mclx.inference import open_encoder
-    from mclx.plan import MAX_TILES, plan
-    from mclx.prefetch import pool_for
-    from mclx.slide import open_slide
-
     t_start = time.perf_counter()
-    bank, model, k = _check_inputs(bank_path, model, plot_genes, k)
+    checked = _check_inputs(bank_path, model, plot_genes, k)
     # the slide's header and the spots before the encoder: bad inputs fail before a model
-    slide = open_slide(slide_path, mpp=mpp)
+    slide, where = locate(slide_path, spots=spots, mpp=mpp)
     try:
-        where = _Where.find(slide, spots)
-        encoder = open_encoder(model, backend=backend, precision=precision, device=device)
-        bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
-        work = plan(
-            slide, where, encoder.pre, n_genes=len(bank.genes), stride=stride,
-            max_tiles=max_tiles or MAX_TILES, batch_size=batch_size, workers=workers,
-            source=str(slide_path),
-        )  # fmt: skip
-        bank = place_bank(bank, encoder, device)
-        if state is not None:
-            state.record = _run_record(slide_path, work.tiles, encoder, bank, k, distance,
-                                       batch_size, state.every)  # fmt: skip
-        preds, timings = stream(
-            slide, work.tiles, encoder, bank, k=k, distance=distance, batch_size=batch_size,
-            workers=workers, reader_pool=reader_pool, state=state, progress=progress,
+        run = Run.open(bank_path, backend=backend, precision=precision, device=device,
+                       distance=distance, checked=checked)  # fmt: skip
+        return run.infer(
+            slide_path, slide, where, batch_size=batch_size, workers=workers, state=state,
+            progress=progress, t_start=t_start, stride=stride, max_tiles=max_tiles,
+            reader_pool=reader_pool,
         )  # fmt: skip
     finally:
         slide.close()
-    timings["total"] = time.perf_counter() - t_start
-    provenance = {
-        "slide": str(Path(slide_path).resolve()),
-        "slide_reader": slide.backend,
-        "slide_vendor": slide.vendor,
-        "slide_mpp": where.mpp or -1.0,
-        "slide_mpp_source": where.mpp_source,
-        "slide_mpp_found": where.found,
-        **work.record(),
-        "bank": str(Path(bank_path).resolve()),
-        "model": str(model.resolve()),
-        "k": int(k),
-        "distance": distance or bank.distance,
-        "tiles_from": where.origin,
-        "reader_pool": pool_for(slide, reader_pool),
-        "readers": int(workers),
-        "bank_device": _array_device(bank.embeddings),
-        "resumed_from_tile": int(state.saved[0]) if state is not None and state.saved else 0,
-    }
-    return predictions(preds, work.tiles, bank, encoder, provenance, timings)
 
 
 def _run_record(slide_path, tiles, encoder, bank, k, distance, batch_size, every) -> dict:

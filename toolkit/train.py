@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mclx import distributed
 from mclx.config import PreprocessCfg, TrainCfg
 from mclx.data.dataset import SpotTable
 from mclx.inference.device import torch_device
@@ -291,6 +292,8 @@ class _Steps:
         for p in model.image_encoder.parameters():
             p.requires_grad_(not frozen)
         self.model, self.table, self.cfg, self.pre, self.device = model, table, cfg, pre, device
+        self.world = distributed.world()  # several processes: global batches split, DDP
+        self.global_loss = distributed.wrap(model, self.world) if self.world else None
         self.expr = torch.as_tensor(table.expr, device=device)
         self.pos = torch.as_tensor(table.pos, device=device)
         self.feats = torch.as_tensor(features, device=device) if frozen else None
@@ -312,14 +315,22 @@ class _Steps:
             model.image_encoder.eval()
         losses = []
         for rows_ in batches(self.table, self.cfg, model.cfg.context, rng, rows):
+            n = len(rows_)
+            if self.world is not None:
+                rows_ = distributed.shard(rows_, self.world)
             r = torch.as_tensor(rows_, device=self.device)
             with autocast(self.device):
-                loss = model.loss(self.features(rows_, r).float(), self.expr[r], self.pos[r])
+                feats = self.features(rows_, r).float()
+                if self.global_loss is not None:
+                    loss = self.global_loss(feats, self.expr[r], self.pos[r], n)
+                else:
+                    loss = model.loss(feats, self.expr[r], self.pos[r])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
-        return float(np.mean(losses)) if losses else float("nan")
+        mean = float(np.mean(losses)) if losses else float("nan")
+        return distributed.mean(mean) if self.world is not None else mean
 
     @torch.no_grad()
     def evaluate(self, rows: np.ndarray) -> float:

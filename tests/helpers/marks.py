@@ -2,7 +2,8 @@
 ``@needs("stutility-mob")``, ``@needs("visium-fixture")`` (real data of shared/data),
 ``@needs("gpu")``, ``@needs("cupy")``, ``@needs("tensorrt")``, ``@needs("numba")``,
 ``@needs("browser")`` (system Chromium + chromedriver + selenium),
-``@needs("openseadragon")``, ``@needs("spatialdata")``, ``@needs("openvino")``.
+``@needs("openseadragon")``, ``@needs("spatialdata")``, ``@needs("openvino")``,
+``@needs("ray")`` (Ray Data; required with ``MCLX_REQUIRE_RAY=1``).
 
 A test so marked is skipped, with the reason, before it runs (``pytest -rs`` lists them
 all up front) when what it needs is missing; with ``MCLX_REQUIRE_DATA=1`` a test that
@@ -74,6 +75,17 @@ def _numba() -> str | None:
 
 
 @cache
+def _ray() -> str | None:
+    if importlib.util.find_spec("ray") is None:
+        return "needs Ray Data: Ray is not installed (pip install '.[ray]')"
+    return None
+
+
+def _env_flag(name: str) -> Callable[[], bool]:
+    return lambda: os.environ.get(name) == "1"
+
+
+@cache
 def _openvino() -> str | None:
     if importlib.util.find_spec("openvino") is None:
         return "needs OpenVINO (pip install -e '.[dev,openvino]')"
@@ -88,11 +100,12 @@ def _openvino_required() -> bool:
 class Need:
     """What a test may need: ``missing()`` says why it cannot have it (None: it can);
     ``marker`` is the pyproject marker of its kind; ``required`` says when a missing
-    one is a failure rather than a skip."""
+    one is a failure rather than a skip, ``required_by`` the variable that says so."""
 
     missing: Callable[[], str | None]
     marker: str | None = None
     required: Callable[[], bool] = lambda: False
+    required_by: str = "MCLX_REQUIRE_DATA"
 
 
 NEEDS: dict[str, Need] = {
@@ -101,10 +114,11 @@ NEEDS: dict[str, Need] = {
     "cupy": Need(_cupy, "gpu"),
     "tensorrt": Need(_tensorrt, "gpu"),
     "numba": Need(_numba),
-    "openvino": Need(_openvino, None, _openvino_required),
+    "openvino": Need(_openvino, None, _openvino_required, "MCLX_REQUIRE_OPENVINO"),
     "browser": Need(cache(browser_missing), "browser", viewer_required),
     "openseadragon": Need(cache(openseadragon_missing), None, viewer_required),
     "spatialdata": Need(cache(spatialdata_missing), None, spatialdata_required),
+    "ray": Need(_ray, None, _env_flag("MCLX_REQUIRE_RAY"), "MCLX_REQUIRE_RAY"),
     **{
         name: Need(lambda name=name: shared_missing(name), "data", data_required) for name in SHARED
     },
@@ -146,7 +160,7 @@ def resolve(item: pytest.Item) -> None:
         if reason is None:
             continue
         if NEEDS[w].required():
-            item.stash[_REQUIRED] = f"{reason} and MCLX_REQUIRE_DATA=1"
+            item.stash[_REQUIRED] = f"{reason} and {NEEDS[w].required_by}=1"
         else:
             item.add_marker(pytest.mark.skip(reason=reason))
         return

@@ -1,0 +1,295 @@
+"""Cohort inference: many slides, one ``.h5ad`` each, on this process or on Ray Data.
+
+The slides come from the command line or a manifest (CSV with a ``slide`` column and
+optional ``spots``, ``mpp``, ``out``). Both engines run the one-slide pipeline of
+:mod:`mclx.runtime` (:class:`~mclx.runtime.Run`: tiles, encoder, retrieval,
+:func:`~mclx.runtime.predictions`) and write each slide as ``mclx infer`` does, atomically:
+``local`` slide after slide with one encoder, ``ray`` (:mod:`mclx.cohort_ray`) with reading
+on CPU tasks and the encoder and bank loaded once per actor. A slide that fails is
+reported with its one-line error and the others go on; a slide whose output already
+holds predictions of the same checkpoint, bank, k and distance is skipped (``force``
+redoes it). The result is a summary table (slide, tiles, seconds, status, error).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from mclx.errors import DataError, MclxError
+
+Engine = Literal["local", "ray"]
+SUMMARY = "summary.csv"
+# what a failing slide may raise: reported in its row, the other slides go on
+SLIDE_ERRORS = (MclxError, OSError, ValueError, KeyError, RuntimeError, MemoryError)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One slide of the cohort and where its predictions go."""
+
+    slide: Path
+    out: Path
+    spots: Path | None = None
+    mpp: float | None = None
+
+
+@dataclass
+class Result:
+    """One row of the summary: ``status`` is ``done``, ``skipped`` or ``failed``."""
+
+    slide: str
+    tiles: int
+    seconds: float
+    status: str
+    error: str = ""
+    out: str = ""
+
+
+@dataclass
+class Options:
+    """The per-slide settings shared by every slide (as ``mclx infer`` takes them)."""
+
+    batch_size: int = 64
+    stride: int | None = None
+    workers: int = 2
+    max_tiles: int | None = None
+    reader_pool: str = "threads"
+    plan: dict[str, Any] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.plan = {"stride": self.stride, "max_tiles": self.max_tiles,
+                     "batch_size": self.batch_size, "workers": self.workers}  # fmt: skip
+
+
+def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a manifest CSV: ``slide`` (required), ``spots``, ``mpp``, ``out``; paths
+    relative to the manifest's folder."""
+    import pandas as pd
+
+    from mclx.artifacts import require_file
+
+    path = require_file(Path(path), "manifest", nonempty=True, error=DataError)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as exc:  # pandas raises several types for a file that is not a CSV
+        msg = f"{path}: not a CSV manifest ({exc.__class__.__name__})"
+        raise DataError(msg) from exc
+    if "slide" not in df.columns:
+        msg = f"{path}: no 'slide' column (columns: {', '.join(df.columns[:6])})"
+        raise DataError(msg)
+    unknown = set(df.columns) - {"slide", "spots", "mpp", "out"}
+    if unknown:
+        msg = f"{path}: unknown column(s) {sorted(unknown)} (known: slide, spots, mpp, out)"
+        raise DataError(msg)
+    rows = []
+    for i, r in enumerate(df.to_dict("records"), start=2):
+        if not r["slide"].strip():
+            msg = f"{path}: line {i}: empty slide"
+            raise DataError(msg)
+        row: dict[str, Any] = {"slide": path.parent / r["slide"].strip()}
+        for key in ("spots", "out"):
+            if r.get(key, "").strip():
+                row[key] = path.parent / r[key].strip()
+        if r.get("mpp", "").strip():
+            try:
+                row["mpp"] = float(r["mpp"])
+            except ValueError:
+                msg = f"{path}: line {i}: mpp {r['mpp']!r} is not a number"
+                raise DataError(msg) from None
+            if not row["mpp"] > 0:
+                msg = f"{path}: line {i}: mpp must be positive, not {r['mpp']}"
+                raise DataError(msg)
+        rows.append(row)
+    if not rows:
+        msg = f"{path}: no slides"
+        raise DataError(msg)
+    return rows
+
+
+def cohort_jobs(
+    slides: Sequence[str | os.PathLike],
+    *,
+    manifest: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    mpp: float | None = None,
+) -> list[Job]:
+    """The jobs of ``slides`` and the ``manifest``'s rows; outputs ``OUT_DIR/STEM.pred.h5ad``
+    unless the manifest says; two slides writing one output are refused."""
+    rows = [{"slide": Path(s)} for s in slides]
+    if manifest is not None:
+        rows += read_manifest(manifest)
+    jobs, seen = [], {}
+    for r in rows:
+        out = Path(r.get("out") or Path(out_dir) / f"{Path(r['slide']).stem}.pred.h5ad")
+        key = out.resolve()
+        if key in seen:
+            msg = f"{r['slide']} and {seen[key]} would both write {out}; give one an 'out'"
+            raise DataError(msg)
+        seen[key] = r["slide"]
+        jobs.append(Job(Path(r["slide"]), out, r.get("spots"), r.get("mpp", mpp)))
+    return jobs
+
+
+def already_done(job: Job, run) -> bool:
+    """Whether ``job.out`` holds predictions for this slide by this run's checkpoint,
+    bank, k and distance (read from ``uns/mclx`` without loading the predictions)."""
+    import h5py
+
+    if not job.out.is_file():
+        return False
+    want = {
+        "slide": str(job.slide.resolve()),
+        "checkpoint_fingerprint": run.encoder.fingerprint,
+        "bank_fingerprint": run.bank.fingerprint,
+        "k": int(run.k),
+        "distance": run.distance or run.bank.distance,
+    }
+    try:
+        with h5py.File(job.out, "r") as f:
+            got = {key: f[f"uns/mclx/{key}"][()] for key in want}
+    except (OSError, KeyError):
+        return False
+    got = {k: v.decode() if isinstance(v, bytes) else v for k, v in got.items()}
+    return all(got[k] == (int(v) if k == "k" else v) for k, v in want.items())
+
+
+def write_slide(adata, job: Job, engine: str) -> None:
+    """``job``'s predictions as ``mclx infer`` writes them (the slide image in
+    ``uns["spatial"]``), atomically; ``uns["mclx"]["engine"]`` says which engine."""
+    from mclx.run_state import remove_stale_temps
+    from mclx.writer import add_spatial_image, write_predictions
+
+    adata.uns["mclx"]["engine"] = engine
+    add_spatial_image(adata, job.slide, mpp=job.mpp)
+    remove_stale_temps(job.out)
+    job.out.parent.mkdir(parents=True, exist_ok=True)
+    write_predictions(adata, job.out)
+
+
+def failure(job: Job, exc: BaseException, seconds: float = 0.0) -> Result:
+    """The summary row of a slide that failed, with its error in one line."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(str(text).split()) or exc.__class__.__name__
+    if str(job.slide) not in text and job.slide.name not in text:
+        text = f"{job.slide}: {text}"
+    return Result(str(job.slide), 0, round(seconds, 3), "failed", text, str(job.out))
+
+
+def run_local(jobs: Sequence[Job], run, opts: Options, log: Callable[[str], None]) -> list[Result]:
+    """The jobs one after the other in this process, with one encoder and bank."""
+    from mclx.runtime import locate
+
+    results = []
+    for n, job in enumerate(jobs, start=1):
+        t0 = time.perf_counter()
+        try:
+            slide, where = locate(job.slide, spots=job.spots, mpp=job.mpp)
+            try:
+                adata = run.infer(job.slide, slide, where, progress=False,
+                                  reader_pool=opts.reader_pool, **opts.plan)  # fmt: skip
+            finally:
+                slide.close()
+            write_slide(adata, job, "local")
+        except SLIDE_ERRORS as exc:
+            results.append(failure(job, exc, time.perf_counter() - t0))
+        else:
+            s = time.perf_counter() - t0
+            results.append(
+                Result(str(job.slide), adata.n_obs, round(s, 3), "done", "", str(job.out))
+            )  # noqa: E501
+        log(progress_line(n, len(jobs), results[-1]))
+    return results
+
+
+def progress_line(n: int, total: int, r: Result) -> str:
+    """``[n/total] slide: ...`` once a slide is finished."""
+    if r.status == "failed":
+        return f"mclx: [{n}/{total}] failed: {r.error}"
+    rate = r.tiles / r.seconds if r.seconds else 0.0
+    return (
+        f"mclx: [{n}/{total}] {r.slide}: {r.tiles} tiles in {r.seconds:.1f} s ({rate:.1f} tiles/s)"  # noqa: E501
+    )
+
+
+def run_cohort(  # long: the run's options, each documented once in the CLI
+    jobs: Sequence[Job],
+    *,
+    bank_path: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    backend: str = "auto",
+    precision: str = "auto",
+    device: str = "auto",
+    k: int | None = None,
+    distance: str | None = None,
+    engine: Engine = "local",
+    force: bool = False,
+    address: str | None = None,
+    gpus_per_worker: float = 0.0,
+    readers: int | None = None,
+    actors: int | None = None,
+    opts: Options | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Result]:
+    """Predict every job's slide; the summary rows in the jobs' order.
+
+    The bank and the model are checked (and the encoder opened) once, before any slide;
+    with ``engine="ray"`` Ray must be installed (``mclx[ray]``) before anything else.
+    """
+    from mclx.runtime import Run
+
+    opts = opts or Options()
+    if engine == "ray":
+        from mclx.cohort_ray import require_ray
+
+        require_ray()
+    run = Run.open(bank_path, model=model, backend=backend, precision=precision,
+                   device=device, k=k, distance=distance)  # fmt: skip
+    results: dict[int, Result] = {}
+    todo = []
+    for i, job in enumerate(jobs):
+        if not force and already_done(job, run):
+            results[i] = Result(str(job.slide), 0, 0.0, "skipped", "", str(job.out))
+        else:
+            todo.append(i)
+    if len(todo) < len(jobs):
+        log(f"mclx: {len(jobs) - len(todo)} slide(s) already done, skipped (--force redoes them)")
+    if todo and engine == "ray":
+        from mclx.cohort_ray import run_ray
+
+        done = run_ray(
+            [jobs[i] for i in todo], run, opts, address=address, gpus_per_worker=gpus_per_worker,
+            readers=readers, actors=actors, log=log,
+            encoder_args={"model": str(run.model), "backend": backend, "precision": precision,
+                          "device": device},
+        )  # fmt: skip
+    else:
+        done = run_local([jobs[i] for i in todo], run, opts, log) if todo else []
+    results.update(zip(todo, done))
+    return [results[i] for i in range(len(jobs))]
+
+
+def write_summary(results: Sequence[Result], path: str | os.PathLike) -> Path:
+    """The summary table as CSV, written atomically."""
+    import pandas as pd
+
+    from mclx.io import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = pd.DataFrame([asdict(r) for r in results], columns=list(Result.__dataclass_fields__))
+    with atomic_path(path, suffix=".csv") as tmp:
+        df.to_csv(tmp, index=False)
+    return path
+
+
+def format_summary(results: Sequence[Result]) -> str:
+    """The summary as an aligned text table."""
+    import pandas as pd
+
+    df = pd.DataFrame([asdict(r) for r in results]).drop(columns=["out"])
+    return df.to_string(index=False)
