@@ -131,17 +131,11 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, *
         net, cache, names, pre, recipe.train, progress=not kw["quiet"], state=state, report=report
     )
     prov = recipe.provenance(
-        names,
-        history,
-        data=str(reader.root),
-        layout=reader.name,
-        holdout=held,
-        encoder_weights=kw["encoder_weights"],
-        n_spots=len(table),
-        **report,
+        names, history, data=str(reader.root), layout=reader.name, holdout=held,
+        encoder_weights=kw["encoder_weights"], n_spots=len(table), **report,
         **({"resumed_at": state.resumed_at} if resume else {}),
         **(_data_parallel(world, net) if world is not None else {}),
-    )
+    )  # fmt: skip
     if main:
         fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
         state.remove()

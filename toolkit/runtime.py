@@ -38,17 +38,16 @@ def stream(
     state=None,
     progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, float]]:
-    """Predictions (N, G) for every tile, and seconds spent per stage. Embeddings stay
-    on the encoder's device and are matched against the bank (same device) in blocks of
-    ``retrieve_block`` tiles. With ``state`` (:class:`~mclx.infer_state.InferState`) the
-    tiles it saved are not read again and the predictions are saved after each block."""
+    """Predictions (N, G) for every tile, and seconds per stage. Embeddings stay on the
+    encoder's device, matched against the bank ``retrieve_block`` tiles at a time; with
+    ``state`` (:class:`~mclx.infer_state.InferState`) each block is saved, saved ones skipped."""
     from tqdm.auto import tqdm
 
     from mclx.inference import match, to_host
     from mclx.prefetch import prefetch
 
-    timings = {"read": 0.0, "wait": 0.0, "encode": 0.0, "retrieve": 0.0, "save": 0.0}
-    timings.update(warm_up(encoder, bank))
+    timings = {"read": 0.0, "wait": 0.0, "encode": 0.0, "retrieve": 0.0, "save": 0.0,
+               **warm_up(encoder, bank)}  # fmt: skip
     preds = np.empty((len(tiles), len(bank.genes)), np.float32)
     done = state.start(preds) if state is not None else 0
     block = state.block(batch_size, retrieve_block) if state is not None else retrieve_block
@@ -77,15 +76,21 @@ def stream(
         for batch, read_s, wait_s in batches:
             timings["read"] += read_s
             timings["wait"] += wait_s
-            t0 = time.perf_counter()
-            pending.append(encoder(batch))
-            timings["encode"] += time.perf_counter() - t0
+            pending.append(_timed(timings, "encode", encoder, batch))
             if sum(len(e) for e in pending) >= block:
                 flush()
             bar.update(len(batch))
     if pending:
         flush()
     return preds, timings
+
+
+def _timed(timings: dict[str, float], key: str, fn, *args):
+    """``fn(*args)``, its seconds added to ``timings[key]``."""
+    t0 = time.perf_counter()
+    out = fn(*args)
+    timings[key] += time.perf_counter() - t0
+    return out
 
 
 def warm_up(encoder, bank) -> dict[str, float]:
