@@ -19,6 +19,7 @@ how it runs (``name``, ``precision``, ``device``).
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 from pathlib import Path
@@ -146,10 +147,14 @@ def frozen_bf16(model, fingerprint: str, size: int):
             model = copy.deepcopy(model).bfloat16()
             frozen = torch.jit.freeze(torch.jit.trace(model, example))
         if fingerprint:
+            # serialised in memory, written by Python: torch's file writer aborts the
+            # process (C++ terminate) when a write fails, e.g. at ulimit -f
+            buffer = io.BytesIO()
+            torch.jit.save(frozen, buffer)
             with contextlib.suppress(OSError):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(path) as tmp:
-                    torch.jit.save(frozen, str(tmp))
+                    tmp.write_bytes(buffer.getbuffer())
     return frozen
 
 
