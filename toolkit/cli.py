@@ -127,9 +127,15 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, **kw: An
     )
     fp = save_checkpoint(out, net, preprocess=pre, provenance=prov)
     state.remove()
+    if "ridge_alpha" in report:  # fitted in closed form: its cross-validated choice
+        fitted = f"alpha {report['ridge_alpha']:g} (CV MSE {history[-1]:.4f})"
+    elif not recipe.train.epochs:  # knn: nothing to learn
+        fitted = "nothing to learn"
+    else:
+        fitted = f"loss {history[0]:.4f} -> {history[-1]:.4f}"
     click.echo(
         f"mclx: trained {kw['model']} on {len(table)} spots of {', '.join(names)}; "
-        f"loss {history[0]:.4f} -> {history[-1]:.4f}; wrote {out} (fingerprint {fp})"
+        f"{fitted}; wrote {out} (fingerprint {fp})"
     )
 
 

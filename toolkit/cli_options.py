@@ -337,7 +337,7 @@ def recipe_from(kw: dict[str, Any]):
         recipe,
         **given_train,
         seed=kw["seed"],
-        freeze_encoder=kw["freeze_encoder"],
+        freeze_encoder=recipe.freeze_encoder or kw["freeze_encoder"],  # knn, ridge: always
         augment=recipe.augment and not kw["no_augment"],
     )
     return Recipe(

@@ -277,6 +277,15 @@ def train_model(
     from mclx.train import StateMismatch, fit
 
     table = cache.table(sections, pre)
+    if hasattr(model, "fit_features"):  # knn, ridge: closed form on frozen features
+        fitted = model.fit_features(_frozen_features(model, cache, sections, pre, progress), table)
+        history = fitted.pop("history")
+        if report is not None:
+            report.update(fitted)
+        if state is not None:
+            state.remove()  # nothing to resume: the fit is one step
+        model.eval()
+        return history, table
     fp = encoder_fingerprint(model.image_encoder) if cfg.freeze_encoder else None
     start = on_epoch = None
     if state is not None:
