@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from helpers import tiny_model
-from helpers.cli import assert_one_line_error, mclx
+from helpers.cli import assert_one_line_error, run_cli
 
 from mclx.inference.embed import encode_features
 
@@ -95,7 +95,7 @@ def _brute_knn(q, bank, expr, k):
     return (w[..., None] * expr[top]).sum(1)
 
 
-def test_knn_cli_bank_and_prediction_match_brute_force(synthetic, tmp_path):
+def test_knn_cli_bank_and_prediction_match_brute_force(synthetic, tmp_path, capsys):
     """``mclx train --model knn`` writes a checkpoint with nothing learnt; ``mclx bank
     build`` stores the raw pooled features of the bank spots; ``mclx evaluate --ckpt``
     predicts a held-out section as a float64 brute-force k-NN on those features does."""
@@ -108,10 +108,11 @@ def test_knn_cli_bank_and_prediction_match_brute_force(synthetic, tmp_path):
     ck, bank_path, out = tmp_path / "knn.pt", tmp_path / "knn.npz", tmp_path / "s3.json"
     base = ["--data", synthetic, "--encoder", "tiny_cnn", "--encoder-weights", "none"]
     genes = ["--genes", synthetic / "genes.txt", "-q"]
-    res = mclx("train", *base, *genes, "--model", "knn", "--sections", "S1,S2", "--out", ck)
+    train = ["train", *base, *genes, "--model", "knn", "--sections", "S1,S2", "--out", ck]
+    res = run_cli(capsys, train)
     assert res.returncode == 0, res.stderr
-    res = mclx("bank", "build", "--ckpt", ck, "--data", synthetic, "--sections", "S1,S2",
-               "--out", bank_path)  # fmt: skip
+    build = ["bank", "build", "--ckpt", ck, "--data", synthetic, "--sections", "S1,S2"]
+    res = run_cli(capsys, [*build, "--out", bank_path])
     assert res.returncode == 0, res.stderr
     loaded, bank = load_checkpoint(ck), load_bank(bank_path)
     assert loaded.model_cfg.k == 200 and bank.weighting == "inverse_square"
@@ -123,8 +124,8 @@ def test_knn_cli_bank_and_prediction_match_brute_force(synthetic, tmp_path):
         for s, a in adatas.items()
     }
     np.testing.assert_allclose(bank.embeddings, np.concatenate([feats["S1"], feats["S2"]]))
-    res = mclx("evaluate", "--data", synthetic, "--ckpt", ck, "--bank", bank_path,
-               "--sections", "S3", "--k", K, "--out", out)  # fmt: skip
+    score = ["evaluate", "--data", synthetic, "--ckpt", ck, "--bank", bank_path]
+    res = run_cli(capsys, [*score, "--sections", "S3", "--k", K, "--out", out])
     assert res.returncode == 0, res.stderr
     from mclx.inference import predict
     from mclx.inference.encoders import TorchEncoder
@@ -136,10 +137,10 @@ def test_knn_cli_bank_and_prediction_match_brute_force(synthetic, tmp_path):
     truth = build_table({"S3": adatas["S3"]}, pre).expr
     import json
 
-    from mclx.metrics import score
+    from mclx.metrics import score as metrics
 
     assert json.loads(out.read_text())["sections"]["S3"]["pcc_acg"] == pytest.approx(
-        score(expected, truth)["pcc_acg"], abs=1e-5
+        metrics(expected, truth)["pcc_acg"], abs=1e-5
     )
 
 
@@ -160,9 +161,9 @@ def test_cross_validation_rows(synthetic, model):
             cross_validate(synthetic, recipe, bank_sections=["S4"], k=K, progress=False)
 
 
-def test_ridge_needs_two_training_sections(synthetic, tmp_path):
-    res = mclx("train", "--data", synthetic, "--encoder", "tiny_cnn", "--encoder-weights",
-               "none", "--genes", synthetic / "genes.txt", "--model", "ridge", "--sections",
-               "S1", "-q", "--out", tmp_path / "r.pt")  # fmt: skip
+def test_ridge_needs_two_training_sections(synthetic, tmp_path, capsys):
+    args = ["train", "--data", synthetic, "--encoder", "tiny_cnn", "--encoder-weights", "none"]
+    args += ["--genes", synthetic / "genes.txt", "--model", "ridge", "--sections", "S1"]
+    res = run_cli(capsys, [*args, "-q", "--out", tmp_path / "r.pt"])
     assert_one_line_error(res, "at least two")
     assert not (tmp_path / "r.pt").exists()

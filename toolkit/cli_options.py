@@ -49,6 +49,18 @@ def _encoder_names() -> list[str]:
     return ENCODERS.names()
 
 
+class EncoderChoice(RegistryChoice):
+    """A registered encoder, or ``timm:NAME`` (any timm model; checked when built)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str) and value.startswith("timm:"):
+            return value
+        return super().convert(value, param, ctx)
+
+    def get_metavar(self, *args: Any, **kwargs: Any) -> str:
+        return "[" + "|".join([*self.choices, "timm:NAME"]) + "]"
+
+
 class DeviceType(click.ParamType):
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the N-th GPU)."""
 
@@ -234,9 +246,11 @@ def model_options() -> Decorator:
             "defaults of the options below.",
         ),
         click.option(
-            "--encoder", type=RegistryChoice(_encoder_names), default=None,
+            "--encoder", type=EncoderChoice(_encoder_names), default=None,
             help="Image encoder from the registry (default: the model's: densenet121; "
-            "vit_b32 for cmrcnet, patch112 for histogene).",
+            "vit_b32 for cmrcnet, patch112 for histogene), or timm:NAME, any timm model "
+            "with --encoder-weights FILE (needs mclx[timm]; its input size, mean and std "
+            "go into the checkpoint).",
         ),
         click.option(
             "--encoder-weights", default="auto", show_default=True,

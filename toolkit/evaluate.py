@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mclx.config import Distance, PreprocessCfg, to_dict
+from mclx.config import Distance, to_dict
 from mclx.data.dataset import build_table
 from mclx.io import all_or_nothing, atomic_path, write_text_atomic
 from mclx.metrics import score
@@ -61,7 +61,7 @@ def cross_validate(
         raise ValueError(msg)
     extra_adatas = data.read(extra) if extra else {}
     _check_k(data.root, recipe, adatas, extra_adatas, k)
-    cache = PatchCache(adatas, PreprocessCfg().patch_size)
+    cache = PatchCache(adatas, recipe.patch_size())
     results: dict[str, Any] = {}
     genes_out: dict[str, dict[str, float]] = {}
     panels: dict[str, dict[str, Any]] = {}

@@ -123,8 +123,6 @@ class Recipe:
     ) -> PreprocessCfg:
         """Genes, the median µm/px of the training sections' images and the model's
         pixel normalisation."""
-        from mclx.models import preprocess_defaults
-
         mpps = [
             a.uns["mpp"] for a in train.values() if a.uns.get("image_path") and a.uns.get("mpp")
         ]
@@ -132,8 +130,20 @@ class Recipe:
             genes=tuple(self.genes(data, train, others)),
             mpp=float(np.median(mpps)) if mpps else None,
             log_base=self.log_base,
-            **preprocess_defaults(self.model),  # CMRCNet: ImageNet mean / std
+            **self.pixel_defaults(),
         )
+
+    def pixel_defaults(self) -> dict[str, Any]:
+        """The model's and its encoder's pixel settings (CMRCNet: ImageNet mean / std; a
+        timm encoder: its input size, mean and std)."""
+        from mclx.models import model_cfg, preprocess_defaults
+
+        encoder = self.overrides.get("encoder") or model_cfg(self.model).encoder
+        return preprocess_defaults(self.model, encoder)
+
+    def patch_size(self) -> int:
+        """Side of the patches this recipe's model reads, in pixels at its µm/px."""
+        return int(self.pixel_defaults().get("patch_size", PreprocessCfg().patch_size))
 
     def build_model(self, pre: PreprocessCfg, pos: tuple[int, int]) -> nn.Module:
         """The seeded model for ``pre.genes`` with positional tables of size ``pos``."""

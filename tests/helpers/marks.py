@@ -17,6 +17,7 @@ The hooks live in ``tests/conftest.py``: :func:`resolve` runs in
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -72,6 +73,17 @@ def _numba() -> str | None:
     return None
 
 
+@cache
+def _timm() -> str | None:
+    if importlib.util.find_spec("timm") is None:
+        return "needs timm (pip install -e '.[dev,timm]')"
+    return None
+
+
+def _timm_required() -> bool:
+    return os.environ.get("MCLX_REQUIRE_TIMM") == "1"
+
+
 @dataclass(frozen=True)
 class Need:
     """What a test may need: ``missing()`` says why it cannot have it (None: it can);
@@ -92,6 +104,7 @@ NEEDS: dict[str, Need] = {
     "browser": Need(cache(browser_missing), "browser", viewer_required),
     "openseadragon": Need(cache(openseadragon_missing), None, viewer_required),
     "spatialdata": Need(cache(spatialdata_missing), None, spatialdata_required),
+    "timm": Need(_timm, None, _timm_required),
     **{
         name: Need(lambda name=name: shared_missing(name), "data", data_required) for name in SHARED
     },

@@ -6,7 +6,7 @@ frozen features, :mod:`mclx.models.baselines`), each with the defaults of its
 publication: its architecture (:func:`model_cfg`), its training recipe
 (:func:`train_cfg`) and its pixel normalisation (:func:`preprocess_defaults`).
 Registered image encoders: see :data:`ENCODERS` (``densenet121`` by default; ViTs in
-:mod:`mclx.models.vit`).
+:mod:`mclx.models.vit`; any timm model as ``timm:NAME``, :mod:`mclx.models.timm_encoder`).
 """
 
 from __future__ import annotations
@@ -101,9 +101,15 @@ def train_cfg(name: str, **overrides: Any) -> TrainCfg:
     return TrainCfg(**{**MODELS.meta(name).get("train", {}), **overrides})
 
 
-def preprocess_defaults(name: str) -> dict[str, Any]:
-    """PreprocessCfg fields model ``name`` sets (ImageNet ``mean`` / ``std`` for CMRCNet)."""
-    return dict(MODELS.meta(name).get("preprocess", {}))
+def preprocess_defaults(name: str, encoder: str | None = None) -> dict[str, Any]:
+    """PreprocessCfg fields model ``name`` sets (ImageNet ``mean`` / ``std`` for CMRCNet),
+    then those of its image ``encoder`` (a timm model's input size, mean and std)."""
+    from mclx.models.timm_encoder import is_timm, timm_preprocess
+
+    out = dict(MODELS.meta(name).get("preprocess", {}))
+    if encoder and is_timm(encoder):
+        out.update(timm_preprocess(encoder))
+    return out
 
 
 def create_model(cfg: ModelCfg, *, encoder_weights: str | os.PathLike | None = None) -> nn.Module:
