@@ -314,6 +314,11 @@ def architecture_options() -> Decorator:
             help="Attention heads (default 8; histogene 16).",
         ),
         click.option(
+            "--standardize-features", is_flag=True,
+            help="Ablation (mclstexp, bleep with --freeze-encoder): standardise the pooled "
+            "features with the training spots' mean and std (stored in the model).",
+        ),
+        click.option(
             "--separate-fusion", is_flag=True,
             help="cmrcnet: each fusion layer its own weights (its reference shares one).",
         ),
@@ -338,6 +343,8 @@ def recipe_from(kw: dict[str, Any]):
         overrides["pos_embed"] = False
     if kw["separate_fusion"]:
         overrides["fusion_shared"] = False
+    if kw["standardize_features"]:
+        overrides["feature_norm"] = True
     for name in ("encoder", "depth", "context", "embed_dim", "heads"):
         if kw[name] is not None:
             overrides[name] = kw[name]

@@ -288,14 +288,7 @@ def train_model(
 
     table = cache.table(sections, pre)
     if hasattr(model, "fit_features"):  # knn, ridge: closed form on frozen features
-        fitted = model.fit_features(_frozen_features(model, cache, sections, pre, progress), table)
-        history = fitted.pop("history")
-        if report is not None:
-            report.update(fitted)
-        if state is not None:
-            state.remove()  # nothing to resume: the fit is one step
-        model.eval()
-        return history, table
+        return _fit_closed_form(model, cache, table, pre, progress, state, report), table
     fp = encoder_fingerprint(model.image_encoder) if cfg.freeze_encoder else None
     start = on_epoch = None
     if state is not None:
@@ -308,6 +301,7 @@ def train_model(
             state.on_epoch(epoch, cfg.epochs, snapshot)
 
     feats = _frozen_features(model, cache, sections, pre, progress) if cfg.freeze_encoder else None
+    _standardise(model, feats)
     try:
         history = fit(
             model,
@@ -330,6 +324,33 @@ def train_model(
     if state is not None:
         state.wait()
     return history, table
+
+
+def _fit_closed_form(model, cache, table, pre, progress, state, report) -> list[float]:
+    """Fit a closed-form model (knn, ridge) on the frozen pooled features of ``table``'s
+    sections; its fit record goes to ``report``. Nothing to resume: the state goes."""
+    feats = _frozen_features(model, cache, list(table.sections), pre, progress)
+    fitted = model.fit_features(feats, table)
+    if report is not None:
+        report.update({k: v for k, v in fitted.items() if k != "history"})
+    if state is not None:
+        state.remove()
+    model.eval()
+    return fitted["history"]
+
+
+def _standardise(model, feats: np.ndarray | None) -> None:
+    """With ``feature_norm``: the training spots' feature statistics into the model (a
+    resumed run restores the same values with its weights)."""
+    if not getattr(model.cfg, "feature_norm", False):
+        return
+    if feats is None or feats.ndim != 2 or not hasattr(model, "set_feature_stats"):
+        msg = (
+            "feature standardisation applies to a frozen encoder's pooled features "
+            f"(mclstexp, bleep with --freeze-encoder), not to {model.cfg.name} here"
+        )
+        raise ValueError(msg)
+    model.set_feature_stats(feats)
 
 
 def _frozen_features(model, cache: PatchCache, sections, pre, progress: bool) -> np.ndarray:
