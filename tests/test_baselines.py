@@ -190,3 +190,33 @@ def test_standardised_features_are_training_statistics_kept_by_the_checkpoint(sy
         torch.testing.assert_close(net.embed_image_features(x), expected, rtol=1e-4, atol=1e-5)
         loaded = load_checkpoint(tiny.save(tmp_path / "norm.pt")).model
         torch.testing.assert_close(loaded.embed_image_features(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_ridge_infers_a_slide_without_a_bank(ridge, synthetic, tmp_path, capsys):
+    """``mclx infer --model ridge.pt`` (no bank) at the spots of S3 predicts what the
+    model predicts from those spots' patches; a retrieval model without a bank is one
+    error line."""
+    import anndata as ad
+
+    from mclx.checkpoint import load_checkpoint
+    from mclx.data.her2st import read_her2st
+    from mclx.data.patches import section_patches
+    from mclx.inference import predict
+    from mclx.inference.encoders import TorchEncoder
+
+    ck = ridge.save(tmp_path / "ridge.pt")
+    image = synthetic / "data" / "ST-imgs" / "S" / "S3" / "S3.jpg"
+    spots = synthetic / "data" / "ST-spotfiles" / "S3_selection.tsv"
+    out = tmp_path / "s3.h5ad"
+    res = run_cli(capsys, ["infer", image, "--model", ck, "--spots", spots, "-q", "--out", out])
+    assert res.returncode == 0, res.stderr
+    got = ad.read_h5ad(out)
+    loaded = load_checkpoint(ck)
+    adata = read_her2st(synthetic, ["S3"], with_image=True)["S3"]
+    patches = section_patches(adata, 224, loaded.preprocess.mpp)
+    expected = predict(TorchEncoder(loaded), patches)
+    assert list(got.var_names) == list(ridge.pre.genes) and got.n_obs == len(expected)
+    np.testing.assert_allclose(np.sort(got.X, 0), np.sort(expected, 0), rtol=1e-4, atol=1e-4)
+    knn = tiny_model(synthetic, model="knn").save(tmp_path / "knn.pt")
+    res = run_cli(capsys, ["infer", image, "--model", knn, "--spots", spots, "--out", out])
+    assert_one_line_error(res, "knn.pt", "pass --bank")

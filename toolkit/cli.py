@@ -369,8 +369,9 @@ def export_cmd(ctx: click.Context, ckpt: Path, onnx_path, int8, calib_data, trt,
     "--bank",
     "bank_path",
     type=click.Path(path_type=Path),
-    required=True,
-    help="Spot bank (.npz) from 'mclx bank build'.",
+    default=None,
+    help="Spot bank (.npz) from 'mclx bank build'; none for a model that predicts "
+    "directly (ridge, stnet: give --model).",
 )
 @click.option(
     "--model",
@@ -438,6 +439,7 @@ def infer(
       mclx infer C2.jpg --bank her2.npz --spots C2_selection.tsv --out C2.h5ad
       mclx infer slide.tif --bank her2.npz --model model.onnx --batch-size 128
       mclx infer slide.svs --bank her2.npz --geojson slide.geojson --geojson-genes 50
+      mclx infer slide.svs --model ridge.pt             # ridge, stnet: no bank
     """
     from mclx.outputs import Outputs
     from mclx.runtime import infer as run_infer

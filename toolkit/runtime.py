@@ -78,7 +78,7 @@ def stream(
     from mclx.inference import match, to_host
 
     timings = {"read": 0.0, "wait": 0.0, "encode": 0.0, "retrieve": 0.0, "save": 0.0}
-    preds = np.empty((len(tiles), len(bank.genes)), np.float32)
+    preds = np.empty((len(tiles), len(encoder.pre.genes)), np.float32)
     done = state.start(preds) if state is not None else 0
     block = state.block(batch_size, retrieve_block) if state is not None else retrieve_block
     pending: list[Any] = []
@@ -150,9 +150,12 @@ def _array_device(array) -> str:
 
 def _check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
     """The bank, the model path (default: the bank's checkpoint) and k, checked before
-    the slide is opened or a model loaded."""
+    the slide is opened or a model loaded. Without a bank: (None, the model, 0), for a
+    model that predicts expression directly (ridge, stnet)."""
     from mclx.bank import load_bank
 
+    if bank_path is None:
+        return None, _direct_model(model), 0
     bank = load_bank(bank_path)
     if model:
         model = Path(model)
@@ -169,6 +172,40 @@ def _check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
         msg = f"--plot: genes not in the bank {bank_path}: {', '.join(missing[:5])}"
         raise KeyError(msg)
     return bank, model, bank.check_k(k)
+
+
+def _direct_model(model) -> Path:
+    """``model`` (checkpoint, .onnx or .engine) when its config says it predicts each
+    tile's expression itself (no retrieval, ``k = 0``: ridge, stnet); else the error."""
+    import json
+
+    from mclx.checkpoint import read_checkpoint_dict
+    from mclx.inference.encoders import read_onnx_metadata
+    from mclx.inference.tensorrt import sidecar_path
+
+    if not model:
+        msg = "infer: pass --bank (from 'mclx bank build'), or --model for a model without one"
+        raise ValueError(msg)
+    model = Path(model)
+    if not model.exists():
+        msg = f"{model}: model (--model) does not exist"
+        raise FileNotFoundError(msg)
+    if model.suffix == ".pt":
+        cfg = read_checkpoint_dict(model)["model"]
+    elif model.suffix == ".engine":
+        cfg = json.loads(json.loads(sidecar_path(model).read_text())["model"])
+    else:
+        cfg = json.loads(read_onnx_metadata(model)["model"])
+    name = cfg.get("name", "?")
+    if cfg.get("k", 1) or cfg.get("context") == "section":
+        how = (
+            "retrieves from a bank: pass --bank"
+            if cfg.get("k", 1)
+            else ("predicts a whole section at once: use mclx evaluate --ckpt")
+        )
+        msg = f"{model}: a {name} model {how}"
+        raise ValueError(msg)
+    return model
 
 
 @dataclass
@@ -218,7 +255,7 @@ class _Where:
 def infer(  # long: the run's options, each documented once in the CLI
     slide_path: str | os.PathLike,
     *,
-    bank_path: str | os.PathLike,
+    bank_path: str | os.PathLike | None,
     model: str | os.PathLike | None = None,
     backend: str = "auto",
     precision: str = "auto",
@@ -252,13 +289,14 @@ def infer(  # long: the run's options, each documented once in the CLI
     try:
         where = _Where.find(slide, spots)
         encoder = open_encoder(model, backend=backend, precision=precision, device=device)
-        bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
+        if bank is not None:
+            bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
         work = plan(
-            slide, where, encoder.pre, n_genes=len(bank.genes), stride=stride,
+            slide, where, encoder.pre, n_genes=len(encoder.pre.genes), stride=stride,
             max_tiles=max_tiles or MAX_TILES, batch_size=batch_size, workers=workers,
             source=str(slide_path),
         )  # fmt: skip
-        bank = place_bank(bank, encoder, device)
+        bank = place_bank(bank, encoder, device) if bank is not None else None
         if state is not None:
             state.record = _run_record(slide_path, work.tiles, encoder, bank, k, distance,
                                        batch_size, state.every)  # fmt: skip
@@ -277,12 +315,12 @@ def infer(  # long: the run's options, each documented once in the CLI
         "slide_mpp_source": where.mpp_source,
         "slide_mpp_found": where.found,
         **work.record(),
-        "bank": str(Path(bank_path).resolve()),
+        "bank": str(Path(bank_path).resolve()) if bank is not None else "",
         "model": str(model.resolve()),
         "k": int(k),
-        "distance": distance or bank.distance,
+        "distance": (distance or bank.distance) if bank is not None else "",
         "tiles_from": where.origin,
-        "bank_device": _array_device(bank.embeddings),
+        "bank_device": _array_device(bank.embeddings) if bank is not None else "",
         "resumed_from_tile": int(state.saved[0]) if state is not None and state.saved else 0,
     }
     return predictions(preds, work.tiles, bank, encoder, provenance, timings)
@@ -297,10 +335,10 @@ def _run_record(slide_path, tiles, encoder, bank, k, distance, batch_size, every
         "tiles": {"n": len(tiles), "digest": tiles_digest(tiles)},
         "checkpoint_fingerprint": encoder.fingerprint,
         "backend": [encoder.name, encoder.precision, encoder.device],
-        "bank_fingerprint": bank.fingerprint,
-        "bank": file_record(bank.path),
+        "bank_fingerprint": bank.fingerprint if bank is not None else "",
+        "bank": file_record(bank.path) if bank is not None else None,
         "k": int(k),
-        "distance": distance or bank.distance,
+        "distance": (distance or bank.distance) if bank is not None else "",
         "batch_size": int(batch_size),
         "save_every": int(every),
     }
@@ -317,18 +355,19 @@ def predictions(preds: np.ndarray, tiles, bank, encoder, provenance: dict, timin
     obs = pd.DataFrame(
         {"x": tiles.centres[:, 0], "y": tiles.centres[:, 1]}, index=pd.Index(tiles.ids, dtype=str)
     )
-    adata = ad.AnnData(X=preds, obs=obs, var=pd.DataFrame(index=pd.Index(bank.genes, dtype=str)))
+    genes = list(encoder.pre.genes)
+    adata = ad.AnnData(X=preds, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
     adata.obsm["spatial"] = tiles.centres.copy()
     adata.uns["mclx"] = {
         "mclx_version": __version__,
         **provenance,
         "patch_size": encoder.pre.patch_size,
         "checkpoint_fingerprint": encoder.fingerprint,
-        "bank_fingerprint": bank.fingerprint,
+        "bank_fingerprint": bank.fingerprint if bank is not None else "",
         "backend": encoder.name,
         "precision": encoder.precision,
         "device": encoder.device,
-        "weighting": bank.weighting,
+        "weighting": bank.weighting if bank is not None else "",
         "timings": {key: float(v) for key, v in timings.items()},
     }
     return adata
