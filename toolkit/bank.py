@@ -119,18 +119,33 @@ def _to_torch(array, device: str):
 
 
 def bank_from_model(
-    model, table, genes: Sequence[str], *, fingerprint: str, checkpoint: str = ""
+    model,
+    table,
+    genes: Sequence[str],
+    *,
+    fingerprint: str,
+    checkpoint: str = "",
+    features: np.ndarray | None = None,
 ) -> Bank:
     """A bank of ``table``'s spots (columns ``genes``) embedded by ``model``'s spot
-    encoder, in memory."""
+    encoder, in memory; for a model whose bank holds image features (registered with
+    ``bank_source="image"``: knn) the pooled ``features`` of the spots' patches, aligned
+    with ``table``."""
     from mclx.inference.embed import spot_embeddings
 
     cfg = model.cfg
     if model.kind != "contrastive":
         msg = f"{checkpoint or 'model'}: a {cfg.name} model predicts directly and needs no bank"
         raise FormatError(msg)
+    if image_bank(model):
+        if features is None or len(features) != len(table):
+            msg = f"{checkpoint or 'model'}: a {cfg.name} bank needs the spots' image features"
+            raise ValueError(msg)
+        embeddings = np.asarray(features, np.float32)
+    else:
+        embeddings = spot_embeddings(model, table)
     return Bank(
-        embeddings=spot_embeddings(model, table),
+        embeddings=embeddings,
         expressions=table.expr,
         genes=[str(g) for g in genes],
         sections=table.section.astype(str),
@@ -160,16 +175,50 @@ def build_bank(
     if not Path(checkpoint).exists():  # before reading the data: fail fast
         msg = f"{checkpoint}: checkpoint does not exist"
         raise FileNotFoundError(msg)
-    adatas = open_data(data).read(list(sections) if sections else None)  # no torch needed yet
+    from mclx.checkpoint import read_checkpoint_dict
+
+    model_name = str(read_checkpoint_dict(checkpoint)["model"].get("name", ""))
+    images = image_bank(model_name)  # knn embeds patches: image sections only
+    reader = open_data(data)
+    adatas = reader.read(list(sections) if sections else None, with_image=images)
 
     from mclx.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
     table = build_table(adatas, ck.preprocess)
     path = str(Path(checkpoint).resolve())
+    feats = _image_features(ck, adatas) if images else None
     return bank_from_model(
-        ck.model, table, ck.preprocess.genes, fingerprint=ck.fingerprint, checkpoint=path
+        ck.model,
+        table,
+        ck.preprocess.genes,
+        fingerprint=ck.fingerprint,
+        checkpoint=path,
+        features=feats,
     )
+
+
+def image_bank(model) -> bool:
+    """Whether the bank of ``model`` (a model or a registry name) holds image features of
+    its spots (registered with ``bank_source="image"``: knn) rather than embeddings of
+    their expression."""
+    from mclx.models import MODELS
+
+    name = model if isinstance(model, str) else model.cfg.name
+    return name in MODELS and MODELS.meta(name).get("bank_source") == "image"
+
+
+def _image_features(ck, adatas) -> np.ndarray:
+    """Pooled features of every spot's patch (sections in ``adatas`` order, as the table)."""
+    from mclx.data.patches import section_patches
+    from mclx.inference.embed import encode_features
+
+    pre = ck.preprocess
+    parts = [
+        encode_features(ck.model.image_encoder, section_patches(a, pre.patch_size, pre.mpp), pre)
+        for a in adatas.values()
+    ]
+    return np.concatenate(parts)
 
 
 def save_bank(bank: Bank, path: str | os.PathLike) -> Path:

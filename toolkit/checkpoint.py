@@ -26,9 +26,10 @@ from mclx.io import atomic_path
 
 FORMAT = "mclx-checkpoint"
 # 2: the spot encoder's attention length is in the model config; 3: model configs carry
-# CMRCNet's fusion fields (fusion_shared, mask_keep), which older readers do not know.
-# Files of versions 1 and 2 load: fields they lack take the defaults they were built with.
-FORMAT_VERSION = 3
+# CMRCNet's fusion fields (fusion_shared, mask_keep), which older readers do not know;
+# 4: feature_norm (standardised frozen features). Files of versions 1 to 3 load: fields
+# they lack take the defaults they were built with.
+FORMAT_VERSION = 4
 
 
 def _upgrade(payload: dict[str, Any]) -> dict[str, Any]:

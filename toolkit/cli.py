@@ -143,10 +143,20 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, *
         distributed.shutdown()
     if not main:
         return
+    fitted = _fitted(report, recipe, history)
     click.echo(
         f"mclx: trained {kw['model']} on {len(table)} spots of {', '.join(names)}; "
-        f"loss {history[0]:.4f} -> {history[-1]:.4f}; wrote {out} (fingerprint {fp})"
+        f"{fitted}; wrote {out} (fingerprint {fp})"
     )
+
+
+def _fitted(report: dict[str, Any], recipe, history: list[float]) -> str:
+    """What training did, for the summary line."""
+    if "ridge_alpha" in report:  # fitted in closed form: its cross-validated choice
+        return f"alpha {report['ridge_alpha']:g} (CV MSE {history[-1]:.4f})"
+    if not recipe.train.epochs:  # knn: nothing to learn
+        return "nothing to learn"
+    return f"loss {history[0]:.4f} -> {history[-1]:.4f}"
 
 
 def _processes(nproc: int, kw: dict[str, Any]):
@@ -419,8 +429,9 @@ def export_cmd(
     "--bank",
     "bank_path",
     type=click.Path(path_type=Path),
-    required=True,
-    help="Spot bank (.npz) from 'mclx bank build'.",
+    default=None,
+    help="Spot bank (.npz) from 'mclx bank build'; none for a model that predicts "
+    "directly (ridge, stnet: give --model).",
 )
 @click.option(
     "--model",
@@ -502,6 +513,7 @@ def infer(slides: tuple[Path, ...], bank_path: Path, quiet, **kw: Any) -> None:
       mclx infer --manifest slides.csv --bank her2.npz --out-dir preds/ --engine ray
       mclx infer --manifest slides.csv --bank her2.npz --out-dir preds/ --engine ray \\
           --address ray://head:10001 --gpus-per-worker 1
+      mclx infer slide.svs --model ridge.pt             # ridge, stnet: no bank
     """
     from mclx.cli_cohort import is_cohort, run_cohort_cli
 

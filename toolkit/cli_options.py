@@ -49,6 +49,18 @@ def _encoder_names() -> list[str]:
     return ENCODERS.names()
 
 
+class EncoderChoice(RegistryChoice):
+    """A registered encoder, or ``timm:NAME`` (any timm model; checked when built)."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if isinstance(value, str) and value.startswith("timm:"):
+            return value
+        return super().convert(value, param, ctx)
+
+    def get_metavar(self, *args: Any, **kwargs: Any) -> str:
+        return "[" + "|".join([*self.choices, "timm:NAME"]) + "]"
+
+
 class DeviceType(click.ParamType):
     """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (the N-th GPU)."""
 
@@ -234,9 +246,11 @@ def model_options() -> Decorator:
             "defaults of the options below.",
         ),
         click.option(
-            "--encoder", type=RegistryChoice(_encoder_names), default=None,
+            "--encoder", type=EncoderChoice(_encoder_names), default=None,
             help="Image encoder from the registry (default: the model's: densenet121; "
-            "vit_b32 for cmrcnet, patch112 for histogene).",
+            "vit_b32 for cmrcnet, patch112 for histogene), or timm:NAME, any timm model "
+            "with --encoder-weights FILE (needs mclx[timm]; its input size, mean and std "
+            "go into the checkpoint).",
         ),
         click.option(
             "--encoder-weights", default="auto", show_default=True,
@@ -300,6 +314,11 @@ def architecture_options() -> Decorator:
             help="Attention heads (default 8; histogene 16).",
         ),
         click.option(
+            "--standardize-features", is_flag=True,
+            help="Ablation (mclstexp, bleep with --freeze-encoder): standardise the pooled "
+            "features with the training spots' mean and std (stored in the model).",
+        ),
+        click.option(
             "--separate-fusion", is_flag=True,
             help="cmrcnet: each fusion layer its own weights (its reference shares one).",
         ),
@@ -324,6 +343,8 @@ def recipe_from(kw: dict[str, Any]):
         overrides["pos_embed"] = False
     if kw["separate_fusion"]:
         overrides["fusion_shared"] = False
+    if kw["standardize_features"]:
+        overrides["feature_norm"] = True
     for name in ("encoder", "depth", "context", "embed_dim", "heads"):
         if kw[name] is not None:
             overrides[name] = kw[name]
@@ -337,7 +358,7 @@ def recipe_from(kw: dict[str, Any]):
         recipe,
         **given_train,
         seed=kw["seed"],
-        freeze_encoder=kw["freeze_encoder"],
+        freeze_encoder=recipe.freeze_encoder or kw["freeze_encoder"],  # knn, ridge: always
         augment=recipe.augment and not kw["no_augment"],
     )
     return Recipe(

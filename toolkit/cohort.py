@@ -145,9 +145,9 @@ def already_done(job: Job, run) -> bool:
     want = {
         "slide": str(job.slide.resolve()),
         "checkpoint_fingerprint": run.encoder.fingerprint,
-        "bank_fingerprint": run.bank.fingerprint,
+        "bank_fingerprint": run.bank.fingerprint if run.bank is not None else "",
         "k": int(run.k),
-        "distance": run.distance or run.bank.distance,
+        "distance": (run.distance or run.bank.distance) if run.bank is not None else "",
     }
     try:
         with h5py.File(job.out, "r") as f:

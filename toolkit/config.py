@@ -71,6 +71,10 @@ class ModelCfg:
             code appends the same layer twice); False gives each application its own.
         mask_keep: CMRCNet's probability that an element of the image tokens is kept
             by the training-time mask (no rescaling; no mask in eval mode).
+        feature_norm: standardise the frozen encoder's pooled features with the mean and
+            std of the training spots before the image projection (mclstexp, bleep; an
+            ablation for badly conditioned random-init features). The statistics are
+            buffers of the model, so export and inference apply them too.
     """
 
     name: str = "mclstexp"
@@ -91,6 +95,7 @@ class ModelCfg:
     weighting: Weighting = "inverse_square"
     fusion_shared: bool = True
     mask_keep: float = 0.5
+    feature_norm: bool = False
 
 
 @dataclass(frozen=True)

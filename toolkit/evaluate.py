@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from mclx.config import Distance, PreprocessCfg, to_dict
+from mclx.config import Distance, to_dict
 from mclx.data.dataset import build_table
 from mclx.io import all_or_nothing, atomic_path, write_text_atomic
 from mclx.metrics import score
@@ -43,6 +43,7 @@ def cross_validate(
         bank_sections: sections (image or not) whose spots join every fold's bank.
         k, distance: retrieval settings (default: the model's).
     """
+    from mclx.bank import image_bank
     from mclx.data.readers import open_data
 
     recipe, data = recipe or Recipe(), open_data(root)
@@ -51,9 +52,16 @@ def cross_validate(
         msg = f"{data.root}: cross-validation needs at least two sections with images"
         raise ValueError(msg)
     extra = [s for s in bank_sections if s not in adatas]
+    if extra and image_bank(recipe.model):
+        msg = (
+            f"{data.root}: a {recipe.model} bank holds image features; --bank-sections "
+            f"{', '.join(extra)} are not cross-validated image sections (build such a bank "
+            "with 'mclx bank build')"
+        )
+        raise ValueError(msg)
     extra_adatas = data.read(extra) if extra else {}
     _check_k(data.root, recipe, adatas, extra_adatas, k)
-    cache = PatchCache(adatas, PreprocessCfg().patch_size)
+    cache = PatchCache(adatas, recipe.patch_size())
     results: dict[str, Any] = {}
     genes_out: dict[str, dict[str, float]] = {}
     panels: dict[str, dict[str, Any]] = {}
@@ -105,7 +113,7 @@ class _Fold:
         self.pre, self.net = recipe.setup(data, adatas | extra, self.train)
 
     def run(self, cache: PatchCache, *, k, distance, progress: bool):
-        from mclx.bank import bank_from_model
+        from mclx.bank import bank_from_model, image_bank
         from mclx.inference import match
         from mclx.inference.embed import head_outputs
 
@@ -114,7 +122,12 @@ class _Fold:
         bank = None
         if net.kind == "contrastive":
             table = build_table(self.bank_adatas, pre)
-            bank = bank_from_model(net, table, pre.genes, fingerprint="fold")
+            feats = None
+            if image_bank(net):  # knn: the bank spots' own image features
+                feats = np.concatenate(
+                    [cache.features(net.image_encoder, s, pre) for s in self.bank_adatas]
+                )
+            bank = bank_from_model(net, table, pre.genes, fingerprint="fold", features=feats)
         feats = cache.features(net.image_encoder, self.test, pre)
         table = build_table({self.test: self.adatas[self.test]}, pre)
         out = head_outputs(net, feats, positions=table.pos)  # positions: HisToGene's

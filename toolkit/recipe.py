@@ -123,8 +123,6 @@ class Recipe:
     ) -> PreprocessCfg:
         """Genes, the median µm/px of the training sections' images and the model's
         pixel normalisation."""
-        from mclx.models import preprocess_defaults
-
         mpps = [
             a.uns["mpp"] for a in train.values() if a.uns.get("image_path") and a.uns.get("mpp")
         ]
@@ -132,8 +130,20 @@ class Recipe:
             genes=tuple(self.genes(data, train, others)),
             mpp=float(np.median(mpps)) if mpps else None,
             log_base=self.log_base,
-            **preprocess_defaults(self.model),  # CMRCNet: ImageNet mean / std
+            **self.pixel_defaults(),
         )
+
+    def pixel_defaults(self) -> dict[str, Any]:
+        """The model's and its encoder's pixel settings (CMRCNet: ImageNet mean / std; a
+        timm encoder: its input size, mean and std)."""
+        from mclx.models import model_cfg, preprocess_defaults
+
+        encoder = self.overrides.get("encoder") or model_cfg(self.model).encoder
+        return preprocess_defaults(self.model, encoder)
+
+    def patch_size(self) -> int:
+        """Side of the patches this recipe's model reads, in pixels at its µm/px."""
+        return int(self.pixel_defaults().get("patch_size", PreprocessCfg().patch_size))
 
     def build_model(self, pre: PreprocessCfg, pos: tuple[int, int]) -> nn.Module:
         """The seeded model for ``pre.genes`` with positional tables of size ``pos``."""
@@ -277,6 +287,8 @@ def train_model(
     from mclx.train import StateMismatch, fit
 
     table = cache.table(sections, pre)
+    if hasattr(model, "fit_features"):  # knn, ridge: closed form on frozen features
+        return _fit_closed_form(model, cache, table, pre, progress, state, report), table
     fp = encoder_fingerprint(model.image_encoder) if cfg.freeze_encoder else None
     start = on_epoch = None
     if state is not None:
@@ -289,6 +301,7 @@ def train_model(
             state.on_epoch(epoch, cfg.epochs, snapshot)
 
     feats = _frozen_features(model, cache, sections, pre, progress) if cfg.freeze_encoder else None
+    _standardise(model, feats)
     try:
         history = fit(
             model,
@@ -311,6 +324,33 @@ def train_model(
     if state is not None:
         state.wait()
     return history, table
+
+
+def _fit_closed_form(model, cache, table, pre, progress, state, report) -> list[float]:
+    """Fit a closed-form model (knn, ridge) on the frozen pooled features of ``table``'s
+    sections; its fit record goes to ``report``. Nothing to resume: the state goes."""
+    feats = _frozen_features(model, cache, list(table.sections), pre, progress)
+    fitted = model.fit_features(feats, table)
+    if report is not None:
+        report.update({k: v for k, v in fitted.items() if k != "history"})
+    if state is not None:
+        state.remove()
+    model.eval()
+    return fitted["history"]
+
+
+def _standardise(model, feats: np.ndarray | None) -> None:
+    """With ``feature_norm``: the training spots' feature statistics into the model (a
+    resumed run restores the same values with its weights)."""
+    if not getattr(model.cfg, "feature_norm", False):
+        return
+    if feats is None or feats.ndim != 2 or not hasattr(model, "set_feature_stats"):
+        msg = (
+            "feature standardisation applies to a frozen encoder's pooled features "
+            f"(mclstexp, bleep with --freeze-encoder), not to {model.cfg.name} here"
+        )
+        raise ValueError(msg)
+    model.set_feature_stats(feats)
 
 
 def _frozen_features(model, cache: PatchCache, sections, pre, progress: bool) -> np.ndarray:

@@ -48,7 +48,7 @@ def stream(
 
     timings = {"read": 0.0, "wait": 0.0, "encode": 0.0, "retrieve": 0.0, "save": 0.0,
                **warm_up(encoder, bank)}  # fmt: skip
-    preds = np.empty((len(tiles), len(bank.genes)), np.float32)
+    preds = np.empty((len(tiles), len(encoder.pre.genes)), np.float32)
     done = state.start(preds) if state is not None else 0
     block = state.block(batch_size, retrieve_block) if state is not None else retrieve_block
     pending: list[Any] = []
@@ -143,9 +143,12 @@ def _array_device(array) -> str:
 
 def _check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
     """The bank, the model path (default: the bank's checkpoint) and k, checked before
-    the slide is opened or a model loaded."""
+    the slide is opened or a model loaded. Without a bank: (None, the model, 0), for a
+    model that predicts expression directly (ridge, stnet)."""
     from mclx.bank import load_bank
 
+    if bank_path is None:
+        return None, _direct_model(model), 0
     bank = load_bank(bank_path)
     if model:
         model = Path(model)
@@ -162,6 +165,40 @@ def _check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
         msg = f"--plot: genes not in the bank {bank_path}: {', '.join(missing[:5])}"
         raise KeyError(msg)
     return bank, model, bank.check_k(k)
+
+
+def _direct_model(model) -> Path:
+    """``model`` (checkpoint, .onnx or .engine) when its config says it predicts each
+    tile's expression itself (no retrieval, ``k = 0``: ridge, stnet); else the error."""
+    import json
+
+    from mclx.checkpoint import read_checkpoint_dict
+    from mclx.inference.encoders import read_onnx_metadata
+    from mclx.inference.tensorrt import sidecar_path
+
+    if not model:
+        msg = "infer: pass --bank (from 'mclx bank build'), or --model for a model without one"
+        raise ValueError(msg)
+    model = Path(model)
+    if not model.exists():
+        msg = f"{model}: model (--model) does not exist"
+        raise FileNotFoundError(msg)
+    if model.suffix == ".pt":
+        cfg = read_checkpoint_dict(model)["model"]
+    elif model.suffix == ".engine":
+        cfg = json.loads(json.loads(sidecar_path(model).read_text())["model"])
+    else:
+        cfg = json.loads(read_onnx_metadata(model)["model"])
+    name = cfg.get("name", "?")
+    if cfg.get("k", 1) or cfg.get("context") == "section":
+        how = (
+            "retrieves from a bank: pass --bank"
+            if cfg.get("k", 1)
+            else ("predicts a whole section at once: use mclx evaluate --ckpt")
+        )
+        msg = f"{model}: a {name} model {how}"
+        raise ValueError(msg)
+    return model
 
 
 @dataclass
@@ -214,7 +251,7 @@ class Run:
     model path, the open encoder, k and the distance. ``mclx infer`` builds one for its
     slide; a cohort (:mod:`mclx.cohort`) one per process or Ray actor, for all slides."""
 
-    bank_path: Path
+    bank_path: Path | None  # None: a model that predicts directly (ridge, stnet)
     bank: Any
     model: Path
     encoder: Any
@@ -241,13 +278,15 @@ class Run:
 
         bank, model, k = checked or _check_inputs(bank_path, model, plot_genes, k)
         encoder = open_encoder(model, backend=backend, precision=precision, device=device)
-        bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
-        bank = place_bank(bank, encoder, device)
-        return cls(Path(bank_path), bank, Path(model), encoder, k, distance)
+        if bank is not None:
+            bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
+            bank = place_bank(bank, encoder, device)
+        bank_path = Path(bank_path) if bank_path is not None else None
+        return cls(bank_path, bank, Path(model), encoder, k, distance)
 
     def plan(self, slide, where: _Where, source, **kw: Any):
         """The slide's :class:`~mclx.plan.Plan` at this run's µm/px (see :func:`plan_slide`)."""
-        return plan_slide(slide, where, self.encoder.pre, n_genes=len(self.bank.genes),
+        return plan_slide(slide, where, self.encoder.pre, n_genes=len(self.encoder.pre.genes),
                           source=source, **kw)  # fmt: skip
 
     def predict(self, patches):
@@ -261,13 +300,14 @@ class Run:
     def provenance(self, slide_info: dict, *, resumed_from: int = 0) -> dict:
         """``uns["mclx"]`` of a slide: its ``slide_info`` (:func:`slide_record`), then
         the bank, model and retrieval settings."""
+        bank = self.bank
         return {
             **slide_info,
-            "bank": str(self.bank_path.resolve()),
+            "bank": str(self.bank_path.resolve()) if bank is not None else "",
             "model": str(self.model.resolve()),
             "k": int(self.k),
-            "distance": self.distance or self.bank.distance,
-            "bank_device": _array_device(self.bank.embeddings),
+            "distance": (self.distance or bank.distance) if bank is not None else "",
+            "bank_device": _array_device(bank.embeddings) if bank is not None else "",
             "resumed_from_tile": int(resumed_from),
         }
 
@@ -359,7 +399,7 @@ def slide_record(slide_path, slide, where: _Where, work) -> dict:
 def infer(  # long: the run's options, each documented once in the CLI
     slide_path: str | os.PathLike,
     *,
-    bank_path: str | os.PathLike,
+    bank_path: str | os.PathLike | None,
     model: str | os.PathLike | None = None,
     backend: str = "auto",
     precision: str = "auto",
@@ -408,10 +448,10 @@ def _run_record(slide_path, tiles, encoder, bank, k, distance, batch_size, every
         "tiles": {"n": len(tiles), "digest": tiles_digest(tiles)},
         "checkpoint_fingerprint": encoder.fingerprint,
         "backend": [encoder.name, encoder.precision, encoder.device],
-        "bank_fingerprint": bank.fingerprint,
-        "bank": file_record(bank.path),
+        "bank_fingerprint": bank.fingerprint if bank is not None else "",
+        "bank": file_record(bank.path) if bank is not None else None,
         "k": int(k),
-        "distance": distance or bank.distance,
+        "distance": (distance or bank.distance) if bank is not None else "",
         "batch_size": int(batch_size),
         "save_every": int(every),
     }
@@ -428,18 +468,19 @@ def predictions(preds: np.ndarray, tiles, bank, encoder, provenance: dict, timin
     obs = pd.DataFrame(
         {"x": tiles.centres[:, 0], "y": tiles.centres[:, 1]}, index=pd.Index(tiles.ids, dtype=str)
     )
-    adata = ad.AnnData(X=preds, obs=obs, var=pd.DataFrame(index=pd.Index(bank.genes, dtype=str)))
+    genes = list(encoder.pre.genes)
+    adata = ad.AnnData(X=preds, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
     adata.obsm["spatial"] = tiles.centres.copy()
     adata.uns["mclx"] = {
         "mclx_version": __version__,
         **provenance,
         "patch_size": encoder.pre.patch_size,
         "checkpoint_fingerprint": encoder.fingerprint,
-        "bank_fingerprint": bank.fingerprint,
+        "bank_fingerprint": bank.fingerprint if bank is not None else "",
         "backend": encoder.name,
         "precision": encoder.precision,
         "device": encoder.device,
-        "weighting": bank.weighting,
+        "weighting": bank.weighting if bank is not None else "",
         "timings": {key: float(v) for key, v in timings.items()},
     }
     return adata

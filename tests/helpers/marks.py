@@ -96,6 +96,13 @@ def _openvino_required() -> bool:
     return os.environ.get("MCLX_REQUIRE_OPENVINO") == "1"
 
 
+@cache
+def _timm() -> str | None:
+    if importlib.util.find_spec("timm") is None:
+        return "needs timm (pip install -e '.[dev,timm]')"
+    return None
+
+
 @dataclass(frozen=True)
 class Need:
     """What a test may need: ``missing()`` says why it cannot have it (None: it can);
@@ -119,6 +126,7 @@ NEEDS: dict[str, Need] = {
     "openseadragon": Need(cache(openseadragon_missing), None, viewer_required),
     "spatialdata": Need(cache(spatialdata_missing), None, spatialdata_required),
     "ray": Need(_ray, None, _env_flag("MCLX_REQUIRE_RAY"), "MCLX_REQUIRE_RAY"),
+    "timm": Need(_timm, None, _env_flag("MCLX_REQUIRE_TIMM"), "MCLX_REQUIRE_TIMM"),
     **{
         name: Need(lambda name=name: shared_missing(name), "data", data_required) for name in SHARED
     },

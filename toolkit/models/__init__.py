@@ -1,10 +1,12 @@
 """Model registry: ``create_model(cfg)`` builds any registered method from its config.
 
 Registered models: ``mclstexp`` (the paper), ``bleep``, ``stnet``, ``cmrcnet`` and
-``histogene`` (comparison methods), each with the defaults of its publication: its
-architecture (:func:`model_cfg`), its training recipe (:func:`train_cfg`) and its pixel
-normalisation (:func:`preprocess_defaults`). Registered image encoders: see
-:data:`ENCODERS` (``densenet121`` by default; ViTs in :mod:`mclx.models.vit`).
+``histogene`` (comparison methods), ``knn`` and ``ridge`` (training-free baselines on
+frozen features, :mod:`mclx.models.baselines`), each with the defaults of its
+publication: its architecture (:func:`model_cfg`), its training recipe
+(:func:`train_cfg`) and its pixel normalisation (:func:`preprocess_defaults`).
+Registered image encoders: see :data:`ENCODERS` (``densenet121`` by default; ViTs in
+:mod:`mclx.models.vit`; any timm model as ``timm:NAME``, :mod:`mclx.models.timm_encoder`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch import nn
 
 from mclx.config import ModelCfg, TrainCfg
 from mclx.models import vit  # noqa: F401  (registers the ViT encoders)
+from mclx.models.baselines import KNN, RidgeProbe
 from mclx.models.bleep import bleep_loss
 from mclx.models.cmrcnet import CMRCNet
 from mclx.models.encoders import ENCODERS, ImageEncoder, create_encoder
@@ -72,6 +75,22 @@ def histogene(cfg: ModelCfg, encoder: nn.Module) -> HisToGene:
     return HisToGene(cfg, encoder)
 
 
+# the baselines fit in closed form on a frozen encoder's pooled features (no epochs)
+_FROZEN = {"epochs": 0, "freeze_encoder": True, "augment": False}
+
+
+# raw pooled features retrieved with mclSTExp's kernel: top 200, inverse-square L2
+@MODELS.register(defaults={"pos_embed": False, "depth": 0}, train=_FROZEN, bank_source="image")
+def knn(cfg: ModelCfg, encoder: nn.Module) -> KNN:
+    return KNN(cfg, encoder)
+
+
+# HEST-Bench's probe: PCA to 256 (embed_dim), ridge with alpha by CV over sections
+@MODELS.register(defaults={"pos_embed": False, "depth": 0, "k": 0}, train=_FROZEN)
+def ridge(cfg: ModelCfg, encoder: nn.Module) -> RidgeProbe:
+    return RidgeProbe(cfg, encoder)
+
+
 def model_cfg(name: str, **overrides: Any) -> ModelCfg:
     """The config of model ``name`` with its publication's defaults, then ``overrides``."""
     return ModelCfg(**{"name": name, **MODELS.meta(name)["defaults"], **overrides})
@@ -82,9 +101,15 @@ def train_cfg(name: str, **overrides: Any) -> TrainCfg:
     return TrainCfg(**{**MODELS.meta(name).get("train", {}), **overrides})
 
 
-def preprocess_defaults(name: str) -> dict[str, Any]:
-    """PreprocessCfg fields model ``name`` sets (ImageNet ``mean`` / ``std`` for CMRCNet)."""
-    return dict(MODELS.meta(name).get("preprocess", {}))
+def preprocess_defaults(name: str, encoder: str | None = None) -> dict[str, Any]:
+    """PreprocessCfg fields model ``name`` sets (ImageNet ``mean`` / ``std`` for CMRCNet),
+    then those of its image ``encoder`` (a timm model's input size, mean and std)."""
+    from mclx.models.timm_encoder import is_timm, timm_preprocess
+
+    out = dict(MODELS.meta(name).get("preprocess", {}))
+    if encoder and is_timm(encoder):
+        out.update(timm_preprocess(encoder))
+    return out
 
 
 def create_model(cfg: ModelCfg, *, encoder_weights: str | os.PathLike | None = None) -> nn.Module:
@@ -106,8 +131,10 @@ __all__ = [
     "MODELS",
     "HisToGene",
     "ImageEncoder",
+    "KNN",
     "MclSTExp",
     "ProjectionHead",
+    "RidgeProbe",
     "STNet",
     "SpotEncoder",
     "TransformerBlock",

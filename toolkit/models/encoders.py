@@ -184,5 +184,10 @@ def patch112(weights: str | os.PathLike | None = None) -> PixelEncoder:
 
 
 def create_encoder(name: str, *, weights: str | os.PathLike | None = "auto") -> ImageEncoder:
-    """Build a registered image encoder (``KeyError`` with close matches if unknown)."""
+    """Build a registered image encoder (``KeyError`` with close matches if unknown), or
+    ``timm:NAME``, any timm model (:mod:`mclx.models.timm_encoder`)."""
+    from mclx.models.timm_encoder import create_timm_encoder, is_timm
+
+    if is_timm(name):
+        return create_timm_encoder(name, weights=weights)
     return ENCODERS.create(name, weights=weights)

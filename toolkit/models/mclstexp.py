@@ -87,9 +87,22 @@ class MclSTExp(nn.Module):
         self.spot_encoder = SpotEncoder(cfg)
         self.spot_projection = ProjectionHead(cfg.n_genes, cfg.embed_dim, cfg.dropout)
         self.loss_fn = loss_fn
+        if cfg.feature_norm:  # training-set statistics, set by set_feature_stats
+            self.register_buffer("feature_mean", torch.zeros(image_encoder.num_features))
+            self.register_buffer("feature_std", torch.ones(image_encoder.num_features))
+
+    def set_feature_stats(self, feats) -> None:
+        """Mean and std (N, F) -> (F,) of the training spots' pooled features, for
+        ``cfg.feature_norm`` (a constant feature keeps std 1)."""
+        f = torch.as_tensor(feats, dtype=torch.float64)
+        std = f.std(dim=0, unbiased=False)
+        self.feature_mean = f.mean(dim=0).float()
+        self.feature_std = torch.where(std > 1e-12, std, torch.ones_like(std)).float()
 
     def embed_image_features(self, feats: torch.Tensor) -> torch.Tensor:
         """Pooled encoder features (N, F) -> image embeddings (N, D)."""
+        if self.cfg.feature_norm:
+            feats = (feats - self.feature_mean) / self.feature_std
         return self.image_projection(feats)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
