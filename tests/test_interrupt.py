@@ -213,8 +213,17 @@ def test_resume_refuses_missing_corrupt_and_mismatched_states(
     assert not temps(tmp_path)
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's Ctrl-C handler for the test: a shell running the tests in the background
+    (CI) starts them with SIGINT ignored, and then no KeyboardInterrupt would come."""
+    saved = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, saved)
+
+
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs POSIX signal masks")
-def test_ctrl_c_while_the_save_thread_starts_is_raised_after_it_started():
+def test_ctrl_c_while_the_save_thread_starts_is_raised_after_it_started(ctrl_c_raises):
     """A Ctrl-C inside ``Thread.start`` used to leave a thread that could not be joined
     ("cannot join thread before it is started", exit 1 instead of 130)."""
     from mclx.train_state import _ctrl_c_deferred
