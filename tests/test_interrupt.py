@@ -222,24 +222,29 @@ def ctrl_c_raises():
     signal.signal(signal.SIGINT, saved)
 
 
-@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="needs POSIX signal masks")
 def test_ctrl_c_while_the_save_thread_starts_is_raised_after_it_started(ctrl_c_raises):
     """A Ctrl-C inside ``Thread.start`` used to leave a thread that could not be joined
     ("cannot join thread before it is started", exit 1 instead of 130)."""
     from mclx.train_state import _ctrl_c_deferred
 
-    inside, masks = [], []
-    with pytest.raises(KeyboardInterrupt):
-        with _ctrl_c_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            for _ in range(1000):  # Python would raise here, between bytecodes
-                inside.append(1)
-            worker = threading.Thread(target=lambda: masks.append(signal.pthread_sigmask(0, [])))
-            worker.start()
-            worker.join()
-    assert len(inside) == 1000  # the interrupt waited for the block to end
-    assert signal.SIGINT in masks[0]  # and can never land on the thread started in it
-    assert signal.SIGINT not in signal.pthread_sigmask(0, [])  # the mask is restored
+    inside = []
+    busy = threading.Event()  # another thread running, as torch's and Ray's are
+    other = threading.Thread(target=busy.wait)
+    other.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _ctrl_c_deferred():
+                os.kill(os.getpid(), signal.SIGINT)  # to the process: any thread gets it
+                for _ in range(1000):  # Python would raise here, between bytecodes
+                    inside.append(1)
+                worker = threading.Thread(target=inside.append, args=("started",))
+                worker.start()
+                worker.join()
+    finally:
+        busy.set()
+        other.join()
+    assert len(inside) == 1001 and inside[-1] == "started"  # the interrupt waited
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
 def test_a_new_run_replaces_a_stale_state_and_cleans_temp_files(synthetic, tmp_path, capsys):

@@ -80,24 +80,28 @@ def _host_copy(obj: Any) -> Any:
 
 @contextlib.contextmanager
 def _ctrl_c_deferred():
-    """Hold SIGINT back for the block (main thread, POSIX): Python raises the
-    KeyboardInterrupt of a Ctrl-C that came meanwhile right after it.
+    """Hold Ctrl-C back for the block (main thread): a SIGINT that comes meanwhile is
+    recorded by a stand-in handler and handed to the real one right after the block.
 
     ``Thread.start`` interrupted between starting the thread and seeing it run leaves a
-    thread that cannot be joined yet ("cannot join thread before it is started"), and one
-    whose save would be abandoned; the thread also inherits the mask, so the signal never
-    lands on it.
+    thread that cannot be joined yet ("cannot join thread before it is started"), whose
+    save would be abandoned. A handler, not a signal mask: the kernel delivers a
+    process-directed SIGINT to any thread that does not block it (torch's, Ray's, the
+    readers'), while Python runs its handlers in the main thread only.
     """
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not (
-        threading.main_thread()
-    ):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    came: list[int] = []
+    old = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        signal.signal(signal.SIGINT, old)
+    if came and callable(old):
+        old(signal.SIGINT, None)  # Python's own handler: KeyboardInterrupt, here
+    elif came and old == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGINT)  # what the signal would have done
 
 
 class StateFile:
