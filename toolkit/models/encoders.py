@@ -82,6 +82,15 @@ _DENSENET_KEY = re.compile(
 )
 
 
+def load_weights_file(model: nn.Module, weights: str | os.PathLike) -> None:
+    """Load an encoder's weights from a file given by the user (which must exist)."""
+    path = Path(weights)
+    if not path.is_file():
+        msg = f"{path}: encoder weights file does not exist"
+        raise FileNotFoundError(msg)
+    _load_backbone_weights(model, path)
+
+
 def _load_backbone_weights(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -124,11 +133,7 @@ def _build(ctor, weights_enum, weights: str | os.PathLike | None, *, name: str) 
         return ctor(weights=None)
     model = ctor(weights=None)
     if weights is not None:
-        path = Path(weights)
-        if not path.is_file():
-            msg = f"{path}: encoder weights file does not exist"
-            raise FileNotFoundError(msg)
-        _load_backbone_weights(model, path)
+        load_weights_file(model, weights)
     return model
 
 

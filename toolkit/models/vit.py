@@ -14,7 +14,6 @@ No pretrained weights: CMRCNet's reference initialises its ViT at random, as her
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -157,16 +156,12 @@ class VisionTransformer(nn.Module):
 def _vit(weights: str | os.PathLike | None, name: str, **kw) -> VisionTransformer:
     model = VisionTransformer(**kw)
     if weights not in (None, "auto"):
-        from mclx.models.encoders import _load_backbone_weights
+        from mclx.models.encoders import load_weights_file
 
         if weights == "imagenet":
             msg = f"{name}: no ImageNet weights are offered (CMRCNet trains its ViT from scratch)"
             raise FileNotFoundError(msg)
-        path = Path(weights)
-        if not path.is_file():
-            msg = f"{path}: encoder weights file does not exist"
-            raise FileNotFoundError(msg)
-        _load_backbone_weights(model, path)
+        load_weights_file(model, weights)
     return model
 
 
