@@ -182,7 +182,7 @@ def failure(job: Job, exc: BaseException, seconds: float = 0.0) -> Result:
 
 def run_local(jobs: Sequence[Job], run, opts: Options, log: Callable[[str], None]) -> list[Result]:
     """The jobs one after the other in this process, with one encoder and bank."""
-    from mclx.runtime import locate
+    from mclx.plan import locate
 
     results = []
     for n, job in enumerate(jobs, start=1):

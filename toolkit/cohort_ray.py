@@ -1,6 +1,6 @@
 """The ``ray`` engine of :mod:`mclx.cohort`: slides through Ray Data.
 
-1. Plan: one Ray task per slide opens it, places its tiles (:func:`mclx.runtime.plan_slide`:
+1. Plan: one Ray task per slide opens it, places its tiles (:func:`mclx.plan.plan`:
    tissue grid or spots, µm/px, refusals) and returns them; a slide that fails here is
    reported and left out.
 2. Read: ``flat_map`` on CPU tasks (``--readers`` slides at once) turns each slide into one
@@ -82,14 +82,14 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 
 def plan_task(job: Job, pre, n_genes: int, plan_kw: dict[str, Any], pool: str) -> dict[str, Any]:
     """Step 1 for one slide (a Ray task): its tiles and provenance, or its error."""
+    from mclx.plan import locate, plan, slide_record
     from mclx.prefetch import pool_for
-    from mclx.runtime import locate, plan_slide, slide_record
 
     t0 = time.perf_counter()
     try:
         slide, where = locate(job.slide, spots=job.spots, mpp=job.mpp)
         try:
-            work = plan_slide(slide, where, pre, n_genes=n_genes, source=str(job.slide), **plan_kw)
+            work = plan(slide, where, pre, n_genes=n_genes, source=str(job.slide), **plan_kw)
             info = slide_record(job.slide, slide, where, work)
             info.update(reader_pool=pool_for(slide, pool), readers=int(plan_kw["workers"]))
         finally:

@@ -5,12 +5,15 @@ in level-0 pixels and a resampling factor (refused beyond :data:`MAX_DOWNSAMPLE`
 :data:`MAX_UPSAMPLE`: a wrong µm/px, not a slide), picks the pyramid level tiles are read
 from, places the tiles (a tissue grid refused beyond ``max_tiles``, or given spots) and
 estimates the memory the run needs (refused beyond what the machine has available).
+:func:`locate` opens the slide and finds where its tiles go and its µm/px
+(:class:`Where`); :func:`slide_record` is that part of ``uns["mclx"]``.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mclx.errors import DataError
@@ -117,10 +120,11 @@ def check_memory(need: int, source: str, what: str) -> None:
 
 
 def plan(slide, where, pre, *, n_genes: int, stride: int | None = None,
-         max_tiles: int = MAX_TILES, batch_size: int = 64, workers: int = 2,
+         max_tiles: int | None = MAX_TILES, batch_size: int = 64, workers: int = 2,
          source: str = "") -> Plan:  # fmt: skip
     """Tile size, resampling, read level, tiles and memory of a run; refusals first."""
     source = source or str(slide.path)
+    max_tiles = max_tiles or MAX_TILES
     size = tile_size(pre, where.mpp, source, where.found)
     factor = check_resampling(size, pre, where.mpp, source)
     level = slide.level_for(factor)
@@ -133,3 +137,74 @@ def plan(slide, where, pre, *, n_genes: int, stride: int | None = None,
     need = estimate_memory(slide, len(tiles), **mem)
     check_memory(need, source, f"{len(tiles):,} tiles x {n_genes} genes, image and patches")
     return Plan(tiles, pre.patch_size, factor, level, ds, need)
+
+
+@dataclass
+class Where:
+    """Where the tiles go, known before a pixel is read: given spots, or the slide's
+    tissue grid; and the slide's µm/px (its metadata, --mpp, or the spots' array grid)
+    with where it came from, or what the metadata said when it was not believed."""
+
+    spots: Any = None
+    kind: str = ""
+    mpp: float | None = None
+    mpp_source: str = "none"
+    found: str = ""
+    source: str = ""  # the spot file, or the slide: what messages about the tiles name
+
+    @classmethod
+    def find(cls, slide, spots) -> Where:
+        from mclx.tiling import read_spots, spot_mpp
+
+        res = slide.resolution
+        if spots is None:
+            return cls(mpp=res.mpp, mpp_source=res.source, found=res.found, source=str(slide.path))
+        spot_df, kind = read_spots(spots)
+        if res.mpp is not None:
+            return cls(spot_df, kind, res.mpp, res.source, source=str(spots))
+        grid = spot_mpp(spot_df, kind)
+        how = f"spot grid ({kind})" if grid else "none"
+        return cls(spot_df, kind, grid, how, res.found, str(spots))
+
+    @property
+    def origin(self) -> str:
+        return f"spots:{self.kind}" if self.spots is not None else "tissue grid"
+
+    def tiles(self, slide, *, size: int, stride: int | None, max_tiles: int | None = None):
+        from mclx.tiling import grid_tiles, slide_tissue, spot_tiles
+
+        if self.spots is None:
+            return grid_tiles(
+                slide, size=size, stride=stride, tissue=slide_tissue(slide), max_tiles=max_tiles
+            )
+        if max_tiles is not None and len(self.spots) > max_tiles:
+            msg = f"{self.source}: {len(self.spots):,} spots, more than --max-tiles {max_tiles:,}"
+            raise DataError(msg)
+        return spot_tiles(slide, self.spots, size=size, source=self.source)
+
+
+def locate(slide_path: str | os.PathLike, *, spots=None, mpp: float | None = None):
+    """The open slide (its header read) and where its tiles go (:class:`Where`); the
+    slide is closed again when the spots fail."""
+    from mclx.slide import open_slide
+
+    slide = open_slide(slide_path, mpp=mpp)
+    try:
+        return slide, Where.find(slide, spots)
+    except BaseException:
+        slide.close()
+        raise
+
+
+def slide_record(slide_path, slide, where: Where, work) -> dict:
+    """The slide's part of ``uns["mclx"]``: the file, its reader, µm/px and the plan."""
+    return {
+        "slide": str(Path(slide_path).resolve()),
+        "slide_reader": slide.backend,
+        "slide_vendor": slide.vendor,
+        "slide_mpp": where.mpp or -1.0,
+        "slide_mpp_source": where.mpp_source,
+        "slide_mpp_found": where.found,
+        **work.record(),
+        "tiles_from": where.origin,
+    }

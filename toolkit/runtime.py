@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mclx.errors import DataError
+from mclx.plan import Where, locate, plan, slide_record
 
 
 def stream(
@@ -202,50 +202,6 @@ def _direct_model(model) -> Path:
 
 
 @dataclass
-class _Where:
-    """Where the tiles go, known before a pixel is read: given spots, or the slide's
-    tissue grid; and the slide's µm/px (its metadata, --mpp, or the spots' array grid)
-    with where it came from, or what the metadata said when it was not believed."""
-
-    spots: Any = None
-    kind: str = ""
-    mpp: float | None = None
-    mpp_source: str = "none"
-    found: str = ""
-    source: str = ""  # the spot file, or the slide: what messages about the tiles name
-
-    @classmethod
-    def find(cls, slide, spots) -> _Where:
-        from mclx.tiling import read_spots, spot_mpp
-
-        res = slide.resolution
-        if spots is None:
-            return cls(mpp=res.mpp, mpp_source=res.source, found=res.found, source=str(slide.path))
-        spot_df, kind = read_spots(spots)
-        if res.mpp is not None:
-            return cls(spot_df, kind, res.mpp, res.source, source=str(spots))
-        grid = spot_mpp(spot_df, kind)
-        how = f"spot grid ({kind})" if grid else "none"
-        return cls(spot_df, kind, grid, how, res.found, str(spots))
-
-    @property
-    def origin(self) -> str:
-        return f"spots:{self.kind}" if self.spots is not None else "tissue grid"
-
-    def tiles(self, slide, *, size: int, stride: int | None, max_tiles: int | None = None):
-        from mclx.tiling import grid_tiles, slide_tissue, spot_tiles
-
-        if self.spots is None:
-            return grid_tiles(
-                slide, size=size, stride=stride, tissue=slide_tissue(slide), max_tiles=max_tiles
-            )
-        if max_tiles is not None and len(self.spots) > max_tiles:
-            msg = f"{self.source}: {len(self.spots):,} spots, more than --max-tiles {max_tiles:,}"
-            raise DataError(msg)
-        return spot_tiles(slide, self.spots, size=size, source=self.source)
-
-
-@dataclass
 class Run:
     """What every slide of a run shares: the bank (placed where retrieval runs), the
     model path, the open encoder, k and the distance. ``mclx infer`` builds one for its
@@ -284,10 +240,10 @@ class Run:
         bank_path = Path(bank_path) if bank_path is not None else None
         return cls(bank_path, bank, Path(model), encoder, k, distance)
 
-    def plan(self, slide, where: _Where, source, **kw: Any):
-        """The slide's :class:`~mclx.plan.Plan` at this run's µm/px (see :func:`plan_slide`)."""
-        return plan_slide(slide, where, self.encoder.pre, n_genes=len(self.encoder.pre.genes),
-                          source=source, **kw)  # fmt: skip
+    def plan(self, slide, where: Where, source, **kw: Any):
+        """The slide's :class:`~mclx.plan.Plan` at this run's µm/px."""
+        return plan(slide, where, self.encoder.pre, n_genes=len(self.encoder.pre.genes),
+                    source=source, **kw)  # fmt: skip
 
     def predict(self, patches):
         """Predictions (N, G) on the host for a batch of uint8 patches: the encoder, then
@@ -315,7 +271,7 @@ class Run:
         self,
         slide_path,
         slide,
-        where: _Where,
+        where: Where,
         *,
         batch_size: int = 64,
         workers: int = 2,
@@ -345,55 +301,6 @@ class Run:
         info.update(reader_pool=pool_for(slide, reader_pool), readers=int(workers))
         prov = self.provenance(info, resumed_from=resumed)
         return predictions(preds, work.tiles, self.bank, self.encoder, prov, timings)
-
-
-def locate(slide_path: str | os.PathLike, *, spots=None, mpp: float | None = None):
-    """The open slide (its header read) and where its tiles go (:class:`_Where`); the
-    slide is closed again when the spots fail."""
-    from mclx.slide import open_slide
-
-    slide = open_slide(slide_path, mpp=mpp)
-    try:
-        return slide, _Where.find(slide, spots)
-    except BaseException:
-        slide.close()
-        raise
-
-
-def plan_slide(
-    slide,
-    where: _Where,
-    pre,
-    *,
-    n_genes: int,
-    source: str,
-    stride=None,
-    max_tiles=None,
-    batch_size: int = 64,
-    workers: int = 2,
-):
-    """The run's :class:`~mclx.plan.Plan` over ``slide``: tiles at ``pre``'s µm/px,
-    refused when too many, too resampled or too large for memory."""
-    from mclx.plan import MAX_TILES, plan
-
-    return plan(
-        slide, where, pre, n_genes=n_genes, stride=stride, max_tiles=max_tiles or MAX_TILES,
-        batch_size=batch_size, workers=workers, source=source,
-    )  # fmt: skip
-
-
-def slide_record(slide_path, slide, where: _Where, work) -> dict:
-    """The slide's part of ``uns["mclx"]``: the file, its reader, µm/px and the plan."""
-    return {
-        "slide": str(Path(slide_path).resolve()),
-        "slide_reader": slide.backend,
-        "slide_vendor": slide.vendor,
-        "slide_mpp": where.mpp or -1.0,
-        "slide_mpp_source": where.mpp_source,
-        "slide_mpp_found": where.found,
-        **work.record(),
-        "tiles_from": where.origin,
-    }
 
 
 def infer(  # long: the run's options, each documented once in the CLI
