@@ -114,3 +114,22 @@ def test_truncated_counts_and_spots_outside(synthetic, tmp_path):
 def test_missing_folder():
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_data_root("/no/such/folder")
+
+
+@needs("her2st")
+@pytest.mark.parametrize("section", ["F1", "G2"])
+def test_labels_with_unplaced_spots_are_read_without_them(her2st, section):
+    """The her2st label files of F1 and G2 hold rows whose x, y are NA (spots the
+    detector did not place): they name no spot and are left out; every other row is
+    kept with its label (against a plain pandas read)."""
+    from mclx.data.her2st import read_labels
+
+    path = find_data_root(her2st) / "ST-pat" / "lbl" / f"{section}_labeled_coordinates.tsv"
+    raw = pd.read_csv(path, sep="\t")
+    placed = raw.dropna(subset=["x", "y"])
+    assert len(placed) < len(raw)  # the data does have such rows
+    labels = read_labels(path)
+    want = {f"{round(x)}x{round(y)}": lab for x, y, lab in placed[["x", "y", "label"]].values}
+    assert labels.to_dict() == want
+    adata = read_section(her2st, section)  # what bank build and the demo read
+    assert adata.obs["label"].notna().sum() > 0

@@ -240,9 +240,12 @@ def st_section(
 
 def read_labels(path: Path) -> pd.Series:
     """Pathologist labels of a ``*_labeled_coordinates.tsv`` file, indexed ``"{x}x{y}"``
-    (its x, y are the spot-detector's adjusted array coordinates: rounded here)."""
+    (its x, y are the spot-detector's adjusted array coordinates: rounded here). Rows
+    whose coordinates are NA (a labelled spot the detector did not place: F1 has one,
+    G2 eight) name no spot and are left out."""
     try:
         df = pd.read_csv(path, sep="\t")
+        df = df[np.isfinite(pd.to_numeric(df["x"])) & np.isfinite(pd.to_numeric(df["y"]))]
         x = np.rint(pd.to_numeric(df["x"])).astype(np.int64)
         y = np.rint(pd.to_numeric(df["y"])).astype(np.int64)
         labels = df["label"].astype(str).to_numpy()
