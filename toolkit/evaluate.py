@@ -75,6 +75,7 @@ def cross_validate(
         results[test] = row
         panels[test] = {"train": fold.train, "genes": list(fold.pre.genes)}
     config = fold.config(k, distance) | {
+        "recipe": recipe.name,
         "data": str(data.root),
         "layout": data.name,
         "bank_sections": list(bank_sections),
