@@ -164,6 +164,7 @@ def test_evaluate_refuses_k_above_a_folds_bank_before_training(synthetic, monkey
 
 # the fields `--recipe default` may change from `--recipe paper` (ModelCfg fields)
 RECIPE_CHANGES = {"feature_norm"}
+ONE_EPOCH = {"sections": "S1,S2", "epochs": 1, "batch_size": 32}
 FROZEN_ARGS = ["--encoder", "tiny_cnn", "--encoder-weights", "none", "--freeze-encoder"]
 
 
@@ -249,3 +250,57 @@ def test_recipe_names_are_the_config_literal():
     from mclx.recipe import RECIPES
 
     assert set(typing.get_args(RecipeName)) == set(RECIPES)
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+    from mclx.recipe import dihedral
+
+    p = np.random.default_rng(0).integers(0, 255, (2, 6, 6, 3), dtype=np.uint8)
+    views = [dihedral(p, i) for i in range(8)]
+    assert np.array_equal(views[0], p)
+    assert len({v.tobytes() for v in views}) == 8  # all distinct on a random patch
+    t = torch.as_tensor(p).permute(0, 3, 1, 2)  # as torch turns and flips them
+    for i, v in enumerate(views):
+        ref = torch.rot90(t, i % 4, dims=(-2, -1))
+        ref = ref.flip(-1) if i >= 4 else ref
+        assert np.array_equal(v, ref.permute(0, 2, 3, 1).numpy()), i
+
+
+def test_feature_views_train_on_cached_dihedral_features(synthetic, tmp_path, capsys):
+    """`--feature-views 8`: each training section's pooled features are cached for its
+    8 views (view 0 = the patch as cut); training draws among them (other losses than
+    with the one view), standardisation takes all views, and the checkpoint records it."""
+    import dataclasses
+
+    from helpers import tiny_recipe
+    from helpers.cli import run_cli
+    from helpers.models import tiny_train_args
+
+    from mclx.checkpoint import load_checkpoint
+    from mclx.inference.embed import encode_features
+    from mclx.recipe import PatchCache, dihedral, train_model
+
+    r = tiny_recipe(synthetic, epochs=2, batch_size=32, feature_norm=True)
+    adatas = read_her2st(synthetic, ["S1", "S2"], with_image=True)
+    histories = {}
+    for views in (1, 8):
+        pre, net = r.setup(synthetic, adatas, ["S1", "S2"])
+        cache = PatchCache(adatas, pre.patch_size)
+        cfg = dataclasses.replace(r.train, feature_views=views)
+        histories[views], _ = train_model(net, cache, ["S1", "S2"], pre, cfg, progress=False)
+    enc = net.image_encoder
+    many = cache.features(enc, "S1", pre, views=8)
+    assert many.shape[1] == 8
+    np.testing.assert_array_equal(many[:, 0], cache.features(enc, "S1", pre))
+    turned = dihedral(cache.patches("S1", pre.mpp), 5)
+    np.testing.assert_allclose(many[:, 5], encode_features(enc, turned, pre), atol=1e-5)
+    both = np.concatenate([many, cache.features(enc, "S2", pre, views=8)])
+    both = both.reshape(-1, many.shape[2])
+    np.testing.assert_allclose(net.feature_mean.numpy(), both.mean(0), rtol=1e-4, atol=1e-5)
+    assert histories[1] != histories[8]
+    args = tiny_train_args(synthetic, tmp_path / "v.pt", "--feature-views", 8, **ONE_EPOCH)
+    assert run_cli(capsys, args).returncode == 0
+    assert load_checkpoint(tmp_path / "v.pt").provenance["train"]["feature_views"] == 8
+    args = tiny_train_args(synthetic, tmp_path / "f.pt", "--feature-views", 8, frozen=False)
+    res = run_cli(capsys, args)
+    assert res.returncode != 0 and "frozen encoder" in res.stderr

@@ -296,6 +296,11 @@ def model_options() -> Decorator:
             help="Cache encoder features once; train heads and spot encoder only.",
         ),
         click.option("--no-augment", is_flag=True, help="Disable the reference augmentation."),
+        click.option(
+            "--feature-views", type=click.Choice(["1", "8"]), default=None,
+            help="With --freeze-encoder: cache the features of each training patch as cut "
+            "(1) or of its 8 dihedral views, one drawn per spot and step (8). Default 1.",
+        ),
         architecture_options(),
         quiet_option(),
     )  # fmt: skip
@@ -378,6 +383,8 @@ def _train_from(kw: dict[str, Any]):
         for name in ("epochs", "batch_size", "lr", "weight_decay", "val_fraction")
         if kw[name] is not None
     }
+    if kw["feature_views"] is not None:
+        given_train["feature_views"] = int(kw["feature_views"])
     return dataclasses.replace(
         recipe,
         **given_train,

@@ -238,7 +238,8 @@ class Recipe:
 
 # TrainCfg fields newer than the first training states: recorded only when set, so
 # that a state saved before they existed still resumes
-_LATER_TRAIN_FIELDS = {"optimizer", "min_lr", "augmentation", "val_fraction"}
+_LATER_TRAIN_FIELDS = {"optimizer", "min_lr", "augmentation", "val_fraction", "feature_views"}
+FEATURE_VIEWS = (1, 8)  # the patch as cut; its 8 dihedral views
 
 
 def _train_record(cfg: TrainCfg) -> dict[str, Any]:
@@ -277,13 +278,16 @@ class PatchCache:
         return table
 
     def features(
-        self, encoder, section: str, pre, *, tokens: bool = False, **kw: Any
+        self, encoder, section: str, pre, *, tokens: bool = False, views: int = 1, **kw: Any
     ) -> np.ndarray:
-        """Pooled features (N, F), or with ``tokens`` every token (N, T, F), of
-        ``section``'s patches, cached per encoder and weights (pooled features are the
-        mean of cached tokens when those are there)."""
+        """Pooled features (N, F), or with ``tokens`` every token (N, T, F), or with
+        ``views = 8`` the pooled features of the 8 dihedral views (N, 8, F; view 0 the
+        patch as cut) of ``section``'s patches, cached per encoder and weights (pooled
+        features are the mean of cached tokens when those are there)."""
         from mclx.inference.embed import encode_features
 
+        if views != 1:
+            return self._views(encoder, section, pre, views, **kw)
         fp = (type(encoder).__name__, encoder_fingerprint(encoder))
         where = (section, self._source(section, pre.mpp))
         key = (*fp, *where, tokens)
@@ -293,6 +297,29 @@ class PatchCache:
             patches = self.patches(section, pre.mpp)
             self._features[key] = encode_features(encoder, patches, pre, tokens=tokens, **kw)
         return self._features[key]
+
+    def _views(self, encoder, section: str, pre, views: int, **kw: Any) -> np.ndarray:
+        from mclx.inference.embed import encode_features
+
+        if views not in FEATURE_VIEWS:
+            msg = f"feature views must be one of {', '.join(map(str, FEATURE_VIEWS))}, not {views}"
+            raise ValueError(msg)
+        fp = (type(encoder).__name__, encoder_fingerprint(encoder))
+        key = (*fp, section, self._source(section, pre.mpp), f"views{views}")
+        if key not in self._features:
+            patches = self.patches(section, pre.mpp)
+            parts = [self.features(encoder, section, pre, **kw)]  # view 0: as cut
+            for i in range(1, views):
+                parts.append(encode_features(encoder, dihedral(patches, i), pre, **kw))
+            self._features[key] = np.stack(parts, axis=1)
+        return self._features[key]
+
+
+def dihedral(patches: np.ndarray, i: int) -> np.ndarray:
+    """View ``i`` (0-7) of the dihedral group of square patches (N, H, W, C): a rotation
+    by ``i % 4`` quarter turns, then, for ``i >= 4``, a left-right flip."""
+    out = np.rot90(patches, i % 4, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if i >= 4 else out)
 
 
 def encoder_fingerprint(encoder) -> str:
@@ -337,7 +364,9 @@ def train_model(
         def on_epoch(epoch, snapshot):
             state.on_epoch(epoch, cfg.epochs, snapshot)
 
-    feats = _frozen_features(model, cache, sections, pre, progress) if cfg.freeze_encoder else None
+    feats = None
+    if cfg.freeze_encoder:
+        feats = _frozen_features(model, cache, sections, pre, progress, cfg.feature_views)
     _standardise(model, feats)
     try:
         history = fit(
@@ -377,25 +406,35 @@ def _fit_closed_form(model, cache, table, pre, progress, state, report) -> list[
 
 
 def _standardise(model, feats: np.ndarray | None) -> None:
-    """With ``feature_norm``: the training spots' feature statistics into the model (a
-    resumed run restores the same values with its weights)."""
+    """With ``feature_norm``: the training spots' feature statistics (over every cached
+    view) into the model (a resumed run restores the same values with its weights)."""
     if not getattr(model.cfg, "feature_norm", False):
         return
-    if feats is None or feats.ndim != 2 or not hasattr(model, "set_feature_stats"):
+    pooled = getattr(model, "feature_kind", "pooled") == "pooled"
+    if feats is None or not pooled or not hasattr(model, "set_feature_stats"):
         msg = (
             "feature standardisation applies to a frozen encoder's pooled features "
             f"(mclstexp, bleep with --freeze-encoder), not to {model.cfg.name} here"
         )
         raise ValueError(msg)
-    model.set_feature_stats(feats)
+    model.set_feature_stats(feats.reshape(-1, feats.shape[-1]))
 
 
-def _frozen_features(model, cache: PatchCache, sections, pre, progress: bool) -> np.ndarray:
+def _frozen_features(
+    model, cache: PatchCache, sections, pre, progress: bool, views: int = 1
+) -> np.ndarray:
     """The frozen encoder's features of ``sections``, as the model trains on them:
-    pooled, or every token (``feature_kind = "tokens"``: CMRCNet)."""
+    pooled (N, F), pooled per dihedral view (N, ``views``, F), or every token
+    (``feature_kind = "tokens"``: CMRCNet)."""
     tokens = getattr(model, "feature_kind", "pooled") == "tokens"
+    if views != 1 and (tokens or hasattr(model, "fit_features")):
+        msg = (
+            f"feature views apply to the heads of mclstexp, bleep and stnet on pooled "
+            f"features, not to {model.cfg.name}"
+        )
+        raise ValueError(msg)
     parts = [
-        cache.features(model.image_encoder, s, pre, tokens=tokens, progress=progress)
+        cache.features(model.image_encoder, s, pre, tokens=tokens, views=views, progress=progress)
         for s in sections
     ]
     return np.concatenate(parts)
