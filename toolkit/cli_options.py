@@ -273,6 +273,15 @@ def model_options() -> Decorator:
             "--log-base", type=literal_choice(LogBase), default="10", show_default=True,
             help="log(1 + x) base after library-size scaling.",
         ),
+        training_options(),
+        architecture_options(),
+        quiet_option(),
+    )  # fmt: skip
+
+
+def training_options() -> Decorator:
+    """The optimisation recipe (each default: the model's published value)."""
+    return stack(
         click.option(
             "--epochs", type=click.IntRange(1), default=None,
             help="Default: the model's (90; cmrcnet 60, histogene 100).",
@@ -301,8 +310,6 @@ def model_options() -> Decorator:
             help="With --freeze-encoder: cache the features of each training patch as cut "
             "(1) or of its 8 dihedral views, one drawn per spot and step (8). Default 1.",
         ),
-        architecture_options(),
-        quiet_option(),
     )  # fmt: skip
 
 

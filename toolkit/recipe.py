@@ -364,9 +364,7 @@ def train_model(
         def on_epoch(epoch, snapshot):
             state.on_epoch(epoch, cfg.epochs, snapshot)
 
-    feats = None
-    if cfg.freeze_encoder:
-        feats = _frozen_features(model, cache, sections, pre, progress, cfg.feature_views)
+    feats = _frozen_features(model, cache, sections, pre, progress, cfg.feature_views, cfg)
     _standardise(model, feats)
     try:
         history = fit(
@@ -421,11 +419,13 @@ def _standardise(model, feats: np.ndarray | None) -> None:
 
 
 def _frozen_features(
-    model, cache: PatchCache, sections, pre, progress: bool, views: int = 1
-) -> np.ndarray:
+    model, cache: PatchCache, sections, pre, progress: bool, views: int = 1, cfg=None
+) -> np.ndarray | None:
     """The frozen encoder's features of ``sections``, as the model trains on them:
     pooled (N, F), pooled per dihedral view (N, ``views``, F), or every token
-    (``feature_kind = "tokens"``: CMRCNet)."""
+    (``feature_kind = "tokens"``: CMRCNet); None when ``cfg`` trains the encoder."""
+    if cfg is not None and not cfg.freeze_encoder:
+        return None
     tokens = getattr(model, "feature_kind", "pooled") == "tokens"
     if views != 1 and (tokens or hasattr(model, "fit_features")):
         msg = (
