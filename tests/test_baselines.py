@@ -156,6 +156,11 @@ def test_cross_validation_rows(synthetic, model):
     res = cross_validate(synthetic, recipe, k=K if model == "knn" else None, progress=False)
     assert sorted(res["sections"]) == ["S1", "S2", "S3"]
     assert all(np.isfinite(r["pcc_acg"]) and r["pcc_acg"] > 0 for r in res["sections"].values())
+    if model == "ridge":  # each fold's own cross-validated choice is in its row
+        from mclx.models.baselines import ALPHAS
+
+        assert all(r["ridge_alpha"] in ALPHAS for r in res["sections"].values())
+        assert all(r["pca_components"] >= 1 for r in res["sections"].values())
     if model == "knn":
         with pytest.raises(ValueError, match="image features"):
             cross_validate(synthetic, recipe, bank_sections=["S4"], k=K, progress=False)

@@ -160,3 +160,147 @@ def test_evaluate_refuses_k_above_a_folds_bank_before_training(synthetic, monkey
         cross_validate(synthetic, recipe(synthetic), sections=["S1", "S2"], progress=False)
     with pytest.raises(AssertionError, match="trained before"):  # k that fits: it trains
         cross_validate(synthetic, recipe(synthetic), sections=["S1", "S2"], k=100)
+
+
+# the fields `--recipe default` may change from `--recipe paper` (ModelCfg fields)
+RECIPE_CHANGES = {"feature_norm"}
+ONE_EPOCH = {"sections": "S1,S2", "epochs": 1, "batch_size": 32}
+FROZEN_ARGS = ["--encoder", "tiny_cnn", "--encoder-weights", "none", "--freeze-encoder"]
+
+
+def _recipe_of(*args):
+    """The Recipe and model/train configs that `mclx train ARGS` would use."""
+    from mclx.cli import train
+    from mclx.cli_options import recipe_from
+    from mclx.models import model_cfg
+
+    ctx = train.make_context("train", ["--out", "x.pt", "--genes", "g.txt", *map(str, args)])
+    r = recipe_from(dict(ctx.params))
+    return r, model_cfg(r.model, n_genes=5, **r.model_overrides()), r.train
+
+
+def test_recipe_paper_is_the_old_configuration_field_for_field():
+    """`--recipe paper` builds what the options built before `--recipe` existed: the
+    model's published ModelCfg and TrainCfg with only the given options changed."""
+    from mclx.config import TrainCfg, to_dict
+    from mclx.models import model_cfg, train_cfg
+
+    for model in ("mclstexp", "bleep", "stnet", "ridge", "knn"):
+        r, cfg, train = _recipe_of("--recipe", "paper", "--model", model, *FROZEN_ARGS)
+        assert r.name == "paper"
+        assert to_dict(cfg) == to_dict(model_cfg(model, n_genes=5, encoder="tiny_cnn"))
+        old = {**to_dict(train_cfg(model)), "freeze_encoder": True}
+        assert to_dict(train) == old, model
+    r, cfg, train = _recipe_of("--recipe", "paper")  # fine-tuned: the reference recipe
+    assert to_dict(cfg) == to_dict(model_cfg("mclstexp", n_genes=5))
+    assert to_dict(train) == to_dict(TrainCfg())
+
+
+def test_default_recipe_differs_from_paper_only_in_its_chosen_fields():
+    from mclx.config import to_dict
+
+    for model in ("mclstexp", "bleep", "stnet", "ridge", "knn"):
+        for frozen in (FROZEN_ARGS, ["--encoder", "tiny_cnn"]):
+            if model in ("ridge", "knn") and "--freeze-encoder" not in frozen:
+                continue
+            paper = _recipe_of("--recipe", "paper", "--model", model, *frozen)
+            new = _recipe_of("--model", model, *frozen)  # --recipe default
+            assert new[0].name == "default"
+            a, b = to_dict(paper[1]), to_dict(new[1])
+            changed = {k for k in a if a[k] != b[k]}
+            assert changed <= RECIPE_CHANGES
+            assert to_dict(paper[2]) == to_dict(new[2])  # no TrainCfg change (yet)
+            standardised = model in ("mclstexp", "bleep") and "--freeze-encoder" in frozen
+            assert changed == ({"feature_norm"} if standardised else set()), (model, frozen)
+
+
+def test_explicit_flags_override_the_recipe():
+    _, cfg, _ = _recipe_of(*FROZEN_ARGS, "--no-standardize-features")
+    assert cfg.feature_norm is False
+    _, cfg, _ = _recipe_of("--recipe", "paper", *FROZEN_ARGS, "--standardize-features")
+    assert cfg.feature_norm is True
+
+
+def test_recipe_is_recorded_in_checkpoint_and_results(synthetic, tmp_path, capsys):
+    from helpers.cli import run_cli
+
+    from mclx.checkpoint import load_checkpoint
+
+    args = ["--data", synthetic, *FROZEN_ARGS, "--genes", synthetic / "genes.txt"]
+    args += ["--epochs", 1, "--batch-size", 32, "-q"]
+    for name in ("paper", "default"):
+        out = tmp_path / f"{name}.pt"
+        argv = ["train", *args, "--sections", "S1,S2", "--recipe", name, "--out", out]
+        res = run_cli(capsys, argv)
+        assert res.returncode == 0, res.stderr
+        ck = load_checkpoint(out)
+        assert ck.provenance["recipe"] == name
+        assert ck.model_cfg.feature_norm is (name == "default")
+    out = tmp_path / "ev.json"
+    res = run_cli(capsys, ["evaluate", *args, "--sections", "S1,S2", "--k", 20, "--out", out])
+    assert res.returncode == 0, res.stderr
+    cfg = json.loads(out.read_text())["config"]
+    assert cfg["recipe"] == "default" and cfg["model"]["feature_norm"] is True
+
+
+def test_recipe_names_are_the_config_literal():
+    import typing
+
+    from mclx.config import RecipeName
+    from mclx.recipe import RECIPES
+
+    assert set(typing.get_args(RecipeName)) == set(RECIPES)
+
+
+def test_dihedral_views_are_the_eight_symmetries_of_the_square():
+    from mclx.recipe import dihedral
+
+    p = np.random.default_rng(0).integers(0, 255, (2, 6, 6, 3), dtype=np.uint8)
+    views = [dihedral(p, i) for i in range(8)]
+    assert np.array_equal(views[0], p)
+    assert len({v.tobytes() for v in views}) == 8  # all distinct on a random patch
+    t = torch.as_tensor(p).permute(0, 3, 1, 2)  # as torch turns and flips them
+    for i, v in enumerate(views):
+        ref = torch.rot90(t, i % 4, dims=(-2, -1))
+        ref = ref.flip(-1) if i >= 4 else ref
+        assert np.array_equal(v, ref.permute(0, 2, 3, 1).numpy()), i
+
+
+def test_feature_views_train_on_cached_dihedral_features(synthetic, tmp_path, capsys):
+    """`--feature-views 8`: each training section's pooled features are cached for its
+    8 views (view 0 = the patch as cut); training draws among them (other losses than
+    with the one view), standardisation takes all views, and the checkpoint records it."""
+    import dataclasses
+
+    from helpers import tiny_recipe
+    from helpers.cli import run_cli
+    from helpers.models import tiny_train_args
+
+    from mclx.checkpoint import load_checkpoint
+    from mclx.inference.embed import encode_features
+    from mclx.recipe import PatchCache, dihedral, train_model
+
+    r = tiny_recipe(synthetic, epochs=2, batch_size=32, feature_norm=True)
+    adatas = read_her2st(synthetic, ["S1", "S2"], with_image=True)
+    histories = {}
+    for views in (1, 8):
+        pre, net = r.setup(synthetic, adatas, ["S1", "S2"])
+        cache = PatchCache(adatas, pre.patch_size)
+        cfg = dataclasses.replace(r.train, feature_views=views)
+        histories[views], _ = train_model(net, cache, ["S1", "S2"], pre, cfg, progress=False)
+    enc = net.image_encoder
+    many = cache.features(enc, "S1", pre, views=8)
+    assert many.shape[1] == 8
+    np.testing.assert_array_equal(many[:, 0], cache.features(enc, "S1", pre))
+    turned = dihedral(cache.patches("S1", pre.mpp), 5)
+    np.testing.assert_allclose(many[:, 5], encode_features(enc, turned, pre), atol=1e-5)
+    both = np.concatenate([many, cache.features(enc, "S2", pre, views=8)])
+    both = both.reshape(-1, many.shape[2])
+    np.testing.assert_allclose(net.feature_mean.numpy(), both.mean(0), rtol=1e-4, atol=1e-5)
+    assert histories[1] != histories[8]
+    args = tiny_train_args(synthetic, tmp_path / "v.pt", "--feature-views", 8, **ONE_EPOCH)
+    assert run_cli(capsys, args).returncode == 0
+    assert load_checkpoint(tmp_path / "v.pt").provenance["train"]["feature_views"] == 8
+    args = tiny_train_args(synthetic, tmp_path / "f.pt", "--feature-views", 8, frozen=False)
+    res = run_cli(capsys, args)
+    assert res.returncode != 0 and "frozen encoder" in res.stderr

@@ -236,9 +236,16 @@ def extra_outputs_options() -> Decorator:
 
 def model_options() -> Decorator:
     """Model choice, gene selection, ablations and training recipe (train and evaluate)."""
-    from mclx.config import LogBase
+    from mclx.config import LogBase, RecipeName
 
     return stack(
+        click.option(
+            "--recipe", "recipe_name", type=literal_choice(RecipeName), default="default",
+            show_default=True,
+            help="paper: the model's published recipe exactly; default: paper plus the "
+            "changes that won leave-one-section-out on her2st (see README). Explicit "
+            "options below override either.",
+        ),
         click.option(
             "--model", type=RegistryChoice(_model_names), default="mclstexp",
             show_default=True,
@@ -266,6 +273,15 @@ def model_options() -> Decorator:
             "--log-base", type=literal_choice(LogBase), default="10", show_default=True,
             help="log(1 + x) base after library-size scaling.",
         ),
+        training_options(),
+        architecture_options(),
+        quiet_option(),
+    )  # fmt: skip
+
+
+def training_options() -> Decorator:
+    """The optimisation recipe (each default: the model's published value)."""
+    return stack(
         click.option(
             "--epochs", type=click.IntRange(1), default=None,
             help="Default: the model's (90; cmrcnet 60, histogene 100).",
@@ -289,8 +305,11 @@ def model_options() -> Decorator:
             help="Cache encoder features once; train heads and spot encoder only.",
         ),
         click.option("--no-augment", is_flag=True, help="Disable the reference augmentation."),
-        architecture_options(),
-        quiet_option(),
+        click.option(
+            "--feature-views", type=click.Choice(["1", "8"]), default=None,
+            help="With --freeze-encoder: cache the features of each training patch as cut "
+            "(1) or of its 8 dihedral views, one drawn per spot and step (8). Default 1.",
+        ),
     )  # fmt: skip
 
 
@@ -314,9 +333,10 @@ def architecture_options() -> Decorator:
             help="Attention heads (default 8; histogene 16).",
         ),
         click.option(
-            "--standardize-features", is_flag=True,
-            help="Ablation (mclstexp, bleep with --freeze-encoder): standardise the pooled "
-            "features with the training spots' mean and std (stored in the model).",
+            "--standardize-features/--no-standardize-features", default=None,
+            help="mclstexp, bleep with --freeze-encoder: standardise the pooled features "
+            "with the training spots' mean and std (stored in the model). Default: the "
+            "recipe's (on in default, off in paper).",
         ),
         click.option(
             "--separate-fusion", is_flag=True,
@@ -334,8 +354,8 @@ def encoder_weights_arg(value: str) -> str | None:
 
 
 def recipe_from(kw: dict[str, Any]):
-    """The :class:`~mclx.recipe.Recipe` that the options of :func:`model_options` ask for."""
-    from mclx.models import train_cfg
+    """The :class:`~mclx.recipe.Recipe` that the options of :func:`model_options` ask
+    for: the named recipe's choices (``--recipe``), then the options the user gave."""
     from mclx.recipe import Recipe
 
     overrides: dict[str, Any] = {}
@@ -343,32 +363,41 @@ def recipe_from(kw: dict[str, Any]):
         overrides["pos_embed"] = False
     if kw["separate_fusion"]:
         overrides["fusion_shared"] = False
-    if kw["standardize_features"]:
-        overrides["feature_norm"] = True
+    if kw["standardize_features"] is not None:
+        overrides["feature_norm"] = kw["standardize_features"]
     for name in ("encoder", "depth", "context", "embed_dim", "heads"):
         if kw[name] is not None:
             overrides[name] = kw[name]
+    return Recipe(
+        model=kw["model"],
+        overrides=overrides,
+        train=_train_from(kw),
+        genes_file=kw["genes_file"],
+        n_hvg=kw["n_hvg"],
+        log_base=kw["log_base"],
+        encoder_weights=encoder_weights_arg(kw["encoder_weights"]),
+        name=kw["recipe_name"],
+    )
+
+
+def _train_from(kw: dict[str, Any]):
+    """The model's published TrainCfg with the options the user gave."""
+    from mclx.models import train_cfg
+
     recipe = train_cfg(kw["model"])
     given_train = {
         name: kw[name]
         for name in ("epochs", "batch_size", "lr", "weight_decay", "val_fraction")
         if kw[name] is not None
     }
-    train = dataclasses.replace(
+    if kw["feature_views"] is not None:
+        given_train["feature_views"] = int(kw["feature_views"])
+    return dataclasses.replace(
         recipe,
         **given_train,
         seed=kw["seed"],
         freeze_encoder=recipe.freeze_encoder or kw["freeze_encoder"],  # knn, ridge: always
         augment=recipe.augment and not kw["no_augment"],
-    )
-    return Recipe(
-        model=kw["model"],
-        overrides=overrides,
-        train=train,
-        genes_file=kw["genes_file"],
-        n_hvg=kw["n_hvg"],
-        log_base=kw["log_base"],
-        encoder_weights=encoder_weights_arg(kw["encoder_weights"]),
     )
 
 

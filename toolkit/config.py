@@ -19,6 +19,7 @@ Weighting = Literal["inverse_square", "mean"]
 LogBase = Literal["10", "e"]
 Optimizer = Literal["adam", "adamw"]
 Augmentation = Literal["mclstexp", "dihedral"]
+RecipeName = Literal["paper", "default"]  # mclx.recipe.RECIPES
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,10 @@ class TrainCfg:
         val_fraction: hold out this fraction of the training spots and keep the weights
             of the epoch with the lowest loss on them (CMRCNet's checkpoint choice, 0.2
             there); 0 trains on every spot and keeps the last epoch.
+        feature_views: with a frozen encoder, 1 caches each training patch's pooled
+            features as cut; 8 caches those of its 8 dihedral views (rotations by 90°,
+            with and without a flip) and each step draws one view per spot (the frozen
+            counterpart of augmentation; validation and prediction read the patch as cut).
     """
 
     epochs: int = 90
@@ -128,6 +133,7 @@ class TrainCfg:
     min_lr: float | None = None
     augmentation: Augmentation = "mclstexp"
     val_fraction: float = 0.0
+    feature_views: int = 1
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -75,6 +75,7 @@ def cross_validate(
         results[test] = row
         panels[test] = {"train": fold.train, "genes": list(fold.pre.genes)}
     config = fold.config(k, distance) | {
+        "recipe": recipe.name,
         "data": str(data.root),
         "layout": data.name,
         "bank_sections": list(bank_sections),
@@ -118,7 +119,10 @@ class _Fold:
         from mclx.inference.embed import head_outputs
 
         net, pre = self.net, self.pre
-        history, _ = train_model(net, cache, self.train, pre, self.recipe.train, progress=progress)
+        fitted: dict[str, Any] = {}  # ridge's alpha, a validation split's epoch kept
+        history, _ = train_model(
+            net, cache, self.train, pre, self.recipe.train, progress=progress, report=fitted
+        )
         bank = None
         if net.kind == "contrastive":
             table = build_table(self.bank_adatas, pre)
@@ -136,7 +140,8 @@ class _Fold:
         genes = dict(zip(pre.genes, s.pop("pcc_genes").tolist()))
         n = self.adatas[self.test].n_obs
         held_out = prediction_adata(self.adatas[self.test], pred, truth, pre.genes)
-        return s | {"n_spots": n, "final_loss": history[-1]}, genes, held_out
+        row = s | {"n_spots": n, "final_loss": history[-1]} | _fold_record(fitted)
+        return row, genes, held_out
 
     def config(self, k: int | None, distance: str | None) -> dict[str, Any]:
         """The fold's model, preprocessing (genes aside) and retrieval settings."""
@@ -151,6 +156,13 @@ class _Fold:
             "n_genes": len(pre.genes),
             "encoder_weights": str(self.recipe.encoder_weights),
         }
+
+
+def _fold_record(fitted: dict[str, Any]) -> dict[str, Any]:
+    """What a fold's fit chose, for its results row: ridge's cross-validated alpha (and
+    its PCA size), the epoch a validation split kept."""
+    keys = ("ridge_alpha", "pca_components", "best_epoch")
+    return {k: fitted[k] for k in keys if k in fitted}
 
 
 def prediction_adata(adata, pred: np.ndarray, truth: np.ndarray, genes: Sequence[str]):

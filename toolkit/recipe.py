@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mclx.config import LogBase, PreprocessCfg, TrainCfg, to_dict
+from mclx.config import LogBase, PreprocessCfg, RecipeName, TrainCfg, to_dict
 from mclx.data.dataset import SpotTable, build_table
 from mclx.data.patches import section_patches, source_size
 from mclx.data.preprocess import check_genes, highly_variable_genes, load_gene_list
@@ -35,6 +35,32 @@ def default_gene_file(data: str | os.PathLike | Reader) -> Path | None:
     from mclx.data.readers import open_data
 
     return open_data(data).gene_file()
+
+
+# What each named recipe sets on top of a model's published defaults (ModelCfg fields),
+# and for which runs. ``paper`` is the reference recipe as published; ``default`` keeps
+# a change only once it won the issue #17 protocol (leave-one-section-out on her2st
+# C2-C6, frozen random-init DenseNet-121: the mean PCC(ACG) and at least 4 of 5 sections
+# against ``paper``); the measurements are in the README.
+RECIPES: dict[str, str] = {
+    "paper": "the reference recipe as published (no change)",
+    "default": "paper, plus: a frozen encoder's pooled features standardised with the "
+    "training spots' mean and std (mclstexp, bleep)",
+}
+
+# models whose heads read a frozen encoder's pooled features through set_feature_stats
+_STANDARDISED = ("mclstexp", "bleep")
+
+
+def recipe_overrides(name: str, model: str, train: TrainCfg) -> dict[str, Any]:
+    """The ModelCfg fields that recipe ``name`` sets for ``model`` trained with
+    ``train`` (the user's explicit flags are applied after these)."""
+    if name not in RECIPES:
+        msg = f"unknown recipe {name!r} ({', '.join(RECIPES)})"
+        raise ValueError(msg)
+    if name == "default" and model in _STANDARDISED and train.freeze_encoder:
+        return {"feature_norm": True}
+    return {}
 
 
 def pos_size(data: str | os.PathLike | Reader, adatas: Sequence[Any] = ()) -> tuple[int, int]:
@@ -58,12 +84,17 @@ class Recipe:
 
     Attributes:
         model: a model of the registry (``mclx.models.MODELS``).
-        overrides: ModelCfg fields set by the user (encoder, ablations).
+        overrides: ModelCfg fields set by the user (encoder, ablations); they win over
+            the named recipe's.
         train: the optimisation recipe.
         genes_file: gene list (default her2st's list beside the data, else HVGs).
         n_hvg: use this many scanpy HVGs of the training sections instead.
         log_base: ``"10"`` (reference) or ``"e"``.
         encoder_weights: ``auto``, ``imagenet``, a file, or None (random init).
+        name: the named recipe (:data:`RECIPES`): ``paper`` (the published recipe, the
+            default here) or ``default`` (``mclx``'s command-line default); its ModelCfg
+            choices (:func:`recipe_overrides`) come before ``overrides``. Recorded in
+            checkpoints and results.
     """
 
     model: str = "mclstexp"
@@ -73,6 +104,11 @@ class Recipe:
     n_hvg: int | None = None
     log_base: LogBase = "10"
     encoder_weights: str | os.PathLike | None = "auto"
+    name: RecipeName = "paper"
+
+    def model_overrides(self) -> dict[str, Any]:
+        """ModelCfg fields set on the model's defaults: the named recipe's, then the user's."""
+        return {**recipe_overrides(self.name, self.model, self.train), **self.overrides}
 
     def gene_file(self, data: str | os.PathLike | Reader) -> Path | None:
         """The gene list used as given: ``genes_file``, else the data's own (her2st's);
@@ -156,7 +192,7 @@ class Recipe:
             n_genes=len(pre.genes),
             pos_size=pos,
             seq_len=self.train.batch_size,
-            **self.overrides,
+            **self.model_overrides(),
         )
         return create_model(cfg, encoder_weights=self.encoder_weights)
 
@@ -189,6 +225,7 @@ class Recipe:
 
         return {
             "sections": list(sections),
+            "recipe": self.name,
             "epochs": self.train.epochs,
             "seed": self.train.seed,
             "train": to_dict(self.train),
@@ -201,7 +238,8 @@ class Recipe:
 
 # TrainCfg fields newer than the first training states: recorded only when set, so
 # that a state saved before they existed still resumes
-_LATER_TRAIN_FIELDS = {"optimizer", "min_lr", "augmentation", "val_fraction"}
+_LATER_TRAIN_FIELDS = {"optimizer", "min_lr", "augmentation", "val_fraction", "feature_views"}
+FEATURE_VIEWS = (1, 8)  # the patch as cut; its 8 dihedral views
 
 
 def _train_record(cfg: TrainCfg) -> dict[str, Any]:
@@ -240,13 +278,16 @@ class PatchCache:
         return table
 
     def features(
-        self, encoder, section: str, pre, *, tokens: bool = False, **kw: Any
+        self, encoder, section: str, pre, *, tokens: bool = False, views: int = 1, **kw: Any
     ) -> np.ndarray:
-        """Pooled features (N, F), or with ``tokens`` every token (N, T, F), of
-        ``section``'s patches, cached per encoder and weights (pooled features are the
-        mean of cached tokens when those are there)."""
+        """Pooled features (N, F), or with ``tokens`` every token (N, T, F), or with
+        ``views = 8`` the pooled features of the 8 dihedral views (N, 8, F; view 0 the
+        patch as cut) of ``section``'s patches, cached per encoder and weights (pooled
+        features are the mean of cached tokens when those are there)."""
         from mclx.inference.embed import encode_features
 
+        if views != 1:
+            return self._views(encoder, section, pre, views, **kw)
         fp = (type(encoder).__name__, encoder_fingerprint(encoder))
         where = (section, self._source(section, pre.mpp))
         key = (*fp, *where, tokens)
@@ -256,6 +297,29 @@ class PatchCache:
             patches = self.patches(section, pre.mpp)
             self._features[key] = encode_features(encoder, patches, pre, tokens=tokens, **kw)
         return self._features[key]
+
+    def _views(self, encoder, section: str, pre, views: int, **kw: Any) -> np.ndarray:
+        from mclx.inference.embed import encode_features
+
+        if views not in FEATURE_VIEWS:
+            msg = f"feature views must be one of {', '.join(map(str, FEATURE_VIEWS))}, not {views}"
+            raise ValueError(msg)
+        fp = (type(encoder).__name__, encoder_fingerprint(encoder))
+        key = (*fp, section, self._source(section, pre.mpp), f"views{views}")
+        if key not in self._features:
+            patches = self.patches(section, pre.mpp)
+            parts = [self.features(encoder, section, pre, **kw)]  # view 0: as cut
+            for i in range(1, views):
+                parts.append(encode_features(encoder, dihedral(patches, i), pre, **kw))
+            self._features[key] = np.stack(parts, axis=1)
+        return self._features[key]
+
+
+def dihedral(patches: np.ndarray, i: int) -> np.ndarray:
+    """View ``i`` (0-7) of the dihedral group of square patches (N, H, W, C): a rotation
+    by ``i % 4`` quarter turns, then, for ``i >= 4``, a left-right flip."""
+    out = np.rot90(patches, i % 4, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if i >= 4 else out)
 
 
 def encoder_fingerprint(encoder) -> str:
@@ -300,7 +364,7 @@ def train_model(
         def on_epoch(epoch, snapshot):
             state.on_epoch(epoch, cfg.epochs, snapshot)
 
-    feats = _frozen_features(model, cache, sections, pre, progress) if cfg.freeze_encoder else None
+    feats = _frozen_features(model, cache, sections, pre, progress, cfg.feature_views, cfg)
     _standardise(model, feats)
     try:
         history = fit(
@@ -340,25 +404,37 @@ def _fit_closed_form(model, cache, table, pre, progress, state, report) -> list[
 
 
 def _standardise(model, feats: np.ndarray | None) -> None:
-    """With ``feature_norm``: the training spots' feature statistics into the model (a
-    resumed run restores the same values with its weights)."""
+    """With ``feature_norm``: the training spots' feature statistics (over every cached
+    view) into the model (a resumed run restores the same values with its weights)."""
     if not getattr(model.cfg, "feature_norm", False):
         return
-    if feats is None or feats.ndim != 2 or not hasattr(model, "set_feature_stats"):
+    pooled = getattr(model, "feature_kind", "pooled") == "pooled"
+    if feats is None or not pooled or not hasattr(model, "set_feature_stats"):
         msg = (
             "feature standardisation applies to a frozen encoder's pooled features "
             f"(mclstexp, bleep with --freeze-encoder), not to {model.cfg.name} here"
         )
         raise ValueError(msg)
-    model.set_feature_stats(feats)
+    model.set_feature_stats(feats.reshape(-1, feats.shape[-1]))
 
 
-def _frozen_features(model, cache: PatchCache, sections, pre, progress: bool) -> np.ndarray:
+def _frozen_features(
+    model, cache: PatchCache, sections, pre, progress: bool, views: int = 1, cfg=None
+) -> np.ndarray | None:
     """The frozen encoder's features of ``sections``, as the model trains on them:
-    pooled, or every token (``feature_kind = "tokens"``: CMRCNet)."""
+    pooled (N, F), pooled per dihedral view (N, ``views``, F), or every token
+    (``feature_kind = "tokens"``: CMRCNet); None when ``cfg`` trains the encoder."""
+    if cfg is not None and not cfg.freeze_encoder:
+        return None
     tokens = getattr(model, "feature_kind", "pooled") == "tokens"
+    if views != 1 and (tokens or hasattr(model, "fit_features")):
+        msg = (
+            f"feature views apply to the heads of mclstexp, bleep and stnet on pooled "
+            f"features, not to {model.cfg.name}"
+        )
+        raise ValueError(msg)
     parts = [
-        cache.features(model.image_encoder, s, pre, tokens=tokens, progress=progress)
+        cache.features(model.image_encoder, s, pre, tokens=tokens, views=views, progress=progress)
         for s in sections
     ]
     return np.concatenate(parts)

@@ -289,6 +289,9 @@ class _Steps:
         if not frozen and table.patches is None:
             msg = "training the image encoder needs patches"
             raise ValueError(msg)
+        if cfg.feature_views != 1 and not frozen:
+            msg = "feature views are cached features of a frozen encoder (--freeze-encoder)"
+            raise ValueError(msg)
         for p in model.image_encoder.parameters():
             p.requires_grad_(not frozen)
         self.model, self.table, self.cfg, self.pre, self.device = model, table, cfg, pre, device
@@ -297,8 +300,12 @@ class _Steps:
         self.expr = torch.as_tensor(table.expr, device=device)
         self.pos = torch.as_tensor(table.pos, device=device)
         self.feats = torch.as_tensor(features, device=device) if frozen else None
+        self.views = cfg.feature_views if frozen else 1
 
     def features(self, rows: np.ndarray, r: torch.Tensor, *, augment: bool = True):
+        if self.feats is not None and self.views > 1:  # (N, views, F): one view per spot
+            view = torch.randint(self.views, (len(r),)).to(self.device) if augment else 0
+            return self.feats[r, view]
         if self.feats is not None:
             return self.feats[r]
         x = torch.as_tensor(self.table.patches[rows]).permute(0, 3, 1, 2)
