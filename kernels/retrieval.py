@@ -31,8 +31,10 @@ next to the candidates (N > 32m), float32 elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import time
 import warnings
 from functools import lru_cache
 from typing import Any, Literal
@@ -49,6 +51,41 @@ TILE_COLS = 8192  # oneDNN is ~as fast on 1024 x 8192 tiles as on 64 MiB ones, n
 KEY_CHUNK = 65536  # compiled path: keys normalised per pass
 GATHER_BLOCK = 512  # torch path: queries whose neighbour vectors are gathered at once
 BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+
+
+_STAGES: dict[str, float] | None = None  # seconds per stage while stage_times() is open
+
+
+@contextlib.contextmanager
+def stage_times():
+    """Collect seconds per stage of the compiled CPU path into the yielded dict
+    (``bench/retrieval_stages.py``); stages of nested redo calls add to the same names.
+    Outside this context the stage markers cost one global read."""
+    global _STAGES
+    prev, _STAGES = _STAGES, {}
+    try:
+        yield _STAGES
+    finally:
+        _STAGES = prev
+
+
+@contextlib.contextmanager
+def _stage(name: str):
+    stages = _STAGES
+    if stages is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _count(name: str, n: int) -> None:
+    """Add ``n`` to a counter of the open profile (see :func:`stage_times`)."""
+    if _STAGES is not None:
+        _STAGES[name] = _STAGES.get(name, 0) + n
 
 
 def _torch():
@@ -269,47 +306,16 @@ def _select_compiled(qn, keys, m: int, chunk: int | None, bf16: bool, sample: bo
     torch = _torch()
     from mclx.kernels import cpu_select as cs
 
-    n, width = keys.shape
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    itype, shift, mask = _int_view(bf16)
-    qd = qn.to(dtype)
+    qd = qn.to(torch.bfloat16 if bf16 else torch.float32)
     state = cs.state(len(qn), m)
-    tau0 = _threshold_from_sample(qd, keys, m, bf16) if sample else None
+    with _stage("threshold sample"):
+        tau0 = _threshold_from_sample(qd, keys, m, bf16) if sample else None
     if tau0 is not None:
         state[3][:] = tau0
-    chunk = min(n, chunk or KEY_CHUNK)
-    cols = min(chunk, TILE_COLS)
-    rows = max(1, TILE_BYTES // (dtype.itemsize * cols))
-    # two tiles: the next product is computed while a worker thread selects from the last
-    tiles = [torch.empty(rows * cols, dtype=dtype) for _ in range(2)]
-    pending = None
-    key_err = 0.0
-    step = 0
-    unit = np.empty((chunk, width), np.uint16 if bf16 else np.float32)
-    err = np.empty(chunk, np.float32)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        if pending is not None:  # the selection thread may still read the last chunk
-            pending.result()
-        kd, chunk_err = _unit_rows(keys, start, stop, unit, err, bf16)
-        key_err = max(key_err, chunk_err)
-        for b in range(0, len(qn), rows):
-            qb = qd[b : b + rows]
-            part = [a[b : b + rows] for a in state]
-            for c in range(0, len(kd), cols):
-                kt = kd[c : c + cols]
-                tile = tiles[step % 2][: len(qb) * len(kt)].view(len(qb), len(kt))
-                step += 1
-                torch.mm(qb, kt.T, out=tile)
-                if pending is not None:
-                    pending.result()
-                pending = cs.background(
-                    cs.select_topm, tile.view(itype).numpy(), *part, start + c, shift, mask
-                )
-    if pending is not None:
-        pending.result()
+    key_err = _scan_tiles(qd, keys, state, chunk, bf16)
     bk, bi, count, _ = state
-    cs.in_parallel(cs.finish_topm, [bk, bi, count], m)
+    with _stage("finish"):
+        cs.in_parallel(cs.finish_topm, [bk, bi, count], m)
     short = np.flatnonzero(count < m)  # the sampled threshold was too high for these
     if len(short):
         s_s, i_s, _ = _select_compiled(qn[short], keys, m, chunk, bf16, sample=False)
@@ -318,6 +324,65 @@ def _select_compiled(qn, keys, m: int, chunk: int | None, bf16: bool, sample: bo
     if len(short):
         approx[short], idx[short] = s_s, i_s
     return approx, idx, key_err
+
+
+def _timed_select(*args) -> None:
+    """``select_topm`` on the selection thread, its time added to the open profile."""
+    from mclx.kernels import cpu_select as cs
+
+    with _stage("select (thread)"):
+        cs.select_topm(*args)
+
+
+def _wait(pending) -> None:
+    """Wait for a background selection (None: nothing pending); returns None."""
+    if pending is not None:
+        pending.result()
+
+
+def _scan_tiles(qd, keys, state, chunk: int | None, bf16: bool) -> float:
+    """Fold the scores of ``qd`` against every (unit) key into ``state``, tile by tile;
+    returns the worst bf16 rounding error of a unit key (0 in float32)."""
+    torch = _torch()
+    from mclx.kernels import cpu_select as cs
+
+    n, width = keys.shape
+    itype, shift, mask = _int_view(bf16)
+    select = _timed_select if _STAGES is not None else cs.select_topm
+    chunk = min(n, chunk or KEY_CHUNK)
+    cols = min(chunk, TILE_COLS)
+    rows = max(1, TILE_BYTES // (qd.element_size() * cols))
+    # two tiles: the next product is computed while a worker thread selects from the last
+    tiles = [torch.empty(rows * cols, dtype=qd.dtype) for _ in range(2)]
+    pending = None
+    key_err = 0.0
+    step = 0
+    unit = np.empty((chunk, width), np.uint16 if bf16 else np.float32)
+    err = np.empty(chunk, np.float32)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        with _stage("select wait"):  # the selection thread may still read the last chunk
+            pending = _wait(pending)
+        with _stage("normalise"):
+            kd, chunk_err = _unit_rows(keys, start, stop, unit, err, bf16)
+        key_err = max(key_err, chunk_err)
+        for b in range(0, len(qd), rows):
+            qb = qd[b : b + rows]
+            part = [a[b : b + rows] for a in state]
+            for c in range(0, len(kd), cols):
+                kt = kd[c : c + cols]
+                tile = tiles[step % 2][: len(qb) * len(kt)].view(len(qb), len(kt))
+                step += 1
+                with _stage("product"):
+                    torch.mm(qb, kt.T, out=tile)
+                with _stage("select wait"):
+                    pending = _wait(pending)
+                pending = cs.background(
+                    select, tile.view(itype).numpy(), *part, start + c, shift, mask
+                )
+    with _stage("select wait"):
+        pending = _wait(pending)
+    return key_err
 
 
 def _neighbours_compiled(q, keys, k: int, chunk, mode: str, order: int):
@@ -332,20 +397,24 @@ def _neighbours_compiled(q, keys, k: int, chunk, mode: str, order: int):
     approx, cand, key_err = _select_compiled(qn, keys, m, chunk, bf16)
     cos = np.empty(cand.shape, np.float32)
     dist = np.empty(cand.shape, np.float32)
-    qf = q.float().contiguous().numpy()
-    kf = keys.float().contiguous()  # no copy for a float32 bank
     cand = cand.numpy()
-    cs.in_parallel(cs.rescore, [qf, cand, cos, dist], kf.numpy(), order)
+    with _stage("rescore"):
+        qf = q.float().contiguous().numpy()
+        kf = keys.float().contiguous()  # no copy for a float32 bank
+        cs.in_parallel(cs.rescore, [qf, cand, cos, dist], kf.numpy(), order)
     out = (np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64))
     out = (*out, np.empty((len(q), k), np.float32))
-    cs.in_parallel(cs.best_k, [cos, cand, dist, *out])
+    with _stage("best_k"):
+        cs.in_parallel(cs.best_k, [cos, cand, dist, *out])
     out = tuple(torch.from_numpy(a) for a in out)
     if bf16 and m < n:
-        kth, low = np.empty(len(q), np.float32), np.empty(len(q), np.float32)
-        cs.in_parallel(cs.kth_and_min, [approx.numpy(), kth, low], k)
-        eps = _bf16_eps(qn, width, key_err)
-        unsure = torch.nonzero(~_bf16_sure(torch.from_numpy(kth), torch.from_numpy(low), eps))
-        unsure = unsure.flatten()
+        with _stage("bound check"):
+            kth, low = np.empty(len(q), np.float32), np.empty(len(q), np.float32)
+            cs.in_parallel(cs.kth_and_min, [approx.numpy(), kth, low], k)
+            eps = _bf16_eps(qn, width, key_err)
+            sure = _bf16_sure(torch.from_numpy(kth), torch.from_numpy(low), eps)
+            unsure = torch.nonzero(~sure).flatten()
+        _count("rows redone in float32", len(unsure))
         if len(unsure):
             redo = _neighbours_compiled(q[unsure], keys, k, chunk, "fp32", order)
             for t, r in zip(out, redo):
@@ -618,8 +687,10 @@ def retrieve(
         for start in range(0, len(q), query_block):
             qb = q[start : start + query_block]
             _, idx, dist = _neighbours(qb, kk, k, chunk, precision, distance)
-            w = neighbour_weights(dist, weighting)
-            out.append(_aggregate(w, idx, v))
+            with _stage("weights"):
+                w = neighbour_weights(dist, weighting)
+            with _stage("aggregate"):
+                out.append(_aggregate(w, idx, v))
         pred = torch.cat(out) if out else torch.zeros((0, v.shape[1]), device=v.device)
         if not bool(torch.isfinite(pred).all()):
             msg = "values contain NaN or infinite values in rows chosen as neighbours"
