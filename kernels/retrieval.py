@@ -385,6 +385,44 @@ def _scan_tiles(qd, keys, state, chunk: int | None, bf16: bool) -> float:
     return key_err
 
 
+def _window(approx, k: int, width: int, qn, key_err: float):
+    """Rows whose float32 top-k surely lies among their bf16 candidates (``_bf16_sure``)
+    and, for those, the candidates that can be in it: bf16 score within the rounding
+    window of the k-th (``hi(score) + eps >= lo(kth) - eps``); the rest need no exact
+    score. ``keep`` (Q, m) bool is False throughout an unsure row (it is redone)."""
+    torch = _torch()
+    from mclx.kernels import cpu_select as cs
+
+    kth, low = np.empty(len(approx), np.float32), np.empty(len(approx), np.float32)
+    cs.in_parallel(cs.kth_and_min, [approx.numpy(), kth, low], k)
+    eps = _bf16_eps(qn, width, key_err)
+    kth_t = torch.from_numpy(kth)
+    sure = _bf16_sure(kth_t, torch.from_numpy(low), eps)
+    u = BF16_U
+    a = approx.double()
+    hi = torch.where(a >= 0, a / (1 - u), a / (1 + u))
+    k64 = kth_t.double()
+    lo = torch.where(k64 >= 0, k64 / (1 + u), k64 / (1 - u))
+    keep = (hi >= (lo - 2 * eps)[:, None]) & sure[:, None]
+    return sure, keep.numpy()
+
+
+def _rescore(q, keys, cand, keep, order: int):
+    """Exact float32 cosine and distance of the candidates where ``keep`` (others: cosine
+    -inf, distance inf), visited in key order (``cpu_select.rescore_pairs``)."""
+    from mclx.kernels import cpu_select as cs
+
+    cos = np.full(cand.shape, -np.inf, np.float32)
+    dist = np.full(cand.shape, np.inf, np.float32)
+    qf = q.float().contiguous().numpy()
+    kf = keys.float().contiguous()  # no copy for a float32 bank
+    qnorm = np.empty(len(qf), np.float32)
+    cs.in_parallel(cs.query_norms, [qf, qnorm])
+    pairs = cs.bucket_pairs(cand, keep, cs.BUCKET_SHIFT)
+    cs.in_parallel(cs.rescore_pairs, [pairs], qf, qnorm, cand, cos, dist, kf.numpy(), order)
+    return cos, dist
+
+
 def _neighbours_compiled(q, keys, k: int, chunk, mode: str, order: int):
     """(cosine (Q, k) float64, indices (Q, k) int64, distances (Q, k) float64), sorted."""
     torch = _torch()
@@ -395,25 +433,21 @@ def _neighbours_compiled(q, keys, k: int, chunk, mode: str, order: int):
     bf16 = mode == "bf16" and n > k
     m = min(n, _bf16_candidates(k)) if bf16 else k
     approx, cand, key_err = _select_compiled(qn, keys, m, chunk, bf16)
-    cos = np.empty(cand.shape, np.float32)
-    dist = np.empty(cand.shape, np.float32)
     cand = cand.numpy()
+    sure, keep = None, np.ones(cand.shape, np.bool_)
+    if bf16 and m < n:
+        with _stage("bound check"):
+            sure, keep = _window(approx, k, width, qn, key_err)
+        _count("candidates rescored", int(keep.sum()))
     with _stage("rescore"):
-        qf = q.float().contiguous().numpy()
-        kf = keys.float().contiguous()  # no copy for a float32 bank
-        cs.in_parallel(cs.rescore, [qf, cand, cos, dist], kf.numpy(), order)
+        cos, dist = _rescore(q, keys, cand, keep, order)
     out = (np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64))
     out = (*out, np.empty((len(q), k), np.float32))
     with _stage("best_k"):
         cs.in_parallel(cs.best_k, [cos, cand, dist, *out])
     out = tuple(torch.from_numpy(a) for a in out)
-    if bf16 and m < n:
-        with _stage("bound check"):
-            kth, low = np.empty(len(q), np.float32), np.empty(len(q), np.float32)
-            cs.in_parallel(cs.kth_and_min, [approx.numpy(), kth, low], k)
-            eps = _bf16_eps(qn, width, key_err)
-            sure = _bf16_sure(torch.from_numpy(kth), torch.from_numpy(low), eps)
-            unsure = torch.nonzero(~sure).flatten()
+    if sure is not None:
+        unsure = torch.nonzero(~sure).flatten()
         _count("rows redone in float32", len(unsure))
         if len(unsure):
             redo = _neighbours_compiled(q[unsure], keys, k, chunk, "fp32", order)
@@ -641,9 +675,8 @@ def _aggregate(weights, idx, values):
 
     out = np.empty((len(idx), values.shape[1]), np.float32)
     w = weights.float().contiguous().numpy()
-    cs.in_parallel(
-        cs.aggregate_rows, [w, idx.contiguous().numpy(), out], values.contiguous().numpy()
-    )
+    rows = [w, idx.contiguous().numpy(), out]
+    cs.in_parallel(cs.aggregate_by_key, rows, values.contiguous().numpy(), cs.BUCKET_SHIFT)
     return torch.from_numpy(out)
 
 
