@@ -22,25 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from banks import random_bank, random_queries  # noqa: E402
+from retrieval_impls import tiled_product, unit_rows  # noqa: E402
 
 
 def plain_product(queries, keys, dtype) -> float:
     """Seconds of the score product alone, in the kernel's tiles (keys prepared before)."""
-    import torch
-
-    from mclx.kernels import retrieval as kr
-
-    q = kr._unit(torch.from_numpy(queries)).to(dtype)
-    kd = kr._unit(torch.from_numpy(keys)).to(dtype)
-    cols = min(len(kd), kr.TILE_COLS)
-    rows = max(1, kr.TILE_BYTES // (dtype.itemsize * cols))
-    tile = torch.empty(rows * cols, dtype=dtype)
+    q, kd = unit_rows(queries, dtype), unit_rows(keys, dtype)
     t0 = time.perf_counter()
-    for b in range(0, len(q), rows):
-        qb = q[b : b + rows]
-        for c in range(0, len(kd), cols):
-            kt = kd[c : c + cols]
-            torch.mm(qb, kt.T, out=tile[: len(qb) * len(kt)].view(len(qb), len(kt)))
+    tiled_product(q, kd)
     return time.perf_counter() - t0
 
 
@@ -87,9 +76,9 @@ def report(runs, a, mode: str) -> None:
     print(f"N={a.n} Q={a.q} k={a.k} G={a.genes} precision={a.precision} -> {mode}")
     print(f"{'stage':<26}{'min s':>9}  per repeat")
     for name in names:
-        vals = [st.get(name, 0.0) for _, _, st in runs]
-        fmt = "{:>9.0f}" if name.startswith("rows") else "{:>9.3f}"
-        print(f"{name:<26}" + fmt.format(min(vals)) + "  " + " ".join(f"{v:.3f}" for v in vals))
+        vals = [st.get(name, 0) for _, _, st in runs]
+        f = "{:.0f}" if all(isinstance(v, int) for v in vals) else "{:.3f}"  # counts
+        print(f"{name:<26}{f.format(min(vals)):>9}  " + " ".join(f.format(v) for v in vals))
     products = [p for p, _, _ in runs]
     totals = [t for _, t, _ in runs]
     ratios = [t / p for p, t, _ in runs]

@@ -13,7 +13,8 @@
   read from memory once; ``aggregate_by_key`` sums neighbour expression the same way.
 - ``unit_rows``: unit-normalise a key chunk (to float32, or to bfloat16 bits with the
   rounding error the exactness bound needs) in one pass.
-- ``best_k``, ``kth_and_min``: per-row sorting and order statistics.
+- ``best_k``, ``bf16_window``: per-row sorting; the exactness bound of bf16 candidates
+  and which of them need an exact score.
 
 Kernels release the GIL; ``in_parallel`` splits rows over threads, ``background`` runs
 one selection while the next score tile is being multiplied.
@@ -313,13 +314,32 @@ def best_k(cos, cand, dist, out_cos, out_idx, out_dist):
             out_dist[i, j] = dist[i, order[j]]
 
 
+@njit(inline="always")
+def _round_bounds(v, u):
+    """(lowest, highest) value a bfloat16 product output ``v`` can come from: the output
+    rounding scales by at most 1 +- u."""
+    if v >= 0:
+        return v / (1 + u), v / (1 - u)
+    return v / (1 - u), v / (1 + u)
+
+
 @njit(nogil=True, cache=True)
-def kth_and_min(approx, kth, low, k):
-    """Per row: the k-th largest and the smallest of ``approx``."""
+def bf16_window(approx, eps, sure, keep, k, u):
+    """The exactness bound of the bf16 candidates, per row (``retrieval._bf16_sure``):
+    with ``kth`` the k-th best and ``low`` the worst of the row's m bf16 scores
+    ``approx`` and ``eps`` (float64) its bound on |bf16 - exact| before output
+    rounding, the row is ``sure`` when ``hi(low) + eps < lo(kth) - eps`` (no key outside
+    the candidates can reach the k-th). In a sure row ``keep`` marks the candidates that
+    can be in the float32 top-k, ``hi(score) + eps >= lo(kth) - eps``; the others (and
+    a whole unsure row, redone in float32) need no exact score."""
     for i in range(approx.shape[0]):
         row = approx[i]
-        kth[i] = np.partition(row, len(row) - k)[len(row) - k]
-        low[i] = row.min()
+        kth = np.float64(np.partition(row, len(row) - k)[len(row) - k])
+        low = np.float64(row.min())
+        floor = _round_bounds(kth, u)[0] - eps[i]
+        sure[i] = _round_bounds(low, u)[1] + eps[i] < floor
+        for a in range(len(row)):
+            keep[i, a] = sure[i] and _round_bounds(np.float64(row[a]), u)[1] + eps[i] >= floor
 
 
 @njit(nogil=True, cache=True, fastmath=REORDER)
@@ -396,7 +416,7 @@ _run_uncached_if_cache_unwritable(
     finish_topm,
     unit_rows,
     best_k,
-    kth_and_min,
+    bf16_window,
     bucket_pairs,
     query_norms,
     rescore_pairs,

@@ -389,22 +389,16 @@ def _window(approx, k: int, width: int, qn, key_err: float):
     """Rows whose float32 top-k surely lies among their bf16 candidates (``_bf16_sure``)
     and, for those, the candidates that can be in it: bf16 score within the rounding
     window of the k-th (``hi(score) + eps >= lo(kth) - eps``); the rest need no exact
-    score. ``keep`` (Q, m) bool is False throughout an unsure row (it is redone)."""
+    score. ``keep`` (Q, m) bool is False throughout an unsure row (it is redone).
+    ``cpu_select.bf16_window`` computes both."""
     torch = _torch()
     from mclx.kernels import cpu_select as cs
 
-    kth, low = np.empty(len(approx), np.float32), np.empty(len(approx), np.float32)
-    cs.in_parallel(cs.kth_and_min, [approx.numpy(), kth, low], k)
-    eps = _bf16_eps(qn, width, key_err)
-    kth_t = torch.from_numpy(kth)
-    sure = _bf16_sure(kth_t, torch.from_numpy(low), eps)
-    u = BF16_U
-    a = approx.double()
-    hi = torch.where(a >= 0, a / (1 - u), a / (1 + u))
-    k64 = kth_t.double()
-    lo = torch.where(k64 >= 0, k64 / (1 + u), k64 / (1 - u))
-    keep = (hi >= (lo - 2 * eps)[:, None]) & sure[:, None]
-    return sure, keep.numpy()
+    eps = _bf16_eps(qn, width, key_err).numpy()
+    sure = np.empty(len(approx), np.bool_)
+    keep = np.empty(approx.shape, np.bool_)
+    cs.in_parallel(cs.bf16_window, [approx.numpy(), eps, sure, keep], k, BF16_U)
+    return torch.from_numpy(sure), keep
 
 
 def _rescore(q, keys, cand, keep, order: int):

@@ -269,6 +269,27 @@ def test_key_ordered_rescore_and_aggregate_match_float64(cs):
 
 
 @needs("numba")
+def test_bf16_window_is_the_torch_bound(cs):
+    """The compiled bound gives _bf16_sure's rows; it keeps every row's k best and
+    nothing of an unsure row (that row is redone in float32)."""
+    import torch
+
+    from mclx.kernels.retrieval import BF16_U, _bf16_sure
+
+    rng = np.random.default_rng(5)
+    approx = torch.from_numpy(rng.normal(size=(200, 50)).astype(np.float32)).bfloat16().float()
+    eps = rng.uniform(0, 2, 200)
+    sure, keep = np.empty(200, np.bool_), np.empty((200, 50), np.bool_)
+    cs.bf16_window(approx.numpy(), eps, sure, keep, 10, BF16_U)
+    kth = approx.topk(10, dim=1).values[:, -1]
+    want = _bf16_sure(kth, approx.min(dim=1).values, torch.from_numpy(eps))
+    assert sure.tolist() == want.tolist() and 0 < sure.sum() < 200
+    assert not keep[~sure].any() and not keep[sure].all()
+    top = np.argsort(-approx.numpy(), axis=1, kind="stable")[:, :10]
+    assert np.take_along_axis(keep, top, 1)[sure].all()
+
+
+@needs("numba")
 def test_bf16_rescores_only_the_window_and_stays_exact():
     """With m < N candidates, only those whose bf16 score can reach the k-th are
     re-scored, and the neighbours are still the float32 ones."""
