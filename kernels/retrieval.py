@@ -268,15 +268,22 @@ def _threshold_from_sample(qd, keys, m: int, bf16: bool):
     from mclx.kernels import cpu_select as cs
 
     itype, shift, mask = _int_view(bf16)
-    rows = max(1, TILE_BYTES // (qd.element_size() * s))
-    tau = np.empty(len(qd), np.int32)
+    # the main scan's tiles: a row block of the whole sample at a large N was a skinny
+    # product that read the sample again for every few rows (2M keys: a third of the time)
+    cols = min(s, TILE_COLS)
+    rows = max(1, TILE_BYTES // (qd.element_size() * cols))
+    state = cs.state(len(qd), rank)
+    tile = torch.empty(rows * cols, dtype=qd.dtype)
     for b in range(0, len(qd), rows):
-        scores = (qd[b : b + rows] @ sample.T).view(itype).numpy()
-        state = cs.state(len(scores), rank)
-        cs.in_parallel(cs.select_topm, [scores, *state], 0, shift, mask)
-        cs.in_parallel(cs.finish_topm, list(state[:3]), rank)
-        tau[b : b + rows] = state[0][:, :rank].min(axis=1)
-    return tau
+        qb = qd[b : b + rows]
+        part = [a[b : b + rows] for a in state]
+        for c in range(0, s, cols):
+            kt = sample[c : c + cols]
+            scores = tile[: len(qb) * len(kt)].view(len(qb), len(kt))
+            torch.mm(qb, kt.T, out=scores)
+            cs.in_parallel(cs.select_topm, [scores.view(itype).numpy(), *part], c, shift, mask)
+    cs.in_parallel(cs.finish_topm, list(state[:3]), rank)
+    return state[0][:, :rank].min(axis=1)
 
 
 def _int_view(bf16: bool):

@@ -335,6 +335,28 @@ def test_compiled_and_torch_paths_agree(precision, monkeypatch):
 
 
 @needs("numba")
+def test_sampled_threshold_is_the_rank_th_best_over_column_tiles():
+    """The sample is scored in the scan's column tiles (here two); the threshold is still
+    each row's 32nd best sample score (as a selection key)."""
+    import torch
+
+    import mclx.kernels.retrieval as kr
+
+    rng = np.random.default_rng(4)
+    keys = torch.from_numpy(rng.normal(size=(20_000, 8)).astype(np.float32))
+    qd = kr._unit(torch.from_numpy(rng.normal(size=(70, 8)).astype(np.float32)))
+    tau = kr._threshold_from_sample(qd, keys, 22, False)
+    s = -(-32 * 20_000 // 66)
+    assert s > kr.TILE_COLS
+    sample = kr._unit(keys[torch.linspace(0, 19_999, s).long()])
+    want = torch.topk(qd @ sample.T, 32, dim=1).values[:, -1]
+    from mclx.kernels import cpu_select as cs
+
+    got = cs.key_to_float(tau, False)  # products in other shapes may differ in the last bit
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-7)
+
+
+@needs("numba")
 def test_rows_whose_sampled_threshold_is_too_high_are_redone(monkeypatch):
     import mclx.kernels.retrieval as kr
 
