@@ -19,10 +19,13 @@ running top-m per query, skipping 64 scores at a time that cannot beat the row's
 threshold; a threshold estimated from a sample of the bank lets it skip almost
 everything from the start (a row whose estimate proves too high is redone without one).
 Candidates are then re-scored exactly from the raw float32 vectors, which also yields
-their distances. On the torch path on a GPU (or without numba) ``torch.topk`` selects.
+their distances; re-scoring and aggregation visit the (query, key) pairs in bank order,
+so a key or value row that several queries share is read from memory once. On the torch
+path on a GPU (or without numba) ``torch.topk`` selects.
 
 ``precision="bf16"`` makes the scores in bfloat16 (AMX on CPU), keeps m > k candidates
-and re-scores them exactly. bfloat16 moves a query's cosine by at most ``eps_q``, bounded
+and re-scores exactly those whose bf16 score can reach the k-th (on CPU; all of them on
+the torch path). bfloat16 moves a query's cosine by at most ``eps_q``, bounded
 from the measured rounding of that query, of the bank and of the output (``_bf16_sure``);
 a query whose m-th candidate could still beat its k-th is redone in float32, so the
 result is the float32 one. ``auto`` picks bf16 on CPUs with AMX when the bank is large
