@@ -19,10 +19,13 @@ running top-m per query, skipping 64 scores at a time that cannot beat the row's
 threshold; a threshold estimated from a sample of the bank lets it skip almost
 everything from the start (a row whose estimate proves too high is redone without one).
 Candidates are then re-scored exactly from the raw float32 vectors, which also yields
-their distances. On the torch path on a GPU (or without numba) ``torch.topk`` selects.
+their distances; re-scoring and aggregation visit the (query, key) pairs in bank order,
+so a key or value row that several queries share is read from memory once. On the torch
+path on a GPU (or without numba) ``torch.topk`` selects.
 
 ``precision="bf16"`` makes the scores in bfloat16 (AMX on CPU), keeps m > k candidates
-and re-scores them exactly. bfloat16 moves a query's cosine by at most ``eps_q``, bounded
+and re-scores exactly those whose bf16 score can reach the k-th (on CPU; all of them on
+the torch path). bfloat16 moves a query's cosine by at most ``eps_q``, bounded
 from the measured rounding of that query, of the bank and of the output (``_bf16_sure``);
 a query whose m-th candidate could still beat its k-th is redone in float32, so the
 result is the float32 one. ``auto`` picks bf16 on CPUs with AMX when the bank is large
@@ -31,8 +34,10 @@ next to the candidates (N > 32m), float32 elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
+import time
 import warnings
 from functools import lru_cache
 from typing import Any, Literal
@@ -49,6 +54,41 @@ TILE_COLS = 8192  # oneDNN is ~as fast on 1024 x 8192 tiles as on 64 MiB ones, n
 KEY_CHUNK = 65536  # compiled path: keys normalised per pass
 GATHER_BLOCK = 512  # torch path: queries whose neighbour vectors are gathered at once
 BF16_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+
+
+_STAGES: dict[str, float] | None = None  # seconds per stage while stage_times() is open
+
+
+@contextlib.contextmanager
+def stage_times():
+    """Collect seconds per stage of the compiled CPU path into the yielded dict
+    (``bench/retrieval_stages.py``); stages of nested redo calls add to the same names.
+    Outside this context the stage markers cost one global read."""
+    global _STAGES
+    prev, _STAGES = _STAGES, {}
+    try:
+        yield _STAGES
+    finally:
+        _STAGES = prev
+
+
+@contextlib.contextmanager
+def _stage(name: str):
+    stages = _STAGES
+    if stages is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _count(name: str, n: int) -> None:
+    """Add ``n`` to a counter of the open profile (see :func:`stage_times`)."""
+    if _STAGES is not None:
+        _STAGES[name] = _STAGES.get(name, 0) + n
 
 
 def _torch():
@@ -213,15 +253,17 @@ def bf16_eps_from(a, width: int, key_err: float):
 
 def _threshold_from_sample(qd, keys, m: int, bf16: bool):
     """Per-row starting thresholds (as selection keys) from a spread sample of the bank:
-    the score expected to have ~2m bank keys above it, read off as the 48th best of the
-    sample. The count above it then spreads by ~1/sqrt(48) = 14%, so a row ending with
-    fewer than m (redone without a threshold) is ~5 standard deviations out; measured on
-    random 256-d banks, the 32nd best left ~1 row in 1,000 short. None when the bank is
-    small."""
+    the score expected to have ~3m bank keys above it, read off as the 32nd best of a
+    sample of 32n/3m keys. A row ends with fewer than m (redone without a threshold)
+    only when the sample holds 32 of the bank's best m, where ~10.7 are expected
+    (Poisson: ~1e-7). Measured at N = 200k (512 queries, selection alone): the 48th
+    best at ~2m, a sample 2.25x larger, saved less selection time than its product
+    cost on AVX2 in float32 (0.36 s against 0.27 s for sample and selection), about as
+    much as it cost in bf16 on AMX (estimated). None when the bank is small."""
     torch = _torch()
     n = len(keys)
-    rank = 48
-    s = math.ceil(rank * n / (2 * m))
+    rank = 32
+    s = math.ceil(rank * n / (3 * m))
     if n <= 32 * m or 2 * s > n:  # the bank is small next to m: nothing to gain
         return None
     pos = torch.linspace(0, n - 1, s).long()
@@ -229,15 +271,22 @@ def _threshold_from_sample(qd, keys, m: int, bf16: bool):
     from mclx.kernels import cpu_select as cs
 
     itype, shift, mask = _int_view(bf16)
-    rows = max(1, TILE_BYTES // (qd.element_size() * s))
-    tau = np.empty(len(qd), np.int32)
+    # the main scan's tiles: a row block of the whole sample at a large N was a skinny
+    # product that read the sample again for every few rows (2M keys: a third of the time)
+    cols = min(s, TILE_COLS)
+    rows = max(1, TILE_BYTES // (qd.element_size() * cols))
+    state = cs.state(len(qd), rank)
+    tile = torch.empty(rows * cols, dtype=qd.dtype)
     for b in range(0, len(qd), rows):
-        scores = (qd[b : b + rows] @ sample.T).view(itype).numpy()
-        state = cs.state(len(scores), rank)
-        cs.in_parallel(cs.select_topm, [scores, *state], 0, shift, mask)
-        cs.in_parallel(cs.finish_topm, list(state[:3]), rank)
-        tau[b : b + rows] = state[0][:, :rank].min(axis=1)
-    return tau
+        qb = qd[b : b + rows]
+        part = [a[b : b + rows] for a in state]
+        for c in range(0, s, cols):
+            kt = sample[c : c + cols]
+            scores = tile[: len(qb) * len(kt)].view(len(qb), len(kt))
+            torch.mm(qb, kt.T, out=scores)
+            cs.in_parallel(cs.select_topm, [scores.view(itype).numpy(), *part], c, shift, mask)
+    cs.in_parallel(cs.finish_topm, list(state[:3]), rank)
+    return state[0][:, :rank].min(axis=1)
 
 
 def _int_view(bf16: bool):
@@ -269,47 +318,16 @@ def _select_compiled(qn, keys, m: int, chunk: int | None, bf16: bool, sample: bo
     torch = _torch()
     from mclx.kernels import cpu_select as cs
 
-    n, width = keys.shape
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    itype, shift, mask = _int_view(bf16)
-    qd = qn.to(dtype)
+    qd = qn.to(torch.bfloat16 if bf16 else torch.float32)
     state = cs.state(len(qn), m)
-    tau0 = _threshold_from_sample(qd, keys, m, bf16) if sample else None
+    with _stage("threshold sample"):
+        tau0 = _threshold_from_sample(qd, keys, m, bf16) if sample else None
     if tau0 is not None:
         state[3][:] = tau0
-    chunk = min(n, chunk or KEY_CHUNK)
-    cols = min(chunk, TILE_COLS)
-    rows = max(1, TILE_BYTES // (dtype.itemsize * cols))
-    # two tiles: the next product is computed while a worker thread selects from the last
-    tiles = [torch.empty(rows * cols, dtype=dtype) for _ in range(2)]
-    pending = None
-    key_err = 0.0
-    step = 0
-    unit = np.empty((chunk, width), np.uint16 if bf16 else np.float32)
-    err = np.empty(chunk, np.float32)
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        if pending is not None:  # the selection thread may still read the last chunk
-            pending.result()
-        kd, chunk_err = _unit_rows(keys, start, stop, unit, err, bf16)
-        key_err = max(key_err, chunk_err)
-        for b in range(0, len(qn), rows):
-            qb = qd[b : b + rows]
-            part = [a[b : b + rows] for a in state]
-            for c in range(0, len(kd), cols):
-                kt = kd[c : c + cols]
-                tile = tiles[step % 2][: len(qb) * len(kt)].view(len(qb), len(kt))
-                step += 1
-                torch.mm(qb, kt.T, out=tile)
-                if pending is not None:
-                    pending.result()
-                pending = cs.background(
-                    cs.select_topm, tile.view(itype).numpy(), *part, start + c, shift, mask
-                )
-    if pending is not None:
-        pending.result()
+    key_err = _scan_tiles(qd, keys, state, chunk, bf16)
     bk, bi, count, _ = state
-    cs.in_parallel(cs.finish_topm, [bk, bi, count], m)
+    with _stage("finish"):
+        cs.in_parallel(cs.finish_topm, [bk, bi, count], m)
     short = np.flatnonzero(count < m)  # the sampled threshold was too high for these
     if len(short):
         s_s, i_s, _ = _select_compiled(qn[short], keys, m, chunk, bf16, sample=False)
@@ -318,6 +336,97 @@ def _select_compiled(qn, keys, m: int, chunk: int | None, bf16: bool, sample: bo
     if len(short):
         approx[short], idx[short] = s_s, i_s
     return approx, idx, key_err
+
+
+def _timed_select(*args) -> None:
+    """``select_topm`` on the selection thread, its time added to the open profile."""
+    from mclx.kernels import cpu_select as cs
+
+    with _stage("select (thread)"):
+        cs.select_topm(*args)
+
+
+def _wait(pending) -> None:
+    """Wait for a background selection (None: nothing pending); returns None."""
+    if pending is not None:
+        pending.result()
+
+
+def _scan_tiles(qd, keys, state, chunk: int | None, bf16: bool) -> float:
+    """Fold the scores of ``qd`` against every (unit) key into ``state``, tile by tile;
+    returns the worst bf16 rounding error of a unit key (0 in float32)."""
+    torch = _torch()
+    from mclx.kernels import cpu_select as cs
+
+    n, width = keys.shape
+    itype, shift, mask = _int_view(bf16)
+    select = _timed_select if _STAGES is not None else cs.select_topm
+    chunk = min(n, chunk or KEY_CHUNK)
+    cols = min(chunk, TILE_COLS)
+    rows = max(1, TILE_BYTES // (qd.element_size() * cols))
+    # two tiles: the next product is computed while a worker thread selects from the last
+    tiles = [torch.empty(rows * cols, dtype=qd.dtype) for _ in range(2)]
+    pending = None
+    key_err = 0.0
+    step = 0
+    unit = np.empty((chunk, width), np.uint16 if bf16 else np.float32)
+    err = np.empty(chunk, np.float32)
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        with _stage("select wait"):  # the selection thread may still read the last chunk
+            pending = _wait(pending)
+        with _stage("normalise"):
+            kd, chunk_err = _unit_rows(keys, start, stop, unit, err, bf16)
+        key_err = max(key_err, chunk_err)
+        for b in range(0, len(qd), rows):
+            qb = qd[b : b + rows]
+            part = [a[b : b + rows] for a in state]
+            for c in range(0, len(kd), cols):
+                kt = kd[c : c + cols]
+                tile = tiles[step % 2][: len(qb) * len(kt)].view(len(qb), len(kt))
+                step += 1
+                with _stage("product"):
+                    torch.mm(qb, kt.T, out=tile)
+                with _stage("select wait"):
+                    pending = _wait(pending)
+                pending = cs.background(
+                    select, tile.view(itype).numpy(), *part, start + c, shift, mask
+                )
+    with _stage("select wait"):
+        pending = _wait(pending)
+    return key_err
+
+
+def _window(approx, k: int, width: int, qn, key_err: float):
+    """Rows whose float32 top-k surely lies among their bf16 candidates (``_bf16_sure``)
+    and, for those, the candidates that can be in it: bf16 score within the rounding
+    window of the k-th (``hi(score) + eps >= lo(kth) - eps``); the rest need no exact
+    score. ``keep`` (Q, m) bool is False throughout an unsure row (it is redone).
+    ``cpu_select.bf16_window`` computes both."""
+    torch = _torch()
+    from mclx.kernels import cpu_select as cs
+
+    eps = _bf16_eps(qn, width, key_err).numpy()
+    sure = np.empty(len(approx), np.bool_)
+    keep = np.empty(approx.shape, np.bool_)
+    cs.in_parallel(cs.bf16_window, [approx.numpy(), eps, sure, keep], k, BF16_U)
+    return torch.from_numpy(sure), keep
+
+
+def _rescore(q, keys, cand, keep, order: int):
+    """Exact float32 cosine and distance of the candidates where ``keep`` (others: cosine
+    -inf, distance inf), visited in key order (``cpu_select.rescore_pairs``)."""
+    from mclx.kernels import cpu_select as cs
+
+    cos = np.full(cand.shape, -np.inf, np.float32)
+    dist = np.full(cand.shape, np.inf, np.float32)
+    qf = q.float().contiguous().numpy()
+    kf = keys.float().contiguous()  # no copy for a float32 bank
+    qnorm = np.empty(len(qf), np.float32)
+    cs.in_parallel(cs.query_norms, [qf, qnorm])
+    pairs = cs.bucket_pairs(cand, keep, cs.BUCKET_SHIFT)
+    cs.in_parallel(cs.rescore_pairs, [pairs], qf, qnorm, cand, cos, dist, kf.numpy(), order)
+    return cos, dist
 
 
 def _neighbours_compiled(q, keys, k: int, chunk, mode: str, order: int):
@@ -330,22 +439,22 @@ def _neighbours_compiled(q, keys, k: int, chunk, mode: str, order: int):
     bf16 = mode == "bf16" and n > k
     m = min(n, _bf16_candidates(k)) if bf16 else k
     approx, cand, key_err = _select_compiled(qn, keys, m, chunk, bf16)
-    cos = np.empty(cand.shape, np.float32)
-    dist = np.empty(cand.shape, np.float32)
-    qf = q.float().contiguous().numpy()
-    kf = keys.float().contiguous()  # no copy for a float32 bank
     cand = cand.numpy()
-    cs.in_parallel(cs.rescore, [qf, cand, cos, dist], kf.numpy(), order)
+    sure, keep = None, np.ones(cand.shape, np.bool_)
+    if bf16 and m < n:
+        with _stage("bound check"):
+            sure, keep = _window(approx, k, width, qn, key_err)
+        _count("candidates rescored", int(keep.sum()))
+    with _stage("rescore"):
+        cos, dist = _rescore(q, keys, cand, keep, order)
     out = (np.empty((len(q), k), np.float32), np.empty((len(q), k), np.int64))
     out = (*out, np.empty((len(q), k), np.float32))
-    cs.in_parallel(cs.best_k, [cos, cand, dist, *out])
+    with _stage("best_k"):
+        cs.in_parallel(cs.best_k, [cos, cand, dist, *out])
     out = tuple(torch.from_numpy(a) for a in out)
-    if bf16 and m < n:
-        kth, low = np.empty(len(q), np.float32), np.empty(len(q), np.float32)
-        cs.in_parallel(cs.kth_and_min, [approx.numpy(), kth, low], k)
-        eps = _bf16_eps(qn, width, key_err)
-        unsure = torch.nonzero(~_bf16_sure(torch.from_numpy(kth), torch.from_numpy(low), eps))
-        unsure = unsure.flatten()
+    if sure is not None:
+        unsure = torch.nonzero(~sure).flatten()
+        _count("rows redone in float32", len(unsure))
         if len(unsure):
             redo = _neighbours_compiled(q[unsure], keys, k, chunk, "fp32", order)
             for t, r in zip(out, redo):
@@ -572,9 +681,8 @@ def _aggregate(weights, idx, values):
 
     out = np.empty((len(idx), values.shape[1]), np.float32)
     w = weights.float().contiguous().numpy()
-    cs.in_parallel(
-        cs.aggregate_rows, [w, idx.contiguous().numpy(), out], values.contiguous().numpy()
-    )
+    rows = [w, idx.contiguous().numpy(), out]
+    cs.in_parallel(cs.aggregate_by_key, rows, values.contiguous().numpy(), cs.BUCKET_SHIFT)
     return torch.from_numpy(out)
 
 
@@ -618,8 +726,10 @@ def retrieve(
         for start in range(0, len(q), query_block):
             qb = q[start : start + query_block]
             _, idx, dist = _neighbours(qb, kk, k, chunk, precision, distance)
-            w = neighbour_weights(dist, weighting)
-            out.append(_aggregate(w, idx, v))
+            with _stage("weights"):
+                w = neighbour_weights(dist, weighting)
+            with _stage("aggregate"):
+                out.append(_aggregate(w, idx, v))
         pred = torch.cat(out) if out else torch.zeros((0, v.shape[1]), device=v.device)
         if not bool(torch.isfinite(pred).all()):
             msg = "values contain NaN or infinite values in rows chosen as neighbours"

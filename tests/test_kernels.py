@@ -236,6 +236,82 @@ def test_bf16_rounding_and_unit_rows_match_torch(cs):
 
 
 @needs("numba")
+def test_key_ordered_rescore_and_aggregate_match_float64(cs):
+    """bucket_pairs visits every kept (row, candidate) pair once, grouped by bank
+    bucket; rescore_pairs and aggregate_by_key give what a plain gather gives."""
+    rng = np.random.default_rng(3)
+    q = rng.normal(size=(40, 32)).astype(np.float32)
+    keys = rng.normal(size=(5000, 32)).astype(np.float32)
+    vals = rng.gamma(1.0, size=(5000, 7)).astype(np.float32)
+    cand = rng.integers(0, len(keys), (40, 60))
+    keep = rng.random(cand.shape) < 0.7
+    pairs = cs.bucket_pairs(cand, keep, 8)
+    assert sorted(pairs.tolist()) == np.flatnonzero(keep).tolist()
+    assert np.all(np.diff(cand.ravel()[pairs] >> 8) >= 0)
+    qnorm = np.empty(len(q), np.float32)
+    cs.query_norms(q, qnorm)
+    nb = keys[cand].astype(np.float64)
+    for order in (1, 2):
+        cos = np.full(cand.shape, -np.inf, np.float32)
+        dist = np.full(cand.shape, np.inf, np.float32)
+        cs.in_parallel(cs.rescore_pairs, [pairs], q, qnorm, cand, cos, dist, keys, order)
+        want_cos = (nb @ q[:, :, None].astype(np.float64))[..., 0]
+        want_cos /= np.linalg.norm(nb, axis=2) * np.linalg.norm(q, axis=1)[:, None]
+        want_dist = np.linalg.norm(nb - q[:, None, :], ord=order, axis=2)
+        np.testing.assert_allclose(cos[keep], want_cos[keep], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(dist[keep], want_dist[keep], rtol=1e-5)
+        assert np.all(cos[~keep] == -np.inf) and np.all(dist[~keep] == np.inf)
+    w = rng.random(cand.shape).astype(np.float32)
+    out = np.empty((len(q), vals.shape[1]), np.float32)
+    cs.in_parallel(cs.aggregate_by_key, [w, cand, out], vals, 8)
+    want = np.einsum("qk,qkg->qg", w.astype(np.float64), vals[cand].astype(np.float64))
+    np.testing.assert_allclose(out, want, rtol=1e-5)
+
+
+@needs("numba")
+def test_bf16_window_is_the_torch_bound(cs):
+    """The compiled bound gives _bf16_sure's rows; it keeps every row's k best and
+    nothing of an unsure row (that row is redone in float32)."""
+    import torch
+
+    from mclx.kernels.retrieval import BF16_U, _bf16_sure
+
+    rng = np.random.default_rng(5)
+    approx = torch.from_numpy(rng.normal(size=(200, 50)).astype(np.float32)).bfloat16().float()
+    eps = rng.uniform(0, 2, 200)
+    sure, keep = np.empty(200, np.bool_), np.empty((200, 50), np.bool_)
+    cs.bf16_window(approx.numpy(), eps, sure, keep, 10, BF16_U)
+    kth = approx.topk(10, dim=1).values[:, -1]
+    want = _bf16_sure(kth, approx.min(dim=1).values, torch.from_numpy(eps))
+    assert sure.tolist() == want.tolist() and 0 < sure.sum() < 200
+    assert not keep[~sure].any() and not keep[sure].all()
+    top = np.argsort(-approx.numpy(), axis=1, kind="stable")[:, :10]
+    assert np.take_along_axis(keep, top, 1)[sure].all()
+
+
+@needs("numba")
+def test_bf16_rescores_only_the_window_and_stays_exact():
+    """With m < N candidates, only those whose bf16 score can reach the k-th are
+    re-scored, and the neighbours are still the float32 ones."""
+    from mclx.kernels.retrieval import stage_times
+
+    rng = np.random.default_rng(11)
+    q = rng.normal(size=(64, 32)).astype(np.float32)
+    keys = rng.normal(size=(40_000, 32)).astype(np.float32)
+    vals = rng.gamma(1.0, size=(40_000, 5)).astype(np.float32)
+    with stage_times() as stages:
+        s16, i16 = topk_cosine(q, keys, 20, precision="bf16")
+    s32, i32 = topk_cosine(q, keys, 20, precision="fp32")
+    np.testing.assert_array_equal(i16, i32)
+    np.testing.assert_allclose(s16, s32, rtol=1e-6, atol=1e-7)
+    m = 20 + 256
+    assert 20 * 64 <= stages["candidates rescored"] < m * 64
+    pred = retrieve(q, keys, vals, 20, precision="bf16")
+    ref, _ = retrieve_reference(q, keys, vals, 20)
+    np.testing.assert_allclose(pred, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs("numba")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_compiled_and_torch_paths_agree(precision, monkeypatch):
     """The numba CPU path and the torch path (GPU's) pick the same neighbours and
@@ -256,6 +332,28 @@ def test_compiled_and_torch_paths_agree(precision, monkeypatch):
     np.testing.assert_allclose(compiled, plain, rtol=1e-5, atol=1e-6)
     ref, _ = retrieve_reference(q, keys, vals, 40)
     np.testing.assert_allclose(compiled, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs("numba")
+def test_sampled_threshold_is_the_rank_th_best_over_column_tiles():
+    """The sample is scored in the scan's column tiles (here two); the threshold is still
+    each row's 32nd best sample score (as a selection key)."""
+    import torch
+
+    import mclx.kernels.retrieval as kr
+
+    rng = np.random.default_rng(4)
+    keys = torch.from_numpy(rng.normal(size=(20_000, 8)).astype(np.float32))
+    qd = kr._unit(torch.from_numpy(rng.normal(size=(70, 8)).astype(np.float32)))
+    tau = kr._threshold_from_sample(qd, keys, 22, False)
+    s = -(-32 * 20_000 // 66)
+    assert s > kr.TILE_COLS
+    sample = kr._unit(keys[torch.linspace(0, 19_999, s).long()])
+    want = torch.topk(qd @ sample.T, 32, dim=1).values[:, -1]
+    from mclx.kernels import cpu_select as cs
+
+    got = cs.key_to_float(tau, False)  # products in other shapes may differ in the last bit
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-6, atol=1e-7)
 
 
 @needs("numba")
