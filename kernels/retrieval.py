@@ -682,7 +682,11 @@ def _aggregate(weights, idx, values):
     out = np.empty((len(idx), values.shape[1]), np.float32)
     w = weights.float().contiguous().numpy()
     rows = [w, idx.contiguous().numpy(), out]
-    cs.in_parallel(cs.aggregate_by_key, rows, values.contiguous().numpy(), cs.BUCKET_SHIFT)
+    # bank order pays where value rows are shared (Q = 4096, k = 200, N = 200k: 1.3-1.8x
+    # faster); at fewer pairs than rows (N = 2M) row order was 1.1x faster, and one
+    # bucket (shift 63) keeps it
+    shift = cs.BUCKET_SHIFT if idx.numel() >= len(values) else 63
+    cs.in_parallel(cs.aggregate_by_key, rows, values.contiguous().numpy(), shift)
     return torch.from_numpy(out)
 
 

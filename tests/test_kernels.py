@@ -263,9 +263,10 @@ def test_key_ordered_rescore_and_aggregate_match_float64(cs):
         assert np.all(cos[~keep] == -np.inf) and np.all(dist[~keep] == np.inf)
     w = rng.random(cand.shape).astype(np.float32)
     out = np.empty((len(q), vals.shape[1]), np.float32)
-    cs.in_parallel(cs.aggregate_by_key, [w, cand, out], vals, 8)
     want = np.einsum("qk,qkg->qg", w.astype(np.float64), vals[cand].astype(np.float64))
-    np.testing.assert_allclose(out, want, rtol=1e-5)
+    for shift in (8, 63):  # buckets of 256 rows; one bucket: row order
+        cs.in_parallel(cs.aggregate_by_key, [w, cand, out], vals, shift)
+        np.testing.assert_allclose(out, want, rtol=1e-5)
 
 
 @needs("numba")
