@@ -104,7 +104,8 @@ def test_auto_takes_openvino_only_with_a_record_that_held(exported, tmp_path):
     report_path(ck).write_text(json.dumps(report))
     auto = open_encoder(ck, device="cpu")
     assert (auto.name, auto.precision) != ("openvino", FORMATS[first].precision)
-    del report["openvino-int8"], report["openvino-bf16"]  # reduced precision unrecorded
+    for name in ("openvino-int8", "openvino-bf16"):  # reduced precision unrecorded (bf16
+        report.pop(name, None)  # is not recorded at all on a CPU without bf16 arithmetic)
     report_path(ck).write_text(json.dumps(report))
     auto = open_encoder(ck, device="cpu")
     assert auto.name != "openvino" or auto.precision == "fp32"
