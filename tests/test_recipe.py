@@ -221,6 +221,23 @@ def test_explicit_flags_override_the_recipe():
     assert cfg.feature_norm is True
 
 
+def test_temperature_option_reaches_the_loss():
+    """--temperature (a #17 ablation) sets ModelCfg.temperature, and the model's loss
+    divides its logits by it: clip_loss at T equals the loss of embeddings scaled 1/T."""
+    import torch
+
+    from mclx.models.mclstexp import clip_loss
+
+    _, cfg, _ = _recipe_of(*FROZEN_ARGS, "--temperature", "0.25")
+    assert cfg.temperature == 0.25
+    _, cfg, _ = _recipe_of(*FROZEN_ARGS)
+    assert cfg.temperature == 1.0
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    assert torch.allclose(clip_loss(a, b, 0.25), clip_loss(a / 0.25, b, 1.0))
+    assert not torch.allclose(clip_loss(a, b, 0.25), clip_loss(a, b, 1.0))
+
+
 def test_recipe_is_recorded_in_checkpoint_and_results(synthetic, tmp_path, capsys):
     from helpers.cli import run_cli
 

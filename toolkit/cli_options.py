@@ -333,6 +333,11 @@ def architecture_options() -> Decorator:
             help="Attention heads (default 8; histogene 16).",
         ),
         click.option(
+            "--temperature", type=click.FloatRange(0, min_open=True), default=None,
+            help="Softmax temperature of the contrastive loss (mclstexp, bleep, cmrcnet; "
+            "default 1, the references' value on unnormalised embeddings).",
+        ),
+        click.option(
             "--standardize-features/--no-standardize-features", default=None,
             help="mclstexp, bleep with --freeze-encoder: standardise the pooled features "
             "with the training spots' mean and std (stored in the model). Default: the "
@@ -365,7 +370,7 @@ def recipe_from(kw: dict[str, Any]):
         overrides["fusion_shared"] = False
     if kw["standardize_features"] is not None:
         overrides["feature_norm"] = kw["standardize_features"]
-    for name in ("encoder", "depth", "context", "embed_dim", "heads"):
+    for name in ("encoder", "depth", "context", "embed_dim", "heads", "temperature"):
         if kw[name] is not None:
             overrides[name] = kw[name]
     return Recipe(
