@@ -383,9 +383,9 @@ TILES = re.compile(r"infer:.*?\|\s*([1-9]\d*)/(\d+)")
 
 
 def infer_args(infer_inputs, out: Path, *extra):
-    """Many overlapping tiles in small batches, the predictions saved every 2 batches."""
+    """~1,300 overlapping tiles in small batches, the predictions saved every 2 batches."""
     slide, bank = infer_inputs
-    return ["infer", slide, "--bank", bank, "--out", out, "--mpp", "0.9", "--stride", "24",
+    return ["infer", slide, "--bank", bank, "--out", out, "--mpp", "0.9", "--stride", "48",
             "--batch-size", "4", "--workers", "1", "--save-every", "2", *extra]  # fmt: skip
 
 

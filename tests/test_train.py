@@ -17,7 +17,7 @@ def test_seeded_runs_are_identical(synthetic):
 @pytest.mark.parametrize("context", ["batch", "section"])
 def test_finetuning_encoder_with_augmentation_lowers_loss(synthetic, context):
     tiny = tiny_model(
-        synthetic, train=False, epochs=8, batch_size=64, lr=1e-3, frozen=False, context=context
+        synthetic, train=False, epochs=3, batch_size=64, lr=1e-3, frozen=False, context=context
     )
     net = tiny.net
     assert net.cfg.context == context
