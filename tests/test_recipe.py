@@ -163,7 +163,7 @@ def test_evaluate_refuses_k_above_a_folds_bank_before_training(synthetic, monkey
 
 
 # the fields `--recipe default` may change from `--recipe paper` (ModelCfg fields)
-RECIPE_CHANGES = {"feature_norm"}
+RECIPE_CHANGES = {"feature_norm", "temperature"}
 ONE_EPOCH = {"sections": "S1,S2", "epochs": 1, "batch_size": 32}
 FROZEN_ARGS = ["--encoder", "tiny_cnn", "--encoder-weights", "none", "--freeze-encoder"]
 
@@ -210,8 +210,13 @@ def test_default_recipe_differs_from_paper_only_in_its_chosen_fields():
             changed = {k for k in a if a[k] != b[k]}
             assert changed <= RECIPE_CHANGES
             assert to_dict(paper[2]) == to_dict(new[2])  # no TrainCfg change (yet)
-            standardised = model in ("mclstexp", "bleep") and "--freeze-encoder" in frozen
-            assert changed == ({"feature_norm"} if standardised else set()), (model, frozen)
+            want = set()
+            if "--freeze-encoder" in frozen:
+                want = {"mclstexp": {"feature_norm", "temperature"}, "bleep": {"feature_norm"}}
+                want = want.get(model, set())
+            assert changed == want, (model, frozen)
+            if "temperature" in changed:
+                assert (paper[1].temperature, new[1].temperature) == (1.0, 10.0)
 
 
 def test_explicit_flags_override_the_recipe():
@@ -230,7 +235,7 @@ def test_temperature_option_reaches_the_loss():
 
     _, cfg, _ = _recipe_of(*FROZEN_ARGS, "--temperature", "0.25")
     assert cfg.temperature == 0.25
-    _, cfg, _ = _recipe_of(*FROZEN_ARGS)
+    _, cfg, _ = _recipe_of("--recipe", "paper", *FROZEN_ARGS)
     assert cfg.temperature == 1.0
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)

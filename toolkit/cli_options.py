@@ -335,7 +335,8 @@ def architecture_options() -> Decorator:
         click.option(
             "--temperature", type=click.FloatRange(0, min_open=True), default=None,
             help="Softmax temperature of the contrastive loss (mclstexp, bleep, cmrcnet; "
-            "default 1, the references' value on unnormalised embeddings).",
+            "the references' 1, except mclstexp with --freeze-encoder under --recipe "
+            "default: 10).",
         ),
         click.option(
             "--standardize-features/--no-standardize-features", default=None,
