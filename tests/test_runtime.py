@@ -77,10 +77,11 @@ def test_infer_at_spots_matches_an_independent_computation(her2st, tmp_path):
     # reference costs ~1 s a patch, and 47 queries still hold ~45 sure ones
     spots = pd.read_csv(root / "ST-spotfiles" / "C2_selection.tsv", sep="\t").iloc[::4]
     spots.to_csv(tmp_path / "C2_spots.tsv", sep="\t", index=False)
+    c2 = read_section(her2st, "C2")
     out = tmp_path / "c2.h5ad"
     res = mclx(
         "infer",
-        read_section(her2st, "C2").uns["image_path"],
+        c2.uns["image_path"],
         "--bank",
         bank,
         "--model",
@@ -98,7 +99,6 @@ def test_infer_at_spots_matches_an_independent_computation(her2st, tmp_path):
     assert res.returncode == 0, res.stderr
     pred = ad.read_h5ad(out)  # rows in spot-file order, named as the reader names them
     assert list(pred.obs_names) == [f"{x}x{y}" for x, y in zip(spots.x, spots.y, strict=True)]
-    c2 = read_section(her2st, "C2")
     c2 = c2[[f"C2_{name}" for name in pred.obs_names]]
     assert_agrees(pred.X, expected_predictions(load_checkpoint(ck), load_bank(bank), c2))
     np.testing.assert_allclose(pred.obsm["spatial"], c2.obsm["spatial"])
