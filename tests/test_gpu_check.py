@@ -11,8 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from mclx import gpu_check
-from mclx.gpu_check import SKIPPED, Check, default_checks, main, probe
+from mclx.gpu_check import SKIPPED, Check, default_checks, main, probe, runner
 
 
 def _run(*args):
@@ -37,7 +36,8 @@ def test_without_a_gpu_it_says_so_in_one_json_line_and_exits_77(args):
 
 def test_importing_the_checks_loads_no_gpu_library():
     code = (
-        "import sys, mclx.gpu_check, mclx.gpu_checks, mclx.gpu_checks_pipeline; "
+        "import sys, mclx.gpu_check, mclx.gpu_check.engines, mclx.gpu_check.pipeline; "
+        "import mclx.gpu_check.backends, mclx.gpu_check.environment; "
         "mclx.gpu_check.default_checks(); "
         "print(sorted({'torch', 'cupy', 'tensorrt', 'onnxruntime'} & set(sys.modules)))"
     )
@@ -85,7 +85,7 @@ def _fake_checks(calls):
 @pytest.fixture
 def has_gpu(monkeypatch):
     gpus = {"count": 1, "names": ["Stand-in GPU"], "driver_cuda": "13.0"}
-    monkeypatch.setattr(gpu_check, "probe", lambda: (gpus, None))
+    monkeypatch.setattr(runner, "probe", lambda: (gpus, None))
     return gpus
 
 
@@ -100,9 +100,14 @@ def test_report_of_a_run_with_failures(has_gpu, tmp_path, capsys):
     assert json.loads(out.read_text()) == report
     assert report["status"] == "failed" and report["ok"] is False and report["failed"] == ["bad"]
     assert report["gpus"] == has_gpu and report["mclx_gpu_check"] == 1
+    assert report["ran"] == ["good", "bad"] and report["skipped"] == {}
     good, bad = report["checks"]["good"], report["checks"]["bad"]
-    assert good == {"ok": True, "seconds": good["seconds"], "problems": [], "images_per_s": 12.5}
+    assert good == {
+        "status": "passed", "ok": True, "seconds": good["seconds"], "problems": [],
+        "images_per_s": 12.5,
+    }  # fmt: skip
     assert bad["ok"] is False and bad["problems"] == ["RuntimeError: boom second line"]
+    assert bad["status"] == "failed"
     assert any("boom" in line for line in bad["trace"])
     assert [c[0] for c in calls] == ["good", "bad"] and calls[0][1] == tmp_path / "w"
     assert "gpu-check: bad: FAILED: RuntimeError: boom" in captured.err
@@ -123,6 +128,61 @@ def test_a_run_that_passes_exits_0(has_gpu, capsys):
     ]
 
 
+def test_a_check_whose_package_is_missing_is_skipped_not_failed(has_gpu, capsys):
+    """A bare CUDA machine has no TensorRT: its checks are skipped with the reason, the
+    rest runs, and the run passes (exit 0) when all that ran passed; a check may also
+    skip itself (``Skipped``). Nothing run at all is not a pass (77)."""
+    from mclx.gpu_check.workspace import Skipped
+
+    calls = []
+    checks = _fake_checks(calls)
+    checks["needs_trt"] = Check(checks["bad"].run, "t", lambda: "tensorrt is not installed")
+
+    def later(ws):
+        """Finds out it cannot run."""
+        raise Skipped("onnxruntime-gpu is not installed")
+
+    checks["later"] = Check(later, "l")
+    assert main(["--only", "good,needs_trt,later"], checks=checks) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["status"] == "passed" and report["ok"] and report["ran"] == ["good"]
+    assert report["skipped"] == {
+        "needs_trt": "tensorrt is not installed", "later": "onnxruntime-gpu is not installed",
+    }  # fmt: skip
+    assert report["checks"]["needs_trt"]["status"] == "skipped" and calls == [("good", calls[0][1])]
+    assert main(["--only", "needs_trt,later"], checks=checks) == SKIPPED
+    assert json.loads(capsys.readouterr().out)["status"] == "skipped"
+    assert main(["--only", "needs_trt,unhappy"], checks=checks) == 1
+
+
+def test_infer_runs_each_installed_backend_on_its_own(monkeypatch, tmp_path):
+    """No engine is exported before the other backends run: a backend that is not
+    installed is skipped with its reason, one that fails is named, the rest run."""
+    from mclx.gpu_check import pipeline
+    from mclx.gpu_check.workspace import Workspace
+
+    monkeypatch.setattr(pipeline, "tensorrt_missing", lambda: "tensorrt is not installed")
+    monkeypatch.setattr(pipeline, "onnxruntime_cuda_missing", lambda: "CPU build only")
+    ran = []
+
+    def infer_one(ws, name, args):
+        ran.append(name)
+        if name == "torch_cuda":
+            raise RuntimeError("exit 1: mclx: error: CUDA out of memory")
+        where = {"device": "cpu", "bank_device": "cpu", "tiles": 3, "tiles_per_s": 1.0}
+        return where, np.ones((3, 2))
+
+    monkeypatch.setattr(pipeline, "_infer_one", infer_one)
+    details, problems = pipeline.infer(Workspace(tmp_path))
+    assert ran == ["torch_cpu", "torch_cuda"] and "torch_cpu" in details
+    assert problems == ["torch_cuda: RuntimeError: exit 1: mclx: error: CUDA out of memory"]
+    assert details["skipped"] == {
+        "onnxruntime_cuda": "CPU build only",
+        "tensorrt_cuda": "tensorrt is not installed",
+        "engine_device_cpu": "tensorrt is not installed",
+    }
+
+
 def test_probe_with_a_gpu_prints_it(has_gpu, capsys):
     assert main(["--probe"]) == 0
     assert json.loads(capsys.readouterr().out) == {
@@ -133,8 +193,8 @@ def test_probe_with_a_gpu_prints_it(has_gpu, capsys):
 
 
 def test_engine_batches_and_neighbour_agreement():
-    from mclx.gpu_checks import K, batches
-    from mclx.gpu_checks_pipeline import agreement
+    from mclx.gpu_check.pipeline import agreement
+    from mclx.gpu_check.workspace import K, batches
 
     assert batches(32) == [1, 7, 32, 33, 101] and batches(256)[-1] == 773
     rng = np.random.default_rng(0)
@@ -159,7 +219,7 @@ def test_workspace_inputs_are_made_on_the_cpu(tmp_path, synthetic):
     checkpoint for the synthetic genes, patches, a bank of it, a pyramidal slide."""
     from mclx.bank import load_bank
     from mclx.checkpoint import read_checkpoint_dict
-    from mclx.gpu_checks import Workspace
+    from mclx.gpu_check.workspace import Workspace
 
     ws = Workspace(tmp_path)
     ws.made["data"] = synthetic  # the same synthetic sections, already written
@@ -197,14 +257,15 @@ def test_tensorrt_checks_run_on_the_stand_ins(tmp_path, synthetic, monkeypatch):
     import torch
     from helpers import fake_gpu
 
-    import mclx.gpu_checks as gc
+    import mclx.gpu_check.engines as gc
+    import mclx.gpu_check.workspace as gw
 
     fake_gpu.install(monkeypatch, 11)
     monkeypatch.setattr("mclx.inference.select.torch_device", lambda d: torch.device(d))
     monkeypatch.setattr(gc, "_busy_null_stream", lambda: None)
-    monkeypatch.setattr(gc, "_densenet_checkpoint", _tiny_checkpoint)
+    monkeypatch.setattr(gw, "_densenet_checkpoint", _tiny_checkpoint)
     monkeypatch.setattr(gc, "batches", lambda m: [1, m + 1])  # the edges, fewer images
-    ws = gc.Workspace(tmp_path, most=0)
+    ws = gw.Workspace(tmp_path, most=0)
     ws.made["data"] = synthetic
     seen = {}
     for check in (gc.tensorrt_fp16, gc.tensorrt_fp32, gc.tensorrt_refusals):
@@ -222,15 +283,38 @@ def test_tensorrt_checks_run_on_the_stand_ins(tmp_path, synthetic, monkeypatch):
 
 
 def test_environment_check_runs_on_the_stand_ins(monkeypatch):
-    """On this CPU machine it must run and name what is missing for the GPU path."""
+    """It runs wherever mclx does, reports the versions it finds and names what is
+    missing of the optional GPU packages without failing on it; whichever ONNX Runtime
+    build is installed (the CPU one here, the GPU one in a gpu venv)."""
+    import torch
     from helpers import fake_gpu
 
-    from mclx.gpu_checks import environment
+    from mclx.gpu_check.environment import environment
+    from mclx.inference.device import onnxruntime_distributions
 
     fake_gpu.install(monkeypatch, 11)
     info, problems = environment(None)
     assert info["tensorrt"] == "11.4.0.106" and info["cuda_majors"]["cupy"] == 13
-    assert info["onnxruntime_distributions"] == ["onnxruntime"]
-    assert info["cuda_majors"]["nvrtc"] == 13 and info["cuda_majors"]["torch"] == 13
-    assert "ONNX Runtime has no CUDAExecutionProvider" in problems
-    assert "PyTorch sees no CUDA GPU" in problems
+    assert info["cupy"] == "14.2.0-fake" and info["numpy"] == np.__version__
+    assert info["onnxruntime_distributions"] == onnxruntime_distributions()
+    gpu_build = "onnxruntime-gpu" in onnxruntime_distributions()
+    assert ("onnxruntime-gpu" in info["optional_missing"]) is not gpu_build
+    assert "tensorrt" not in info["optional_missing"]  # the stand-in is there
+    assert ("PyTorch sees no CUDA GPU" in problems) is not torch.cuda.is_available()
+    assert not [p for p in problems if "CUDAExecutionProvider" in p and not gpu_build]
+
+
+def test_environment_check_never_fails_on_a_missing_optional_package(monkeypatch):
+    """No tensorrt, no cupy (a machine without the gpu extra): every version it can,
+    the missing ones named, and no exception."""
+    import sys
+
+    from mclx.gpu_check.environment import environment
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    info, problems = environment(None)
+    assert info["tensorrt"] == "not installed" and info["cupy"] == "not installed"
+    assert info["torch"] and info["mclx"] and info["python"]
+    assert set(info["optional_missing"]) >= {"cupy"}
+    assert not [p for p in problems if "tensorrt" in p.lower() or "cupy" in p.lower()]

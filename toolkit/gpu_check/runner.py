@@ -1,16 +1,5 @@
-"""``python -m mclx.gpu_check`` (``make gpu-check``): prove the GPU path on this machine.
-
-Runs the checks of :mod:`mclx.gpu_checks` (environment, TensorRT FP16 and FP32 engines
-and their parity, a refused engine, ONNX Runtime on CUDA, torch FP16, retrieval at
-N = 200,000 / Q = 4,096 / k = 200 on every array type, ``mclx infer`` end to end, and
-throughput) and prints one JSON report on stdout; progress goes to stderr.
-
-Exit status: 0 every check passed; 1 a check failed (the report says which and why);
-2 bad arguments; 77 skipped: no NVIDIA GPU here (one JSON line with the reason, the
-automake/ctest convention for "skipped": nothing was proven, and it is not a pass).
-``--probe`` only looks for a GPU (0 or 77), without importing any GPU library: the
-Makefile runs it before installing the GPU stack.
-"""
+"""The command line of ``python -m mclx.gpu_check``: the checks in order, the GPU probe,
+the JSON report and the exit status (see :mod:`mclx.gpu_check`)."""
 
 from __future__ import annotations
 
@@ -31,27 +20,40 @@ REPORT_VERSION = 1
 
 @dataclass(frozen=True)
 class Check:
-    """One check: ``run(workspace) -> (details, problems)``, and what it proves."""
+    """One check: ``run(workspace) -> (details, problems)``, what it proves, and
+    ``needs() -> reason or None``: why it cannot run here (skipped, not failed)."""
 
     run: Callable[[Any], tuple[dict, list]]
     about: str
+    needs: Callable[[], str | None] | None = None
 
 
 def default_checks() -> dict[str, Check]:
-    """The checks, in the order they run (later ones reuse what earlier ones built)."""
-    from mclx import gpu_checks as enc
-    from mclx import gpu_checks_pipeline as pipe
+    """The checks, in the order they run (later ones reuse what earlier ones built):
+    those that need no TensorRT first, so a bare CUDA machine runs them all."""
+    from mclx.gpu_check import backends, engines, environment, pipeline
 
+    trt = environment.tensorrt_missing
     return {
-        "environment": Check(enc.environment, "versions, CUDA majors, one ONNX Runtime, providers"),
-        "tensorrt_fp16": Check(enc.tensorrt_fp16, "FP16 engines (max batch 32, 256): parity"),
-        "tensorrt_fp32": Check(enc.tensorrt_fp32, "FP32 engine, TF32 off: within 1e-4"),
-        "tensorrt_refusals": Check(enc.tensorrt_refusals, "foreign engine / sidecar refused"),
-        "onnxruntime_cuda": Check(enc.onnxruntime_cuda, "ONNX Runtime really on CUDA: 1e-4"),
-        "torch_gpu": Check(enc.torch_gpu, "PyTorch FP32 within 1e-4, FP16 cosine >= 0.99"),
-        "retrieval": Check(pipe.retrieval, "N 200k, Q 4096, k 200: every array type vs CPU"),
-        "infer": Check(pipe.infer, "mclx infer end to end for each backend"),
-        "throughput": Check(pipe.throughput, "images/s per backend, queries/s, tiles/s"),
+        "environment": Check(
+            environment.environment, "versions, CUDA majors, one ONNX Runtime, providers"
+        ),
+        "torch_gpu": Check(backends.torch_gpu, "PyTorch FP32 within 1e-4, FP16 cosine >= 0.99"),
+        "onnxruntime_cuda": Check(
+            backends.onnxruntime_cuda,
+            "ONNX Runtime really on CUDA: 1e-4 (needs onnxruntime-gpu)",
+            environment.onnxruntime_cuda_missing,
+        ),
+        "retrieval": Check(pipeline.retrieval, "N 200k, Q 4096, k 200: every array type vs CPU"),
+        "infer": Check(pipeline.infer, "mclx infer end to end for each installed backend"),
+        "tensorrt_fp16": Check(
+            engines.tensorrt_fp16, "FP16 engines (max batch 32, 256): parity", trt
+        ),
+        "tensorrt_fp32": Check(engines.tensorrt_fp32, "FP32 engine, TF32 off: within 1e-4", trt),
+        "tensorrt_refusals": Check(
+            engines.tensorrt_refusals, "foreign engine / sidecar refused", trt
+        ),
+        "throughput": Check(pipeline.throughput, "images/s per installed backend, queries/s"),
     }
 
 
@@ -94,32 +96,54 @@ def _one_line(exc: BaseException) -> str:
 def run_checks(
     names: Sequence[str], checks: dict[str, Any], ws: Any, log: Callable[[str], Any]
 ) -> dict[str, dict[str, Any]]:
-    """Run ``names`` in order; each check returns ``(details, problems)``. An exception
-    is a failed check with its one-line message and the last frames of its traceback."""
+    """Run ``names`` in order; each check returns ``(details, problems)``. A check whose
+    ``needs`` gives a reason (or that raises :class:`Skipped`) is skipped with it; an
+    exception is a failed check with its one-line message and its last frames."""
+    from mclx.gpu_check.workspace import Skipped
+
     results = {}
     for name in names:
-        log(f"gpu-check: {name} ...")
         t0 = time.perf_counter()
-        try:
-            details, problems = checks[name].run(ws)
-        except Exception as exc:  # a check's failure is reported, not raised
-            frames = traceback.format_exception(exc)[-4:]
-            details, problems = {"trace": [" ".join(f.split())[:300] for f in frames]}, []
-            problems.append(_one_line(exc))
+        needs = getattr(checks[name], "needs", None)
+        reason = needs() if needs is not None else None
+        if reason is None:
+            log(f"gpu-check: {name} ...")
+            try:
+                details, problems = checks[name].run(ws)
+            except Skipped as exc:
+                reason = str(exc)
+            except Exception as exc:  # a check's failure is reported, not raised
+                frames = traceback.format_exception(exc)[-4:]
+                details, problems = {"trace": [" ".join(f.split())[:300] for f in frames]}, []
+                problems.append(_one_line(exc))
         seconds = round(time.perf_counter() - t0, 2)
-        results[name] = {"ok": not problems, "seconds": seconds, "problems": problems, **details}
+        if reason is not None:
+            results[name] = {"status": "skipped", "ok": True, "reason": reason}
+            log(f"gpu-check: {name}: skipped: {reason}")
+            continue
+        status = "failed" if problems else "passed"
+        results[name] = {"status": status, "ok": not problems, "seconds": seconds,
+                         "problems": problems, **details}  # fmt: skip
         verdict = "ok" if not problems else f"FAILED: {problems[0]}"
         log(f"gpu-check: {name}: {verdict} ({seconds:.1f} s)")
     return results
 
 
 def report(gpus: dict[str, Any], results: dict[str, dict[str, Any]], seconds: float) -> dict:
-    failed = [name for name, r in results.items() if not r["ok"]]
+    """The JSON report: ``passed`` when every check that ran passed (the rest skipped,
+    each with its reason), ``failed`` when one that ran failed, ``skipped`` when none
+    ran. ``ran`` / ``skipped`` / ``failed`` say plainly which parts ran."""
+    failed = [name for name, r in results.items() if r["status"] == "failed"]
+    ran = [name for name, r in results.items() if r["status"] != "skipped"]
+    skipped = {name: r["reason"] for name, r in results.items() if r["status"] == "skipped"}
+    status = "failed" if failed else "passed" if ran else "skipped"
     return {
         "mclx_gpu_check": REPORT_VERSION,
-        "status": "failed" if failed else "passed",
-        "ok": not failed,
+        "status": status,
+        "ok": status == "passed",
+        "ran": ran,
         "failed": failed,
+        "skipped": skipped,
         "seconds": round(seconds, 1),
         "gpus": gpus,
         "checks": results,
@@ -175,7 +199,7 @@ def main(argv: Sequence[str] | None = None, *, checks: dict[str, Any] | None = N
 def _run(args, names, checks, gpus) -> int:
     import tempfile
 
-    from mclx.gpu_checks import Workspace
+    from mclx.gpu_check.workspace import Workspace
 
     t0 = time.perf_counter()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -190,8 +214,4 @@ def _run(args, names, checks, gpus) -> int:
         from mclx.io import write_text_atomic
 
         write_text_atomic(args.out, text + "\n")
-    return 0 if out["ok"] else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return {"passed": 0, "failed": 1}.get(out["status"], SKIPPED)
