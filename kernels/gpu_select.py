@@ -36,8 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from mclx.kernels.gpu_memory import CAP as _CAP
+
 BLOCK = 256  # threads per block (retrieval.cu's BLOCK)
-CAP = 2048  # running top-m buffer per query (retrieval.cu's CAP)
+CAP = _CAP  # running top-m buffer per query (retrieval.cu's CAP)
 MAX_M = (CAP - BLOCK) // 2  # candidates a query keeps at most (also <= SORT_MAX)
 TILE_BYTES = 256 * 2**20  # one float32 score tile
 TILE_COLS = 32768
@@ -346,11 +348,33 @@ def _like(x, ref):
     return x.get()
 
 
+def _block(cp, q, keys, k: int, precision: str, limit: int | None = None) -> int:
+    """Queries per call of :func:`neighbours`: their scratch fits the free memory
+    (:func:`mclx.kernels.gpu_memory.queries_per_block`)."""
+    from mclx.kernels.bf16 import bf16_candidates
+    from mclx.kernels.gpu_memory import queries_per_block
+
+    n, width = keys.shape
+    m = min(n, bf16_candidates(k)) if precision == "bf16" and n > k else k
+    fixed = TILE_BYTES + KEY_CHUNK * width * 4  # the score tile and a unit key chunk
+    return queries_per_block(cp, len(q), m, k, width, fixed=fixed, limit=limit)
+
+
 def topk_cupy(queries, keys, k: int, chunk=None, *, precision: str = "fp32"):
-    """:func:`mclx.kernels.topk_cosine` on the CuPy kernels: (scores, int64 indices)."""
-    with sys.modules["cupy"].cuda.Device(keys.device.id):
+    """:func:`mclx.kernels.topk_cosine` on the CuPy kernels: (scores, int64 indices),
+    queries in blocks whose scratch fits the free memory (:func:`_block`)."""
+    cp = sys.modules["cupy"]
+    with cp.cuda.Device(keys.device.id):
         q, keys, _ = _prepare(queries, keys, k)
-        s, i, _ = neighbours(q, keys, k, chunk=chunk, mode=precision)
+        step = _block(cp, q, keys, k, precision)
+        parts = [
+            neighbours(q[s : s + step], keys, k, chunk=chunk, mode=precision)[:2]
+            for s in range(0, max(len(q), 1), step)  # one call when empty
+        ]
+        if len(parts) == 1:
+            s, i = parts[0]
+        else:
+            s, i = (cp.concatenate([p[j] for p in parts]) for j in (0, 1))
         return _like(s, queries), _like(i.astype(np.int64), queries)
 
 
@@ -358,14 +382,16 @@ def retrieve_cupy(
     queries, keys, values, k: int, *, distance="l2", weighting="inverse_square",
     chunk=None, precision: str = "fp32", query_block: int = 16384,
 ):  # fmt: skip
-    """:func:`mclx.kernels.retrieve` on the CuPy kernels."""
+    """:func:`mclx.kernels.retrieve` on the CuPy kernels, ``query_block`` queries at a
+    time at most (fewer where their scratch would not fit: ``gpu_memory``)."""
     cp = sys.modules["cupy"]
     order = 2 if distance == "l2" else 1
     with cp.cuda.Device(keys.device.id):
         q, keys, vals = _prepare(queries, keys, k, values)
+        step = _block(cp, q, keys, k, precision, limit=query_block)
         out = []
-        for s in range(0, len(q), query_block):
-            _, idx, dist = neighbours(q[s : s + query_block], keys, k, chunk=chunk,
+        for s in range(0, len(q), step):
+            _, idx, dist = neighbours(q[s : s + step], keys, k, chunk=chunk,
                                       mode=precision, order=order)  # fmt: skip
             out.append(aggregate(dist, idx, vals, weighting))
         pred = cp.concatenate(out) if out else cp.zeros((0, vals.shape[1]), cp.float32)

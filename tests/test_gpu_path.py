@@ -67,6 +67,28 @@ def test_gpu_extra_is_one_cuda_major_and_makefile_keeps_the_builds_apart():
     assert installs and all(not {"cpu", "gpu"} <= set(i.split(",")) for i in installs)
 
 
+def test_gpu_extra_on_python_3_10_installs_without_onnxruntime_gpu():
+    """onnxruntime-gpu >= 1.29 has no cp310 wheels: ``pip install .[gpu]`` failed on
+    Python 3.10, which requires-python admits. Its requirement carries a marker, and the
+    GPU check says why ONNX Runtime's CUDA build is missing there."""
+    from packaging.requirements import Requirement
+
+    from mclx.gpu_check import environment
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (ort,) = [
+        Requirement(r)
+        for r in project["optional-dependencies"]["gpu"]
+        if r.startswith("onnxruntime")
+    ]
+    assert ort.name == "onnxruntime-gpu" and project["requires-python"] == ">=3.10"
+    assert not ort.marker.evaluate({"python_version": "3.10"})
+    assert ort.marker.evaluate({"python_version": "3.11"})
+    assert ort.marker.evaluate({"python_version": "3.12"})
+    why = environment.onnxruntime_cuda_missing(python=(3, 10))
+    assert "Python 3.10" in why and "3.11" in why
+
+
 def test_missing_onnxruntime_is_one_line(monkeypatch, tmp_path):
     from mclx.inference.device import import_onnxruntime, onnxruntime_cuda
 

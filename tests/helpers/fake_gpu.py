@@ -129,6 +129,11 @@ class _Device:
         self.cp = cp
         self.id = cp.cuda._device[-1] if device is None else device
 
+    @property
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes: ``cp.free_bytes`` of an 80 GB GPU (a test may lower it)."""
+        return self.cp.free_bytes, 80 * 10**9
+
     def __enter__(self):
         self.cp.cuda._device.append(self.id)
         return self
@@ -146,6 +151,7 @@ def fake_cupy(devices: int = 1) -> types.ModuleType:
     cp = types.ModuleType("cupy")
     cp.__version__ = "14.2.0-fake"
     cp.log = []
+    cp.free_bytes = 70 * 10**9
     cp.ndarray = FakeCuPyArray
     cp.float32, cp.float16, cp.int32, cp.int64 = np.float32, np.float16, np.int32, np.int64
     cp.uint16 = np.uint16

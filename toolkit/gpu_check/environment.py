@@ -45,11 +45,18 @@ def cupy_missing() -> str | None:
     return None
 
 
-def onnxruntime_cuda_missing() -> str | None:
-    """Why ONNX Runtime cannot run on CUDA here: the CPU build (or none) is installed."""
+def onnxruntime_cuda_missing(python: tuple[int, int] | None = None) -> str | None:
+    """Why ONNX Runtime cannot run on CUDA here: the CPU build (or none) is installed;
+    on Python 3.10 none can be (``python``: the version to judge, default this one)."""
     from mclx.inference.device import onnxruntime_distributions
 
     found = onnxruntime_distributions()
+    major, minor = python or sys.version_info[:2]
+    if (major, minor) < (3, 11) and "onnxruntime-gpu" not in found:
+        return (
+            f"onnxruntime-gpu >= 1.29 has no wheels for Python {major}.{minor}: ONNX Runtime "
+            "on CUDA needs Python >= 3.11 (the gpu extra skips it here)"
+        )
     if "onnxruntime-gpu" not in found:
         have = f"installed: {', '.join(found)}" if found else "no ONNX Runtime installed"
         return f"onnxruntime-gpu is not installed ({have}; {GPU_EXTRA})"
