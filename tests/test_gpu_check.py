@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -318,3 +319,89 @@ def test_environment_check_never_fails_on_a_missing_optional_package(monkeypatch
     assert info["torch"] and info["mclx"] and info["python"]
     assert set(info["optional_missing"]) >= {"cupy"}
     assert not [p for p in problems if "tensorrt" in p.lower() or "cupy" in p.lower()]
+
+
+# --- the offline wheel set, in a stand-in of the bare CUDA image ------------------------
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory):
+    """A fresh venv that sees only the GPU image's packages (``helpers.image_env``: this
+    environment's installs of them, linked), and the offline wheel set installed as
+    ``make gpu-check-offline`` installs it: one ``pip install --no-index --no-deps
+    --target`` of the pinned list (``toolkit/gpu_check/wheels.txt``, downloaded here for
+    this interpreter: the GPU image's is 3.12) and mclx's own wheel. Returns the venv's
+    python and the environment that puts the target folder on its path."""
+    from helpers.image_env import ROOT, WHEELS, env_without_user_site, make_venv
+
+    root = tmp_path_factory.mktemp("image")
+    wheels, site = root / "whl", root / "site"
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    steps = [
+        [*pip, "download", "--no-deps", "--only-binary=:all:", "-r", WHEELS, "-d", wheels],
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT],
+    ]
+    for step in steps:
+        res = subprocess.run([str(a) for a in step], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+    python = make_venv(root / "venv")
+    found = sorted(str(p) for p in wheels.glob("*.whl"))
+    install = [*pip, "install", "--no-index", "--no-deps", "--target", str(site), *found]
+    subprocess.run(install, check=True, capture_output=True)
+    return python, env_without_user_site(site), site
+
+
+def _in_image(image, *args, timeout=600):
+    python, env, _ = image
+    return subprocess.run(
+        [str(python), *args], capture_output=True, text=True, env=env, timeout=timeout,
+        cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+
+
+def test_image_stand_in_has_only_the_image_packages(image):
+    """The stand-in is a real test: without the wheels, mclx and anndata do not import."""
+    python, env, _ = image
+    bare = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    code = "import importlib.util as u; print([u.find_spec(m) is None for m in {}])"
+    mods = ["mclx", "anndata", "scanpy", "openslide", "torch", "numpy", "onnxruntime"]
+    res = subprocess.run([str(python), "-c", code.format(mods)], env=bare, capture_output=True,
+                         text=True, check=True)  # fmt: skip
+    assert res.stdout.strip() == str([True, True, True, True, False, False, False])
+
+
+def test_wheel_set_runs_the_gpu_check_in_the_image(image):
+    """``python -m mclx.gpu_check --probe`` and ``--list`` from the installed wheels."""
+    _, _, site = image
+    where = _in_image(image, "-c", "import mclx; print(mclx.__file__)")
+    assert where.stdout.strip().startswith(str(site)), where
+    probe = _in_image(image, "-m", "mclx.gpu_check", "--probe")
+    assert probe.returncode in (0, SKIPPED), probe.stderr
+    assert json.loads(probe.stdout)["status"] in ("gpu", "skipped")
+    listed = _in_image(image, "-m", "mclx.gpu_check", "--list")
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[0] for line in listed.stdout.splitlines()] == list(default_checks())
+
+
+def test_wheel_set_is_complete_for_the_gpu_path_and_its_tests(image):
+    """Everything the checks and ``pytest -m gpu`` import: the environment step runs
+    (TensorRT and onnxruntime-gpu named as missing, not failed), the modules of the
+    GPU path import, and every test module collects."""
+    code = (
+        "import json, anndata, scanpy, openslide, hypothesis; "
+        "import mclx.cli, mclx.runtime, mclx.bank, mclx.export.exporter, mclx.slide; "
+        "import mclx.gpu_check.pipeline, mclx.gpu_check.engines, mclx.kernels.cpu_select; "
+        "from mclx.gpu_check.environment import environment; "
+        "info, problems = environment(None); print(json.dumps(info, default=str))"
+    )
+    res = _in_image(image, "-c", code)
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout.strip().splitlines()[-1])
+    assert info["anndata"] != "not installed" and info["scanpy"] != "not installed"
+    assert info["tensorrt"] == "not installed" and "tensorrt" in info["optional_missing"]
+    assert "onnxruntime-gpu" in info["optional_missing"]
+    collect = _in_image(image, "-m", "pytest", "--collect-only", "-q", "-m", "gpu",
+                        "-p", "no:cacheprovider", "tests")  # fmt: skip
+    assert collect.returncode == 0, collect.stdout[-3000:]
+    assert "error" not in collect.stdout.lower().split("collected")[-1]
+    assert "test_real_torch_on_the_gpu" in collect.stdout
