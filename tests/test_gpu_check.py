@@ -35,6 +35,24 @@ def test_without_a_gpu_it_says_so_in_one_json_line_and_exits_77(args):
     assert "NVIDIA" in reason or "CUDA" in reason
 
 
+def test_offline_check_without_a_gpu_is_one_json_line_and_77(tmp_path):
+    """``make gpu-check-offline`` on a CPU machine: the probe answers before anything is
+    installed (no wheels needed), one JSON line with the reason, exit 77."""
+    gpus, reason = probe()
+    if gpus is not None:
+        pytest.skip(f"this machine has a GPU ({gpus['names']}): the skip does not apply")
+    root = Path(__file__).resolve().parents[1]
+    env = {"PATH": "/usr/bin:/bin", "WHEELS": str(tmp_path / "none"), "PYTHON3": sys.executable}
+    res = subprocess.run(["bash", str(root / "toolkit/gpu_check/offline.sh")], env=env,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == SKIPPED, res
+    (line,) = res.stdout.strip().splitlines()
+    assert json.loads(line) == {
+        "mclx_gpu_check": 1, "status": "skipped", "ok": False, "reason": reason,
+    }  # fmt: skip
+    assert res.stderr == "" and not (tmp_path / "none").exists()
+
+
 def test_importing_the_checks_loads_no_gpu_library():
     code = (
         "import sys, mclx.gpu_check, mclx.gpu_check.engines, mclx.gpu_check.pipeline; "
@@ -266,7 +284,7 @@ def test_tensorrt_checks_run_on_the_stand_ins(tmp_path, synthetic, monkeypatch):
     monkeypatch.setattr(gc, "_busy_null_stream", lambda: None)
     monkeypatch.setattr(gw, "_densenet_checkpoint", _tiny_checkpoint)
     monkeypatch.setattr(gc, "batches", lambda m: [1, m + 1])  # the edges, fewer images
-    ws = gw.Workspace(tmp_path, most=0)
+    ws = gw.Workspace(tmp_path)
     ws.made["data"] = synthetic
     seen = {}
     for check in (gc.tensorrt_fp16, gc.tensorrt_fp32, gc.tensorrt_refusals):
