@@ -67,6 +67,9 @@ def tensorrt_fp16(ws: Workspace):
     details["default_build_seconds"] = time.perf_counter() - t0
     details["max_batch_256"], more = engine_parity(ws, default, 256, fp32=False)
     problems += [f"max batch 256, {p}" for p in more]
+    for name in ("max_batch_32", "max_batch_256"):  # the graph's compute type, not a label
+        if details[name]["precision"] != "fp16":
+            problems.append(f"{name}: an {details[name]['precision']} engine, not FP16")
     return details, problems
 
 

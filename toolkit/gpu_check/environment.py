@@ -101,19 +101,19 @@ def cuda_details(info: dict[str, Any]) -> dict[str, Any]:
 
     out: dict[str, Any] = {"onnxruntime_distributions": onnxruntime_distributions()}
     majors: dict[str, int | None] = {}
-    if info["torch"] != "not installed":
+    if _present(info, "torch"):
         import torch
 
         out["torch_cuda"] = torch.version.cuda
         out["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         majors["torch"] = int(str(torch.version.cuda).split(".")[0]) if torch.version.cuda else None
-    if info["cupy"] not in ("not installed",) and not info["cupy"].startswith("import failed"):
+    if _present(info, "cupy"):
         import cupy
 
         runtime = _safely(cupy.cuda.runtime.runtimeGetVersion, 0)
         out["cupy_cuda_runtime"] = f"{runtime // 1000}.{runtime % 1000 // 10}"
         majors["cupy"] = runtime // 1000 or None
-    if info["onnxruntime"] != "not installed" and not info["onnxruntime"].startswith("import"):
+    if _present(info, "onnxruntime"):
         import onnxruntime as ort
 
         out["onnxruntime_providers"] = ort.get_available_providers()
@@ -123,6 +123,11 @@ def cuda_details(info: dict[str, Any]) -> dict[str, Any]:
     majors["tensorrt"] = _tensorrt_cuda_major()
     out["cuda_majors"] = majors
     return out
+
+
+def _present(info: dict[str, Any], module: str) -> bool:
+    """Whether :func:`versions` imported ``module`` (a version, not why there is none)."""
+    return info[module] != "not installed" and not info[module].startswith("import failed")
 
 
 def _nvrtc_version() -> str:
@@ -151,7 +156,7 @@ def environment(ws: Any):
     majors = info["cuda_majors"]
     if len({v for v in majors.values() if v is not None}) > 1:
         problems.append(f"CUDA majors differ: {majors}")
-    if info["torch"] == "not installed" or not info.get("gpus"):
+    if not info.get("gpus"):
         problems.append("PyTorch sees no CUDA GPU")
     return info, problems
 
