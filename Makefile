@@ -81,7 +81,7 @@ gpu-wheels: $(STAMP)
 		sys.exit(mib >= $(WHEELS_MAX_MIB))"
 
 gpu-check-offline:
-	bash toolkit/gpu_check/offline.sh
+	GPU_CHECK_ARGS="$(GPU_CHECK_ARGS)" bash toolkit/gpu_check/offline.sh
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) $(WHEELS) demo_out .pytest_cache .benchmarks toolkit/viewer/vendor

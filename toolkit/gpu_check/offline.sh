@@ -21,8 +21,16 @@ if [ ${#wheels[@]} -eq 0 ]; then
     exit 2
 fi
 rm -rf "$SITE"
-"$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check --target "$SITE" "${wheels[@]}" || exit 1
-export PYTHONPATH="$PWD/$SITE${PYTHONPATH:+:$PYTHONPATH}"
+if "$PY" -m pip --version >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --disable-pip-version-check \
+        --target "$SITE" "${wheels[@]}" || exit 1
+else  # a python3 without pip: these wheels need no more than unpacking
+    echo "gpu-check-offline: no pip for $PY; unpacking the wheels into $SITE" >&2
+    "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+        "$SITE" "${wheels[@]}" || exit 1
+fi
+site_abs=$(cd "$SITE" && pwd) || exit 1
+export PYTHONPATH="$site_abs${PYTHONPATH:+:$PYTHONPATH}"
 # shellcheck disable=SC2086  # GPU_CHECK_ARGS: words for the check (--only, --skip, ...)
 "$PY" -m mclx.gpu_check --out "$WHEELS/gpu-check.json" ${GPU_CHECK_ARGS:-}
 check=$?
