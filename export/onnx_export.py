@@ -5,12 +5,18 @@ its embeddings (image encoder + projection head; a ViT's tokens included), with 
 dynamic batch axis. A section-level model (HisToGene) takes a second input, the
 spots' array ``positions`` (int64, N x 2), and N is the section's spots. The TorchScript
 exporter (``dynamo=False``) is used: it gives a correct graph for DenseNet's concatenations.
-The file is saved after ONNX Runtime's basic (portable, ONNX-only) optimisations, so
-TensorRT can still parse it; the runtime enables the rest when it opens a session.
+The FP32 file is saved after ONNX Runtime's basic (portable, ONNX-only) optimisations,
+so TensorRT can still parse it; the runtime enables the rest when it opens a session.
 
 ``precision="fp16"`` writes the graph a strongly typed TensorRT network builds an FP16
 engine from (TensorRT 11 has no FP16 builder flag): the image encoder's weights and
-activations in float16, the projection head in float32, float32 input and output.
+activations in float16, the projection head in float32, float32 input and output. It is
+the exporter's graph as it is, with no ONNX Runtime pass: the CPU provider has no float16
+Conv, so its optimiser inserts ``InsertedPrecisionFreeCast_*`` nodes that turn every
+float16 weight back into float32 (a DenseNet-121 then computes all its Conv, BatchNorm
+and Relu nodes in float32, and TensorRT builds an FP32 engine from it). A graph's
+precision is the type its Conv / MatMul / Gemm nodes compute in
+(:func:`graph_precision`), never the type of its weights.
 """
 
 from __future__ import annotations
@@ -91,13 +97,35 @@ def _half_encoder(model):
     return HalfEncoder().eval()
 
 
-def graph_precision(path: str | os.PathLike) -> str:
-    """``fp16`` when an ONNX graph holds float16 weights, else ``fp32``."""
+COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")  # where the work is
+
+
+def compute_types(path: str | os.PathLike) -> dict[str, int]:
+    """How many Conv / MatMul / Gemm nodes of an ONNX graph compute in each element type
+    (``float16``, ``float``, ...): the type of a node's first input, after shape
+    inference (a Cast in front of a node is what changes it, not the weights' type)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    half = onnx.TensorProto.FLOAT16
-    return "fp16" if any(t.data_type == half for t in model.graph.initializer) else "fp32"
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {t.name: t.data_type for t in inferred.initializer}
+    for v in (*inferred.input, *inferred.value_info, *inferred.output):
+        types[v.name] = v.type.tensor_type.elem_type
+    counts: dict[str, int] = {}
+    for node in inferred.node:
+        if node.op_type in COMPUTE_OPS and node.input:
+            name = onnx.TensorProto.DataType.Name(types.get(node.input[0], 0)).lower()
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def graph_precision(path: str | os.PathLike) -> str:
+    """``fp16`` when most Conv / MatMul / Gemm nodes of an ONNX graph compute in float16
+    (an FP16 encoder ahead of a float32 projection head), else ``fp32``: what a strongly
+    typed TensorRT network builds from it (:func:`compute_types`)."""
+    counts = compute_types(path)
+    half = counts.get("float16", 0)
+    return "fp16" if half and 2 * half > sum(counts.values()) else "fp32"
 
 
 def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17, precision: str = "fp32") -> Path:
@@ -108,15 +136,15 @@ def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17, precision: str =
 
     from mclx.inference.device import import_onnxruntime
 
-    ort = import_onnxruntime(str(out))
+    if precision not in ("fp32", "fp16"):
+        msg = f"{out}: ONNX export precision {precision!r} (fp32 or fp16)"
+        raise ValueError(msg)
+    ort = import_onnxruntime(str(out)) if precision == "fp32" else None
     out = Path(out)
     size = ck.preprocess.patch_size
     module = ck.model.cpu().eval()  # forward: images (, positions) -> embeddings
     if precision == "fp16":
         module = _half_encoder(module)
-    elif precision != "fp32":
-        msg = f"{out}: ONNX export precision {precision!r} (fp32 or fp16)"
-        raise ValueError(msg)
     args: tuple = (torch.rand(3, 3, size, size),)
     names = [INPUT]
     if _section(ck):
@@ -136,11 +164,12 @@ def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17, precision: str =
                 opset_version=opset,
                 dynamic_axes={n: {0: "batch"} for n in [*names, OUTPUT]},
             )
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        so.optimized_model_filepath = str(tmp)
-        ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
-        proto = onnx.load(str(tmp))
+        if precision == "fp32":  # fp16: no CPU pass (it would cast back to float32)
+            so = ort.SessionOptions()
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            so.optimized_model_filepath = str(tmp)
+            ort.InferenceSession(str(raw), so, providers=["CPUExecutionProvider"])
+        proto = onnx.load(str(tmp if precision == "fp32" else raw))
         _set_metadata(proto, metadata(ck) | {"precision": precision})
         onnx.checker.check_model(proto, full_check=True)
         onnx.save(proto, str(tmp))

@@ -20,10 +20,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import NoReturn
 
 from mclx.inference.device import require_gpu_stack
 from mclx.inference.encoders import INPUT, OUTPUT, read_onnx_metadata
-from mclx.io import atomic_path, write_text_atomic
+from mclx.inference.tensorrt import sidecar_path
+from mclx.io import all_or_nothing, atomic_path, write_text_atomic
 
 DEFAULT_MAX_BATCH = 256
 OPT_BATCH = 64
@@ -33,7 +35,7 @@ def build(job, out: Path) -> str:
     """Formats-table builder of ``engine``: FP16 (from an FP16 graph of the job's
     checkpoint) unless ``fp16=False`` (from the job's FP32 ONNX file); returns the
     precision built."""
-    from mclx.export.onnx_export import export_onnx
+    from mclx.export.onnx_export import compute_types, export_onnx, graph_precision
 
     engine = job.paths["engine"]
     fp32_graph = job.paths["onnx"]
@@ -43,6 +45,10 @@ def build(job, out: Path) -> str:
         if precision == "fp16":
             opset = job.options.get("opset") or 17
             graph = export_onnx(job.ck, Path(tmp) / "fp16.onnx", opset=opset, precision="fp16")
+            if graph_precision(graph) != "fp16":  # TensorRT would build it in float32
+                types = compute_types(graph)
+                msg = f"{engine}: the FP16 graph computes in float32 (Conv/MatMul/Gemm: {types})"
+                raise RuntimeError(msg)
         build_engine(
             graph,
             out,
@@ -80,51 +86,71 @@ def build_engine(
 ) -> Path:
     """Build ``out`` (.engine) and its ``.engine.json`` sidecar from an ONNX encoder.
 
-    The engine's precision is the graph's (:func:`~mclx.export.onnx_export.graph_precision`).
-    ``source``: the ONNX file whose mclx metadata the sidecar carries (default
-    ``onnx_path``). The timing cache (default ``out`` + ``.timing.cache``) speeds up later
-    builds.
+    The engine's precision is the graph's (:func:`~mclx.export.onnx_export.graph_precision`:
+    the type its Conv / MatMul / Gemm nodes compute in). ``source``: the ONNX file whose
+    mclx metadata the sidecar carries (default ``onnx_path``). The timing cache (default
+    ``out`` + ``.timing.cache``) speeds up later builds. Engine, sidecar and cache are
+    written together or not at all: every TensorRT result is checked first.
     """
+    out = Path(out)
+    require_gpu_stack(str(out))  # one line before tensorrt is imported
     import tensorrt as trt
 
     from mclx.export.onnx_export import graph_precision
     from mclx.inference.tensorrt import collecting_logger
 
-    out = Path(out)
-    require_gpu_stack(str(out))
     batches = profile_batches(min_batch, opt_batch, max_batch)
     precision = graph_precision(onnx_path)
     logger = collecting_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(strongly_typed(trt))
     _parse(trt, network, onnx_path, logger)
+    cache_path = Path(timing_cache) if timing_cache else out.with_name(out.name + ".timing.cache")
+    config = _config(trt, builder, network, batches, workspace_gib, cache_path, out, logger)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        _failed(out, "engine build", logger)
+    data = bytes(serialized)
+    cache = config.get_timing_cache()
+    if cache is None:
+        _failed(out, "get_timing_cache (after the build)", logger)
+    cache_bytes = bytes(cache.serialize())
+    side = _sidecar(data, Path(source or onnx_path), precision, batches, trt.__version__)
+    with all_or_nothing():
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(data)
+        write_text_atomic(sidecar_path(out), side)
+        with atomic_path(cache_path) as tmp:
+            tmp.write_bytes(cache_bytes)
+    return out
+
+
+def _failed(out: Path, what: str, logger) -> NoReturn:
+    """TensorRT reports failure as None, False or -1 (and a log line): one line."""
+    why = f": {logger.errors[-1]}" if logger.errors else ""
+    msg = f"{out}: TensorRT {what} failed{why}"
+    raise RuntimeError(" ".join(msg.split())[:300])
+
+
+def _config(trt, builder, network, batches, workspace_gib, cache_path: Path, out, logger):
+    """The builder config: workspace, TF32 cleared, the batch profile, the timing cache."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     config.clear_flag(trt.BuilderFlag.TF32)  # float32 layers stay float32
     shape = tuple(network.get_input(0).shape)[1:]
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT, *((b, *shape) for b in batches))
-    config.add_optimization_profile(profile)
-    cache_path = Path(timing_cache) if timing_cache else out.with_name(out.name + ".timing.cache")
+    if config.add_optimization_profile(profile) < 0:  # -1: the profile is invalid
+        _failed(out, f"add_optimization_profile {batches}", logger)
     cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        why = f": {logger.errors[-1]}" if logger.errors else ""
-        msg = f"{out}: TensorRT engine build failed{why}"
-        raise RuntimeError(" ".join(msg.split())[:300])
-    data = bytes(serialized)
-    with atomic_path(out) as tmp:
-        tmp.write_bytes(data)
-    with atomic_path(cache_path) as tmp:
-        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    _write_sidecar(out, data, Path(source or onnx_path), precision, batches, trt.__version__)
-    return out
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        _failed(out, f"timing cache {cache_path.name}", logger)
+    return config
 
 
-def _write_sidecar(out: Path, data: bytes, source: Path, precision, batches, version) -> None:
-    """``out.json``: the ONNX file's mclx metadata, how the engine was built, and the
-    sha256 of its bytes (an engine is only run with the sidecar of its own build)."""
+def _sidecar(data: bytes, source: Path, precision, batches, version) -> str:
+    """The ``.engine.json`` text: the ONNX file's mclx metadata, how the engine was built,
+    and the sha256 of its bytes (an engine is only run with the sidecar of its own build)."""
     side = read_onnx_metadata(source) | {
         "precision": precision,
         "tensorrt_version": version,
@@ -133,7 +159,7 @@ def _write_sidecar(out: Path, data: bytes, source: Path, precision, batches, ver
         "onnx": str(source.resolve()),
         "engine_sha256": hashlib.sha256(data).hexdigest(),
     }
-    write_text_atomic(out.with_name(out.name + ".json"), json.dumps(side, indent=2) + "\n")
+    return json.dumps(side, indent=2) + "\n"
 
 
 def _parse(trt, network, onnx_path, logger) -> None:

@@ -5,6 +5,13 @@ One interface over numpy arrays (CPU: torch products and compiled numba selectio
 kernels, ``gpu_select`` and ``cuda/*.cu``, with the torch path as fallback) and torch
 tensors; the array type of the result follows the queries. ``nvrtc`` compiles the CUDA
 sources without a GPU (``make test``).
+
+Modules by role: ``retrieval`` (the public API, and which path serves a call),
+``torch_path`` (the fallback and the CuPy kernels' oracle), ``compiled_path`` (the CPU
+orchestration of ``cpu_select``), ``bf16`` (the exactness bound of bfloat16 candidates),
+``stages`` (stage timers), ``gpu_select`` (the CuPy kernels). Imports go one way:
+``retrieval`` -> ``gpu_select`` / ``compiled_path`` -> ``torch_path`` -> ``bf16``,
+``stages``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ For a bank resident on the GPU (CuPy arrays) and Q queries:
 - ``rescore`` computes the exact float32 cosine and L1/L2 distance of each candidate
   from the raw vectors, ``best_k`` keeps the best k (ties to the lower index);
 - in bf16 the m = k + max(256, k/2) candidates are proven to hold the float32 top-k by
-  the same bound as on the CPU (:func:`mclx.kernels.retrieval._bf16_sure`); a query
+  the same bound as on the CPU (:func:`mclx.kernels.bf16.bf16_sure`); a query
   that is not sure is redone in float32;
 - ``weights_rows`` and ``aggregate_rows`` give the inverse-square-distance weighted
   expression.
@@ -36,8 +36,10 @@ from typing import Any
 
 import numpy as np
 
+from mclx.kernels.gpu_memory import CAP as _CAP
+
 BLOCK = 256  # threads per block (retrieval.cu's BLOCK)
-CAP = 2048  # running top-m buffer per query (retrieval.cu's CAP)
+CAP = _CAP  # running top-m buffer per query (retrieval.cu's CAP)
 MAX_M = (CAP - BLOCK) // 2  # candidates a query keeps at most (also <= SORT_MAX)
 TILE_BYTES = 256 * 2**20  # one float32 score tile
 TILE_COLS = 32768
@@ -102,9 +104,9 @@ def kernels() -> Kernels:
 
 def supports(k: int, n: int, precision: str) -> bool:
     """Whether the kernels take this query: the candidates fit the shared buffers."""
-    from mclx.kernels.retrieval import _bf16_candidates
+    from mclx.kernels.bf16 import bf16_candidates
 
-    m = min(n, _bf16_candidates(k)) if precision == "bf16" and n > k else k
+    m = min(n, bf16_candidates(k)) if precision == "bf16" and n > k else k
     return m <= MAX_M
 
 
@@ -181,7 +183,7 @@ def neighbours(q, keys, k: int, *, chunk=None, mode: str = "fp32", order: int = 
     float32) of float32 C-contiguous CuPy ``q`` against ``keys`` on the same GPU."""
     import torch
 
-    from mclx.kernels.retrieval import _bf16_candidates, _bf16_sure, bf16_eps_from
+    from mclx.kernels.bf16 import bf16_candidates, bf16_eps_from, bf16_sure
 
     ops = kernels()
     n, width = keys.shape
@@ -193,14 +195,14 @@ def neighbours(q, keys, k: int, *, chunk=None, mode: str = "fp32", order: int = 
             cp.empty((0, k), cp.float32),
         )
     bf16 = mode == "bf16" and n > k
-    m = min(n, _bf16_candidates(k)) if bf16 else k
+    m = min(n, bf16_candidates(k)) if bf16 else k
     qd, q_err = _unit(ops, q, bf16, "queries")
     approx, cand, key_err = _select(ops, qd, keys, m, chunk, bf16)
     out = _best(ops, q, keys, cand, k, order)
     if bf16 and m < n:
         top = torch.from_numpy(approx.get())
         eps = bf16_eps_from(torch.from_numpy(q_err), width, key_err)
-        unsure = np.flatnonzero(~_bf16_sure(top[:, k - 1], top[:, m - 1], eps).numpy())
+        unsure = np.flatnonzero(~bf16_sure(top[:, k - 1], top[:, m - 1], eps).numpy())
         if len(unsure):
             rows = ops.cp.asarray(unsure)
             redo = neighbours(q[rows], keys, k, chunk=chunk, mode="fp32", order=order)
@@ -274,12 +276,12 @@ def _reference_arrays(device: int, arrays):
 
 def _compare(mine, ref, mode: str, distance: str) -> str:
     """Why the kernels and the reference differ ('' when they agree)."""
-    from mclx.kernels.retrieval import _like as host_like
-    from mclx.kernels.retrieval import retrieve, topk_cosine
+    from mclx.kernels.torch_path import like as host_like
+    from mclx.kernels.torch_path import retrieve, topk
 
     kw = {"chunk": 1500, "precision": mode}
     _, gi = topk_cupy(mine[0], mine[1], 25, **kw)
-    _, wi = topk_cosine(ref[0], ref[1], 25, **kw)
+    _, wi = topk(ref[0], ref[1], 25, **kw)
     wi = host_like(wi, np.zeros(1)) if not isinstance(wi, np.ndarray) else wi
     if not np.array_equal(np.sort(gi.get(), 1), np.sort(wi, 1)):
         return f"{mode}: other neighbours than the torch path"
@@ -307,7 +309,7 @@ def _prepare(queries, keys, k: int, values=None):
     CuPy or CUDA-tensor query must be on the keys' GPU), keys and values, checked as the
     torch path checks them."""
     cp = sys.modules["cupy"]
-    from mclx.kernels.retrieval import _check
+    from mclx.kernels.torch_path import check_inputs
 
     keys = cp.asarray(keys, dtype=cp.float32, order="C")
     if type(queries).__module__.startswith("torch"):
@@ -316,7 +318,7 @@ def _prepare(queries, keys, k: int, values=None):
     else:  # CuPy (no copy when float32 and C-contiguous) or host memory
         q = cp.asarray(queries, dtype=cp.float32, order="C")
     vals = None if values is None else cp.asarray(values, dtype=cp.float32, order="C")
-    _check(_Shape(q), _Shape(keys), k, None if vals is None else _Shape(vals))
+    check_inputs(_Shape(q), _Shape(keys), k, None if vals is None else _Shape(vals))
     if len(q) and not bool(cp.isfinite(q).all()):
         msg = "queries contain NaN or infinite values"
         raise ValueError(msg)
@@ -324,7 +326,7 @@ def _prepare(queries, keys, k: int, values=None):
 
 
 class _Shape:
-    """What ``retrieval._check`` reads of an array (no data: the finiteness of the
+    """What ``torch_path.check_inputs`` reads of an array (no data: the finiteness of the
     queries is checked on the GPU)."""
 
     def __init__(self, a: Any) -> None:
@@ -346,11 +348,33 @@ def _like(x, ref):
     return x.get()
 
 
+def _block(cp, q, keys, k: int, precision: str, limit: int | None = None) -> int:
+    """Queries per call of :func:`neighbours`: their scratch fits the free memory
+    (:func:`mclx.kernels.gpu_memory.queries_per_block`)."""
+    from mclx.kernels.bf16 import bf16_candidates
+    from mclx.kernels.gpu_memory import queries_per_block
+
+    n, width = keys.shape
+    m = min(n, bf16_candidates(k)) if precision == "bf16" and n > k else k
+    fixed = TILE_BYTES + KEY_CHUNK * width * 4  # the score tile and a unit key chunk
+    return queries_per_block(cp, len(q), m, k, width, fixed=fixed, limit=limit)
+
+
 def topk_cupy(queries, keys, k: int, chunk=None, *, precision: str = "fp32"):
-    """:func:`mclx.kernels.topk_cosine` on the CuPy kernels: (scores, int64 indices)."""
-    with sys.modules["cupy"].cuda.Device(keys.device.id):
+    """:func:`mclx.kernels.topk_cosine` on the CuPy kernels: (scores, int64 indices),
+    queries in blocks whose scratch fits the free memory (:func:`_block`)."""
+    cp = sys.modules["cupy"]
+    with cp.cuda.Device(keys.device.id):
         q, keys, _ = _prepare(queries, keys, k)
-        s, i, _ = neighbours(q, keys, k, chunk=chunk, mode=precision)
+        step = _block(cp, q, keys, k, precision)
+        parts = [
+            neighbours(q[s : s + step], keys, k, chunk=chunk, mode=precision)[:2]
+            for s in range(0, max(len(q), 1), step)  # one call when empty
+        ]
+        if len(parts) == 1:
+            s, i = parts[0]
+        else:
+            s, i = (cp.concatenate([p[j] for p in parts]) for j in (0, 1))
         return _like(s, queries), _like(i.astype(np.int64), queries)
 
 
@@ -358,14 +382,16 @@ def retrieve_cupy(
     queries, keys, values, k: int, *, distance="l2", weighting="inverse_square",
     chunk=None, precision: str = "fp32", query_block: int = 16384,
 ):  # fmt: skip
-    """:func:`mclx.kernels.retrieve` on the CuPy kernels."""
+    """:func:`mclx.kernels.retrieve` on the CuPy kernels, ``query_block`` queries at a
+    time at most (fewer where their scratch would not fit: ``gpu_memory``)."""
     cp = sys.modules["cupy"]
     order = 2 if distance == "l2" else 1
     with cp.cuda.Device(keys.device.id):
         q, keys, vals = _prepare(queries, keys, k, values)
+        step = _block(cp, q, keys, k, precision, limit=query_block)
         out = []
-        for s in range(0, len(q), query_block):
-            _, idx, dist = neighbours(q[s : s + query_block], keys, k, chunk=chunk,
+        for s in range(0, len(q), step):
+            _, idx, dist = neighbours(q[s : s + step], keys, k, chunk=chunk,
                                       mode=precision, order=order)  # fmt: skip
             out.append(aggregate(dist, idx, vals, weighting))
         pred = cp.concatenate(out) if out else cp.zeros((0, vals.shape[1]), cp.float32)

@@ -93,6 +93,46 @@ def test_gpu_path_matches_the_float64_reference(fake_kernels, precision, distanc
     assert set(ops.launches) - {"gemm"} <= set(signatures(source("retrieval.cu")))
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_queries_go_in_blocks_whose_scratch_fits_the_free_memory(
+    fake_kernels, monkeypatch, precision
+):
+    """~16 KiB of scratch a query: a million queries in one call asked ~16 GiB. With
+    room for 7 queries' scratch, 40 queries go in 6 blocks, and the answers are those
+    of one block."""
+    from mclx.kernels import gpu_memory
+    from mclx.kernels.bf16 import bf16_candidates
+
+    cp, _ = fake_kernels
+    q, keys, vals = _data(2)
+    k, width = 25, q.shape[1]
+    m = k if precision == "fp32" else bf16_candidates(k)
+    fixed = gpu_select.TILE_BYTES + gpu_select.KEY_CHUNK * width * 4
+    per_query = gpu_memory.query_scratch_bytes(m, k, width)
+    assert per_query > 16 * 1024
+    blocks, neighbours = [], gpu_select.neighbours
+
+    def counted(qq, *args, mode, **kw):
+        if mode == precision:  # not the float32 redo of unproven bf16 rows
+            blocks.append(len(qq))
+        return neighbours(qq, *args, mode=mode, **kw)
+
+    monkeypatch.setattr(gpu_select, "neighbours", counted)
+    whole = topk_cosine(q, cp.asarray(keys), k, precision=precision)
+    pred = retrieve(q, cp.asarray(keys), cp.asarray(vals), k, precision=precision)
+    assert blocks == [40, 40]  # one block each (free: 70 GB)
+    cp.free_bytes = int((7 * per_query + fixed) / gpu_memory.SCRATCH_FRACTION) + 3
+    blocks.clear()
+    blocked = topk_cosine(q, cp.asarray(keys), k, precision=precision)
+    again = retrieve(q, cp.asarray(keys), cp.asarray(vals), k, precision=precision)
+    assert blocks == [7, 7, 7, 7, 7, 5] * 2
+    np.testing.assert_array_equal(blocked[1], whole[1])
+    np.testing.assert_array_equal(blocked[0], whole[0])
+    np.testing.assert_array_equal(again, pred)
+    cp.free_bytes = 0  # nothing free: still one query at a time, not an error
+    assert gpu_memory.queries_per_block(cp, 40, m, k, width, fixed=fixed) == 1
+
+
 def test_bf16_candidates_that_are_not_proven_are_redone_in_float32(fake_kernels):
     cp, ops = fake_kernels
     rng = np.random.default_rng(5)

@@ -126,6 +126,29 @@ def test_densenet121_exports_within_fp32_bound(tmp_path):
     assert report["onnx"]["min_cosine"] > 0.99999
 
 
+@pytest.mark.slow
+def test_densenet121_fp16_graph_computes_in_fp16(tmp_path):
+    """The graph TensorRT builds the FP16 engine from (issue 26): every Conv of a
+    DenseNet-121 takes float16 data, weights and bias. ONNX Runtime's CPU optimiser put
+    a Cast to float32 behind each float16 weight (182 of them), and TensorRT then built
+    an FP32 engine from it. Types are read by the stand-in's own graph walk."""
+    import onnx
+    from helpers.fake_gpu import conv_input_types
+
+    from mclx.export.onnx_export import compute_types, export_onnx, graph_precision
+
+    ck = load_checkpoint(_ckpt(tmp_path / "dense.pt", encoder="densenet121"))
+    path = export_onnx(ck, tmp_path / "dense.fp16.onnx", precision="fp16")
+    model = onnx.load(str(path))
+    convs = conv_input_types(model)
+    assert len(convs) == 120 and {t for inputs in convs for t in inputs} == {"FLOAT16"}
+    assert not [n.name for n in model.graph.node if n.name.startswith("InsertedPrecision")]
+    assert compute_types(path) == {"float16": 120, "float": 2}  # + the float32 head
+    assert graph_precision(path) == "fp16"
+    ends = [*model.graph.input, *model.graph.output]
+    assert {v.type.tensor_type.elem_type for v in ends} == {onnx.TensorProto.FLOAT}
+
+
 def test_trt_on_cpu_fails_before_writing_anything(tmp_path):
     """--trt without the GPU stack is refused before any export: a failed run leaves no
     artifact (SPEC 8), not an ONNX file without the engine that was asked for."""

@@ -275,7 +275,7 @@ def test_bf16_window_is_the_torch_bound(cs):
     nothing of an unsure row (that row is redone in float32)."""
     import torch
 
-    from mclx.kernels.retrieval import BF16_U, _bf16_sure
+    from mclx.kernels.bf16 import BF16_U, bf16_sure
 
     rng = np.random.default_rng(5)
     approx = torch.from_numpy(rng.normal(size=(200, 50)).astype(np.float32)).bfloat16().float()
@@ -283,7 +283,7 @@ def test_bf16_window_is_the_torch_bound(cs):
     sure, keep = np.empty(200, np.bool_), np.empty((200, 50), np.bool_)
     cs.bf16_window(approx.numpy(), eps, sure, keep, 10, BF16_U)
     kth = approx.topk(10, dim=1).values[:, -1]
-    want = _bf16_sure(kth, approx.min(dim=1).values, torch.from_numpy(eps))
+    want = bf16_sure(kth, approx.min(dim=1).values, torch.from_numpy(eps))
     assert sure.tolist() == want.tolist() and 0 < sure.sum() < 200
     assert not keep[~sure].any() and not keep[sure].all()
     top = np.argsort(-approx.numpy(), axis=1, kind="stable")[:, :10]
@@ -341,15 +341,16 @@ def test_sampled_threshold_is_the_rank_th_best_over_column_tiles():
     each row's 32nd best sample score (as a selection key)."""
     import torch
 
-    import mclx.kernels.retrieval as kr
+    import mclx.kernels.compiled_path as kr
+    from mclx.kernels.torch_path import unit
 
     rng = np.random.default_rng(4)
     keys = torch.from_numpy(rng.normal(size=(20_000, 8)).astype(np.float32))
-    qd = kr._unit(torch.from_numpy(rng.normal(size=(70, 8)).astype(np.float32)))
+    qd = unit(torch.from_numpy(rng.normal(size=(70, 8)).astype(np.float32)))
     tau = kr._threshold_from_sample(qd, keys, 22, False)
     s = -(-32 * 20_000 // 66)
     assert s > kr.TILE_COLS
-    sample = kr._unit(keys[torch.linspace(0, 19_999, s).long()])
+    sample = unit(keys[torch.linspace(0, 19_999, s).long()])
     want = torch.topk(qd @ sample.T, 32, dim=1).values[:, -1]
     from mclx.kernels import cpu_select as cs
 
@@ -359,7 +360,7 @@ def test_sampled_threshold_is_the_rank_th_best_over_column_tiles():
 
 @needs("numba")
 def test_rows_whose_sampled_threshold_is_too_high_are_redone(monkeypatch):
-    import mclx.kernels.retrieval as kr
+    import mclx.kernels.compiled_path as kr
 
     calls = []
 
@@ -394,3 +395,62 @@ def test_bf16_bound_holds_on_a_dense_bank(array_type):
         kth = np.sort(sims[i])[::-1][24]
         assert set(np.flatnonzero(sims[i] > kth + 1e-6)) <= set(i32[i].tolist())
         assert np.all(sims[i, i32[i]] >= kth - 1e-6)
+
+
+def _kernel_imports() -> dict[str, set[tuple[str, str]]]:
+    """``mclx.kernels`` module -> {(module it imports from, name)}, function-local
+    imports included (they make cycles too)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    graph: dict[str, set[tuple[str, str]]] = {}
+    for path in root.glob("*.py"):
+        found = graph.setdefault(path.stem, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mclx.kernels"):
+                parts = node.module.split(".")
+                for alias in node.names:
+                    if len(parts) == 2:  # from mclx.kernels import cpu_select
+                        found.add((alias.name, ""))
+                    else:
+                        found.add((parts[2], alias.name))
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("mclx.kernels."):
+                        found.add((alias.name.split(".")[2], ""))
+    return graph
+
+
+def test_kernels_have_no_import_cycle_and_gpu_select_uses_public_names():
+    """Issue 24: the retrieval split by role (API and dispatch, torch path, compiled
+    path, bf16 bounds, stage timers) has no cycle, and ``gpu_select`` reaches into no
+    other module's private names."""
+    graph = _kernel_imports()
+    assert {"retrieval", "torch_path", "compiled_path", "bf16", "stages"} <= set(graph)
+    edges = {m: {t for t, _ in deps if t in graph and t != "__init__"} for m, deps in graph.items()}
+    edges["__init__"] = {t for t, _ in graph["__init__"]}
+    state: dict[str, int] = {}
+
+    def visit(m, path):
+        assert state.get(m) != 1, f"import cycle: {' -> '.join([*path, m])}"
+        if state.get(m) == 2:
+            return
+        state[m] = 1
+        for t in sorted(edges.get(m, ())):
+            visit(t, [*path, m])
+        state[m] = 2
+
+    for m in sorted(edges):
+        visit(m, [])
+    private = sorted(n for t, n in graph["gpu_select"] if n.startswith("_"))
+    assert private == [] and "retrieval" not in edges["gpu_select"]
+    lines = {m: len(p.read_text().splitlines()) for m, p in _kernel_paths().items()}
+    assert max(lines[m] for m in ("retrieval", "torch_path", "compiled_path")) < 400, lines
+
+
+def _kernel_paths():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    return {p.stem: p for p in root.glob("*.py")}

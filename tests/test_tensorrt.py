@@ -49,6 +49,7 @@ def test_fp16_engine_builds_strongly_typed_on_tensorrt_10_and_11(tmp_path, monke
     ck, report, trt, _ = _export(tmp_path, monkeypatch, major, max_batch=32)
     (built,) = trt.built
     assert built["strongly_typed"] and built["graph_fp16"]
+    assert built["conv_types"] == ["FLOAT16"] and built["precision"] == "fp16"
     assert "FP16" not in built["flags"] and "TF32" not in built["flags"]
     assert built["profile"] == [[1, 3, 32, 32], [32, 3, 32, 32], [32, 3, 32, 32]]
     entry = report["engine"]
@@ -69,6 +70,7 @@ def test_fp32_engine_has_tf32_cleared_and_says_fp32(tmp_path, monkeypatch):
     ck, report, trt, _ = _export(tmp_path, monkeypatch, fp16=False, max_batch=8)
     (built,) = trt.built
     assert not built["graph_fp16"] and "TF32" not in built["flags"]
+    assert built["precision"] == "fp32" and built["conv_types"] == ["FLOAT"]
     assert report["engine"]["precision"] == "fp32" and report["engine"]["max_rel_err"] < 1e-4
     assert built["profile"][1][0] == 8
 
@@ -79,6 +81,75 @@ def test_profile_batches():
     assert profile_batches(4, 2, 8) == (4, 4, 8)
     with pytest.raises(ValueError, match="min batch"):
         profile_batches(9, 64, 8)
+
+
+def _cast_back_to_float32(graph, out):
+    """What the old exporter wrote for TensorRT: the FP16 graph after ONNX Runtime's CPU
+    optimiser, which puts a Cast to float32 after every float16 weight."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+    return out
+
+
+def test_graph_that_casts_its_fp16_weights_to_fp32_is_an_fp32_engine(tmp_path, monkeypatch):
+    """float16 weights do not make an FP16 engine: a strongly typed network computes in
+    its Conv inputs' types. The stand-in builds such a graph as FP32; the sidecar says
+    FP32 too, and ``mclx export --trt`` refuses to call it FP16."""
+    from mclx.export import onnx_export, tensorrt_build
+
+    trt, _ = fake_gpu.install(monkeypatch, 11)
+    ck = load_checkpoint(_ckpt(tmp_path / "m.pt"))
+    fp16 = onnx_export.export_onnx(ck, tmp_path / "fp16.onnx", precision="fp16")
+    cast = _cast_back_to_float32(fp16, tmp_path / "cast.onnx")
+    assert onnx_export.compute_types(fp16) == {"float16": 4, "float": 2}
+    assert onnx_export.compute_types(cast) == {"float": 6}
+    engine = tensorrt_build.build_engine(cast, tmp_path / "cast.engine", max_batch=4)
+    assert trt.built[-1]["precision"] == "fp32" and trt.built[-1]["conv_types"] == ["FLOAT"]
+    assert json.loads((tmp_path / "cast.engine.json").read_text())["precision"] == "fp32"
+    engine.unlink()
+    export_onnx = onnx_export.export_onnx
+
+    def old_exporter(ck, out, **kw):
+        return _cast_back_to_float32(export_onnx(ck, out, **kw), out)
+
+    monkeypatch.setattr(onnx_export, "export_onnx", old_exporter)
+    with pytest.raises(RuntimeError, match=r"the FP16 graph computes in float32 \(Conv"):
+        export(tmp_path / "m.pt", trt=True, n_patches=4, log=lambda *_: None)
+    assert not list(tmp_path.glob("m.engine*")) and len(trt.built) == 1
+
+
+@pytest.mark.parametrize(
+    "call", ["add_optimization_profile", "set_timing_cache", "get_timing_cache"]
+)
+def test_failed_build_step_leaves_no_engine_and_no_sidecar(tmp_path, monkeypatch, call):
+    """TensorRT says failure with -1 (a profile), False (a timing cache) or None (the
+    cache after the build): one line, and neither the engine nor its sidecar nor the
+    cache is written (an engine without its sidecar cannot run)."""
+    from mclx.export import tensorrt_build
+    from mclx.export.onnx_export import export_onnx
+
+    trt, _ = fake_gpu.install(monkeypatch, 11)
+    graph = export_onnx(load_checkpoint(_ckpt(tmp_path / "m.pt")), tmp_path / "m.onnx")
+    trt.fail.add(call)
+    with pytest.raises(RuntimeError, match=f"m.engine: TensorRT .*{call.split('_')[1]}") as err:
+        tensorrt_build.build_engine(graph, tmp_path / "m.engine", max_batch=4)
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "m.pt"]
+
+
+def test_without_tensorrt_the_build_says_so_in_one_line(tmp_path, monkeypatch):
+    """The GPU-stack check comes before ``import tensorrt`` (an ImportError otherwise)."""
+    import sys
+
+    from mclx.export import tensorrt_build
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import raises ImportError
+    with pytest.raises(RuntimeError, match=r"m.engine: TensorRT is not installed"):
+        tensorrt_build.build_engine(tmp_path / "m.onnx", tmp_path / "m.engine")
 
 
 @pytest.fixture
@@ -124,6 +195,17 @@ def test_batches_are_split_at_the_engine_profile(engine, n):
     ref = TorchEncoder(load_checkpoint(ck))(x)
     cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
     assert got.shape == ref.shape and got.dtype == np.float32 and cos.min() > 0.999
+
+
+def test_no_execution_context_is_an_error(engine):
+    """``create_execution_context`` returns None when TensorRT cannot make one (device
+    memory for the activations): one line at open, not an AttributeError at run."""
+    from mclx.inference.tensorrt import TensorRTEncoder
+
+    _, path, trt, _ = engine
+    trt.fail.add("create_execution_context")
+    with pytest.raises(RuntimeError, match=f"{path}: TensorRT cannot create an execution"):
+        TensorRTEncoder(path)
 
 
 @pytest.mark.parametrize("call", ["set_input_shape", "set_tensor_address", "execute_async_v3"])

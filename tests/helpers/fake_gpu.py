@@ -6,8 +6,13 @@ that the GPU code paths run, and are checked, on a machine without a GPU.
   (TensorRT 11 has no ``BuilderFlag.FP16`` and no ``Builder.platform_has_fast_fp16``; its
   networks are always strongly typed). An "engine" is the ONNX graph it was built from
   plus a JSON header of how it was built; running it runs that graph in ONNX Runtime
-  (CPU), so outputs are the real model's. Contexts return False where TensorRT does
-  (a shape outside the profile) and on demand (``engine.fail``).
+  (CPU), so outputs are the real model's. The header's ``precision`` is what a strongly
+  typed network computes in: ``fp16`` only when every Conv input of the graph is float16
+  (:func:`conv_input_types`), whatever the weights' type, so an engine built from a graph
+  that casts its float16 weights back to float32 is an FP32 engine here as on a GPU.
+  Contexts return False where TensorRT does (a shape outside the profile) and on demand
+  (``trt.fail``: also ``add_optimization_profile`` -1, ``set_timing_cache`` False,
+  ``get_timing_cache`` and ``create_execution_context`` None).
 - :func:`fake_cupy`: numpy-backed device arrays with ``data.ptr``, streams with the
   current-stream stack, events, devices; every allocation and copy is logged with the
   stream it was queued on (``cp.log``). ``from_dlpack`` refuses CPU arrays with CuPy's
@@ -124,6 +129,11 @@ class _Device:
         self.cp = cp
         self.id = cp.cuda._device[-1] if device is None else device
 
+    @property
+    def mem_info(self) -> tuple[int, int]:
+        """(free, total) bytes: ``cp.free_bytes`` of an 80 GB GPU (a test may lower it)."""
+        return self.cp.free_bytes, 80 * 10**9
+
     def __enter__(self):
         self.cp.cuda._device.append(self.id)
         return self
@@ -141,6 +151,7 @@ def fake_cupy(devices: int = 1) -> types.ModuleType:
     cp = types.ModuleType("cupy")
     cp.__version__ = "14.2.0-fake"
     cp.log = []
+    cp.free_bytes = 70 * 10**9
     cp.ndarray = FakeCuPyArray
     cp.float32, cp.float16, cp.int32, cp.int64 = np.float32, np.float16, np.int32, np.int64
     cp.uint16 = np.uint16
@@ -219,6 +230,8 @@ class _Tensor:
 class _Network:
     def __init__(self, flags: int) -> None:
         self.flags, self.onnx, self.inputs, self.outputs = flags, b"", [], []
+        self.convs: list[tuple[str, ...]] = []
+        self.graph_fp16 = False
 
     def get_input(self, i):
         return self.inputs[i]
@@ -244,9 +257,37 @@ class _Parser:
         self.network.onnx = Path(path).read_bytes()
         self.network.inputs = [tensor(v) for v in model.graph.input]
         self.network.outputs = [tensor(v) for v in model.graph.output]
-        half = onnx.TensorProto.FLOAT16
-        self.network.graph_fp16 = any(t.data_type == half for t in model.graph.initializer)
+        self.network.convs = conv_input_types(model)
+        # what a strongly typed network computes in: the type of the Conv inputs, never
+        # the weights' type (float16 weights cast to float32 make a float32 network)
+        convs = {t for inputs in self.network.convs for t in inputs}
+        self.network.graph_fp16 = convs == {"FLOAT16"}
         return True
+
+
+def conv_input_types(model) -> list[tuple[str, ...]]:
+    """The element types (``FLOAT16``, ``FLOAT``) of every Conv node's inputs (data,
+    weight, bias), found by walking the graph from its inputs and initialisers: a Cast
+    gives its ``to`` type, a Constant its tensor's, any other node its first typed
+    input's (enough for the encoders' graphs; independent of ONNX's shape inference)."""
+    import onnx
+
+    name = onnx.TensorProto.DataType.Name
+    types = {t.name: name(t.data_type) for t in model.graph.initializer}
+    types |= {v.name: name(v.type.tensor_type.elem_type) for v in model.graph.input}
+    for node in model.graph.node:  # ONNX nodes are topologically sorted
+        if node.op_type == "Cast":
+            out = name(next(a.i for a in node.attribute if a.name == "to"))
+        elif node.op_type == "Constant":
+            attr = node.attribute[0]
+            tensor = attr.type == onnx.AttributeProto.TENSOR
+            out = name(attr.t.data_type) if tensor else "FLOAT"
+        else:
+            out = next((types[i] for i in node.input if i in types), "UNDEFINED")
+        for o in node.output:
+            types[o] = out
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    return [tuple(types.get(i, "UNDEFINED") for i in n.input if i) for n in convs]
 
 
 class _Profile:
@@ -267,6 +308,7 @@ class _Cache:
 
 class _Config:
     def __init__(self, trt) -> None:
+        self.trt = trt
         self.flags = {trt.BuilderFlag.TF32}  # on by default in TensorRT 10 and 11
         self.profiles, self.cache, self.pool = [], None, {}
 
@@ -283,6 +325,8 @@ class _Config:
         self.pool[pool] = size
 
     def add_optimization_profile(self, profile) -> int:
+        if "add_optimization_profile" in self.trt.fail:
+            return -1  # TensorRT's answer to an invalid profile
         self.profiles.append(profile)
         return len(self.profiles) - 1
 
@@ -290,11 +334,13 @@ class _Config:
         return _Cache()
 
     def set_timing_cache(self, cache, ignore_mismatch: bool) -> bool:
+        if "set_timing_cache" in self.trt.fail:
+            return False
         self.cache = cache
         return True
 
     def get_timing_cache(self):
-        return self.cache
+        return None if "get_timing_cache" in self.trt.fail else self.cache
 
 
 class _Builder:
@@ -323,6 +369,10 @@ class _Builder:
             "strongly_typed": strong,
             "flags": sorted(f.name for f in config.flags),
             "graph_fp16": network.graph_fp16,
+            "conv_types": sorted({t for inputs in network.convs for t in inputs}),
+            # a strongly typed network computes in its graph's types: FP16 only when
+            # every Conv takes float16 (the label this stand-in gives the engine)
+            "precision": "fp16" if strong and network.graph_fp16 else "fp32",
             "profile": profile.shapes["images"],
             "out_dim": network.get_output(0).shape[-1],
         }
@@ -382,6 +432,8 @@ class _Engine:
         return (-1, self.header["out_dim"])
 
     def create_execution_context(self):
+        if "create_execution_context" in self.fail:
+            return None  # TensorRT's answer when it cannot (device memory)
         return _Context(self)
 
 

@@ -1,6 +1,8 @@
 """``needs`` marks, resolved at collection as scanpy's are: ``@needs("her2st")``,
 ``@needs("stutility-mob")``, ``@needs("visium-fixture")`` (real data of shared/data),
-``@needs("gpu")``, ``@needs("cupy")``, ``@needs("tensorrt")``, ``@needs("numba")``,
+``@needs("gpu")`` (CUDA visible to PyTorch), ``@needs("cupy")``, ``@needs("tensorrt")``,
+``@needs("onnxruntime-cuda")`` (onnxruntime-gpu with its CUDA provider, and a GPU),
+``@needs("numba")``,
 ``@needs("browser")`` (system Chromium + chromedriver + selenium),
 ``@needs("openseadragon")``, ``@needs("spatialdata")``, ``@needs("openvino")``,
 ``@needs("ray")`` (Ray Data; required with ``MCLX_REQUIRE_RAY=1``).
@@ -68,6 +70,22 @@ def _tensorrt() -> str | None:
 
 
 @cache
+def _onnxruntime_cuda() -> str | None:
+    """onnxruntime-gpu installed, its CUDA provider listed, and a GPU for it."""
+    from importlib import metadata
+
+    try:
+        metadata.version("onnxruntime-gpu")
+    except metadata.PackageNotFoundError:
+        return f"needs onnxruntime-gpu: only the CPU build of ONNX Runtime (or none) ({GPU_STACK})"
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "needs ONNX Runtime's CUDA provider: onnxruntime-gpu lists none"
+    return _torch_cuda()
+
+
+@cache
 def _numba() -> str | None:
     if importlib.util.find_spec("numba") is None:
         return "needs numba (the compiled CPU kernels)"
@@ -120,6 +138,7 @@ NEEDS: dict[str, Need] = {
     "gpu": Need(_torch_cuda, "gpu"),
     "cupy": Need(_cupy, "gpu"),
     "tensorrt": Need(_tensorrt, "gpu"),
+    "onnxruntime-cuda": Need(_onnxruntime_cuda, "gpu"),
     "numba": Need(_numba),
     "openvino": Need(_openvino, None, _openvino_required, "MCLX_REQUIRE_OPENVINO"),
     "browser": Need(cache(browser_missing), "browser", viewer_required),

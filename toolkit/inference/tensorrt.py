@@ -115,6 +115,10 @@ class TensorRTEncoder:
                 raise RuntimeError(" ".join(msg.split())[:300])
             self._read_engine(trt)
             self.context = self.engine.create_execution_context()
+            if self.context is None:  # e.g. out of device memory for its activations
+                why = f": {self.logger.errors[-1]}" if self.logger.errors else ""
+                msg = f"{path}: TensorRT cannot create an execution context{why}"
+                raise RuntimeError(" ".join(msg.split())[:300])
             self.stream = cp.cuda.Stream(non_blocking=True)
 
     def _read_engine(self, trt) -> None:

@@ -1,6 +1,10 @@
 """The pipeline checks of ``python -m mclx.gpu_check``: retrieval on every array type at
 N = 200,000, Q = 4,096, k = 200 against the CPU float32 result; ``mclx infer`` end to end
-for each backend; throughput. Same protocol as :mod:`mclx.gpu_checks`."""
+for each backend; throughput. Same protocol as :mod:`mclx.gpu_check.engines`.
+
+Every backend runs on its own: one that is not installed (TensorRT, ONNX Runtime's CUDA
+build, CuPy) is listed under ``skipped`` with the reason, one that fails is a problem
+named after it, and neither stops the others."""
 
 from __future__ import annotations
 
@@ -11,16 +15,20 @@ import warnings
 
 import numpy as np
 
-from mclx.gpu_checks import N_BANK, N_QUERIES, K, Workspace
+from mclx.gpu_check.environment import cupy_missing, onnxruntime_cuda_missing, tensorrt_missing
+from mclx.gpu_check.workspace import N_BANK, N_QUERIES, K, Workspace
 
 NEAR_TIE = 1e-5  # cosine gap between a query's k-th and (k+1)-th key below which float32 may swap
 
 
 def _sync() -> None:
-    import cupy as cp
+    import sys
+
     import torch
 
-    cp.cuda.Device().synchronize()
+    cp = sys.modules.get("cupy")
+    if cp is not None:
+        cp.cuda.Device().synchronize()
     torch.cuda.synchronize()
 
 
@@ -52,11 +60,15 @@ def agreement(idx, want_idx, pred, want, q, keys) -> dict:
 
 
 def _cases(q, keys, vals):
-    import cupy as cp
+    """The array types retrieval runs on: torch CUDA tensors, and CuPy where installed."""
     import torch
 
-    cq, ck, cv = (cp.asarray(a) for a in (q, keys, vals))
     tq, tk, tv = (torch.from_numpy(a).cuda() for a in (q, keys, vals))
+    if cupy_missing():
+        return {"torch_cuda": (tq, tk, tv, "fp32")}
+    import cupy as cp
+
+    cq, ck, cv = (cp.asarray(a) for a in (q, keys, vals))
     return {
         "cupy_kernels_fp32": (cq, ck, cv, "fp32"),
         "cupy_kernels_bf16": (cq, ck, cv, "bf16"),
@@ -87,10 +99,8 @@ def _timed(qq, kk, vv, precision):
 
 def retrieval(ws: Workspace):
     """CuPy kernels (fp32, bf16), torch CUDA and mixed numpy / CuPy inputs against the
-    CPU float32 neighbours and predictions."""
-    import cupy as cp
-
-    from mclx.kernels import gpu_select, retrieve, topk_cosine
+    CPU float32 neighbours and predictions (torch CUDA alone where CuPy is missing)."""
+    from mclx.kernels import retrieve, topk_cosine
 
     rng = np.random.default_rng(0)
     keys = rng.normal(size=(N_BANK, 256)).astype(np.float32)
@@ -109,8 +119,15 @@ def retrieval(ws: Workspace):
                 problems.append(f"{name}: {res['rows_with_other_neighbours']} rows differ")
             if res["max_pred_rel_err"] > 1e-5:
                 problems.append(f"{name}: predictions differ by {res['max_pred_rel_err']:.1e}")
-    details["cupy_kernels_used"] = gpu_select.usable(cp.cuda.Device().id)
     problems += [f"warning: {w.message}" for w in caught if issubclass(w.category, RuntimeWarning)]
+    if cupy_missing():
+        details["skipped"] = {"cupy_kernels": cupy_missing()}
+        return details, problems
+    import cupy as cp
+
+    from mclx.kernels import gpu_select
+
+    details["cupy_kernels_used"] = gpu_select.usable(cp.cuda.Device().id)
     if not details["cupy_kernels_used"]:
         problems.append("the CuPy kernels were set aside (self-check)")
     ws.rates["retrieval_queries_per_s"] = details["cupy_kernels_fp32"]["queries_per_s"]
@@ -140,35 +157,65 @@ INFER_RUNS = {
 }
 
 
-def infer(ws: Workspace):
-    """``mclx infer`` on a synthetic pyramidal TIFF for each backend on ``cuda``, and an
-    engine with ``--device cpu``; predictions against PyTorch on the CPU."""
-    import anndata as ad
-
+def _prepare_run(ws: Workspace, name: str) -> str | None:
+    """Make what run ``name`` needs beside the checkpoint (its ONNX file, its engine);
+    the reason it cannot run here, or None."""
     from mclx.export.exporter import export
 
-    ck, bank, slide = ws.checkpoint(), ws.bank(), ws.slide()
-    if not ck.with_suffix(".engine").is_file():
-        export(ck, trt=True, max_batch=32, calib_data=ws.data(), log=lambda *_: None)
-    details, problems, preds = {}, [], {}
+    ck = ws.checkpoint()
+    if name == "onnxruntime_cuda":
+        why = onnxruntime_cuda_missing()
+        if why is None and not ck.with_suffix(".onnx").is_file():
+            export(ck, calib_data=ws.data(), log=lambda *_: None)
+        return why
+    if name in ("tensorrt_cuda", "engine_device_cpu"):
+        why = tensorrt_missing()
+        if why is None and not ck.with_suffix(".engine").is_file():
+            export(ck, trt=True, max_batch=32, calib_data=ws.data(), log=lambda *_: None)
+        return why
+    return None
+
+
+def _infer_one(ws: Workspace, name: str, args: list[str]) -> tuple[dict, np.ndarray]:
+    """One ``mclx infer`` run: what it recorded, and its predictions."""
+    import anndata as ad
+
+    ck = ws.checkpoint()
+    model = ck.with_suffix(".engine") if name == "engine_device_cpu" else ck
+    out = ws.root / f"{name}.h5ad"
+    rc, err = _cli(["infer", ws.slide(), "--bank", ws.bank(), "--model", model, *args,
+                    "--out", out, "-q"])  # fmt: skip
+    if rc:
+        msg = f"exit {rc}: {err}"
+        raise RuntimeError(msg)
+    a = ad.read_h5ad(out)
+    m = a.uns["mclx"]
+    keys = ("backend", "precision", "device", "bank_device")
+    found = {k: m.get(k) for k in keys} | {"tiles": a.n_obs}
+    found["tiles_per_s"] = a.n_obs / float(m["timings"]["total"])
+    return found, np.asarray(a.X, np.float64)
+
+
+def infer(ws: Workspace):
+    """``mclx infer`` on a synthetic pyramidal TIFF for each backend on ``cuda``, and an
+    engine with ``--device cpu``; predictions against PyTorch on the CPU. Each backend
+    runs on its own; one that is not installed is skipped with the reason."""
+    details, problems, preds, skipped = {}, [], {}, {}
     for name, args in INFER_RUNS.items():
-        model = ck.with_suffix(".engine") if name == "engine_device_cpu" else ck
-        out = ws.root / f"{name}.h5ad"
-        rc, err = _cli(
-            ["infer", slide, "--bank", bank, "--model", model, *args, "--out", out, "-q"]
-        )
-        if rc:
-            problems.append(f"{name}: exit {rc}: {err}")
-            continue
-        a = ad.read_h5ad(out)
-        m = a.uns["mclx"]
-        keys = ("backend", "precision", "device", "bank_device")
-        details[name] = {k: m.get(k) for k in keys} | {"tiles": a.n_obs}
-        details[name]["tiles_per_s"] = a.n_obs / float(m["timings"]["total"])
-        preds[name] = np.asarray(a.X, np.float64)
+        try:
+            why = _prepare_run(ws, name)
+            if why is not None:
+                skipped[name] = why
+                continue
+            details[name], preds[name] = _infer_one(ws, name, args)
+        except Exception as exc:  # one backend failing does not hide the others
+            problems.append(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}")
     problems += _check_infer(details, preds)
+    details["skipped"] = skipped
     if "tensorrt_cuda" in details:
         ws.rates["infer_tiles_per_s"] = details["tensorrt_cuda"]["tiles_per_s"]
+    elif "torch_cuda" in details:
+        ws.rates["infer_tiles_per_s_torch"] = details["torch_cuda"]["tiles_per_s"]
     return details, problems
 
 
@@ -191,21 +238,35 @@ def _check_infer(details: dict, preds: dict) -> list[str]:
     return problems
 
 
-def throughput(ws: Workspace):
-    """Images/s of each encoder backend at batch 256; with the retrieval and infer
-    rates the other checks measured."""
+def _encoders(ws: Workspace) -> dict[str, tuple]:
+    """Each encoder backend on the GPU: (what makes it, why it cannot run here or None)."""
     from mclx.inference.encoders import OnnxRuntimeEncoder, TorchEncoder
-    from mclx.inference.tensorrt import TensorRTEncoder
 
-    x = ws.patches(256)
-    makers = {
-        "torch_fp32": lambda: TorchEncoder(ws.ck(), device="cuda"),
-        "torch_fp16": lambda: TorchEncoder(ws.ck(), precision="fp16", device="cuda"),
-        "onnxruntime_cuda": lambda: OnnxRuntimeEncoder(ws.onnx(), device="cuda"),
-        "tensorrt_fp16": lambda: TensorRTEncoder(ws.engine("default.engine", 256)),
+    def engine():
+        from mclx.inference.tensorrt import TensorRTEncoder
+
+        return TensorRTEncoder(ws.engine("default.engine", 256))
+
+    return {
+        "torch_fp32": (lambda: TorchEncoder(ws.ck(), device="cuda"), None),
+        "torch_fp16": (lambda: TorchEncoder(ws.ck(), precision="fp16", device="cuda"), None),
+        "onnxruntime_cuda": (
+            lambda: OnnxRuntimeEncoder(ws.onnx(), device="cuda"),
+            onnxruntime_cuda_missing(),
+        ),
+        "tensorrt_fp16": (engine, tensorrt_missing()),
     }
-    rates, problems = {}, []
-    for name, make in makers.items():
+
+
+def throughput(ws: Workspace):
+    """Images/s of each encoder backend at batch 256 (those installed); with the
+    retrieval and infer rates the other checks measured."""
+    x = ws.patches(256)
+    rates, problems, skipped = {}, [], {}
+    for name, (make, why) in _encoders(ws).items():
+        if why is not None:
+            skipped[name] = why
+            continue
         try:
             enc = make()
             enc(x)  # warm-up
@@ -218,4 +279,4 @@ def throughput(ws: Workspace):
         except Exception as exc:  # one backend failing does not hide the others
             problems.append(f"{name}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
     ws.ck().model.cpu()
-    return {"images_per_s_batch_256": rates, **ws.rates}, problems
+    return {"images_per_s_batch_256": rates, "skipped": skipped, **ws.rates}, problems
