@@ -76,6 +76,13 @@ class ModelCfg:
             std of the training spots before the image projection (mclstexp, bleep; an
             ablation for badly conditioned random-init features). The statistics are
             buffers of the model, so export and inference apply them too.
+        graph_k, graph_radius: the spot graph of His2ST and THItoGene: each spot's
+            ``graph_k`` nearest spots by array coordinates, those farther than
+            ``graph_radius`` array units dropped (0: none dropped; His2ST 2.0).
+        graph_depth: His2ST's graph layers (4); graph_heads: THItoGene's GAT heads (8).
+        mixer_channels, mixer_kernel, mixer_patch, mixer_depth: His2ST's ConvMixer
+            (32 channels, depthwise kernel 5, patch embedding 7 px, 2 blocks).
+        capsules, capsule_dim: THItoGene's routed capsules (20 of width 64).
     """
 
     name: str = "mclstexp"
@@ -97,6 +104,16 @@ class ModelCfg:
     fusion_shared: bool = True
     mask_keep: float = 0.5
     feature_norm: bool = False
+    graph_k: int = 4
+    graph_radius: float = 0.0
+    graph_depth: int = 4
+    graph_heads: int = 8
+    mixer_channels: int = 32
+    mixer_kernel: int = 5
+    mixer_patch: int = 7
+    mixer_depth: int = 2
+    capsules: int = 20
+    capsule_dim: int = 64
 
 
 @dataclass(frozen=True)
