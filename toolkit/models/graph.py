@@ -35,14 +35,19 @@ def knn_adjacency(pos: torch.Tensor, k: int, radius: float = 0.0) -> torch.Tenso
     Returns:
         ``adj[i, j]``: spot ``j`` is a neighbour of spot ``i``.
     """
+    if k < 1:
+        msg = f"a spot graph needs k >= 1 neighbours, not {k}"
+        raise ValueError(msg)
     p = pos.to(torch.float32)
     d2 = ((p.unsqueeze(1) - p.unsqueeze(0)) ** 2).sum(-1)
     # ties (equal integer squared distances) go to the lower column: + index / (2N) < 1
     col = torch.ones_like(p[:, 0]).cumsum(0) - 1
-    ranked = d2 + col.unsqueeze(0) / (2 * p.shape[0])
+    ranked = d2 + col.unsqueeze(0) / (2 * (col.max() + 1))
     ranked = torch.where(d2 > 0, ranked, torch.full_like(ranked, _FAR))
-    kk = max(1, min(k, int(p.shape[0]) - 1))
-    kth = ranked.topk(kk, dim=1, largest=False).values[:, -1:]
+    # k "far" columns so that topk(k) exists for any N (an exported graph's N varies):
+    # in a section of at most k spots every other spot is a neighbour
+    pad = torch.full_like(ranked[:, :1], _FAR).expand(-1, k)
+    kth = torch.cat([ranked, pad], dim=1).topk(k, dim=1, largest=False).values[:, -1:]
     adj = (ranked <= kth) & (d2 > 0)
     if radius > 0:
         adj = adj & (d2 <= radius * radius)

@@ -64,19 +64,21 @@ class ODConv2d(nn.Module):
             nn.init.kaiming_normal_(self.weight[i], mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
+        c, h, w = x.shape[1:]
         k = self.kernel
         a = self.fc(x)
-        channel = torch.sigmoid(self.channel_fc(a)).reshape(n, c, 1, 1)
-        filt = torch.sigmoid(self.filter_fc(a)).reshape(n, 1, self.cout)
-        spatial = torch.sigmoid(self.spatial_fc(a)).reshape(n, 1, 1, 1, k, k)
-        mix = self.kernel_fc(a).reshape(n, self.kernel_num, 1, 1, 1, 1).softmax(dim=1)
+        channel = torch.sigmoid(self.channel_fc(a)).reshape(-1, c, 1, 1)
+        filt = torch.sigmoid(self.filter_fc(a)).reshape(-1, 1, self.cout)
+        spatial = torch.sigmoid(self.spatial_fc(a)).reshape(-1, 1, 1, 1, k, k)
+        mix = self.kernel_fc(a).reshape(-1, self.kernel_num, 1, 1, 1, 1).softmax(dim=1)
         weight = (mix * spatial * self.weight.unsqueeze(0)).sum(1)  # (n, cout, cin, k, k)
         x = (x * channel)[:, :, : h // k * k, : w // k * k]
         gh, gw = h // k, w // k
-        blocks = x.reshape(n, c, gh, k, gw, k).permute(0, 2, 4, 1, 3, 5).reshape(n, gh * gw, -1)
-        out = blocks @ weight.reshape(n, self.cout, -1).transpose(1, 2)  # (n, gh gw, cout)
-        return (out * filt).transpose(1, 2).reshape(n, self.cout, gh, gw)
+        blocks = (
+            x.reshape(-1, c, gh, k, gw, k).permute(0, 2, 4, 1, 3, 5).reshape(-1, gh * gw, c * k * k)
+        )
+        out = blocks @ weight.reshape(-1, self.cout, c * k * k).transpose(1, 2)  # (n, gh gw, cout)
+        return (out * filt).transpose(1, 2).reshape(-1, self.cout, gh, gw)
 
 
 def squash(x: torch.Tensor, eps: float = 1e-20) -> torch.Tensor:
