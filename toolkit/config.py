@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -151,6 +152,32 @@ class TrainCfg:
     augmentation: Augmentation = "mclstexp"
     val_fraction: float = 0.0
     feature_views: int = 1
+
+
+def parse_fields(cls: type, items: Sequence[str]) -> dict[str, Any]:
+    """``["FIELD=VALUE", ...]`` -> ``{field: value}`` for scalar fields of dataclass
+    ``cls`` (int, float, bool or str, converted by the field's default; ``mclx train
+    --model-opt``). An unknown field or a value that does not convert is a ValueError."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        default = fields.get(key, dataclasses.MISSING)
+        if not sep or isinstance(default, (tuple, type(None))) or default is dataclasses.MISSING:
+            scalars = sorted(k for k, v in fields.items() if isinstance(v, (bool, int, float, str)))
+            msg = f"{item!r}: not FIELD=VALUE for a field of {', '.join(scalars)}"
+            raise ValueError(msg)
+        try:
+            if isinstance(default, bool):
+                value: Any = {"true": True, "1": True, "false": False, "0": False}[raw.lower()]
+            else:
+                value = type(default)(raw)
+        except (KeyError, ValueError):
+            msg = f"{item!r}: {raw!r} is not a {type(default).__name__}"
+            raise ValueError(msg) from None
+        out[key] = value
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
