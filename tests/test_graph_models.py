@@ -110,7 +110,7 @@ def test_odconv_is_the_references_grouped_convolution():
         filt = torch.sigmoid(conv.filter_fc(a))
         sp = torch.sigmoid(conv.spatial_fc(a)).view(3, 1, 1, 1, 4, 4)
         ker = F.softmax(conv.kernel_fc(a).view(3, -1, 1, 1, 1, 1), dim=1)
-        agg = (sp * ker * conv.weight.unsqueeze(0)).sum(1).view(-1, 3, 4, 4)
+        agg = (sp * ker * conv.weight.view(1, 4, 16, 3, 4, 4)).sum(1).view(-1, 3, 4, 4)
         out = F.conv2d((x * ch).reshape(1, -1, 28, 30), agg, stride=4, groups=3)
         want = out.view(3, 16, 7, 7) * filt
         torch.testing.assert_close(conv(x), want, rtol=1e-10, atol=1e-12)
@@ -155,6 +155,9 @@ def test_graph_model_predicts_a_section_and_learns(name):
         moved = pos.clone()
         moved[0] = torch.tensor([5, 4])
         assert not torch.allclose(model(images, moved)[0], out[0])  # positions matter
+        # the torch backend runs models in channels_last: every weight must allow it
+        last = model.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(last(images, pos), out, rtol=1e-4, atol=1e-5)
     with pytest.raises(DataError, match="positional tables"):
         model(images[:2], torch.tensor([[6, 0], [0, 0]]))
     with pytest.raises(ValueError, match="whole sections"):

@@ -54,14 +54,17 @@ class ODConv2d(nn.Module):
         self.filter_fc = nn.Conv2d(hidden, cout, 1)
         self.spatial_fc = nn.Conv2d(hidden, kernel * kernel, 1)
         self.kernel_fc = nn.Conv2d(hidden, kernel_num, 1)
-        self.weight = nn.Parameter(torch.empty(kernel_num, cout, cin, kernel, kernel))
+        # (kernel_num * cout, cin, k, k): 4-D, as torch's channels_last wants every weight
+        self.weight = nn.Parameter(torch.empty(kernel_num * cout, cin, kernel, kernel))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for i in range(kernel_num):
-            nn.init.kaiming_normal_(self.weight[i], mode="fan_out", nonlinearity="relu")
+        for i in range(kernel_num):  # each candidate kernel as its own (cout, cin, k, k)
+            nn.init.kaiming_normal_(
+                self.weight[i * cout : (i + 1) * cout], mode="fan_out", nonlinearity="relu"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c, h, w = x.shape[1:]
@@ -71,7 +74,8 @@ class ODConv2d(nn.Module):
         filt = torch.sigmoid(self.filter_fc(a)).reshape(-1, 1, self.cout)
         spatial = torch.sigmoid(self.spatial_fc(a)).reshape(-1, 1, 1, 1, k, k)
         mix = self.kernel_fc(a).reshape(-1, self.kernel_num, 1, 1, 1, 1).softmax(dim=1)
-        weight = (mix * spatial * self.weight.unsqueeze(0)).sum(1)  # (n, cout, cin, k, k)
+        kernels = self.weight.reshape(1, self.kernel_num, self.cout, c, k, k)
+        weight = (mix * spatial * kernels).sum(1)  # (n, cout, cin, k, k)
         x = (x * channel)[:, :, : h // k * k, : w // k * k]
         gh, gw = h // k, w // k
         blocks = (
