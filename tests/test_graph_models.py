@@ -15,6 +15,7 @@ from mclx.errors import DataError
 from mclx.models import create_model, model_cfg, train_cfg
 from mclx.models.graph import GATLayer, MeanGraphLayer, knn_adjacency
 from mclx.models.thitogene import CapsuleEncoder, ODConv2d, squash
+from mclx.train import lr_at
 
 GRAPH_MODELS = ["his2st", "thitogene"]
 
@@ -191,6 +192,12 @@ def test_published_defaults():
     for name, epochs in [("his2st", 350), ("thitogene", 300)]:
         r = train_cfg(name)
         assert (r.epochs, r.lr, r.weight_decay, r.augment) == (epochs, 1e-5, 0.0, False)
+    # His2ST's StepLR(50, 0.9), stepped per epoch
+    step = train_cfg("his2st")
+    assert [lr_at(step, e) for e in (0, 49, 50, 120)] == pytest.approx(
+        [1e-5, 1e-5, 0.9e-5, 0.81e-5], rel=1e-12
+    )
+    assert lr_at(train_cfg("thitogene"), 299) == 1e-5
     # the ConvMixer's flattened output is the model width at the defaults (no projection)
     model = create_model(model_cfg("his2st", n_genes=3, depth=0), encoder_weights=None)
     assert model.mixer.num_features == 1024 and isinstance(model.patch_embedding, torch.nn.Identity)

@@ -131,6 +131,9 @@ class TrainCfg:
         augment, augmentation: whether training patches are augmented, and how:
             ``mclstexp`` (ColorJitter 0.5, horizontal flip, rotation by up to 180°) or
             ``dihedral`` (horizontal and vertical flips, rotations by 90°; CMRCNet).
+        lr_step, lr_gamma: with a constant ``lr`` (no ``min_lr``), multiply it by
+            ``lr_gamma`` every ``lr_step`` epochs (PyTorch's StepLR per epoch: His2ST's
+            50 and 0.9); 0 keeps it constant.
         val_fraction: hold out this fraction of the training spots and keep the weights
             of the epoch with the lowest loss on them (CMRCNet's checkpoint choice, 0.2
             there); 0 trains on every spot and keeps the last epoch.
@@ -152,6 +155,8 @@ class TrainCfg:
     augmentation: Augmentation = "mclstexp"
     val_fraction: float = 0.0
     feature_views: int = 1
+    lr_step: int = 0
+    lr_gamma: float = 1.0
 
 
 def parse_fields(cls: type, items: Sequence[str]) -> dict[str, Any]:

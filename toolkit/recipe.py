@@ -246,7 +246,9 @@ class Recipe:
 
 # TrainCfg fields newer than the first training states: recorded only when set, so
 # that a state saved before they existed still resumes
-_LATER_TRAIN_FIELDS = {"optimizer", "min_lr", "augmentation", "val_fraction", "feature_views"}
+_LATER_TRAIN_FIELDS = {
+    "optimizer", "min_lr", "augmentation", "val_fraction", "feature_views", "lr_step", "lr_gamma",
+}  # fmt: skip
 FEATURE_VIEWS = (1, 8)  # the patch as cut; its 8 dihedral views
 
 

@@ -66,9 +66,10 @@ def _augment(x: torch.Tensor, kind: str = "mclstexp") -> torch.Tensor:
 
 def lr_at(cfg: TrainCfg, epoch: int) -> float:
     """The learning rate of ``epoch`` (from 0): ``cfg.lr``, or its cosine decay to
-    ``cfg.min_lr`` stepped once before each epoch (the last epoch runs at ``min_lr``)."""
+    ``cfg.min_lr`` stepped once before each epoch (the last epoch runs at ``min_lr``),
+    or its step decay by ``cfg.lr_gamma`` every ``cfg.lr_step`` epochs."""
     if cfg.min_lr is None:
-        return cfg.lr
+        return cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step) if cfg.lr_step else cfg.lr
     t = min(epoch + 1, cfg.epochs) / cfg.epochs
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t)) / 2
 
