@@ -5,6 +5,8 @@ step, and the exported ONNX graph on a section of another size than it was trace
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -220,3 +222,48 @@ def test_onnx_graph_builds_the_graph_for_any_section_size(name, tmp_path):
         want = model(images, pos).numpy()
     got = sess.run(None, {"images": images.numpy(), "positions": pos.numpy()})[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("name", "sizes"),
+    [
+        ("his2st", ["mixer_channels=8", "mixer_depth=1", "graph_depth=2"]),
+        ("thitogene", ["capsules=4", "capsule_dim=8", "graph_heads=2"]),
+    ],
+)
+def test_graph_model_through_the_command_line(name, sizes, synthetic, tmp_path, capsys):
+    """Train (tiny sizes through --model-opt), export with parity, score without a
+    bank; bank build and infer refuse the model in one line."""
+    from helpers import run_cli, tiny_options
+
+    from mclx.checkpoint import load_checkpoint
+
+    ck = tmp_path / f"{name}.pt"
+    options = tiny_options(synthetic, model=name, encoder="patch112", epochs=1, batch_size=None)
+    dims = ["--embed-dim", "16", "--depth", "1", "--heads", "2"]
+    dims += [a for s in sizes for a in ("--model-opt", s)]
+    steps = [
+        ["train", "--data", synthetic, "--sections", "S1", *options, *dims, "-q", "--out", ck],
+        ["export", "--ckpt", ck, "--calib-data", synthetic, "-q"],
+        ["evaluate", "--data", synthetic, "--ckpt", ck, "--sections", "S3", "--out",
+         tmp_path / "s3.json"],
+    ]  # fmt: skip
+    for args in steps:
+        res = run_cli(capsys, args)
+        assert res.returncode == 0, res.stderr
+    cfg = load_checkpoint(ck).model_cfg
+    given = dict(s.split("=") for s in sizes)
+    assert {k: str(getattr(cfg, k)) for k in given} == given and cfg.embed_dim == 16
+    report = json.loads((tmp_path / f"{name}.export.json").read_text())
+    assert report["onnx"]["max_rel_err"] < 1e-4
+    scored = json.loads((tmp_path / "s3.json").read_text())
+    assert set(scored["sections"]["S3"]) >= {"pcc_acg", "pcc_heg", "mse"}
+    slide = synthetic / "data" / "ST-imgs" / "S" / "S3" / "S3.jpg"
+    res = run_cli(capsys, ["infer", slide, "--model", ck, "-q"])
+    assert res.returncode == 1 and "predicts a whole section at once" in res.stderr
+    for opt, says in [("graph_k", "FIELD=VALUE"), ("n_genes=3", "FIELD=VALUE"),
+                      ("graph_k=x", "'x' is not of type int")]:  # fmt: skip
+        bad = run_cli(capsys, ["train", "--data", synthetic, "--model-opt", opt, "-q",
+                               "--out", tmp_path / "x.pt"])  # fmt: skip
+        assert bad.returncode == 1 and says in bad.stderr
+        assert bad.stderr.startswith("mclx: error:") and bad.stderr.count("\n") == 1

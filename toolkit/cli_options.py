@@ -390,7 +390,9 @@ def recipe_from(kw: dict[str, Any]):
     if kw.get("model_opts"):
         from mclx.config import ModelCfg, parse_fields
 
-        overrides.update(parse_fields(ModelCfg, kw["model_opts"]))
+        # name and sizes that the data set (genes, positional tables) are not options
+        fixed = ("name", "n_genes", "pos_size", "seq_len")
+        overrides.update(parse_fields(ModelCfg, kw["model_opts"], exclude=fixed))
     return Recipe(
         model=kw["model"],
         overrides=overrides,

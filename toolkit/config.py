@@ -159,11 +159,12 @@ class TrainCfg:
     lr_gamma: float = 1.0
 
 
-def parse_fields(cls: type, items: Sequence[str]) -> dict[str, Any]:
+def parse_fields(cls: type, items: Sequence[str], *, exclude: Sequence[str] = ()) -> dict[str, Any]:
     """``["FIELD=VALUE", ...]`` -> ``{field: value}`` for scalar fields of dataclass
-    ``cls`` (int, float, bool or str, converted by the field's default; ``mclx train
-    --model-opt``). An unknown field or a value that does not convert is a ValueError."""
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    ``cls`` but ``exclude`` (int, float, bool or str, converted by the field's default;
+    ``mclx train --model-opt``). An unknown field or a value that does not convert is a
+    ValueError."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in exclude}
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
@@ -171,7 +172,7 @@ def parse_fields(cls: type, items: Sequence[str]) -> dict[str, Any]:
         default = fields.get(key, dataclasses.MISSING)
         if not sep or isinstance(default, (tuple, type(None))) or default is dataclasses.MISSING:
             scalars = sorted(k for k, v in fields.items() if isinstance(v, (bool, int, float, str)))
-            msg = f"{item!r}: not FIELD=VALUE for a field of {', '.join(scalars)}"
+            msg = f"{item!r}: not FIELD=VALUE with FIELD one of {', '.join(scalars)}"
             raise ValueError(msg)
         try:
             if isinstance(default, bool):
@@ -179,7 +180,7 @@ def parse_fields(cls: type, items: Sequence[str]) -> dict[str, Any]:
             else:
                 value = type(default)(raw)
         except (KeyError, ValueError):
-            msg = f"{item!r}: {raw!r} is not a {type(default).__name__}"
+            msg = f"{item!r}: {raw!r} is not of type {type(default).__name__}"
             raise ValueError(msg) from None
         out[key] = value
     return out
