@@ -134,6 +134,54 @@ def test_capsule_routing_is_the_references():
     assert CapsuleEncoder(28, 20, 64).primary.kernel_size == (9, 9)
 
 
+def test_zinb_nll_is_the_zero_inflated_negative_binomial():
+    from scipy.stats import nbinom
+
+    from mclx.models.his2st import zinb_nll
+
+    rng = np.random.default_rng(0)
+    x = rng.poisson(3.0, size=(5, 4)).astype(float)
+    x[0, :2] = 0
+    mean, disp = rng.uniform(0.5, 4, (5, 4)), rng.uniform(0.3, 5, (5, 4))
+    pi, scale = rng.uniform(0.05, 0.6, (5, 4)), rng.uniform(0.5, 2, 5)
+    mu = mean * scale[:, None]
+    logp = nbinom.logpmf(x, disp, disp / (disp + mu))
+    want = np.where(x == 0, -np.log(pi + (1 - pi) * np.exp(logp)), -np.log(1 - pi) - logp)
+    t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
+    got = zinb_nll(t(x), t(mean), t(disp), t(pi), t(scale))
+    assert float(got) == pytest.approx(want.mean(), rel=1e-8)
+
+
+def test_his2st_trains_on_the_raw_counts_the_loop_hands_it():
+    from mclx.config import PreprocessCfg, TrainCfg
+    from mclx.data.dataset import SpotTable
+    from mclx.train import fit
+
+    model = _tiny("his2st", encoder="tiny_cnn")
+    assert model.reads_counts and model.cfg.zinb == 0.25
+    n, rng = 12, np.random.default_rng(0)
+    counts = rng.poisson(2.0, (n, 7)).astype(np.float32)
+    table = SpotTable(
+        expr=np.log10(1 + counts), pos=_grid(6, 2).numpy(), coords=np.zeros((n, 2)),
+        section=np.full(n, "S", dtype=object), obs_names=np.arange(n).astype(str),
+        counts=counts,
+    )  # fmt: skip
+    feats = torch.randn(n, 64)
+    seen = []
+    loss = model.loss
+    model.loss = lambda *a: seen.append(a[3]) or loss(*a)
+    cfg = TrainCfg(epochs=1, freeze_encoder=True, augment=False)
+    fit(model, table, cfg, PreprocessCfg(), features=feats.numpy(), progress=False)
+    assert len(seen) == 1 and sorted(seen[0].sum(1).tolist()) == sorted(counts.sum(1).tolist())
+    with torch.no_grad():
+        mse = float(loss(feats, torch.as_tensor(table.expr), _grid(6, 2)))
+        both = float(loss(feats, torch.as_tensor(table.expr), _grid(6, 2), torch.tensor(counts)))
+    assert both > mse  # a negative log-likelihood of counts is positive
+    table.counts = None
+    with pytest.raises(ValueError, match="raw counts"):
+        fit(model, table, cfg, PreprocessCfg(), features=feats.numpy(), progress=False)
+
+
 def _tiny(name: str, **kw):
     torch.manual_seed(0)
     sizes = {
@@ -167,13 +215,15 @@ def test_graph_model_predicts_a_section_and_learns(name):
         _tiny(name, context="batch")
     model.train()  # the published patch modules (pixels of the 112 px crop) learn
     feats, expr = model.image_encoder(images), torch.rand(12, 7)
+    # His2ST's loss with its ZINB term on raw counts
+    extra = (torch.randint(0, 6, (12, 7)).float(),) if name == "his2st" else ()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    before = float(model.loss(feats, expr, pos).detach())
+    before = float(model.loss(feats, expr, pos, *extra).detach())
     for _ in range(5):
         opt.zero_grad()
-        model.loss(feats, expr, pos).backward()
+        model.loss(feats, expr, pos, *extra).backward()
         opt.step()
-    assert float(model.loss(feats, expr, pos).detach()) < before
+    assert float(model.loss(feats, expr, pos, *extra).detach()) < before
 
 
 @pytest.mark.parametrize("name", GRAPH_MODELS)

@@ -84,6 +84,8 @@ class ModelCfg:
         mixer_channels, mixer_kernel, mixer_patch, mixer_depth: His2ST's ConvMixer
             (32 channels, depthwise kernel 5, patch embedding 7 px, 2 blocks).
         capsules, capsule_dim: THItoGene's routed capsules (20 of width 64).
+        zinb: weight of His2ST's ZINB likelihood of the raw counts in its loss (0.25;
+            0 trains the MSE alone).
     """
 
     name: str = "mclstexp"
@@ -115,6 +117,7 @@ class ModelCfg:
     mixer_depth: int = 2
     capsules: int = 20
     capsule_dim: int = 64
+    zinb: float = 0.0
 
 
 @dataclass(frozen=True)

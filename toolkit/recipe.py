@@ -283,7 +283,7 @@ class PatchCache:
         return self._patches[key]
 
     def table(self, sections: Sequence[str], pre: PreprocessCfg) -> SpotTable:
-        table = build_table({s: self.adatas[s] for s in sections}, pre)
+        table = build_table({s: self.adatas[s] for s in sections}, pre, counts=True)
         table.patches = np.concatenate([self.patches(s, pre.mpp) for s in sections])
         return table
 

@@ -14,20 +14,23 @@ then ``graph_depth`` GraphSAGE mean layers over the spot graph (4 nearest spots 
 graph layers' outputs as a sequence (jumping knowledge) and its outputs are averaged;
 ``LayerNorm -> Linear`` gives G genes.
 
-Loss: the MSE of that prediction on the preprocessed expression. The reference adds
-two auxiliary terms that mclx does not train: a ZINB likelihood (weight 0.25) of the
-raw counts from three further heads, and self-distillation (weight 0.5) against five
-augmented passes of the whole section. The first needs the raw counts and their size
-factors, which mclx's training loop does not hand to a model (it sees the preprocessed
-expression only); the second needs the patches themselves at every step (six passes
-of the section through the encoder) and cannot apply to cached features of a frozen
-encoder. Neither changes what is predicted: the gene head the reference evaluates is
-the one the MSE trains.
+Loss: the MSE of that prediction on the preprocessed expression, plus ``zinb`` (0.25)
+times a zero-inflated negative binomial likelihood of the spot's raw counts, whose
+mean (times the spot's size factor: its total count over the genes divided by the
+section's median), dispersion and dropout probability come from three more linear
+heads on the same features (``ZINB_loss`` in the reference's ``NB_module.py``); the
+training loop hands the counts to a model that ``reads_counts``. The reference's third
+term, self-distillation (weight 0.5) against five augmented passes of the whole section
+with learned per-spot weights, is not trained: it needs the patches themselves at every
+step (six passes of the section through the encoder) and cannot apply to cached
+features of a frozen encoder. Neither auxiliary term is part of the prediction: the
+gene head is what the reference evaluates.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mclx.config import ModelCfg
@@ -82,6 +85,40 @@ class ConvMixer(nn.Module):
         return self.down(x).flatten(1)
 
 
+def zinb_nll(
+    x: torch.Tensor, mean: torch.Tensor, disp: torch.Tensor, pi: torch.Tensor,
+    scale: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """Mean negative log-likelihood of counts ``x`` (N, G) under a ZINB of mean ``mean *
+    scale[:, None]``, dispersion ``disp`` and dropout ``pi`` (the reference's formula,
+    its 1e-10 guards included)."""
+    eps = 1e-10
+    mu = mean * scale.unsqueeze(1)
+    t1 = torch.lgamma(disp + eps) + torch.lgamma(x + 1.0) - torch.lgamma(x + disp + eps)
+    t2 = (disp + x) * torch.log(1.0 + mu / (disp + eps)) + x * (
+        torch.log(disp + eps) - torch.log(mu + eps)
+    )
+    nonzero = t1 + t2 - torch.log(1.0 - pi + eps)
+    zero = -torch.log(pi + (1.0 - pi) * torch.pow(disp / (disp + mu + eps), disp) + eps)
+    return torch.where(x <= 1e-8, zero, nonzero).mean()
+
+
+class ZINBHeads(nn.Module):
+    """Mean ``clamp(exp(.), 1e-5, 1e6)``, dispersion ``clamp(softplus(.), 1e-4, 1e4)``
+    and dropout ``sigmoid(.)`` heads, each a linear layer to G genes."""
+
+    def __init__(self, dim: int, n_genes: int) -> None:
+        super().__init__()
+        self.mean = nn.Linear(dim, n_genes)
+        self.disp = nn.Linear(dim, n_genes)
+        self.pi = nn.Linear(dim, n_genes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean = torch.clamp(torch.exp(self.mean(h)), 1e-5, 1e6)
+        disp = torch.clamp(F.softplus(self.disp(h)), 1e-4, 1e4)
+        return mean, disp, torch.sigmoid(self.pi(h))
+
+
 class His2ST(SectionRegressor):
     """ConvMixer + Transformer over the section + GraphSAGE over the spot graph."""
 
@@ -108,9 +145,29 @@ class His2ST(SectionRegressor):
         self.graph = nn.ModuleList([MeanGraphLayer(d, d) for _ in range(cfg.graph_depth)])
         self.jknet = nn.LSTM(d, d, num_layers=2) if cfg.graph_depth else None
         self.gene_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.n_genes))
+        self.zinb = ZINBHeads(d, cfg.n_genes) if cfg.zinb > 0 else None
+        self.reads_counts = self.zinb is not None
 
     def embed_image_features(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One section's encoder features (N, F) and array coordinates (N, 2) -> (N, G)."""
+        return self.gene_head(self.hidden(feats, pos))
+
+    def loss(
+        self, feats: torch.Tensor, expr: torch.Tensor, pos: torch.Tensor,
+        counts: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """MSE of one section's predictions, plus ``cfg.zinb`` times the ZINB negative
+        log-likelihood of its raw ``counts`` (when given: the MSE alone otherwise)."""
+        h = self.hidden(feats, pos)
+        loss = F.mse_loss(self.gene_head(h), expr)
+        if self.zinb is None or counts is None:
+            return loss
+        total = counts.sum(1)
+        scale = total / total.median().clamp(min=1.0)  # the reference's size factors
+        return loss + self.cfg.zinb * zinb_nll(counts, *self.zinb(h), scale)
+
+    def hidden(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The features the heads read (N, width)."""
         pos = self.check_positions(pos)
         x = self.mixer(self.pixels(feats)) if self.mixer is not None else feats
         x = self.patch_embedding(x)
@@ -124,4 +181,4 @@ class His2ST(SectionRegressor):
                 g = layer(g, adj)
                 layers.append(g)
             g = self.jknet(torch.stack(layers))[0].mean(0)  # (L, N, d): L steps of N spots
-        return self.gene_head(g)
+        return g
