@@ -52,11 +52,13 @@ class ModelCfg:
 
     Attributes:
         name: a model of the registry (``mclx.models.MODELS``): ``mclstexp`` (the
-            paper), ``bleep``, ``stnet``, ``cmrcnet`` or ``histogene`` (comparison methods).
+            paper), ``bleep``, ``stnet``, ``cmrcnet``, ``histogene``, ``his2st`` or
+            ``thitogene`` (comparison methods).
         encoder: image encoder registry name (``densenet121`` by default).
         n_genes: number of genes G (spot encoder width, ST-Net output size).
-        embed_dim: shared embedding size of the projection heads (HisToGene: the width of
-            its Transformer over a section's patches).
+        embed_dim: shared embedding size of the projection heads (HisToGene, His2ST: the
+            width of their Transformer over a section's spots; THItoGene: of its GAT
+            heads and gene head, its feed-forward twice that).
         dropout: dropout of projection heads (HisToGene: of its Transformer).
         temperature: softmax temperature of the contrastive loss.
         pos_embed: learnable x/y positional embeddings (mclSTExp); False is an ablation.
