@@ -103,6 +103,7 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, *
       mclx train --model bleep --sections C3,C4,C5 --epochs 30 --out bleep.pt
       mclx train --model cmrcnet --holdout C2 --freeze-encoder --out cmrcnet.pt
       mclx train --model histogene --embed-dim 128 --depth 2 --heads 4 --out histogene.pt
+      mclx train --model his2st --holdout C2 --depth 2 --model-opt mixer_channels=16 --out his2st.pt
       mclx train --data ../shared/data/stutility-mob --holdout MOB4 --n-hvg 500 --out mob.pt
       mclx train --data ../shared/data/her2st --holdout C2 --nproc 2 --out model.pt
       torchrun --nproc_per_node 4 -m mclx train --data ../shared/data/her2st --out model.pt
@@ -255,7 +256,8 @@ def _training_sections(reader, sections, holdout) -> tuple[list[str], list[str]]
     "bank_path",
     type=click.Path(path_type=Path),
     default=None,
-    help="Bank for --ckpt (not for models that predict directly: stnet, histogene).",
+    help="Bank for --ckpt (not for models that predict directly: stnet, histogene, his2st, "
+    "thitogene).",
 )
 @model_options()
 def evaluate(

@@ -255,9 +255,9 @@ def model_options() -> Decorator:
         click.option(
             "--encoder", type=EncoderChoice(_encoder_names), default=None,
             help="Image encoder from the registry (default: the model's: densenet121; "
-            "vit_b32 for cmrcnet, patch112 for histogene), or timm:NAME, any timm model "
-            "with --encoder-weights FILE (needs mclx[timm]; its input size, mean and std "
-            "go into the checkpoint).",
+            "vit_b32 for cmrcnet, patch112 for histogene, his2st, thitogene), or "
+            "timm:NAME, any timm model with --encoder-weights FILE (needs mclx[timm]; "
+            "its input size, mean and std go into the checkpoint).",
         ),
         click.option(
             "--encoder-weights", default="auto", show_default=True,
@@ -284,15 +284,20 @@ def training_options() -> Decorator:
     return stack(
         click.option(
             "--epochs", type=click.IntRange(1), default=None,
-            help="Default: the model's (90; cmrcnet 60, histogene 100).",
+            help="Default: the model's (90; cmrcnet 60, histogene 100, his2st 350, thitogene 300).",
         ),
         click.option(
             "--batch-size", type=click.IntRange(2), default=None,
-            help="Default: the model's (128; cmrcnet 64; histogene: one section per step).",
+            help="Default: the model's (128; cmrcnet 64; histogene, his2st, thitogene: one "
+            "section per step).",
         ),
-        click.option("--lr", type=float, default=None, help="Default: 1e-4 (histogene 1e-5)."),
         click.option(
-            "--weight-decay", type=float, default=None, help="Default: 1e-3 (histogene 0)."
+            "--lr", type=float, default=None,
+            help="Default: 1e-4 (histogene, his2st, thitogene 1e-5).",
+        ),
+        click.option(
+            "--weight-decay", type=float, default=None,
+            help="Default: 1e-3 (histogene, his2st, thitogene 0).",
         ),
         click.option(
             "--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=None,
@@ -322,15 +327,17 @@ def architecture_options() -> Decorator:
         click.option(
             "--depth", type=click.IntRange(0), default=None,
             help="Transformer blocks: over spots (mclstexp; 0 = ablation without "
-            "Transformer), cmrcnet's fusion layers, histogene's blocks (default 8).",
+            "Transformer), cmrcnet's fusion layers, histogene's and his2st's blocks "
+            "(default 8), thitogene's (4).",
         ),
         click.option(
             "--embed-dim", type=click.IntRange(1), default=None,
-            help="Embedding width (default 256; histogene's Transformer width 1024).",
+            help="Embedding width (default 256; the Transformer width of histogene and "
+            "his2st, thitogene's GAT and head width: 1024).",
         ),
         click.option(
             "--heads", type=click.IntRange(1), default=None,
-            help="Attention heads (default 8; histogene 16).",
+            help="Attention heads (default 8; histogene, his2st, thitogene 16).",
         ),
         click.option(
             "--temperature", type=click.FloatRange(0, min_open=True), default=None,
@@ -351,6 +358,12 @@ def architecture_options() -> Decorator:
         click.option(
             "--context", type=literal_choice(Context), default=None,
             help="Attention context of the spot encoder (default batch).",
+        ),
+        click.option(
+            "--model-opt", "model_opts", multiple=True, metavar="FIELD=VALUE",
+            help="Any other model size or option (a ModelCfg field), e.g. his2st's "
+            "graph_k=4 graph_radius=2 graph_depth=4 mixer_channels=32 mixer_depth=2, "
+            "thitogene's graph_heads=8 capsules=20 capsule_dim=64; repeatable.",
         ),
     )  # fmt: skip
 
@@ -374,6 +387,12 @@ def recipe_from(kw: dict[str, Any]):
     for name in ("encoder", "depth", "context", "embed_dim", "heads", "temperature"):
         if kw[name] is not None:
             overrides[name] = kw[name]
+    if kw.get("model_opts"):
+        from mclx.config import ModelCfg, parse_fields
+
+        # name and sizes that the data set (genes, positional tables) are not options
+        fixed = ("name", "n_genes", "pos_size", "seq_len")
+        overrides.update(parse_fields(ModelCfg, kw["model_opts"], exclude=fixed))
     return Recipe(
         model=kw["model"],
         overrides=overrides,

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,11 +52,13 @@ class ModelCfg:
 
     Attributes:
         name: a model of the registry (``mclx.models.MODELS``): ``mclstexp`` (the
-            paper), ``bleep``, ``stnet``, ``cmrcnet`` or ``histogene`` (comparison methods).
+            paper), ``bleep``, ``stnet``, ``cmrcnet``, ``histogene``, ``his2st`` or
+            ``thitogene`` (comparison methods).
         encoder: image encoder registry name (``densenet121`` by default).
         n_genes: number of genes G (spot encoder width, ST-Net output size).
-        embed_dim: shared embedding size of the projection heads (HisToGene: the width of
-            its Transformer over a section's patches).
+        embed_dim: shared embedding size of the projection heads (HisToGene, His2ST: the
+            width of their Transformer over a section's spots; THItoGene: of its GAT
+            heads and gene head, its feed-forward twice that).
         dropout: dropout of projection heads (HisToGene: of its Transformer).
         temperature: softmax temperature of the contrastive loss.
         pos_embed: learnable x/y positional embeddings (mclSTExp); False is an ablation.
@@ -76,6 +79,15 @@ class ModelCfg:
             std of the training spots before the image projection (mclstexp, bleep; an
             ablation for badly conditioned random-init features). The statistics are
             buffers of the model, so export and inference apply them too.
+        graph_k, graph_radius: the spot graph of His2ST and THItoGene: each spot's
+            ``graph_k`` nearest spots by array coordinates, those farther than
+            ``graph_radius`` array units dropped (0: none dropped; His2ST 2.0).
+        graph_depth: His2ST's graph layers (4); graph_heads: THItoGene's GAT heads (8).
+        mixer_channels, mixer_kernel, mixer_patch, mixer_depth: His2ST's ConvMixer
+            (32 channels, depthwise kernel 5, patch embedding 7 px, 2 blocks).
+        capsules, capsule_dim: THItoGene's routed capsules (20 of width 64).
+        zinb: weight of His2ST's ZINB likelihood of the raw counts in its loss (0.25;
+            0 trains the MSE alone).
     """
 
     name: str = "mclstexp"
@@ -97,6 +109,17 @@ class ModelCfg:
     fusion_shared: bool = True
     mask_keep: float = 0.5
     feature_norm: bool = False
+    graph_k: int = 4
+    graph_radius: float = 0.0
+    graph_depth: int = 4
+    graph_heads: int = 8
+    mixer_channels: int = 32
+    mixer_kernel: int = 5
+    mixer_patch: int = 7
+    mixer_depth: int = 2
+    capsules: int = 20
+    capsule_dim: int = 64
+    zinb: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -113,6 +136,9 @@ class TrainCfg:
         augment, augmentation: whether training patches are augmented, and how:
             ``mclstexp`` (ColorJitter 0.5, horizontal flip, rotation by up to 180°) or
             ``dihedral`` (horizontal and vertical flips, rotations by 90°; CMRCNet).
+        lr_step, lr_gamma: with a constant ``lr`` (no ``min_lr``), multiply it by
+            ``lr_gamma`` every ``lr_step`` epochs (PyTorch's StepLR per epoch: His2ST's
+            50 and 0.9); 0 keeps it constant.
         val_fraction: hold out this fraction of the training spots and keep the weights
             of the epoch with the lowest loss on them (CMRCNet's checkpoint choice, 0.2
             there); 0 trains on every spot and keeps the last epoch.
@@ -134,6 +160,35 @@ class TrainCfg:
     augmentation: Augmentation = "mclstexp"
     val_fraction: float = 0.0
     feature_views: int = 1
+    lr_step: int = 0
+    lr_gamma: float = 1.0
+
+
+def parse_fields(cls: type, items: Sequence[str], *, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """``["FIELD=VALUE", ...]`` -> ``{field: value}`` for scalar fields of dataclass
+    ``cls`` but ``exclude`` (int, float, bool or str, converted by the field's default;
+    ``mclx train --model-opt``). An unknown field or a value that does not convert is a
+    ValueError."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in exclude}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        default = fields.get(key, dataclasses.MISSING)
+        if not sep or isinstance(default, (tuple, type(None))) or default is dataclasses.MISSING:
+            scalars = sorted(k for k, v in fields.items() if isinstance(v, (bool, int, float, str)))
+            msg = f"{item!r}: not FIELD=VALUE with FIELD one of {', '.join(scalars)}"
+            raise ValueError(msg)
+        try:
+            if isinstance(default, bool):
+                value: Any = {"true": True, "1": True, "false": False, "0": False}[raw.lower()]
+            else:
+                value = type(default)(raw)
+        except (KeyError, ValueError):
+            msg = f"{item!r}: {raw!r} is not of type {type(default).__name__}"
+            raise ValueError(msg) from None
+        out[key] = value
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -246,7 +246,9 @@ class Recipe:
 
 # TrainCfg fields newer than the first training states: recorded only when set, so
 # that a state saved before they existed still resumes
-_LATER_TRAIN_FIELDS = {"optimizer", "min_lr", "augmentation", "val_fraction", "feature_views"}
+_LATER_TRAIN_FIELDS = {
+    "optimizer", "min_lr", "augmentation", "val_fraction", "feature_views", "lr_step", "lr_gamma",
+}  # fmt: skip
 FEATURE_VIEWS = (1, 8)  # the patch as cut; its 8 dihedral views
 
 
@@ -281,7 +283,7 @@ class PatchCache:
         return self._patches[key]
 
     def table(self, sections: Sequence[str], pre: PreprocessCfg) -> SpotTable:
-        table = build_table({s: self.adatas[s] for s in sections}, pre)
+        table = build_table({s: self.adatas[s] for s in sections}, pre, counts=True)
         table.patches = np.concatenate([self.patches(s, pre.mpp) for s in sections])
         return table
 

@@ -66,9 +66,10 @@ def _augment(x: torch.Tensor, kind: str = "mclstexp") -> torch.Tensor:
 
 def lr_at(cfg: TrainCfg, epoch: int) -> float:
     """The learning rate of ``epoch`` (from 0): ``cfg.lr``, or its cosine decay to
-    ``cfg.min_lr`` stepped once before each epoch (the last epoch runs at ``min_lr``)."""
+    ``cfg.min_lr`` stepped once before each epoch (the last epoch runs at ``min_lr``),
+    or its step decay by ``cfg.lr_gamma`` every ``cfg.lr_step`` epochs."""
     if cfg.min_lr is None:
-        return cfg.lr
+        return cfg.lr * cfg.lr_gamma ** (epoch // cfg.lr_step) if cfg.lr_step else cfg.lr
     t = min(epoch + 1, cfg.epochs) / cfg.epochs
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * t)) / 2
 
@@ -301,6 +302,7 @@ class _Steps:
         self.pos = torch.as_tensor(table.pos, device=device)
         self.feats = torch.as_tensor(features, device=device) if frozen else None
         self.views = cfg.feature_views if frozen else 1
+        self.counts = _counts(model, table, device, self.world)
 
     def features(self, rows: np.ndarray, r: torch.Tensor, *, augment: bool = True):
         if self.feats is not None and self.views > 1:  # (N, views, F): one view per spot
@@ -313,6 +315,11 @@ class _Steps:
             x = _augment(x, self.cfg.augmentation)
         x = to_tensor(x.permute(0, 2, 3, 1), self.pre, self.device)
         return image_features(self.model, x)
+
+    def extra(self, r: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The loss's arguments after the positions: the raw counts for a model that
+        reads them (``reads_counts``: His2ST's ZINB term), else none."""
+        return () if self.counts is None else (self.counts[r],)
 
     def epoch(self, opt, rng: np.random.Generator, rows: np.ndarray | None = None) -> float:
         """One pass over the data (``rows``, default all); the mean loss of its steps."""
@@ -331,7 +338,7 @@ class _Steps:
                 if self.global_loss is not None:
                     loss = self.global_loss(feats, self.expr[r], self.pos[r], n)
                 else:
-                    loss = model.loss(feats, self.expr[r], self.pos[r])
+                    loss = model.loss(feats, self.expr[r], self.pos[r], *self.extra(r))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -355,8 +362,22 @@ class _Steps:
             r = torch.as_tensor(rows_, device=self.device)
             with autocast(self.device):
                 feats = self.features(rows_, r, augment=False).float()
-                losses.append(float(self.model.loss(feats, self.expr[r], self.pos[r])))
+                loss = self.model.loss(feats, self.expr[r], self.pos[r], *self.extra(r))
+                losses.append(float(loss))
         return float(np.mean(losses)) if losses else float("nan")
+
+
+def _counts(model: nn.Module, table: SpotTable, device, world) -> torch.Tensor | None:
+    """The table's raw counts on ``device`` when ``model`` reads them, else None."""
+    if not getattr(model, "reads_counts", False):
+        return None
+    if world is not None:
+        msg = f"{model.cfg.name}: its loss reads whole sections' counts; train it in one process"
+        raise ValueError(msg)
+    if table.counts is None:
+        msg = f"{model.cfg.name}: its loss reads raw counts, which this table does not hold"
+        raise ValueError(msg)
+    return torch.as_tensor(table.counts, device=device)
 
 
 def image_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mclx.config import PreprocessCfg
-from mclx.data.preprocess import normalize_expression
+from mclx.data.preprocess import normalize_expression, raw_counts
 
 
 @dataclass
@@ -22,6 +22,8 @@ class SpotTable:
         section: (N,) section name of each spot.
         obs_names: (N,) spot ids ``"{section}_{x}x{y}"``.
         patches: (N, S, S, 3) uint8 patches, or None when not cut.
+        counts: (N, G) float32 raw counts over the genes, or None when not asked for
+            (His2ST's ZINB term reads them in training).
     """
 
     expr: np.ndarray
@@ -30,6 +32,7 @@ class SpotTable:
     section: np.ndarray
     obs_names: np.ndarray
     patches: np.ndarray | None = None
+    counts: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.expr)
@@ -43,9 +46,11 @@ class SpotTable:
         return np.flatnonzero(self.section == section)
 
 
-def build_table(adatas: Mapping[str, object], pre: PreprocessCfg) -> SpotTable:
+def build_table(
+    adatas: Mapping[str, object], pre: PreprocessCfg, *, counts: bool = False
+) -> SpotTable:
     """Preprocess every section with ``pre`` and concatenate (patches are cut separately,
-    :class:`mclx.recipe.PatchCache`)."""
+    :class:`mclx.recipe.PatchCache`); with ``counts``, keep the raw counts too."""
     parts = []
     for name, a in adatas.items():
         parts.append(
@@ -57,7 +62,9 @@ def build_table(adatas: Mapping[str, object], pre: PreprocessCfg) -> SpotTable:
                 obs_names=np.asarray(a.obs_names, dtype=object),
             )
         )
+    raw = [raw_counts(a, pre.genes) for a in adatas.values()] if counts else None
     return SpotTable(
+        counts=np.concatenate(raw) if raw else None,
         expr=np.concatenate([p.expr for p in parts]),
         pos=np.concatenate([p.pos for p in parts]),
         coords=np.concatenate([p.coords for p in parts]),

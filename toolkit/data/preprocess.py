@@ -110,3 +110,11 @@ def normalize_expression(adata, cfg: PreprocessCfg) -> np.ndarray:
         sc.pp.log1p(sub, base=10 if cfg.log_base == "10" else None)
     x = sub.X.toarray() if hasattr(sub.X, "toarray") else np.asarray(sub.X)
     return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def raw_counts(adata, genes: Sequence[str]) -> np.ndarray:
+    """The raw counts of ``genes`` (N, G) float32 dense, in the order given."""
+    check_genes(adata, genes)
+    x = adata[:, list(genes)].X
+    x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -1,7 +1,8 @@
 """Model registry: ``create_model(cfg)`` builds any registered method from its config.
 
-Registered models: ``mclstexp`` (the paper), ``bleep``, ``stnet``, ``cmrcnet`` and
-``histogene`` (comparison methods), ``knn`` and ``ridge`` (training-free baselines on
+Registered models: ``mclstexp`` (the paper), ``bleep``, ``stnet``, ``cmrcnet``,
+``histogene``, ``his2st`` and ``thitogene`` (comparison methods; the last two with a
+graph over the spots, :mod:`mclx.models.graph`), ``knn`` and ``ridge`` (training-free baselines on
 frozen features, :mod:`mclx.models.baselines`), each with the defaults of its
 publication: its architecture (:func:`model_cfg`), its training recipe
 (:func:`train_cfg`) and its pixel normalisation (:func:`preprocess_defaults`).
@@ -22,11 +23,13 @@ from mclx.models.baselines import KNN, RidgeProbe
 from mclx.models.bleep import bleep_loss
 from mclx.models.cmrcnet import CMRCNet
 from mclx.models.encoders import ENCODERS, ImageEncoder, create_encoder
+from mclx.models.his2st import His2ST
 from mclx.models.histogene import HisToGene
 from mclx.models.layers import ProjectionHead, TransformerBlock
 from mclx.models.mclstexp import MclSTExp, SpotEncoder, clip_loss
 from mclx.models.registry import Registry
 from mclx.models.stnet import STNet
+from mclx.models.thitogene import THItoGene
 
 MODELS = Registry("model")
 IMAGENET = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -73,6 +76,40 @@ def cmrcnet(cfg: ModelCfg, encoder: nn.Module) -> CMRCNet:
 )  # fmt: skip
 def histogene(cfg: ModelCfg, encoder: nn.Module) -> HisToGene:
     return HisToGene(cfg, encoder)
+
+
+# ConvMixer on the 112 px crops, 8 Transformer blocks (16 heads) over the section, 4
+# GraphSAGE layers over the 4 nearest spots within 2 array units, LSTM jumping knowledge;
+# MSE + 0.25 ZINB of the raw counts (its self-distillation term is not trained);
+# one section per step, Adam 1e-5 decayed by 0.9 every 50 epochs, 350 epochs, no
+# augmentation (HIST2ST_train.py)
+@MODELS.register(
+    defaults={
+        "encoder": "patch112", "embed_dim": 1024, "depth": 8, "heads": 16, "dim_head": 64,
+        "dropout": 0.2, "context": "section", "k": 0, "graph_k": 4, "graph_radius": 2.0,
+        "graph_depth": 4, "zinb": 0.25,
+    },
+    train={
+        "epochs": 350, "lr": 1e-5, "weight_decay": 0.0, "augment": False, "lr_step": 50,
+        "lr_gamma": 0.9,
+    },
+)  # fmt: skip
+def his2st(cfg: ModelCfg, encoder: nn.Module) -> His2ST:
+    return His2ST(cfg, encoder)
+
+
+# ODConv + capsules on the 112 px crops, a ViT (4 blocks, 16 heads) over the section, a
+# GAT (8 heads) over the 4 nearest spots; one section per step, Adam 1e-5, 300 epochs,
+# no augmentation (its train.py for HER2+)
+@MODELS.register(
+    defaults={
+        "encoder": "patch112", "embed_dim": 1024, "depth": 4, "heads": 16, "dim_head": 64,
+        "dropout": 0.2, "context": "section", "k": 0, "graph_k": 4, "graph_heads": 8,
+    },
+    train={"epochs": 300, "lr": 1e-5, "weight_decay": 0.0, "augment": False},
+)  # fmt: skip
+def thitogene(cfg: ModelCfg, encoder: nn.Module) -> THItoGene:
+    return THItoGene(cfg, encoder)
 
 
 # the baselines fit in closed form on a frozen encoder's pooled features (no epochs)
@@ -129,6 +166,7 @@ __all__ = [
     "CMRCNet",
     "ENCODERS",
     "MODELS",
+    "His2ST",
     "HisToGene",
     "ImageEncoder",
     "KNN",
@@ -137,6 +175,7 @@ __all__ = [
     "RidgeProbe",
     "STNet",
     "SpotEncoder",
+    "THItoGene",
     "TransformerBlock",
     "bleep_loss",
     "clip_loss",
