@@ -239,7 +239,7 @@ def _install(tmp: Path, path: Path, *, keep: bool = False) -> Path | None:
         msg = f"{path}: is {kind[0]}; another output of this command, {kind[1]}, goes there"
         raise FileExistsError(msg)
     if tmp.is_dir() and path.is_dir():
-        check_replaceable(path, what="a folder mclx wrote")  # again: it may have changed
+        check_replaceable(path, what="an mclx output folder")  # again: it may have changed
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
         os.replace(path, old / path.name)
         try:
