@@ -199,19 +199,21 @@ def test_unwritable_folder_is_named(tmp_path):
 
 
 def test_a_folder_output_replaces_the_previous_one_whole_or_not_at_all(tmp_path):
+    from mclx.folders import MANIFEST
     from mclx.io import atomic_folder
 
     dest = tmp_path / "view"
-    dest.mkdir()
-    (dest / "old.txt").write_bytes(PREVIOUS)
+    with atomic_folder(dest) as tmp:  # a folder mclx wrote (its manifest lists old.txt)
+        (tmp / "old.txt").write_bytes(PREVIOUS)
+    manifest = (dest / MANIFEST).read_bytes()
     with pytest.raises(RuntimeError, match="later step"), all_or_nothing():
         with atomic_folder(dest) as tmp:
             (tmp / "new.txt").write_text("new")
         write_text_atomic(tmp_path / "a.txt", "new a")
         raise RuntimeError("a later step failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["view"]  # no temporary folder
-    assert listing(dest) == {"old.txt": PREVIOUS}
+    assert listing(dest) == {MANIFEST: manifest, "old.txt": PREVIOUS}
     with atomic_folder(dest) as tmp:
         (tmp / "new.txt").write_text("new")
-    assert listing(dest) == {"new.txt": b"new"}
+    assert listing(dest).keys() == {MANIFEST, "new.txt"} and (dest / "new.txt").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["view"]  # the old one removed

@@ -743,7 +743,16 @@ def _(e, w, o):
 
 @case("engine-not-exported", "m.engine", "not exported yet")
 def _(e, w, o):
+    if not _have_cuda():
+        pytest.skip("no CUDA GPU here: tensorrt-without-gpu is the case")
     return infer(e, o, None, "--backend", "tensorrt")
+
+
+@case("tensorrt-without-gpu", "m.engine", "needs an NVIDIA GPU", "onnxruntime")
+def _(e, w, o):
+    if _have_cuda():
+        pytest.skip("a CUDA GPU is here: engine-not-exported is the case")
+    return infer(e, o, None, "--backend", "tensorrt")  # not "run mclx export": it cannot
 
 
 @case("export-trt-without-gpu", "m.engine", "TensorRT")
@@ -811,7 +820,53 @@ def _(e, w, o):
     return bank_build(e, o, sections="S1,S2")
 
 
+# --------------------------------------------------------------------------- issue 25
+
+
+@case("analyze-json-of-another-tool", "other.json", "names no predictions file")
+def _(e, w, o):
+    text(w / "other.json", '{"predictions": 5, "tool": "not mclx"}')
+    return ["analyze", w / "other.json", "--out", o / "an"]
+
+
+@case("analyze-markers-none-predicted", "markers.txt", "none of its 2 marker genes")
+def _(e, w, o):
+    import anndata as ad
+
+    a = ad.AnnData(np.ones((6, 3), np.float32))
+    a.var_names = ["G0", "G1", "G2"]
+    a.layers["measured"] = a.X.copy()
+    a.obs["section"] = "S1"
+    a.write_h5ad(w / "p.h5ad")
+    return ["analyze", w / "p.h5ad", "--out", o / "an", "--markers",
+            text(w / "markers.txt", "ERBB2\nESR1\n")]  # fmt: skip
+
+
+@case("legacy-st-image-not-named-after-section", "no section has an image", "MOB1.jpg")
+def _(e, w, o):
+    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "stutility-mob"
+    if not (src / "MOB1.tsv").is_file():
+        pytest.skip(f"needs the STUtility MOB data: {src} not found")
+    for name in ("MOB1.tsv", "alignment_table_MOB1.tsv"):
+        (w / name).symlink_to(src / name)
+    (w / "HE_scan_MOB1.jpg").symlink_to(src / "MOB1.jpg")
+    out = previous(o / "m.pt")  # every section: the error is not about --holdout
+    return tiny_train_args(w, out, sections=None, epochs=1, genes_file=e.genes)
+
+
+@case("cohort-out-dir-with-a-user-summary", "summary.csv", "mclx did not write it")
+def _(e, w, o):
+    previous(o / "summary.csv")
+    return ["infer", e.image, copy(e.image, w / "b.jpg"), "--bank", e.bank, "--out-dir", o]
+
+
 # --------------------------------------------------------------------------- running
+
+
+def _have_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _have_tensorrt() -> bool:

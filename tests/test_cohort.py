@@ -8,6 +8,7 @@ and fail instead with ``MCLX_REQUIRE_RAY=1`` (CI).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -112,10 +113,13 @@ def test_ray_cohort_matches_local_runs_reports_the_corrupt_slide_and_skips_done_
     assert "broken.jpg" in summary["error"][2]
     assert not (out_dir / "broken.pred.h5ad").exists()
     assert sorted(p.name for p in out_dir.iterdir()) == [
+        ".mclx-manifest.json",  # what mclx wrote there: a rerun may replace only that
         "C2.pred.h5ad",
         "C3.pred.h5ad",
         "summary.csv",
     ]  # fmt: skip: no temporary file left
+    listed = json.loads((out_dir / ".mclx-manifest.json").read_text())["files"]
+    assert sorted(listed) == ["C2.pred.h5ad", "C3.pred.h5ad", "summary.csv"]
     for stem in ("C2", "C3"):
         local = ad.read_h5ad(cohort["dir"] / "local" / f"{stem}.h5ad")
         got = ad.read_h5ad(out_dir / f"{stem}.pred.h5ad")

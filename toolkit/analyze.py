@@ -17,6 +17,7 @@ results JSON, which names it), or any AnnData with predicted ``X``,
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,10 +42,13 @@ def load_predictions(path: str | os.PathLike):
     if path.suffix == ".json":
         try:
             name = json.loads(path.read_text())["predictions"]
-        except (ValueError, KeyError, TypeError) as exc:
+            if not isinstance(name, str) or not name.strip():
+                raise TypeError(name)  # another tool's JSON: a number, a list, null
+            beside = path.with_name(Path(name).name)
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             msg = f"{path}: results JSON names no predictions file (rerun mclx evaluate)"
             raise DataError(msg) from exc
-        return load_predictions(path.with_name(name))
+        return load_predictions(beside)
     import anndata as ad
 
     try:
@@ -222,6 +226,7 @@ class Analysis:
     gene_gene: Any
     domains: Any
     parts: dict[str, tuple[GeneGene, GeneGene, Domains, Any]]
+    unknown_markers: list[str] = field(default_factory=list)  # not in the predictions
 
 
 def analyze(
@@ -230,11 +235,14 @@ def analyze(
     markers: Sequence[str] = (),
     k: int | None = None,
     seed: int = 0,
+    markers_from: str = "--markers",
 ) -> Analysis:
-    """Run every analysis on the predictions of ``source`` (see the module docstring)."""
+    """Run every analysis on the predictions of ``source`` (see the module docstring).
+    ``markers_from``: where the markers come from (their file), for the messages."""
     import pandas as pd
 
     adata = load_predictions(source)
+    unknown = check_markers(adata, markers, markers_from)
     sections = [str(s) for s in dict.fromkeys(adata.obs["section"].astype(str))]
     ranking = gene_ranking(adata, sections)
     panel_rows, gg_rows, dom_rows, parts = {}, {}, {}, {}
@@ -260,17 +268,47 @@ def analyze(
     for col in stats:
         adata.var[col] = stats[col].to_numpy()
     frame = lambda rows: pd.DataFrame.from_dict(rows, orient="index").rename_axis("section")  # noqa: E731
-    return Analysis(adata, ranking, frame(panel_rows), frame(gg_rows), frame(dom_rows), parts)
+    tables = frame(panel_rows), frame(gg_rows), frame(dom_rows)
+    return Analysis(adata, ranking, *tables, parts, unknown)
+
+
+def check_markers(adata, markers: Sequence[str], source: str) -> list[str]:
+    """The markers that are not among the predictions' genes (to be reported); none of
+    them there is refused (a panel of no gene has no PCC)."""
+    if not markers:
+        return []
+    genes = set(map(str, adata.var_names))
+    unknown = [m for m in markers if m not in genes]
+    if len(unknown) == len(markers):
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        shown = ", ".join(unknown[:5]) + more
+        msg = (
+            f"{source}: none of its {len(markers)} marker genes is in the predictions' "
+            f"{len(genes)} genes ({shown})"
+        )
+        raise DataError(msg)
+    return unknown
 
 
 def write_analysis(res: Analysis, out: str | os.PathLike, *, top: int = 4) -> list[Path]:
     """Tables (CSV), the annotated predictions (h5ad) and the figures (PNG) in ``out``,
     all or none."""
+    out = Path(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _write_files(res, out, top)
+    except BaseException:
+        for p in created:  # the folders made for it, left empty by the failed write
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
+def _write_files(res: Analysis, out: Path, top: int) -> list[Path]:
     from mclx import analyze_plots as plots
     from mclx.io import all_or_nothing, atomic_path
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
     with all_or_nothing():
         for name, table in (("gene_ranking", res.ranking), ("panels", res.panels),

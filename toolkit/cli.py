@@ -224,6 +224,8 @@ def _training_sections(reader, sections, holdout) -> tuple[list[str], list[str]]
     from mclx.errors import DataError
 
     wanted = split_names(sections) or reader.sections(with_image=True)
+    if not wanted:
+        raise DataError(reader.no_image_message())
     held = set(split_names(holdout))
     unknown = held - set(reader.sections())
     if unknown:
@@ -615,7 +617,12 @@ def analyze(source: Path, out: Path, markers, n_domains, top, seed) -> None:
     from mclx.data.preprocess import load_gene_list
 
     genes = load_gene_list(markers) if markers else ()
-    res = run_analysis(source, markers=genes, k=n_domains, seed=seed)
+    res = run_analysis(source, markers=genes, k=n_domains, seed=seed, markers_from=str(markers))
+    if res.unknown_markers:
+        u = res.unknown_markers
+        click.echo(f"mclx: warning: {markers}: {len(u)} of {len(genes)} markers are not in the "
+                   f"predictions, left out: {', '.join(u[:10])}" + (" ..." if len(u) > 10 else ""),
+                   err=True)  # fmt: skip
     written = write_analysis(res, out, top=top)
     click.echo(res.ranking.head(10)[["rank", "mean_neglog10_p", "mean_pcc"]].to_string())
     click.echo(res.panels.to_string())

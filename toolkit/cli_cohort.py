@@ -103,7 +103,10 @@ def run_cohort_cli(slides: tuple[Path, ...], bank_path: Path, quiet: bool, kw: d
         msg = f"{out_dir}: --out-dir is a file, not a folder"
         raise NotADirectoryError(msg)
     if out_dir.is_dir():
+        from mclx.folders import check_own_file
+
         check_output(out_dir / SUMMARY)
+        check_own_file(out_dir / SUMMARY, folder=out_dir)
     jobs = cohort_jobs(slides, manifest=kw.pop("manifest"), out_dir=out_dir, mpp=kw.pop("mpp"))
     opts = Options(batch_size=kw.pop("batch_size"), stride=kw.pop("stride"),
                    workers=kw.pop("workers"), max_tiles=kw.pop("max_tiles"),

@@ -171,6 +171,10 @@ def sections_option(help: str) -> Decorator:
     return click.option("--sections", multiple=True, help=help + " Comma-separated or repeated.")
 
 
+def force_option(help: str) -> Decorator:
+    return click.option("--force", is_flag=True, help=help)
+
+
 def quiet_option(help: str = "No progress bars.") -> Decorator:
     return click.option("--quiet", "-q", is_flag=True, help=help)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mclx.cli_options import CONTEXT, out_option, quiet_option, split_names
+from mclx.cli_options import CONTEXT, force_option, out_option, quiet_option, split_names
 
 
 @click.command(context_settings=CONTEXT)
@@ -24,8 +24,11 @@ from mclx.cli_options import CONTEXT, out_option, quiet_option, split_names
     help="Only these genes in the page (comma-separated or repeated; default: all).",
 )
 @click.option("--workers", type=click.IntRange(1), default=2, help="Threads writing tiles.")
+@force_option("Draw over --slide even when it is not the slide the predictions recorded.")
 @quiet_option("No progress bar.")
-def view(predictions: Path, slide, out: Path, gene, genes, workers: int, quiet: bool) -> None:
+def view(
+    predictions: Path, slide, out: Path, gene, genes, workers: int, force: bool, quiet: bool
+) -> None:
     """Write a folder that shows predictions over their slide in any web browser.
 
     \b
@@ -49,6 +52,7 @@ def view(predictions: Path, slide, out: Path, gene, genes, workers: int, quiet: 
         genes=split_names(genes),
         workers=workers,
         progress=not quiet,
+        force=force,
     )
     w, h = s["slide_size"]
     click.echo(

@@ -36,6 +36,7 @@ class Job:
     out: Path
     spots: Path | None = None
     mpp: float | None = None
+    folder: Path | None = None  # the --out-dir that holds ``out`` (its manifest lists it)
 
 
 @dataclass
@@ -119,7 +120,10 @@ def cohort_jobs(
     mpp: float | None = None,
 ) -> list[Job]:
     """The jobs of ``slides`` and the ``manifest``'s rows; outputs ``OUT_DIR/STEM.pred.h5ad``
-    unless the manifest says; two slides writing one output are refused."""
+    unless the manifest says; two slides writing one output are refused, and so is an
+    output in ``out_dir`` that is there and that mclx did not write (its manifest)."""
+    from mclx.folders import check_own_file
+
     rows = [{"slide": Path(s)} for s in slides]
     if manifest is not None:
         rows += read_manifest(manifest)
@@ -131,7 +135,10 @@ def cohort_jobs(
             msg = f"{r['slide']} and {seen[key]} would both write {out}; give one an 'out'"
             raise DataError(msg)
         seen[key] = r["slide"]
-        jobs.append(Job(Path(r["slide"]), out, r.get("spots"), r.get("mpp", mpp)))
+        folder = None if r.get("out") else Path(out_dir)
+        if folder is not None:
+            check_own_file(out, folder=folder)
+        jobs.append(Job(Path(r["slide"]), out, r.get("spots"), r.get("mpp", mpp), folder))
     return jobs
 
 
@@ -169,6 +176,10 @@ def write_slide(adata, job: Job, engine: str) -> None:
     remove_stale_temps(job.out)
     job.out.parent.mkdir(parents=True, exist_ok=True)
     write_predictions(adata, job.out)
+    if job.folder is not None:
+        from mclx.folders import record
+
+        record(job.folder, [job.out])  # mclx's: a later run may replace it
 
 
 def failure(job: Job, exc: BaseException, seconds: float = 0.0) -> Result:
@@ -284,6 +295,9 @@ def write_summary(results: Sequence[Result], path: str | os.PathLike) -> Path:
     df = pd.DataFrame([asdict(r) for r in results], columns=list(Result.__dataclass_fields__))
     with atomic_path(path, suffix=".csv") as tmp:
         df.to_csv(tmp, index=False)
+    from mclx.folders import record
+
+    record(path.parent, [path])
     return path
 
 

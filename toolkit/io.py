@@ -15,6 +15,7 @@ import errno
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,6 +67,9 @@ def write_failure(exc: BaseException, folder: Path, written: list[Path]) -> str 
     """
     if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
         return _REASONS.get(exc.errno, os.strerror(exc.errno).lower())
+    for code in _copy_errnos(exc):  # shutil.copytree: a list of (src, dst, why) in args
+        if code in _WRITE_ERRNOS:
+            return _REASONS.get(code, os.strerror(code).lower())
     with contextlib.suppress(OSError):
         st = os.statvfs(folder)
         if st.f_bavail * st.f_frsize < _LOW_SPACE:
@@ -77,6 +81,16 @@ def write_failure(exc: BaseException, folder: Path, written: list[Path]) -> str 
                 if p.stat().st_size >= limit:
                     return f"file size limit of {limit} bytes reached (ulimit -f)"
     return None
+
+
+def _copy_errnos(exc: BaseException) -> list[int]:
+    """The errno of each failed copy that a :class:`shutil.Error` lists as text."""
+    import re
+
+    if not isinstance(exc, shutil.Error) or not exc.args or not isinstance(exc.args[0], list):
+        return []
+    found = (re.search(r"\[Errno (\d+)\]", str(row[-1])) for row in exc.args[0] if row)
+    return [int(m[1]) for m in found if m]
 
 
 def _companions(tmp: Path) -> list[Path]:
@@ -154,43 +168,111 @@ def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterat
 @contextlib.contextmanager
 def all_or_nothing() -> Iterator[None]:
     """Defer the renames of the :func:`atomic_path` writes inside the block to its end:
-    when anything in the block fails, none of its outputs appears (nor any temp file)."""
+    when anything in the block fails, none of its outputs appears (nor any temp file).
+    The renames at the end commit together: when one fails, the ones before it are
+    undone (what they replaced is restored, what they added is removed)."""
     pending: list[tuple[Path, Path]] = []
     token = _PENDING.set(pending)
     try:
         yield
     except BaseException:
-        for tmp, _ in pending:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        _discard(tmp for tmp, _ in pending)
         raise
     finally:
         _PENDING.reset(token)
-    for tmp, path in pending:
-        _install(tmp, path)
-    for folder in {path.parent for _, path in pending}:
+    _commit(pending)
+
+
+def _discard(paths) -> None:
+    """Remove temporary files and folders."""
+    for tmp in paths:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _commit(pending: list[tuple[Path, Path]]) -> None:
+    """Move every (temporary, destination) into place, or none: on a failure, undo the
+    moves made, restore what they replaced and remove every temporary file."""
+    done: list[tuple[Path, Path | None]] = []  # (destination, its previous content aside)
+    try:
+        for i, (tmp, path) in enumerate(pending):
+            done.append((path, _install(tmp, path, keep=True)))
+            pending[i] = (path, path)  # installed: nothing left to discard
+    except BaseException:
+        for path, aside in reversed(done):
+            _undo(path, aside)
+        _discard(tmp for tmp, path in pending if tmp != path)
+        raise
+    for path, aside in done:
+        if aside is not None:
+            _discard([aside.parent if aside.parent != path.parent else aside])
+    for folder in {path.parent for path, _ in done}:
         _fsync_folder(folder)
 
 
-def _install(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` onto ``path``; a folder replaces the folder there (moved aside, then
-    removed once the new one is in place: a rename cannot replace a non-empty folder)."""
-    if not tmp.is_dir() or not path.is_dir():
+def _undo(path: Path, aside: Path | None) -> None:
+    """Put back what ``path`` held before (``aside``), or remove what was added."""
+    with contextlib.suppress(OSError):
+        if aside is None:
+            _discard([path])
+            return
+        if aside.is_dir():  # a folder: the new one out of the way first
+            _discard([path])
+        os.replace(aside, path)
+        if aside.parent != path.parent:  # the folder it was moved aside into
+            os.rmdir(aside.parent)
+
+
+def _install(tmp: Path, path: Path, *, keep: bool = False) -> Path | None:
+    """Rename ``tmp`` onto ``path``. A folder replaces the folder there (moved aside, then
+    removed once the new one is in place: a rename cannot replace a non-empty folder),
+    only while that folder holds nothing but what mclx wrote (:mod:`mclx.folders`).
+    With ``keep``, what ``path`` held is kept aside and its path returned (the caller
+    removes it, or puts it back: :func:`_undo`), else removed; None when nothing was
+    there (or a file system without hard links gave no way to keep it)."""
+    from mclx.folders import check_replaceable
+
+    if path.exists() and tmp.is_dir() != path.is_dir():
+        kind = ("a folder", "a file") if path.is_dir() else ("a file", "a folder")
+        msg = f"{path}: is {kind[0]}; another output of this command, {kind[1]}, goes there"
+        raise FileExistsError(msg)
+    if tmp.is_dir() and path.is_dir():
+        check_replaceable(path, what="an mclx output folder")  # again: it may have changed
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+        os.replace(path, old / path.name)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old / path.name, path)
+            os.rmdir(old)
+            raise
+        if keep:
+            return old / path.name
+        shutil.rmtree(old, ignore_errors=True)
+        return None
+    aside = None
+    if keep and path.is_file():
+        aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.old")
+        try:
+            os.link(path, aside)  # the old file stays in place until the rename
+        except OSError:
+            aside = None  # no hard links here: no undo of this replacement
+    try:
         os.replace(tmp, path)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-    os.replace(path, old / path.name)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        _discard([aside] if aside is not None else [])
+        raise
+    return aside
 
 
 @contextlib.contextmanager
 def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it takes the place of
-    ``path`` (a folder already there is replaced), else it is removed. Joins an
-    enclosing :func:`all_or_nothing` block like :func:`atomic_path`. The caller decides
+    ``path`` (a folder already there is replaced, when it holds only what mclx wrote),
+    else it is removed. Its manifest lists the files written (:mod:`mclx.folders`). Joins
+    an enclosing :func:`all_or_nothing` block like :func:`atomic_path`. The caller checks
     beforehand whether a folder at ``path`` may be replaced (:func:`check_output_folder`).
     """
     path = Path(path)
@@ -205,13 +287,19 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     pending = _PENDING.get()
     try:
         yield tmp
+        from mclx.folders import write_manifest
+
+        write_manifest(tmp)  # what mclx wrote there: a later run may replace only that
         if pending is not None:
             pending.append((tmp, path))
         else:
             _install(tmp, path)
             _fsync_folder(folder)
     except BaseException as exc:
-        reason = write_failure(exc, folder, []) if isinstance(exc, Exception) else None
+        reason = None
+        if isinstance(exc, Exception):  # not for Ctrl-C
+            written = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+            reason = write_failure(exc, folder, written)
         shutil.rmtree(tmp, ignore_errors=True)
         if reason is not None:
             raise _write_error(path, reason, exc) from exc
@@ -249,19 +337,17 @@ def check_output_folder(
     path: str | os.PathLike, *, marker: str | tuple[str, ...], what: str
 ) -> Path:
     """Fail before any work when the folder output ``path`` cannot be written, or when a
-    folder is there that this kind of output did not write: one that is not empty and
-    has no ``marker`` (a file every such output has) is never replaced."""
+    folder is there that mclx may not replace: one that holds anything but what mclx
+    wrote there (:func:`mclx.folders.check_replaceable`; ``marker``, a file every such
+    output has, is named when the folder lacks it)."""
+    from mclx.folders import check_replaceable
+
     path = check_output(path, folder_ok=True)
     markers = (marker,) if isinstance(marker, str) else marker
     if path.exists() and not path.is_dir():
         msg = f"{path}: exists and is a file, not {what}"
         raise FileExistsError(msg)
-    if path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in markers):
-        msg = (
-            f"{path}: a folder that is not {what} (no {' or '.join(markers)}) is there; "
-            "remove it or choose another output"
-        )
-        raise FileExistsError(msg)
+    check_replaceable(path, what=what, markers=markers)
     return path
 
 

@@ -197,9 +197,13 @@ def locate(slide_path: str | os.PathLike, *, spots=None, mpp: float | None = Non
 
 
 def slide_record(slide_path, slide, where: Where, work) -> dict:
-    """The slide's part of ``uns["mclx"]``: the file, its reader, µm/px and the plan."""
+    """The slide's part of ``uns["mclx"]``: the file, its reader, µm/px and the plan,
+    and what tells it from another slide (:func:`mclx.slide.slide_signature`)."""
+    from mclx.slide import slide_signature
+
     return {
         "slide": str(Path(slide_path).resolve()),
+        **slide_signature(slide),
         "slide_reader": slide.backend,
         "slide_vendor": slide.vendor,
         "slide_mpp": where.mpp or -1.0,

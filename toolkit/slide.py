@@ -328,3 +328,41 @@ def write_pyramidal_tiff(
                 break
             level = np.asarray(Image.fromarray(level).resize((w // 2, h // 2), Image.BILINEAR))
     return path
+
+
+SIGNATURE_SIDE = 16  # the slide's signature: its thumbnail, grey, this many px a side
+SIGNATURE_TOLERANCE = 20  # grey levels: a re-encoded copy differs by 1, another slide by 70+
+
+
+def slide_signature(slide) -> dict:
+    """What the predictions record of their slide, to know it again: its file name, its
+    level-0 size and a 16 x 16 grey thumbnail (what a re-encoded or converted copy keeps,
+    what another slide of the same size does not)."""
+    from PIL import Image
+
+    thumb, _ = slide.thumbnail(256)
+    small = Image.fromarray(np.ascontiguousarray(thumb[..., :3])).convert("L")
+    grey = np.asarray(small.resize((SIGNATURE_SIDE, SIGNATURE_SIDE), Image.BOX), np.uint8)
+    return {
+        "slide_name": Path(slide.path).name,
+        "slide_size": [int(v) for v in slide.dimensions],
+        "slide_thumbnail": grey.ravel().tolist(),
+    }
+
+
+def slide_mismatch(recorded: dict, slide) -> str | None:
+    """Why ``slide`` is not the one ``recorded`` (:func:`slide_signature`'s keys of
+    ``uns["mclx"]``) describes: another level-0 size or another picture; None when it is
+    (or when nothing was recorded: predictions of an older mclx)."""
+    if "slide_size" not in recorded or "slide_thumbnail" not in recorded:
+        return None
+    W, H = (int(v) for v in np.asarray(recorded["slide_size"]).ravel()[:2])
+    name = str(recorded.get("slide_name", "?"))
+    if (W, H) != tuple(int(v) for v in slide.dimensions):
+        w, h = slide.dimensions
+        return f"its {w} x {h} px are not the {W} x {H} px of {name}"
+    want = np.asarray(recorded["slide_thumbnail"], np.int16).ravel()
+    got = np.asarray(slide_signature(slide)["slide_thumbnail"], np.int16)
+    if want.shape != got.shape or int(np.abs(want - got).max()) > SIGNATURE_TOLERANCE:
+        return f"its picture is not {name}'s (same {W} x {H} px, other content)"
+    return None

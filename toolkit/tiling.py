@@ -1,8 +1,11 @@
 """Where tiles go: a grid over detected tissue, or given spot coordinates.
 
 Tissue is found on a thumbnail: pen ink (blue, green, black) and near-black pixels set
-aside, Otsu threshold on the HSV saturation of the rest (near-white glass is not
-saturated), then small objects removed and small holes filled (scikit-image). Tiles are
+aside, then an optical-density floor: above the image's own glass where the histogram is
+bimodal (glass and tissue, Otsu's criterion) with an unsaturated peak, else an absolute
+floor that H&E glass never reaches, so an image that is all tissue is not split in two
+(Otsu's threshold itself split pale from dark tissue); small objects removed and small holes
+filled (scikit-image). Tiles are
 squares of ``size`` level-0 pixels (the patch size scaled by checkpoint µm/px over slide
 µm/px), described by their centres in level-0 pixels.
 """
@@ -47,13 +50,18 @@ GREEN_PEN = ((150, 160, 140), (70, 110, 110), (45, 115, 100), (30, 75, 60), (195
              (65, 70, 60), (100, 110, 105), (165, 180, 180), (140, 140, 150),
              (185, 195, 195))  # fmt: skip
 GRID_BLOCK = 1 << 20  # grid places weighed at once: ~50 MB of temporaries
+# thumbnail px: a pen stroke (>= 0.3 mm) is wider on any thumbnail of <= 2048 px per
+# 60 mm; the nuclei that match the blue and green rules on C2 are 1-3 px wide
+INK_WIDTH = 5
 DARK = 0.2  # HSV value below which a pixel is black ink, shadow or scanner black, not H&E
 
 
 def ink_mask(thumb: np.ndarray) -> np.ndarray:
     """Pixels of blue, green or black pen ink (and near-black background) on an RGB
-    thumbnail, grown by one pixel to take the stroke's edge blended with the glass."""
-    from scipy.ndimage import binary_dilation
+    thumbnail: areas at least :data:`INK_WIDTH` px across (a stroke; not the scattered
+    dark-blue nuclei of a haematoxylin-heavy stain, which the colour rules also match),
+    grown by one pixel to take the stroke's edge blended with the glass."""
+    from scipy.ndimage import binary_dilation, binary_opening
 
     r, g, b = (thumb[..., i].astype(np.int16) for i in range(3))
     ink = thumb[..., :3].max(-1) < DARK * 255
@@ -61,6 +69,7 @@ def ink_mask(thumb: np.ndarray) -> np.ndarray:
         ink |= (r < R) & (g < G) & (b > B)
     for R, G, B in GREEN_PEN:
         ink |= (r < R) & (g > G) & (b > B)
+    ink = binary_opening(ink, np.ones((INK_WIDTH, INK_WIDTH), bool))
     return binary_dilation(ink, np.ones((3, 3), bool))
 
 
@@ -72,19 +81,71 @@ def saturation(rgb: np.ndarray) -> np.ndarray:
     return np.divide(hi - lo, hi, out=np.zeros_like(hi), where=hi > 0)
 
 
-def tissue_mask(thumb: np.ndarray, *, min_object_frac: float = 1e-3) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail: saturated pixels (Otsu threshold on the
-    HSV saturation of what is not ink) that are not pen ink or near-black, cleaned of
-    small objects and holes. Near-white glass is unsaturated and falls out."""
+# Glass, learnt from the five her2st H&E images (C2-C6, thumbnails): its mean optical
+# density stays below 0.093 (99.9th percentile; its peak at 0.02-0.06, so at most 0.05
+# above the peak) and its HSV saturation below 0.093 (pinkish glass), while pale stroma
+# lies about 0.09 above the glass and above OD 0.1.
+OD_FLOOR = 0.1  # mean optical density over R, G, B: below it a pixel is glass
+ABOVE_GLASS = 0.06  # OD above the image's own glass peak, where the image has glass
+SAT_FLOOR = 0.05  # HSV saturation: below it a pixel is grey (dust, shadow), not H&E
+GLASS_SAT = 0.1  # the histogram's peak is glass when its pixels are less saturated
+BIMODAL = 0.7  # Otsu's between-class / total variance: one normal hump gives 2/pi ~ 0.64
+_OD_LUT = -np.log10(np.maximum(np.arange(256, dtype=np.float32), 1.0) / 255.0)
+
+
+def optical_density(rgb: np.ndarray) -> np.ndarray:
+    """Mean optical density of R, G and B, ``-log10(I / 255)`` (0 for white), float32."""
+    return _OD_LUT[rgb[..., :3]].mean(-1)
+
+
+def _between_class_ratio(values: np.ndarray, t: float) -> float:
+    """Otsu's criterion at ``t``: between-class variance over total variance (0..1)."""
+    lo = values <= t
+    w0 = float(lo.mean())
+    var = float(values.var())
+    if not 0 < w0 < 1 or var == 0:
+        return 0.0
+    gap = float(values[lo].mean() - values[~lo].mean())
+    return w0 * (1 - w0) * gap * gap / var
+
+
+def tissue_threshold(od: np.ndarray, sat: np.ndarray) -> float:
+    """The optical density above which a pixel is tissue (``od``, ``sat``: the values of
+    the pixels that are not ink).
+
+    When the histogram is bimodal (Otsu's between-class share of the variance at least
+    :data:`BIMODAL`) and its peak is glass (unsaturated), :data:`ABOVE_GLASS` over that
+    peak: the image's own glass, clean or dim. Otherwise (tissue only, glass only, no
+    clear glass peak) the absolute :data:`OD_FLOOR`. Otsu's threshold itself is never
+    used to cut, so an image with little or no glass is not split in two.
+    """
     from skimage.filters import threshold_otsu
+
+    hist, edges = np.histogram(od, bins=300, range=(0.0, 1.5))
+    i = int(hist.argmax())
+    peak = float(edges[i] + edges[i + 1]) / 2
+    near = np.abs(od - peak) <= 0.01
+    if not near.any() or float(np.median(sat[near])) >= GLASS_SAT:
+        return OD_FLOOR  # the commonest colour is stained: no glass to learn from
+    if _between_class_ratio(od, float(threshold_otsu(od))) < BIMODAL:
+        return OD_FLOOR
+    return peak + ABOVE_GLASS
+
+
+def tissue_mask(thumb: np.ndarray, *, min_object_frac: float = 1e-3) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail: pixels that are not pen ink or near-black,
+    darker than glass (optical density above :func:`tissue_threshold`) and not grey
+    (HSV saturation above :data:`SAT_FLOOR`), cleaned of small objects and holes. Holds
+    on images with any share of tissue, 0 to 100 %: no tissue gives an empty mask."""
     from skimage.morphology import remove_small_holes, remove_small_objects
 
     sat = saturation(thumb)
+    od = optical_density(thumb)
     clean = ~ink_mask(thumb)
-    values = sat[clean]
-    if not values.size or float(values.max() - values.min()) < 0.05:
-        return np.zeros(sat.shape, bool)  # flat image (or all ink): nothing to threshold
-    mask = clean & (sat > max(threshold_otsu(values), 0.05))
+    if not clean.any():
+        return np.zeros(sat.shape, bool)  # all ink
+    t = tissue_threshold(od[clean], sat[clean])
+    mask = clean & (od > t) & (sat > SAT_FLOOR)
     area = max(16, int(min_object_frac * mask.size))
     mask = remove_small_objects(mask, max_size=area)
     return remove_small_holes(mask, max_size=area) & clean
@@ -96,7 +157,10 @@ def slide_tissue(slide, max_side: int = 2048) -> tuple[np.ndarray, float]:
     thumb, f = slide.thumbnail(max_side)
     mask = tissue_mask(thumb)
     if not mask.any():
-        msg = f"{slide.path}: no tissue found (saturation threshold on the thumbnail, ink excluded)"
+        msg = (
+            f"{slide.path}: no tissue found (nothing darker and more coloured than glass on "
+            "the thumbnail, ink excluded)"
+        )
         raise DataError(msg)
     return mask, f
 

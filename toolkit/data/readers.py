@@ -74,6 +74,25 @@ class Reader:
     def image_path(self, section: str) -> Path | None:
         raise NotImplementedError
 
+    def image_candidates(self, section: str) -> list[Path]:
+        """Where this layout looks for ``section``'s image (for messages); empty when it
+        does not look by name."""
+        return []
+
+    def no_image_message(self) -> str:
+        """Why no section has an image: for the first section, the image files looked
+        for (a legacy-ST image not named after its section is the usual cause)."""
+        names = self._all_sections()
+        if not names:
+            return f"{self.root}: no sections ({self.name} layout)"
+        looked = self.image_candidates(names[0])
+        tried = f" (looked for {', '.join(p.name for p in looked)})" if looked else ""
+        return (
+            f"{self.root}: no section has an image ({self.name} layout): the image of "
+            f"{names[0]!r} is not there{tried}; name it after its section, or "
+            f"give it with --image {names[0]}=FILE"
+        )
+
     def read_section(self, section: str):
         raise NotImplementedError
 

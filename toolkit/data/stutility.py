@@ -55,6 +55,9 @@ class StutilityReader(Reader):
             return self.images[section]
         return first_existing(self.root, [section + s for s in IMAGE_SUFFIXES])
 
+    def image_candidates(self, section: str) -> list[Path]:
+        return [self.root / (section + s) for s in IMAGE_SUFFIXES]
+
     def array(self, section: str) -> str:
         """1k or 2k, from every position of the alignment table (tissue or not)."""
         import pandas as pd

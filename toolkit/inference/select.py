@@ -50,10 +50,11 @@ def open_encoder(
         if backend == "openvino":  # the ONNX file, compiled by OpenVINO
             return _openvino_file(path, precision, device)
         return open_file(path, device=resolve_device(device, onnx=path.suffix == ".onnx"))
-    device = str(torch_device(device))
+    asked, device = device, str(torch_device(device))
     if backend == "auto":
         return _best(path, precision, device, ck)
     fmt = _format(backend, precision, device, read_report(path))
+    _require_device(path, fmt, device, asked)
     encoder = fmt.open(_require_artifact(path, fmt), device=device, ck=ck)
     if fmt.has_file:
         _check_fingerprint(encoder, path)
@@ -124,6 +125,20 @@ def _format(backend: str, precision: str, device: str, report: dict | None = Non
     offered = ", ".join(f.precision for f in rows)
     msg = f"{backend} backend: precision {precision!r} not offered ({offered})"
     raise ValueError(msg)
+
+
+def _require_device(checkpoint: Path, fmt: Format, device: str, asked: str) -> None:
+    """Refuse a GPU-only format (a TensorRT engine) on a machine without a CUDA GPU, or
+    with ``--device cpu``, before suggesting an export that could not build it there."""
+    if fmt.runs_on(device):
+        return
+    where = "this machine has no NVIDIA (CUDA) GPU" if asked == "auto" else f"--device {asked}"
+    what = "a TensorRT engine" if fmt.backend == "tensorrt" else f"{fmt.name}"
+    msg = (
+        f"{fmt.path(checkpoint)}: --backend {fmt.backend} needs an NVIDIA GPU ({what} is "
+        f"built and run only on one) and {where}; use --backend onnxruntime or torch"
+    )
+    raise RuntimeError(msg)
 
 
 def _require_artifact(checkpoint: Path, fmt: Format) -> Path:

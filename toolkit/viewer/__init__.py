@@ -33,9 +33,16 @@ def _slide_for(adata, source: Path, slide: str | os.PathLike | None) -> Path:
     return recorded
 
 
-def _check_extent(adata, slide, source: Path) -> None:
-    """Tile centres must lie on the slide (else it is not the slide they came from)."""
+def _check_extent(adata, slide, source: Path, *, force: bool = False) -> None:
+    """The slide must be the one the predictions recorded (size and thumbnail), unless
+    ``force``; tile centres must lie on it (else it is not the slide they came from)."""
     from mclx.errors import DataError
+    from mclx.slide import slide_mismatch
+
+    why = None if force else slide_mismatch(dict(adata.uns["mclx"]), slide)
+    if why is not None:
+        msg = f"{slide.path}: not the slide {source} was made on: {why} (--force draws it anyway)"
+        raise DataError(msg)
 
     W, H = slide.dimensions
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
@@ -56,6 +63,7 @@ def write_view(
     genes: Sequence[str] = (),
     workers: int = 2,
     progress: bool = True,
+    force: bool = False,
 ) -> dict:
     """Write the viewer folder ``out`` for ``predictions`` (.h5ad); return its summary.
 
@@ -64,6 +72,8 @@ def write_view(
         gene: the gene coloured first (default: the one that varies most).
         genes: the genes in the page (default: all, up to ``page.MAX_VALUES`` values).
         workers: threads writing pyramid tiles.
+        force: draw over ``slide`` even when it is not the slide the predictions
+            recorded (another size or picture).
     """
     from mclx.io import atomic_folder, check_output_folder
     from mclx.slide import open_slide
@@ -82,7 +92,7 @@ def write_view(
     slide_path = _slide_for(adata, source, slide)
     sl = open_slide(slide_path)
     try:
-        _check_extent(adata, sl, source)
+        _check_extent(adata, sl, source, force=force)
         meta = page.header(adata.uns["mclx"], source.resolve(), slide_path.resolve())
         with atomic_folder(out) as tmp:
             dzi = write_pyramid(sl, tmp, workers=workers, progress=progress)
