@@ -342,6 +342,14 @@ def test_environment_check_never_fails_on_a_missing_optional_package(monkeypatch
 # --- the offline wheel set, in a stand-in of the bare CUDA image ------------------------
 
 
+def _no_isolation() -> list[str]:
+    """Build mclx's wheel with this environment's setuptools where it has one (a venv
+    of Python >= 3.12 has none: pip then fetches it, as ``make gpu-wheels`` does)."""
+    import importlib.util
+
+    return ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []
+
+
 @pytest.fixture(scope="module")
 def image(tmp_path_factory):
     """A fresh venv that sees only the GPU image's packages (``helpers.image_env``: this
@@ -357,7 +365,7 @@ def image(tmp_path_factory):
     pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
     steps = [
         [*pip, "download", "--no-deps", "--only-binary=:all:", "-r", WHEELS, "-d", wheels],
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", wheels, ROOT],
+        [*pip, "wheel", "--no-deps", *_no_isolation(), "-w", wheels, ROOT],
     ]
     for step in steps:
         res = subprocess.run([str(a) for a in step], capture_output=True, text=True)

@@ -13,7 +13,10 @@ The checks, each in the module named for what it checks:
   refused engine;
 
 sharing the inputs of :mod:`~mclx.gpu_check.workspace`; :mod:`~mclx.gpu_check.runner`
-runs them and writes the report.
+runs them and writes the report; :mod:`~mclx.gpu_check.probe` asks the driver for a GPU
+(stdlib only, runnable as a script). ``wheels.txt`` and ``offline.sh`` are the offline
+recipe of a bare CUDA machine (``make gpu-wheels``, ``make gpu-check-offline``,
+docs/gpu.md).
 
 A check whose package is not installed (TensorRT, ONNX Runtime's CUDA build: a bare CUDA
 machine has neither) is skipped with the reason, and every backend that is installed

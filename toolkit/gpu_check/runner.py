@@ -72,17 +72,18 @@ def run_checks(
     for name in names:
         t0 = time.perf_counter()
         needs = getattr(checks[name], "needs", None)
-        reason = needs() if needs is not None else None
-        if reason is None:
-            log(f"gpu-check: {name} ...")
-            try:
+        reason = None
+        log(f"gpu-check: {name} ...")
+        try:
+            reason = needs() if needs is not None else None
+            if reason is None:
                 details, problems = checks[name].run(ws)
-            except Skipped as exc:
-                reason = str(exc)
-            except Exception as exc:  # a check's failure is reported, not raised
-                frames = traceback.format_exception(exc)[-4:]
-                details, problems = {"trace": [" ".join(f.split())[:300] for f in frames]}, []
-                problems.append(_one_line(exc))
+        except Skipped as exc:
+            reason = str(exc)
+        except Exception as exc:  # a check's failure is reported, not raised
+            frames = traceback.format_exception(exc)[-4:]
+            details, problems = {"trace": [" ".join(f.split())[:300] for f in frames]}, []
+            problems.append(_one_line(exc))
         seconds = round(time.perf_counter() - t0, 2)
         if reason is not None:
             results[name] = {"status": "skipped", "ok": True, "reason": reason}
