@@ -162,9 +162,13 @@ class His2ST(SectionRegressor):
         loss = F.mse_loss(self.gene_head(h), expr)
         if self.zinb is None or counts is None:
             return loss
+        counts = counts.float()
         total = counts.sum(1)
         scale = total / total.median().clamp(min=1.0)  # the reference's size factors
-        return loss + self.cfg.zinb * zinb_nll(counts, *self.zinb(h), scale)
+        # float32 even under autocast: exp, lgamma and means up to 1e6 (beyond float16)
+        with torch.autocast(h.device.type, enabled=False):
+            nll = zinb_nll(counts, *self.zinb(h.float()), scale)
+        return loss + self.cfg.zinb * nll
 
     def hidden(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The features the heads read (N, width)."""
