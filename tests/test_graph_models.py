@@ -182,6 +182,40 @@ def test_his2st_trains_on_the_raw_counts_the_loop_hands_it():
         fit(model, table, cfg, PreprocessCfg(), features=feats.numpy(), progress=False)
 
 
+def test_his2st_self_distillation_is_the_weighted_mean_of_augmented_copies():
+    from mclx.models.his2st import augment_section
+
+    model = _tiny("his2st", distill_views=3).train()
+    assert model.cfg.distill == 0.5 and model.coef is not None
+    images, pos = torch.rand(6, 3, 112, 112), _grid(3, 2)
+    feats = model.image_encoder(images)
+    torch.manual_seed(1)
+    got = model.distilled(feats, pos)
+    torch.manual_seed(1)
+    preds, weights = [], []
+    for _ in range(3):
+        view = augment_section(images)
+        assert view.shape == images.shape and not torch.equal(view, images)
+        h = model.hidden(view.flatten(1), pos)
+        preds.append(model.gene_head(h))
+        weights.append(model.coef(h))
+    w = torch.softmax(torch.stack(weights), dim=0)  # per spot, over the copies
+    torch.testing.assert_close(got, (torch.stack(preds) * w).sum(0))
+    expr = torch.rand(6, 7)
+    with torch.no_grad():
+        plain = F.mse_loss(model(images, pos), expr)
+        torch.manual_seed(2)
+        target = model.distilled(feats, pos)
+        torch.manual_seed(2)
+        want = plain + 0.5 * F.mse_loss(target, model(images, pos))
+        torch.manual_seed(2)
+        torch.testing.assert_close(model.loss(feats, expr, pos), want)  # no counts: no ZINB
+        model.eval()  # training only
+        want = F.mse_loss(model(images, pos), expr)
+        torch.testing.assert_close(model.loss(feats, expr, pos), want)
+    assert _tiny("his2st", encoder="tiny_cnn").coef is None  # it reads pixels
+
+
 def _tiny(name: str, **kw):
     torch.manual_seed(0)
     sizes = {

@@ -87,7 +87,9 @@ class ModelCfg:
             (32 channels, depthwise kernel 5, patch embedding 7 px, 2 blocks).
         capsules, capsule_dim: THItoGene's routed capsules (20 of width 64).
         zinb: weight of His2ST's ZINB likelihood of the raw counts in its loss (0.25;
-            0 trains the MSE alone).
+            0 leaves it out).
+        distill, distill_views: weight (0.5) of His2ST's self-distillation term and
+            the augmented copies of the section it averages (5); 0 leaves it out.
     """
 
     name: str = "mclstexp"
@@ -120,6 +122,8 @@ class ModelCfg:
     capsules: int = 20
     capsule_dim: int = 64
     zinb: float = 0.0
+    distill: float = 0.0
+    distill_views: int = 5
 
 
 @dataclass(frozen=True)

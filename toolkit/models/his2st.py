@@ -14,17 +14,17 @@ then ``graph_depth`` GraphSAGE mean layers over the spot graph (4 nearest spots 
 graph layers' outputs as a sequence (jumping knowledge) and its outputs are averaged;
 ``LayerNorm -> Linear`` gives G genes.
 
-Loss: the MSE of that prediction on the preprocessed expression, plus ``zinb`` (0.25)
-times a zero-inflated negative binomial likelihood of the spot's raw counts, whose
-mean (times the spot's size factor: its total count over the genes divided by the
-section's median), dispersion and dropout probability come from three more linear
-heads on the same features (``ZINB_loss`` in the reference's ``NB_module.py``); the
-training loop hands the counts to a model that ``reads_counts``. The reference's third
-term, self-distillation (weight 0.5) against five augmented passes of the whole section
-with learned per-spot weights, is not trained: it needs the patches themselves at every
-step (six passes of the section through the encoder) and cannot apply to cached
-features of a frozen encoder. Neither auxiliary term is part of the prediction: the
-gene head is what the reference evaluates.
+Loss, as the reference's (``HIST2ST.py``, ``NB_module.py``): the MSE of that prediction
+on the preprocessed expression; plus ``zinb`` (0.25) times a zero-inflated negative
+binomial likelihood of the spot's raw counts, whose mean (times the spot's size
+factor: its total count over the genes divided by the section's median), dispersion
+and dropout probability come from three more linear heads on the same features (the
+training loop hands the counts to a model that ``reads_counts``); plus ``distill``
+(0.5) times the MSE between the prediction and a learned, per-spot weighted mean of
+the predictions of ``distill_views`` (5) augmented copies of the section
+(self-distillation; it reads the pixels, so it applies with the ``patch112`` encoder
+only, and costs that many more passes per step). The extra heads are trained, not
+used to predict.
 """
 
 from __future__ import annotations
@@ -119,6 +119,19 @@ class ZINBHeads(nn.Module):
         return mean, disp, torch.sigmoid(self.pi(h))
 
 
+def augment_section(images: torch.Tensor) -> torch.Tensor:
+    """His2ST's distillation view of a section's images (N, 3, H, W): one draw for all of
+    them (torchvision's transforms on the reference's stacked batch): grey scale with
+    p = 0.1, a rotation by U(-90°, 90°) (nearest, zero fill), a horizontal flip with
+    p = 0.2."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if float(torch.rand(())) < 0.1:
+        images = TF.rgb_to_grayscale(images, num_output_channels=3)
+    images = TF.rotate(images, float(torch.empty(()).uniform_(-90.0, 90.0)))
+    return TF.hflip(images) if float(torch.rand(())) < 0.2 else images
+
+
 class His2ST(SectionRegressor):
     """ConvMixer + Transformer over the section + GraphSAGE over the spot graph."""
 
@@ -147,6 +160,9 @@ class His2ST(SectionRegressor):
         self.gene_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.n_genes))
         self.zinb = ZINBHeads(d, cfg.n_genes) if cfg.zinb > 0 else None
         self.reads_counts = self.zinb is not None
+        # self-distillation reads the pixels: with the published patch module only
+        distill = cfg.distill > 0 and cfg.distill_views > 0 and self.mixer is not None
+        self.coef = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, 1)) if distill else None
 
     def embed_image_features(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One section's encoder features (N, F) and array coordinates (N, 2) -> (N, G)."""
@@ -159,12 +175,31 @@ class His2ST(SectionRegressor):
         """MSE of one section's predictions, plus ``cfg.zinb`` times the ZINB negative
         log-likelihood of its raw ``counts`` (when given: the MSE alone otherwise)."""
         h = self.hidden(feats, pos)
-        loss = F.mse_loss(self.gene_head(h), expr)
+        pred = self.gene_head(h)
+        loss = F.mse_loss(pred, expr)
+        if self.coef is not None and self.training:
+            loss = loss + self.cfg.distill * F.mse_loss(self.distilled(feats, pos), pred)
         if self.zinb is None or counts is None:
             return loss
+        counts = counts.float()
         total = counts.sum(1)
         scale = total / total.median().clamp(min=1.0)  # the reference's size factors
-        return loss + self.cfg.zinb * zinb_nll(counts, *self.zinb(h), scale)
+        # float32 even under autocast: exp, lgamma and means up to 1e6 (beyond float16)
+        with torch.autocast(h.device.type, enabled=False):
+            nll = zinb_nll(counts, *self.zinb(h.float()), scale)
+        return loss + self.cfg.zinb * nll
+
+    def distilled(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Self-distillation's target: the predictions of ``cfg.distill_views`` augmented
+        copies of the section (:func:`augment_section`), averaged per spot with the
+        softmax over copies of the learned ``coef`` head."""
+        images = self.pixels(feats)
+        preds, weights = [], []
+        for _ in range(self.cfg.distill_views):
+            h = self.hidden(augment_section(images).flatten(1), pos)
+            preds.append(self.gene_head(h))
+            weights.append(self.coef(h))
+        return (torch.stack(preds) * torch.stack(weights).softmax(dim=0)).sum(0)
 
     def hidden(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The features the heads read (N, width)."""
