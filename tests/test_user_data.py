@@ -391,3 +391,19 @@ def test_legacy_st_image_not_named_after_its_section_is_named(tmp_path, capsys):
                            "--epochs", 1])  # fmt: skip
     assert_one_line_error(res, "no section has an image", "'MOB1'", "MOB1.jpg", "MOB1.png")
     assert "holdout" not in res.stderr
+
+
+def test_undo_without_hard_links_restores_a_copy(tmp_path, monkeypatch):
+    """A file system without hard links (FAT, some network shares): the replaced file
+    is copied aside, and put back when a later move fails."""
+
+    def no_link(*a, **kw):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    (tmp_path / "a.txt").write_bytes(PREVIOUS)
+    monkeypatch.setattr(os, "link", no_link)
+    fail_at_move(monkeypatch, 2)
+    with pytest.raises(OSError, match="injected"), all_or_nothing():
+        write_text_atomic(tmp_path / "a.txt", "new a")
+        write_text_atomic(tmp_path / "b.txt", "new b")
+    assert snapshot(tmp_path) == {"a.txt": PREVIOUS}

@@ -231,7 +231,7 @@ def _install(tmp: Path, path: Path, *, keep: bool = False) -> Path | None:
     only while that folder holds nothing but what mclx wrote (:mod:`mclx.folders`).
     With ``keep``, what ``path`` held is kept aside and its path returned (the caller
     removes it, or puts it back: :func:`_undo`), else removed; None when nothing was
-    there (or a file system without hard links gave no way to keep it)."""
+    there (or no hard link nor copy of it could be made)."""
     from mclx.folders import check_replaceable
 
     if path.exists() and tmp.is_dir() != path.is_dir():
@@ -258,7 +258,11 @@ def _install(tmp: Path, path: Path, *, keep: bool = False) -> Path | None:
         try:
             os.link(path, aside)  # the old file stays in place until the rename
         except OSError:
-            aside = None  # no hard links here: no undo of this replacement
+            try:  # no hard links on this file system: a copy, then
+                shutil.copy2(path, aside)
+            except OSError:
+                _discard([aside])
+                aside = None  # not even room for a copy: no undo of this replacement
     try:
         os.replace(tmp, path)
     except BaseException:
