@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from mclx.errors import MclxError
+from mclx.files import check_output, write_text_atomic
 from mclx.inference.formats import FORMATS, MAX_REL_ERR_FP32, MIN_COSINE, Format, report_path
-from mclx.io import check_output, write_text_atomic
 
 
 class ParityError(MclxError):
@@ -32,7 +32,7 @@ class ParityError(MclxError):
 
 
 @dataclass
-class Job:
+class ExportJob:
     """What every builder of one export run shares.
 
     Attributes:
@@ -136,7 +136,7 @@ def export(
         check_output(out)
     patches, source = calibration_patches(calib_data, n=n_patches, size=ck.preprocess.patch_size)
     log(f"parity patches: {len(patches)} from {source}")
-    job = Job(ck, patches, paths, options, positions)
+    job = ExportJob(ck, patches, paths, options, positions)
     reference = job.run(TorchEncoder(ck))
     report: dict[str, Any] = {
         "fingerprint": ck.fingerprint,
@@ -192,7 +192,7 @@ def _record(fmt: str, path: Path, precision: str, reference, got, log) -> dict[s
     return {"path": str(path), "precision": precision, **res}
 
 
-def _record_torch_reduced(job: Job, reference, report: dict, checkpoint, log) -> None:
+def _record_torch_reduced(job: ExportJob, reference, report: dict, checkpoint, log) -> None:
     """PyTorch's own reduced precisions need no file, but ``--backend auto`` takes them
     only with a parity record: bf16 on CPUs with fast bf16, fp16 where PyTorch sees a
     GPU."""
@@ -212,7 +212,7 @@ def _record_torch_reduced(job: Job, reference, report: dict, checkpoint, log) ->
         report[name] = _record(name, Path(checkpoint), precision, reference, got, log)
 
 
-def _record_readers(job: Job, reference, report: dict, log) -> bool:
+def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
     """Rows that run another row's file (OpenVINO on the ONNX files) get their parity
     recorded once that file is exported here; ``--backend auto`` takes them only with a
     record that held. Skipped where their runtime is not installed or cannot run (bf16
@@ -238,7 +238,7 @@ def _record_readers(job: Job, reference, report: dict, log) -> bool:
     return recorded
 
 
-def _publish(fmt: Format, job: Job, reference, log) -> dict[str, Any]:
+def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
     """Build ``fmt`` under a staging name, check parity, then rename it (and its
     sidecars) into place; return its report entry."""
     from mclx.inference import to_host
@@ -265,7 +265,7 @@ def _publish(fmt: Format, job: Job, reference, log) -> dict[str, Any]:
             src.unlink(missing_ok=True)
 
 
-def _build(fmt: Format, job: Job, stage: Path, final: Path) -> str:
+def _build(fmt: Format, job: ExportJob, stage: Path, final: Path) -> str:
     """Run the row's builder; an OSError names the artifact, not its staging file."""
     try:
         return fmt.build()(job, stage)

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mclx.files import atomic_path
 from mclx.inference.encoders import INPUT, read_onnx_metadata
 from mclx.inference.transform import to_model_input
-from mclx.io import atomic_path
 
 
 def build_int8(job, out: Path) -> str:

@@ -21,9 +21,9 @@ import os
 import tempfile
 from pathlib import Path
 
+from mclx.files import atomic_path, write_text_atomic
 from mclx.inference.device import require_gpu_stack
 from mclx.inference.encoders import INPUT, OUTPUT, read_onnx_metadata
-from mclx.io import atomic_path, write_text_atomic
 
 DEFAULT_MAX_BATCH = 256
 OPT_BATCH = 64

@@ -26,9 +26,9 @@ from hypothesis import strategies as st
 from mclx.bank import load_bank, save_bank
 from mclx.checkpoint import load_checkpoint, read_checkpoint_dict
 from mclx.cli import _message
-from mclx.data import her2st
+from mclx.data import her2st, spotfiles
+from mclx.data.readers import read_spots
 from mclx.errors import MclxError
-from mclx.tiling import read_spots
 
 # what cli.main turns into one "mclx: error:" line
 CLEAN = (MclxError, OSError, ValueError, KeyError, RuntimeError, MemoryError)
@@ -159,7 +159,7 @@ def test_counts_mutated_gzip(folder, samples, data):
 @fuzz(60)
 @given(data=st.binary(max_size=600))
 def test_her2st_spots_random_bytes(folder, data):
-    df = check(her2st.read_spots, folder / "r_selection.tsv", data)
+    df = check(spotfiles.read_selection, folder / "r_selection.tsv", data)
     if df is not None:
         _spots_valid(df)
 
@@ -167,7 +167,9 @@ def test_her2st_spots_random_bytes(folder, data):
 @fuzz(150)
 @given(st.data())
 def test_her2st_spots_mutated(folder, samples, data):
-    df = check(her2st.read_spots, folder / "m_selection.tsv", data.draw(mutated(samples["spots"])))
+    df = check(
+        spotfiles.read_selection, folder / "m_selection.tsv", data.draw(mutated(samples["spots"]))
+    )
     if df is not None:
         _spots_valid(df)
 
@@ -369,8 +371,7 @@ def small_images():
 @fuzz(120)
 @given(st.data())
 def test_images_mutated(folder, small_images, data):
-    from mclx.data.patches import load_image
-    from mclx.slide import open_slide
+    from mclx.data.slide import load_image, open_slide
 
     suffix = data.draw(st.sampled_from(sorted(small_images)))
     raw = data.draw(mutated(small_images[suffix], max_ops=2))

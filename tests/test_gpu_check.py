@@ -200,7 +200,7 @@ def test_tensorrt_checks_run_on_the_stand_ins(tmp_path, synthetic, monkeypatch):
     import mclx.gpu_checks as gc
 
     fake_gpu.install(monkeypatch, 11)
-    monkeypatch.setattr("mclx.inference.select.torch_device", lambda d: torch.device(d))
+    monkeypatch.setattr("mclx.inference.choose.torch_device", lambda d: torch.device(d))
     monkeypatch.setattr(gc, "_busy_null_stream", lambda: None)
     monkeypatch.setattr(gc, "_densenet_checkpoint", _tiny_checkpoint)
     monkeypatch.setattr(gc, "batches", lambda m: [1, m + 1])  # the edges, fewer images

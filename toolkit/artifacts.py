@@ -17,7 +17,7 @@ from typing import Any
 
 from mclx.errors import FormatError, short
 
-TORCH_ARCHIVE = "a PyTorch archive"  # how mclx.io.describe_file starts on a torch.save file
+TORCH_ARCHIVE = "a PyTorch archive"  # how mclx.files.describe_file starts on a torch.save file
 
 
 def brief_repr(value: Any, limit: int = 40) -> str:
@@ -62,12 +62,12 @@ def unreadable(
 ) -> FormatError:
     """The error for a payload the reader refused: "{path}: {heading}: the file is WHAT{hint}".
 
-    WHAT is :func:`mclx.io.describe_file`'s answer ("a text file", "empty (0 bytes)", ...),
+    WHAT is :func:`mclx.files.describe_file`'s answer ("a text file", "empty (0 bytes)", ...),
     except when that starts with ``container``, the expected kind of file as describe_file
     words it ("a PyTorch archive", "a numpy .npz"): the damage is then inside, and WHAT is
     "a corrupt {kind} (detail)", ``detail`` defaulting to the exception's message.
     """
-    from mclx.io import describe_file
+    from mclx.files import describe_file
 
     what = describe_file(path)
     if what.startswith(container):

@@ -35,7 +35,7 @@ from mclx.cli_options import (
     split_names,
 )
 from mclx.cli_view import view
-from mclx.io import all_or_nothing, check_output
+from mclx.files import all_or_nothing, check_output
 
 
 class _Interrupted(Exception):
@@ -107,9 +107,10 @@ def train(data: Path, out: Path, sections, holdout, resume, save_every, nproc, *
       mclx train --data ../shared/data/her2st --holdout C2 --nproc 2 --out model.pt
       torchrun --nproc_per_node 4 -m mclx train --data ../shared/data/her2st --out model.pt
     """
-    from mclx import distributed
     from mclx.checkpoint import save_checkpoint
-    from mclx.recipe import PatchCache, train_model
+    from mclx.training import distributed
+    from mclx.training.features import PatchCache
+    from mclx.training.recipe import train_model
 
     world = _processes(nproc, kw)
     if world is False:
@@ -162,7 +163,7 @@ def _fitted(report: dict[str, Any], recipe, history: list[float]) -> str:
 def _processes(nproc: int, kw: dict[str, Any]):
     """This process's place in a data-parallel run (set by torchrun or by a launch;
     None: alone), or False when this call launched ``nproc`` processes, now finished."""
-    from mclx import distributed
+    from mclx.training import distributed
 
     world = distributed.from_env()
     if nproc > 1 and world is None:
@@ -180,7 +181,7 @@ def _processes(nproc: int, kw: dict[str, Any]):
 
 def _data_parallel(world, net) -> dict:
     """The provenance of a data-parallel run; its processes must end with equal weights."""
-    from mclx import distributed
+    from mclx.training import distributed
 
     prints = distributed.same_weights(net)
     if len(set(prints)) > 1:
@@ -193,7 +194,7 @@ def _data_parallel(world, net) -> dict:
 def _training_state(out: Path, resume: bool, save_every: int | None):
     """The resumable training state beside ``out`` (see :func:`_ready_state`)."""
     from mclx.run_state import state_path
-    from mclx.train_state import StateFile
+    from mclx.training.train_state import StateFile
 
     return _ready_state(StateFile(state_path(out), every=save_every), out, resume, "state")
 
@@ -277,7 +278,12 @@ def evaluate(
     With --n-hvg N each fold chooses its genes on its training sections only (the
     held-out section's counts never enter the panel); the results JSON says so.
     """
-    from mclx.evaluate import cross_validate, format_table, score_checkpoint, write_results
+    from mclx.evaluation.evaluate import (
+        cross_validate,
+        format_table,
+        score_checkpoint,
+        write_results,
+    )
 
     out = check_output(out or Path(f"evaluate_{kw['model']}.json"))
     reader = open_data_from(data, kw)
@@ -530,9 +536,9 @@ def _infer_one(
     save_every, quiet, **kw: Any,
 ) -> None:  # fmt: skip
     """``mclx infer`` of one slide."""
-    from mclx.outputs import Outputs
-    from mclx.runtime import infer as run_infer
-    from mclx.writer import add_spatial_image, write_predictions
+    from mclx.wsi.outputs import Outputs
+    from mclx.wsi.runtime import infer as run_infer
+    from mclx.wsi.writer import add_spatial_image, write_predictions
 
     out = check_output(out or Path(f"{slide.stem}.pred.h5ad"))
     extra = Outputs(out, plot, geojson, geojson_genes, spatialdata)
@@ -566,8 +572,8 @@ cli.add_command(view)
 
 def _inference_state(out: Path, resume: bool, save_every: int | None):
     """The resumable inference state beside ``out`` (see :func:`_ready_state`)."""
-    from mclx.infer_state import SAVE_EVERY, InferState
     from mclx.run_state import state_path
+    from mclx.wsi.infer_state import SAVE_EVERY, InferState
 
     every = SAVE_EVERY if save_every is None else save_every
     return _ready_state(InferState(state_path(out), every=every), out, resume, "predictions")
@@ -608,9 +614,9 @@ def analyze(source: Path, out: Path, markers, n_domains, top, seed) -> None:
       mclx evaluate --freeze-encoder --out her2.json && mclx analyze her2.json --out her2_analysis
       mclx analyze her2.predictions.h5ad --markers markers.txt --k 6 --out her2_analysis
     """
-    from mclx.analyze import analyze as run_analysis
-    from mclx.analyze import write_analysis
     from mclx.data.preprocess import load_gene_list
+    from mclx.evaluation.analyze import analyze as run_analysis
+    from mclx.evaluation.analyze import write_analysis
 
     genes = load_gene_list(markers) if markers else ()
     res = run_analysis(source, markers=genes, k=n_domains, seed=seed)

@@ -1,4 +1,4 @@
-"""``mclx infer`` over a cohort: the options, and the run behind them (:mod:`mclx.cohort`).
+"""``mclx infer`` over a cohort: the options, and the run behind them (:mod:`mclx.wsi.cohort`).
 
 One slide without ``--out-dir``/``--manifest``/``--engine ray`` is ``mclx infer`` as
 before; anything else is a cohort, written as ``OUT_DIR/STEM.pred.h5ad`` plus
@@ -30,7 +30,7 @@ ONE_SLIDE = {
 
 def cohort_options():
     """The options that make ``mclx infer`` a cohort run."""
-    from mclx.cohort import Engine
+    from mclx.wsi.cohort_jobs import Engine
 
     return stack(
         click.option(
@@ -79,15 +79,15 @@ def is_cohort(slides: tuple[Path, ...], kw: dict[str, Any]) -> bool:
 def run_cohort_cli(slides: tuple[Path, ...], bank_path: Path, quiet: bool, kw: dict[str, Any]):
     """The cohort run of ``mclx infer``: a line per slide, the summary, and one error
     line (exit 1) when a slide failed."""
-    from mclx.cohort import (
+    from mclx.files import check_output
+    from mclx.wsi.cohort import run_cohort
+    from mclx.wsi.cohort_jobs import (
         SUMMARY,
         Options,
         cohort_jobs,
         format_summary,
-        run_cohort,
         write_summary,
     )
-    from mclx.io import check_output
 
     given = [flag for key, flag in ONE_SLIDE.items() if kw.pop(key, None) not in (None, (), False)]
     if given:

@@ -215,7 +215,7 @@ def encoder_options() -> Decorator:
 
 
 def extra_outputs_options() -> Decorator:
-    """``mclx infer``'s outputs for other tools (:mod:`mclx.outputs`)."""
+    """``mclx infer``'s outputs for other tools (:mod:`mclx.wsi.outputs`)."""
     return stack(
         click.option(
             "--geojson", type=click.Path(path_type=Path), default=None,
@@ -360,9 +360,9 @@ def encoder_weights_arg(value: str) -> str | None:
 
 
 def recipe_from(kw: dict[str, Any]):
-    """The :class:`~mclx.recipe.Recipe` that the options of :func:`model_options` ask
+    """The :class:`~mclx.training.recipe.Recipe` that the options of :func:`model_options` ask
     for: the named recipe's choices (``--recipe``), then the options the user gave."""
-    from mclx.recipe import Recipe
+    from mclx.training.recipe import Recipe
 
     overrides: dict[str, Any] = {}
     if kw["no_pos_embed"]:

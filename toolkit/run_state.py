@@ -23,7 +23,7 @@ def state_path(out: str | os.PathLike) -> Path:
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete temporary files that an atomic write of ``path`` left when it was killed.
 
-    ``mclx.io.atomic_path`` writes ``.NAME.XXXXXXXX.tmp*`` beside ``path`` and renames it
+    ``mclx.files.atomic_path`` writes ``.NAME.XXXXXXXX.tmp*`` beside ``path`` and renames it
     at the end; only SIGKILL (or a power cut) can leave one behind. Two runs writing the
     same output at once are not supported, so any such file is stale.
     """

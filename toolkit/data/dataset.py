@@ -45,7 +45,7 @@ class SpotTable:
 
 def build_table(adatas: Mapping[str, object], pre: PreprocessCfg) -> SpotTable:
     """Preprocess every section with ``pre`` and concatenate (patches are cut separately,
-    :class:`mclx.recipe.PatchCache`)."""
+    :class:`mclx.training.features.PatchCache`)."""
     parts = []
     for name, a in adatas.items():
         parts.append(

@@ -65,11 +65,11 @@ def write_view(
         genes: the genes in the page (default: all, up to ``page.MAX_VALUES`` values).
         workers: threads writing pyramid tiles.
     """
-    from mclx.io import atomic_folder, check_output_folder
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
+    from mclx.files import atomic_folder, check_output_folder
     from mclx.viewer import openseadragon, page
     from mclx.viewer.deepzoom import write_pyramid
-    from mclx.writer import read_predictions
+    from mclx.wsi.writer import read_predictions
 
     out = check_output_folder(out, marker=MARKER, what="an mclx view")
     osd = openseadragon.find()  # before any work: says how to get it

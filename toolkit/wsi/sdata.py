@@ -55,7 +55,7 @@ def _image(adata):
     from spatialdata.models import Image2DModel
     from spatialdata.transformations import Scale
 
-    from mclx.writer import hires_image
+    from mclx.wsi.writer import hires_image
 
     found = hires_image(adata)
     if found is None:
@@ -76,7 +76,7 @@ def write_spatialdata(adata, path: str | os.PathLike, *, library: str) -> Path:
     import spatialdata as sd
     from spatialdata.models import TableModel
 
-    from mclx.io import atomic_folder
+    from mclx.files import atomic_folder
 
     path = Path(path)
     region = f"{library}_tiles"

@@ -120,7 +120,7 @@ class InferState:
         return done
 
     def save(self, preds: np.ndarray, done: int) -> None:
-        from mclx.io import atomic_path
+        from mclx.files import atomic_path
 
         with atomic_path(self.path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
             np.savez(

@@ -1,6 +1,6 @@
 """What a slide run will do, known before a tile is read, and the runs that are refused.
 
-:func:`plan` turns the slide's resolution and the checkpoint's µm/px into the tile side
+:func:`make_plan` turns the slide's resolution and the checkpoint's µm/px into the tile side
 in level-0 pixels and a resampling factor (refused beyond :data:`MAX_DOWNSAMPLE` /
 :data:`MAX_UPSAMPLE`: a wrong µm/px, not a slide), picks the pyramid level tiles are read
 from, places the tiles (a tissue grid refused beyond ``max_tiles``, or given spots) and
@@ -16,47 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mclx.data.resolution import check_resampling, tile_size
 from mclx.errors import DataError
 
-MPP_TOLERANCE = 0.02  # slides within 2% of the training µm/px are read without resampling
-MAX_DOWNSAMPLE = 32.0  # level-0 px per model px: an 80x scan for a 2.5 µm/px model
-MAX_UPSAMPLE = 8.0  # model px per level-0 px: beyond, tiles are blur and their number explodes
 MAX_TILES = 2_000_000  # default --max-tiles: a 4 cm² section at 224 px, 0.5 µm/px, 4x overlap
 GiB = 1 << 30
-
-
-def tile_size(pre, slide_mpp: float | None, source: str, found: str = "") -> int:
-    """Level-0 pixels per tile so that tiles match the checkpoint's µm/px."""
-    if pre.mpp is None or slide_mpp is None:
-        if pre.mpp is not None:
-            why = found or "no resolution in its metadata, no spot grid"
-            msg = (
-                f"{source}: µm/px unknown ({why}); pass --mpp (µm per level-0 pixel) "
-                "or --spots on an array grid"
-            )
-            raise DataError(msg)
-        return pre.patch_size
-    ratio = pre.mpp / slide_mpp
-    if abs(ratio - 1) <= MPP_TOLERANCE:
-        return pre.patch_size
-    return max(1, round(pre.patch_size * ratio))
-
-
-def check_resampling(size: int, pre, slide_mpp: float | None, source: str) -> float:
-    """Level-0 px per model px of ``size``-px tiles; refused beyond the bounds (judged
-    on the µm/px ratio, which the tile's whole pixels round)."""
-    factor = size / pre.patch_size
-    exact = pre.mpp / slide_mpp if pre.mpp and slide_mpp else factor
-    up, down = 1 / exact, exact
-    if down > MAX_DOWNSAMPLE or up > MAX_UPSAMPLE:
-        how = f"{down:.3g}x down" if down > 1 else f"{up:.3g}x up"
-        limit = MAX_DOWNSAMPLE if down > 1 else MAX_UPSAMPLE
-        msg = (
-            f"{source}: tiles would be resampled {how} (slide {slide_mpp:.4g} µm/px, model "
-            f"{pre.mpp:.4g} µm/px; limit {limit:g}x); is the slide's µm/px right? pass --mpp"
-        )
-        raise DataError(msg)
-    return factor
 
 
 @dataclass
@@ -119,7 +83,7 @@ def check_memory(need: int, source: str, what: str) -> None:
         raise MemoryError(msg)
 
 
-def plan(slide, where, pre, *, n_genes: int, stride: int | None = None,
+def make_plan(slide, where, pre, *, n_genes: int, stride: int | None = None,
          max_tiles: int | None = MAX_TILES, batch_size: int = 64, workers: int = 2,
          source: str = "") -> Plan:  # fmt: skip
     """Tile size, resampling, read level, tiles and memory of a run; refusals first."""
@@ -154,7 +118,7 @@ class Where:
 
     @classmethod
     def find(cls, slide, spots) -> Where:
-        from mclx.tiling import read_spots, spot_mpp
+        from mclx.data.readers import read_spots, spot_mpp
 
         res = slide.resolution
         if spots is None:
@@ -171,7 +135,7 @@ class Where:
         return f"spots:{self.kind}" if self.spots is not None else "tissue grid"
 
     def tiles(self, slide, *, size: int, stride: int | None, max_tiles: int | None = None):
-        from mclx.tiling import grid_tiles, slide_tissue, spot_tiles
+        from mclx.wsi.tiling import grid_tiles, slide_tissue, spot_tiles
 
         if self.spots is None:
             return grid_tiles(
@@ -186,7 +150,7 @@ class Where:
 def locate(slide_path: str | os.PathLike, *, spots=None, mpp: float | None = None):
     """The open slide (its header read) and where its tiles go (:class:`Where`); the
     slide is closed again when the spots fail."""
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     slide = open_slide(slide_path, mpp=mpp)
     try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mclx.io import atomic_path
+from mclx.files import atomic_path
 
 
 def write_predictions(adata, out: str | os.PathLike) -> float:
@@ -61,7 +61,7 @@ def add_spatial_image(
     ``uns["spatial"][library_id]`` holds ``images["hires"]`` (RGB uint8, longer side
     ``max_side``), ``scalefactors`` (``tissue_hires_scalef`` = hires px per level-0 px,
     ``spot_diameter_fullres`` = the tile side in level-0 px) and ``metadata``."""
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     slide = open_slide(slide_path, mpp=mpp)
     try:
@@ -95,7 +95,7 @@ def read_predictions(path: str | os.PathLike):
     """mclx predictions (``.h5ad``) back as AnnData; refuses a file that is not one."""
     from mclx.artifacts import require_file
     from mclx.errors import DataError
-    from mclx.io import describe_file
+    from mclx.files import describe_file
 
     path = require_file(Path(path), "predictions", nonempty=True, error=DataError)
     import anndata as ad
@@ -129,7 +129,7 @@ def plot_genes(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     missing = [g for g in genes if g not in adata.var_names]
     if missing:

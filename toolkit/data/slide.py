@@ -16,50 +16,56 @@ from __future__ import annotations
 import math
 import os
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mclx.errors import DataError
+from mclx.data.resolution import Resolution, given, judge
+from mclx.errors import DataError, short
 
-# µm per level-0 pixel that a microscope image can have (80x scans ~0.1; low-resolution
-# legacy-ST images ~6); outside this, a resolution from metadata is not believed
-MPP_RANGE = (0.05, 20.0)
-# densities that ordinary software writes into any image (screen, print, scanner
-# defaults): a resolution tag with one of these says nothing about a microscope
-ROUND_DPI = (72, 96, 100, 120, 144, 150, 180, 200, 240, 300, 360, 400, 600, 720, 1200, 2400,
-             4800, 9600)  # fmt: skip
+MAX_PIXELS = 2_000_000_000  # her2st images are ~92 Mpx, above PIL's bomb guard
 
 
-@dataclass(frozen=True)
-class Resolution:
-    """µm per level-0 pixel (None when unknown), its ``source`` ("--mpp", "aperio
-    metadata", "resolution tag", "none") and, when metadata held a value that was set
-    aside, what it said (``found``)."""
+def open_image(path: Path, unknown: str = "not an image PIL can read"):
+    """A PIL image, header read only; one-line errors for what PIL cannot open."""
+    from PIL import Image, UnidentifiedImageError
 
-    mpp: float | None
-    source: str = "none"
-    found: str = ""
+    from mclx.artifacts import require_file
 
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+    require_file(path, "image", nonempty=True, error=DataError)
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError as exc:
+        from mclx.files import describe_file
 
-def judge(mpp: float, source: str, *, dpi: float | None = None) -> Resolution:
-    """A µm/px from metadata, believed only when a microscope could have produced it:
-    within :data:`MPP_RANGE` and (for resolution tags, ``dpi`` given) not a round
-    screen/print density."""
-    screen = [d for d in ROUND_DPI if dpi is not None and abs(dpi / d - 1) < 1e-3]
-    if screen:
-        found = f"{source} {screen[0]} dpi = {mpp:.4g} µm/px, a screen/print density"
-        return Resolution(None, found=found)
-    lo, hi = MPP_RANGE
-    if not (math.isfinite(mpp) and lo <= mpp <= hi):
-        said = f"{mpp:.4g}" if abs(mpp) < 1000 else f"{mpp:.0f}"
-        return Resolution(None, found=f"{source} {said} µm/px, outside {lo:g}-{hi:g} µm/px")
-    return Resolution(float(mpp), source)
+        msg = f"{path}: {unknown} (the file is {describe_file(path)})"
+        raise DataError(msg) from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # OSError, and SyntaxError / struct.error from bad headers
+        msg = f"{path}: cannot open image ({short(exc)})"
+        raise DataError(msg) from exc
 
 
-def given(mpp: float | None) -> Resolution | None:
-    return Resolution(float(mpp), "--mpp") if mpp else None
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the header, without decoding the pixels."""
+    with open_image(Path(path)) as im:
+        return im.size
+
+
+def load_image(path: str | os.PathLike) -> np.ndarray:
+    """Whole image as an RGB uint8 array (H, W, 3)."""
+    path = Path(path)
+    with open_image(path) as im:
+        try:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+        except MemoryError:
+            raise
+        except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error, ...
+            msg = f"{path}: truncated or corrupt image ({short(exc)})"
+            raise DataError(msg) from exc
 
 
 class Slide:
@@ -121,10 +127,9 @@ class PILSlide(Slide):
     backend = "pil"
 
     def __init__(self, path: Path, mpp: float | None) -> None:
-        from mclx.data.patches import _open
 
         self.path = path
-        with _open(path, unknown="neither OpenSlide nor PIL can read it") as im:
+        with open_image(path, unknown="neither OpenSlide nor PIL can read it") as im:
             self.dimensions = tuple(im.size)
             self.vendor = (im.format or "image").lower()
             self.resolution = given(mpp) or _density(im)
@@ -135,8 +140,6 @@ class PILSlide(Slide):
     def pixels(self) -> np.ndarray:
         with self._lock:  # reader threads: decode once
             if self._pixels is None:
-                from mclx.data.patches import load_image
-
                 self._pixels = load_image(self.path)
                 self.dimensions = (self._pixels.shape[1], self._pixels.shape[0])
         return self._pixels
@@ -175,7 +178,7 @@ class OpenSlideSlide(Slide):
         try:
             self.osr = openslide.OpenSlide(str(path))
         except openslide.OpenSlideError as exc:
-            from mclx.io import describe_file
+            from mclx.files import describe_file
 
             what = describe_file(path)
             hint = ", truncated or corrupt?" if what == "a TIFF file" else ""
@@ -307,7 +310,7 @@ def write_pyramidal_tiff(
     import tifffile
     from PIL import Image
 
-    from mclx.io import atomic_path
+    from mclx.files import atomic_path
 
     path = Path(path)
     res = (1e4 / mpp, 1e4 / mpp)  # pixels per centimetre

@@ -9,14 +9,12 @@ squares of ``size`` level-0 pixels (the patch size scaled by checkpoint µm/px o
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mclx.errors import DataError, short
+from mclx.errors import DataError
 
 
 @dataclass
@@ -155,145 +153,6 @@ def grid_tiles(
     centres = np.stack([gx + size // 2, gy + size // 2], 1).astype(np.float64)
     ids = [f"tile_{int(x)}_{int(y)}" for x, y in zip(gx, gy)]
     return Tiles(centres, ids, size)
-
-
-VISIUM_COLUMNS = [
-    "barcode",
-    "in_tissue",
-    "array_row",
-    "array_col",
-    "pxl_row_in_fullres",
-    "pxl_col_in_fullres",
-]
-
-
-def _read_table(path: Path, **kw) -> pd.DataFrame:
-    from mclx.data.her2st import READ_ERRORS
-
-    try:
-        return pd.read_csv(path, **kw)
-    except READ_ERRORS as exc:
-        msg = f"{path}: cannot read spot file ({short(exc)})"
-        raise DataError(msg) from exc
-
-
-def read_spots(path: str | os.PathLike) -> tuple[pd.DataFrame, str]:
-    """Spot centres from a her2st spot file, a Visium tissue_positions file or a CSV
-    with ``x,y`` (level-0 pixels, optional ``id``), or from data of any layout that
-    :mod:`mclx.data.readers` reads (a one-section folder, a HEST ``.h5ad``, a Visium
-    ``.parquet``). Returns (frame[id, x, y, ...], kind)."""
-    from mclx.data.readers import SPOT_SUFFIXES, section_spots
-
-    path = Path(path)
-    if path.is_dir() or (path.suffix.lower() in SPOT_SUFFIXES and path.is_file()):
-        out, kind = section_spots(path)
-        return _check_spots(path, out), kind
-    if not path.is_file():
-        msg = f"{path}: spot file does not exist"
-        raise FileNotFoundError(msg)
-    sep = "\t" if path.suffix in (".tsv", ".txt") else ","
-    df = _read_table(path, sep=sep)
-    cols = set(df.columns)
-    if {"x", "y", "pixel_x", "pixel_y"} <= cols:
-        out, kind = _her2st_spots(path), "her2st"
-    elif {"pxl_row_in_fullres", "pxl_col_in_fullres"} <= cols or len(df.columns) == 6:
-        out, kind = _visium_spots(path, df), "visium"
-    elif {"x", "y"} <= cols:
-        out, kind = _csv_spots(df), "csv"
-    else:
-        msg = f"{path}: not a spot file (need x,y columns, a her2st or a Visium layout)"
-        raise DataError(msg)
-    return _check_spots(path, out.reset_index(drop=True)), kind
-
-
-def _her2st_spots(path: Path) -> pd.DataFrame:
-    """The selected spots of a her2st / ST spot file, read by the training reader."""
-    from mclx.data.her2st import read_spots as her2st_spots
-
-    sel = her2st_spots(path)
-    return pd.DataFrame(
-        {
-            "id": sel.index,
-            "x": sel["pixel_x"],
-            "y": sel["pixel_y"],
-            "array_x": sel["x"],
-            "array_y": sel["y"],
-        }
-    )
-
-
-def _visium_spots(path: Path, df: pd.DataFrame) -> pd.DataFrame:
-    """The in-tissue spots of a Visium tissue_positions file (with or without header)."""
-    if "pxl_row_in_fullres" not in df.columns:  # tissue_positions_list.csv has no header
-        df = _read_table(path, header=None, names=VISIUM_COLUMNS)
-    missing = sorted(set(VISIUM_COLUMNS) - set(df.columns))
-    if missing:
-        msg = f"{path}: Visium tissue positions lack columns {missing}"
-        raise DataError(msg)
-    df = df[pd.to_numeric(df["in_tissue"], errors="coerce") == 1]
-    out = pd.DataFrame(
-        {
-            "id": df["barcode"].astype(str),
-            "x": _numbers(df["pxl_col_in_fullres"]),
-            "y": _numbers(df["pxl_row_in_fullres"]),
-            "array_x": _numbers(df["array_col"]),
-            "array_y": _numbers(df["array_row"]),
-        }
-    )
-    if not np.isfinite(out[["array_x", "array_y"]].to_numpy()).all():
-        msg = f"{path}: Visium array_row / array_col are missing or not numbers"
-        raise DataError(msg)
-    return out
-
-
-def _csv_spots(df: pd.DataFrame) -> pd.DataFrame:
-    """Spots of a CSV with ``x,y`` columns and an optional ``id`` (default ``spot_<i>``)."""
-    ids = df["id"].astype(str) if "id" in df.columns else [f"spot_{i}" for i in range(len(df))]
-    return pd.DataFrame({"id": ids, "x": _numbers(df["x"]), "y": _numbers(df["y"])})
-
-
-def _check_spots(path: Path, out: pd.DataFrame) -> pd.DataFrame:
-    """Refuse no spots, coordinates that are not finite numbers, and duplicate spots."""
-    if out.empty:
-        msg = f"{path}: no spots"
-        raise DataError(msg)
-    if not np.isfinite(out[["x", "y"]].to_numpy(float)).all():
-        msg = f"{path}: spot coordinates are missing, not numbers or not finite"
-        raise DataError(msg)
-    if out["id"].duplicated().any() or out[["x", "y"]].duplicated().any():
-        msg = f"{path}: duplicate spots"
-        raise DataError(msg)
-    return out
-
-
-def _numbers(col: pd.Series) -> pd.Series:
-    """A column as float64; what is not a number becomes NaN (refused by the caller)."""
-    return pd.to_numeric(col, errors="coerce").astype(np.float64)
-
-
-def spot_mpp(spots: pd.DataFrame, kind: str) -> float | None:
-    """µm/px from the array grid: pixels per array-column step against its pitch in µm
-    (legacy ST: 200 µm per step; Visium: 50 µm, columns step by 2 between spots)."""
-    if spots.attrs.get("mpp"):  # the data's own (mclx.data.readers.section_spots)
-        return float(spots.attrs["mpp"])
-    if "array_x" not in spots or spots["array_x"].nunique() < 2:
-        return None
-    if kind == "her2st":  # same estimate as the reader's, so training and inference agree
-        from mclx.data.her2st import estimate_mpp
-
-        return estimate_mpp(
-            pd.DataFrame(
-                {
-                    "x": spots["array_x"],
-                    "y": spots["array_y"],
-                    "pixel_x": spots["x"],
-                    "pixel_y": spots["y"],
-                }
-            )
-        )
-    pitch = 50.0 if kind == "visium" else 200.0
-    slope = np.polyfit(spots["array_x"].to_numpy(float), spots["x"].to_numpy(float), 1)[0]
-    return float(pitch / abs(slope)) if slope else None
 
 
 def spot_tiles(slide, spots: pd.DataFrame, *, size: int, source: str = "spots") -> Tiles:

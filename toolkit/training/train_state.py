@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from mclx.artifacts import read_torch_artifact, require_keys
-from mclx.io import atomic_path
+from mclx.files import atomic_path
 from mclx.run_state import refuse_differences
 
 FORMAT = "mclx-train-state"

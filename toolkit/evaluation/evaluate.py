@@ -18,9 +18,10 @@ import numpy as np
 
 from mclx.config import Distance, to_dict
 from mclx.data.dataset import build_table
-from mclx.io import all_or_nothing, atomic_path, write_text_atomic
-from mclx.metrics import score
-from mclx.recipe import PatchCache, Recipe, train_model
+from mclx.evaluation.metrics import score
+from mclx.files import all_or_nothing, atomic_path, write_text_atomic
+from mclx.training.features import PatchCache
+from mclx.training.recipe import Recipe, train_model
 
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 

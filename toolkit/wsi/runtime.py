@@ -4,7 +4,7 @@ The stages, each a function: :func:`infer` checks the inputs (bank, model, genes
 before anything expensive, opens the slide and places tiles (a tissue grid, or given
 spots) at the checkpoint's µm/px; :func:`stream` runs them through the inference layer
 (:mod:`mclx.inference`: encoder, then :func:`~mclx.inference.match` against the bank)
-while readers (:mod:`mclx.prefetch`) decode the next batches; :func:`predictions`
+while readers (:mod:`mclx.wsi.prefetch`) decode the next batches; :func:`predictions`
 wraps the result as AnnData. Memory is bounded by the prefetch depth, one retrieval
 block and the predictions themselves.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mclx.plan import Where, locate, plan, slide_record
+from mclx.wsi.plan import Where, locate, make_plan, slide_record
 
 
 def stream(
@@ -40,11 +40,11 @@ def stream(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Predictions (N, G) for every tile, and seconds per stage. Embeddings stay on the
     encoder's device, matched against the bank ``retrieve_block`` tiles at a time; with
-    ``state`` (:class:`~mclx.infer_state.InferState`) each block is saved, saved ones skipped."""
+    ``state`` (:class:`~mclx.wsi.infer_state.InferState`) saves blocks, skips saved ones."""
     from tqdm.auto import tqdm
 
     from mclx.inference import match, to_host
-    from mclx.prefetch import prefetch
+    from mclx.wsi.prefetch import prefetch
 
     timings = {"read": 0.0, "wait": 0.0, "encode": 0.0, "retrieve": 0.0, "save": 0.0,
                **warm_up(encoder, bank)}  # fmt: skip
@@ -205,7 +205,7 @@ def _direct_model(model) -> Path:
 class Run:
     """What every slide of a run shares: the bank (placed where retrieval runs), the
     model path, the open encoder, k and the distance. ``mclx infer`` builds one for its
-    slide; a cohort (:mod:`mclx.cohort`) one per process or Ray actor, for all slides."""
+    slide; a cohort (:mod:`mclx.wsi.cohort`) one per process or Ray actor, for all slides."""
 
     bank_path: Path | None  # None: a model that predicts directly (ridge, stnet)
     bank: Any
@@ -241,8 +241,8 @@ class Run:
         return cls(bank_path, bank, Path(model), encoder, k, distance)
 
     def plan(self, slide, where: Where, source, **kw: Any):
-        """The slide's :class:`~mclx.plan.Plan` at this run's µm/px."""
-        return plan(slide, where, self.encoder.pre, n_genes=len(self.encoder.pre.genes),
+        """The slide's :class:`~mclx.wsi.plan.Plan` at this run's µm/px."""
+        return make_plan(slide, where, self.encoder.pre, n_genes=len(self.encoder.pre.genes),
                     source=source, **kw)  # fmt: skip
 
     def predict(self, patches):
@@ -282,7 +282,7 @@ class Run:
         **plan_kw,
     ):
         """AnnData of the predictions over an open ``slide`` (tiles placed by ``where``)."""
-        from mclx.prefetch import pool_for
+        from mclx.wsi.prefetch import pool_for
 
         t_start = time.perf_counter() if t_start is None else t_start
         work = self.plan(slide, where, str(slide_path), batch_size=batch_size, workers=workers,
@@ -327,7 +327,7 @@ def infer(  # long: the run's options, each documented once in the CLI
     """Predict expression over a slide (tissue grid or ``spots``); return AnnData.
 
     ``plot_genes`` are only checked against the bank's genes, before any tile is read.
-    ``state`` (:class:`~mclx.infer_state.InferState`, loaded for a resume) keeps the
+    ``state`` (:class:`~mclx.wsi.infer_state.InferState`, loaded for a resume) keeps the
     predictions made so far beside the output.
     """
     t_start = time.perf_counter()
@@ -347,8 +347,8 @@ def infer(  # long: the run's options, each documented once in the CLI
 
 
 def _run_record(slide_path, tiles, encoder, bank, k, distance, batch_size, every) -> dict:
-    """What a resumed run must find unchanged (see :mod:`mclx.infer_state`)."""
-    from mclx.infer_state import file_record, tiles_digest
+    """What a resumed run must find unchanged (see :mod:`mclx.wsi.infer_state`)."""
+    from mclx.wsi.infer_state import file_record, tiles_digest
 
     return {
         "slide": file_record(slide_path),

@@ -37,7 +37,7 @@ def _open_in_process(path: str, mpp: float | None) -> None:
     """A failing initializer would only break the pool ("a child process terminated
     abruptly"): keep the error for the reads to raise, as one line naming the file."""
     global _SLIDE, _OPEN_ERROR
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     try:
         _SLIDE = open_slide(path, mpp=mpp)

@@ -1,14 +1,14 @@
-"""The ``ray`` engine of :mod:`mclx.cohort`: slides through Ray Data.
+"""The ``ray`` engine of :mod:`mclx.wsi.cohort`: slides through Ray Data.
 
-1. Plan: one Ray task per slide opens it, places its tiles (:func:`mclx.plan.plan`:
+1. Plan: one Ray task per slide opens it, places its tiles (:func:`mclx.wsi.plan.plan`:
    tissue grid or spots, µm/px, refusals) and returns them; a slide that fails here is
    reported and left out.
 2. Read: ``flat_map`` on CPU tasks (``--readers`` slides at once) turns each slide into one
-   row per tile, read by the runtime's prefetching reader threads (:func:`~mclx.runtime.
+   row per tile, read by the runtime's prefetching reader threads (:func:`~mclx.wsi.runtime.
    prefetch`); a slide whose body cannot be read yields one error row instead.
 3. Predict: ``map_batches`` over an actor pool (``ActorPoolStrategy``, ``num_gpus`` per actor
    on GPU clusters, an explicit ``batch_size``) whose actors open the encoder and the bank
-   once (:class:`mclx.runtime.Run`) and run encoder + retrieval.
+   once (:class:`mclx.wsi.runtime.Run`) and run encoder + retrieval.
 4. Regroup: the driver streams the predictions back, fills each slide's array by tile
    index and, once all of a slide's tiles are in, writes its ``.h5ad`` atomically (as
    ``mclx infer`` does); memory holds the slides in flight only.
@@ -27,8 +27,16 @@ from typing import Any
 
 import numpy as np
 
-from mclx.cohort import SLIDE_ERRORS, Job, Options, Result, failure, progress_line, write_slide
 from mclx.errors import MclxError
+from mclx.wsi.cohort_jobs import (
+    SLIDE_ERRORS,
+    Job,
+    Options,
+    Result,
+    failure,
+    progress_line,
+    write_slide,
+)
 
 EXTRA = "mclx[ray]"
 
@@ -82,14 +90,14 @@ def _check_reachable(address: str, timeout: float = 10.0) -> None:
 
 def plan_task(job: Job, pre, n_genes: int, plan_kw: dict[str, Any], pool: str) -> dict[str, Any]:
     """Step 1 for one slide (a Ray task): its tiles and provenance, or its error."""
-    from mclx.plan import locate, plan, slide_record
-    from mclx.prefetch import pool_for
+    from mclx.wsi.plan import locate, make_plan, slide_record
+    from mclx.wsi.prefetch import pool_for
 
     t0 = time.perf_counter()
     try:
         slide, where = locate(job.slide, spots=job.spots, mpp=job.mpp)
         try:
-            work = plan(slide, where, pre, n_genes=n_genes, source=str(job.slide), **plan_kw)
+            work = make_plan(slide, where, pre, n_genes=n_genes, source=str(job.slide), **plan_kw)
             info = slide_record(job.slide, slide, where, work)
             info.update(reader_pool=pool_for(slide, pool), readers=int(plan_kw["workers"]))
         finally:
@@ -102,8 +110,8 @@ def plan_task(job: Job, pre, n_genes: int, plan_kw: dict[str, Any], pool: str) -
 def read_tiles(row: dict[str, Any], *, jobs, tiles, patch_size: int, batch_size: int,
                workers: int, reader_pool: str = "threads"):  # fmt: skip
     """Step 2 for one slide (``flat_map``): a row per tile, or one error row."""
-    from mclx.prefetch import prefetch
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
+    from mclx.wsi.prefetch import prefetch
 
     i = int(row["job"])
     job, t = jobs[i], tiles[i]
@@ -128,7 +136,7 @@ class Predictor:
     """Step 3 (an actor of the pool): the encoder and the bank, opened once."""
 
     def __init__(self, bank_path: str, encoder_args: dict[str, Any], k: int, distance) -> None:
-        from mclx.runtime import Run
+        from mclx.wsi.runtime import Run
 
         self.run = Run.open(bank_path, k=k, distance=distance, **encoder_args)
         self.n_genes = len(self.run.bank.genes)
@@ -190,7 +198,7 @@ class _Cohort:
         self.results[i] = result
         self.log(progress_line(len(self.results), len(self.jobs), result))
 
-    def plan(self) -> tuple[dict[int, Any], dict[int, dict]]:
+    def plan_slides(self) -> tuple[dict[int, Any], dict[int, dict]]:
         import ray
 
         pre, n_genes = self.run.encoder.pre, len(self.run.bank.genes)
@@ -233,7 +241,7 @@ class _Cohort:
 
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # our lines say the progress
         ray.data.DataContext.get_current().enable_progress_bars = False
-        tiles, plans = self.plan()
+        tiles, plans = self.plan_slides()
         if tiles:
             self._collect(self.dataset(tiles, encoder_args, **kw), tiles, plans)
         return [self.results[i] for i in range(len(self.jobs))]
@@ -278,7 +286,7 @@ class _Cohort:
                     self._finish(i, failure(self.jobs[i], err))
 
     def _write(self, i: int, pred: np.ndarray, tiles, plan: dict, began: float) -> None:
-        from mclx.runtime import predictions
+        from mclx.wsi.runtime import predictions
 
         job, run = self.jobs[i], self.run
         try:

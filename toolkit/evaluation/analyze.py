@@ -116,7 +116,7 @@ def panels(
 ) -> dict[str, float]:
     """Mean PCC over ACG, HEG (most expressed), HVG (most variable measured genes of
     this section) and the markers present; the marker count beside it."""
-    from mclx.metrics import pearson_per_gene, top_expressed
+    from mclx.evaluation.metrics import pearson_per_gene, top_expressed
 
     r = pearson_per_gene(pred, true)
     hvg = np.argsort(-true.var(0), kind="stable")[:N_PANEL]
@@ -266,8 +266,8 @@ def analyze(
 def write_analysis(res: Analysis, out: str | os.PathLike, *, top: int = 4) -> list[Path]:
     """Tables (CSV), the annotated predictions (h5ad) and the figures (PNG) in ``out``,
     all or none."""
-    from mclx import analyze_plots as plots
-    from mclx.io import all_or_nothing, atomic_path
+    from mclx.evaluation import analyze_plots as plots
+    from mclx.files import all_or_nothing, atomic_path
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,7 +291,7 @@ def write_analysis(res: Analysis, out: str | os.PathLike, *, top: int = 4) -> li
 
 
 def _top_genes(res: Analysis, section: str, path: Path, top: int) -> Path:
-    from mclx.analyze_plots import top_genes_figure
+    from mclx.evaluation.analyze_plots import top_genes_figure
 
     pred, true, genes, rows = section_arrays(res.adata, section)
     ranked = [g for g in res.ranking.index if g in set(genes)][:top]

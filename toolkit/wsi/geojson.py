@@ -44,7 +44,7 @@ def write_geojson(adata, path: str | os.PathLike, *, top: int | None = None) -> 
     """Write the predictions of ``adata`` as a QuPath-importable FeatureCollection; with
     ``top``, only the ``top`` genes of highest mean prediction are measurements."""
     from mclx.errors import DataError
-    from mclx.io import atomic_path
+    from mclx.files import atomic_path
 
     path = Path(path)
     genes = top_genes(adata, top) if top else [str(g) for g in adata.var_names]

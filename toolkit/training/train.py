@@ -13,6 +13,7 @@ the CPU the continued run gives the same weights, bit for bit, as one never stop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -23,12 +24,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from mclx import distributed
 from mclx.config import PreprocessCfg, TrainCfg
 from mclx.data.dataset import SpotTable
 from mclx.inference.device import torch_device
-from mclx.inference.embed import autocast
 from mclx.inference.transform import to_tensor
+from mclx.training import distributed
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on a GPU (training steps); nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mclx.io import atomic_path
+from mclx.files import atomic_path
 
 
 def _save(path: Path, draw: Callable, figsize: tuple[float, float]) -> Path:
