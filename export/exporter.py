@@ -82,6 +82,23 @@ def requested(flags: set[str]) -> list[Format]:
     return [f for f in FORMATS.values() if f.builder and (f.flag is None or f.flag in flags)]
 
 
+def export_outputs(
+    checkpoint: str | os.PathLike,
+    *,
+    onnx_path: str | os.PathLike | None = None,
+    int8: bool = False,
+    openvino: bool = False,
+    trt: bool = False,
+) -> list[Path]:
+    """Every file one :func:`export` writes: each requested format's artifact and its
+    sidecars, and the report beside the checkpoint (for the check of a command's paths)."""
+    flags = {f for f, on in (("int8", int8), ("openvino", openvino), ("trt", trt)) if on}
+    rows = requested(flags)
+    paths = _paths(rows, checkpoint, onnx_path)
+    sidecars = [paths[f.name].with_name(paths[f.name].name + x) for f in rows for x in f.sidecars]
+    return [*paths.values(), *sidecars, report_path(checkpoint)]
+
+
 def check_options(rows: list[Format], given: Mapping[str, Any]) -> None:
     """Refuse an option that no row knows, or that none of the requested rows reads (it
     would be silently ignored)."""

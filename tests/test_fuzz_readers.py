@@ -25,10 +25,9 @@ from hypothesis import strategies as st
 
 from mclx.bank import load_bank, save_bank
 from mclx.checkpoint import load_checkpoint, read_checkpoint_dict
-from mclx.cli import _message
 from mclx.data import her2st, spotfiles
 from mclx.data.readers import read_spots
-from mclx.errors import MclxError
+from mclx.errors import MclxError, one_line
 
 # what cli.main turns into one "mclx: error:" line
 CLEAN = (MclxError, OSError, ValueError, KeyError, RuntimeError, MemoryError)
@@ -80,7 +79,7 @@ def check(read, path, data: bytes):
     try:
         return read(path)
     except CLEAN as exc:
-        msg = _message(exc)
+        msg = one_line(exc)
         assert path.name in msg, f"{type(exc).__name__} does not name the file: {msg}"
         return None
 

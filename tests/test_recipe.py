@@ -171,12 +171,15 @@ FROZEN_ARGS = ["--encoder", "tiny_cnn", "--encoder-weights", "none", "--freeze-e
 
 def _recipe_of(*args):
     """The Recipe and model/train configs that `mclx train ARGS` would use."""
-    from mclx.cli import train
-    from mclx.cli_options import recipe_from
+    import dataclasses
+
+    from mclx.cli.model_options import ModelOptions
+    from mclx.cli.train import train
     from mclx.models import model_cfg
 
     ctx = train.make_context("train", ["--out", "x.pt", "--genes", "g.txt", *map(str, args)])
-    r = recipe_from(dict(ctx.params))
+    fields = {f.name for f in dataclasses.fields(ModelOptions)}
+    r = ModelOptions(**{k: v for k, v in ctx.params.items() if k in fields}).recipe()
     return r, model_cfg(r.model, n_genes=5, **r.model_overrides()), r.train
 
 

@@ -278,17 +278,23 @@ def format_table(res: dict[str, Any], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def result_paths(out: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """The files :func:`write_results` writes for ``out``: the JSON, the per-gene CSV
+    and the held-out predictions beside it."""
+    out = Path(out)
+    csv, preds = out.stem + ".genes.csv", out.stem + ".predictions.h5ad"
+    return out, out.with_name(csv), out.with_name(preds)
+
+
 def write_results(res: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Path]:
     """JSON (table + config) at ``out`` and per-gene PCCs as CSV beside it."""
     import pandas as pd
 
-    out = Path(out)
+    out, csv, pred_path = result_paths(out)
     preds = res.get("predictions") or {}
-    pred_path = out.with_name(out.stem + ".predictions.h5ad")
     summary = {k: v for k, v in res.items() if k not in ("genes", "predictions")}
     if preds:
         summary["predictions"] = pred_path.name
-    csv = out.with_name(out.stem + ".genes.csv")
     table = pd.DataFrame(res["genes"])
     table.index.name = "gene"
     with all_or_nothing():  # every file or none

@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from mclx.errors import DataError, MclxError
+from mclx.errors import USER_ERRORS, DataError, one_line
 
 Engine = Literal["local", "ray"]
 SUMMARY = "summary.csv"
 # what a failing slide may raise: reported in its row, the other slides go on
-SLIDE_ERRORS = (MclxError, OSError, ValueError, KeyError, RuntimeError, MemoryError)
+SLIDE_ERRORS = USER_ERRORS
 
 
 @dataclass(frozen=True)
@@ -165,8 +165,7 @@ def write_slide(adata, job: Job, engine: str) -> None:
 
 def failure(job: Job, exc: BaseException, seconds: float = 0.0) -> Result:
     """The summary row of a slide that failed, with its error in one line."""
-    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
-    text = " ".join(str(text).split()) or exc.__class__.__name__
+    text = one_line(exc)
     if str(job.slide) not in text and job.slide.name not in text:
         text = f"{job.slide}: {text}"
     return Result(str(job.slide), 0, round(seconds, 3), "failed", text, str(job.out))

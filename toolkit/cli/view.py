@@ -1,22 +1,49 @@
-"""``mclx view``: the viewer command (registered on the group in :mod:`mclx.cli`)."""
+"""``mclx view``: a folder that shows predictions over their slide (:mod:`mclx.viewer`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
-from mclx.cli_options import CONTEXT, out_option, quiet_option, split_names
+from mclx.cli.options import CONTEXT, out_option, quiet_option, split_names
+from mclx.cli.paths import MclxCommand, path_argument, path_option
 
 
-@click.command(context_settings=CONTEXT)
-@click.argument("predictions", type=click.Path(path_type=Path))
-@click.option(
+def _derived(params: dict[str, Any]):
+    """The slide the predictions record, an input when --slide is not given."""
+    if params.get("slide") is None and params.get("predictions") is not None:
+        recorded = recorded_slide(params["predictions"])
+        if recorded is not None:
+            yield "input", "the slide the predictions record", recorded
+
+
+def recorded_slide(predictions: Path) -> Path | None:
+    """``uns["mclx"]["slide"]`` of a predictions file, read without loading it (None
+    when it cannot be read: the run itself then says why)."""
+    import h5py
+
+    try:
+        with h5py.File(predictions, "r") as f:
+            value = f["uns/mclx/slide"][()]
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    return Path(value.decode() if isinstance(value, bytes) else str(value))
+
+
+@click.command(cls=MclxCommand, derive=_derived, context_settings=CONTEXT)
+@path_argument("predictions", role="input")
+@path_option(
     "--slide",
-    type=click.Path(path_type=Path),
+    role="input",
     help="The slide the predictions were made on (default: the path they record).",
 )
-@out_option("Folder to write: index.html, the slide's tile pyramid, OpenSeadragon.", required=True)
+@out_option(
+    "Folder to write: index.html, the slide's tile pyramid, OpenSeadragon.",
+    required=True,
+    folder=True,
+)
 @click.option("--gene", default=None, help="Gene coloured first (default: the most variable).")
 @click.option(
     "--genes",

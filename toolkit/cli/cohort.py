@@ -7,6 +7,7 @@ before; anything else is a cohort, written as ``OUT_DIR/STEM.pred.h5ad`` plus
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Any
 
 import click
 
-from mclx.cli_options import literal_choice, stack
+from mclx.cli.options import into, literal_choice, stack
+from mclx.cli.paths import path_option
 
 # options of one-slide runs that a cohort does not take (the manifest has spots per slide)
 ONE_SLIDE = {
@@ -28,17 +30,33 @@ ONE_SLIDE = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class CohortOptions:
+    """The options that make ``mclx infer`` a cohort run (:func:`cohort_options`)."""
+
+    manifest: Path | None = None
+    out_dir: Path | None = None
+    engine: str | None = None
+    address: str | None = None
+    gpus_per_worker: float = 0.0
+    readers: int | None = None
+    actors: int | None = None
+    force: bool = False
+
+
 def cohort_options():
-    """The options that make ``mclx infer`` a cohort run."""
+    """The options that make ``mclx infer`` a cohort run, as one :class:`CohortOptions`
+    argument ``cohort``."""
     from mclx.wsi.cohort_jobs import Engine
 
     return stack(
-        click.option(
-            "--manifest", type=click.Path(path_type=Path),
+        into(CohortOptions, "cohort"),
+        path_option(
+            "--manifest", role="input",
             help="CSV of slides: column slide, optional spots, mpp, out (paths relative to it).",
         ),
-        click.option(
-            "--out-dir", type=click.Path(path_type=Path),
+        path_option(
+            "--out-dir", role="output",
             help="Cohort output folder: STEM.pred.h5ad per slide and summary.csv.",
         ),
         click.option(
@@ -69,14 +87,32 @@ def cohort_options():
     )  # fmt: skip
 
 
-def is_cohort(slides: tuple[Path, ...], kw: dict[str, Any]) -> bool:
-    if not slides and not kw["manifest"]:
+def is_cohort(slides: tuple[Path, ...], cohort: CohortOptions) -> bool:
+    if not slides and not cohort.manifest:
         msg = "infer: give a SLIDE (or several, or --manifest)"
         raise click.UsageError(msg)
-    return len(slides) != 1 or bool(kw["manifest"] or kw["out_dir"] or kw["engine"] == "ray")
+    return len(slides) != 1 or bool(cohort.manifest or cohort.out_dir or cohort.engine == "ray")
 
 
-def run_cohort_cli(slides: tuple[Path, ...], bank_path: Path, quiet: bool, kw: dict[str, Any]):
+def cohort_outputs(params: dict[str, Any]):
+    """A cohort's derived outputs: each slide's predictions and the summary (nothing
+    without --out-dir: the run then says it needs one)."""
+    from mclx.wsi.cohort_jobs import SUMMARY, cohort_jobs
+
+    out_dir = params.get("out_dir")
+    if out_dir is None:
+        return
+    slides, manifest = params.get("slides") or (), params.get("manifest")
+    for job in cohort_jobs(slides, manifest=manifest, out_dir=out_dir):
+        yield "output", f"the predictions of {job.slide}", job.out
+        if job.spots is not None:
+            yield "input", f"the spots of {job.slide}", Path(job.spots)
+    yield "output", "the cohort's summary", Path(out_dir) / SUMMARY
+
+
+def run_cohort_cli(
+    slides: tuple[Path, ...], cohort: CohortOptions, quiet: bool, kw: dict[str, Any]
+) -> None:
     """The cohort run of ``mclx infer``: a line per slide, the summary, and one error
     line (exit 1) when a slide failed."""
     from mclx.files import check_output
@@ -85,7 +121,6 @@ def run_cohort_cli(slides: tuple[Path, ...], bank_path: Path, quiet: bool, kw: d
         SUMMARY,
         Options,
         cohort_jobs,
-        format_summary,
         write_summary,
     )
 
@@ -93,28 +128,34 @@ def run_cohort_cli(slides: tuple[Path, ...], bank_path: Path, quiet: bool, kw: d
     if given:
         msg = f"{', '.join(given)}: for one slide; a cohort (--out-dir) takes spots per slide in --manifest"  # noqa: E501
         raise click.UsageError(msg)
-    for key in ("geojson_genes",):
-        kw.pop(key, None)
-    if kw["out_dir"] is None:
+    kw.pop("geojson_genes", None)
+    out_dir = cohort.out_dir
+    if out_dir is None:
         raise click.UsageError("infer: several slides (or --manifest, --engine ray) need --out-dir")
-    out_dir = kw.pop("out_dir")
     check_output(out_dir, folder_ok=True)  # created once a slide is written: no empty one
     if out_dir.exists() and not out_dir.is_dir():
         msg = f"{out_dir}: --out-dir is a file, not a folder"
         raise NotADirectoryError(msg)
     if out_dir.is_dir():
         check_output(out_dir / SUMMARY)
-    jobs = cohort_jobs(slides, manifest=kw.pop("manifest"), out_dir=out_dir, mpp=kw.pop("mpp"))
+    jobs = cohort_jobs(slides, manifest=cohort.manifest, out_dir=out_dir, mpp=kw.pop("mpp"))
     opts = Options(batch_size=kw.pop("batch_size"), stride=kw.pop("stride"),
                    workers=kw.pop("workers"), max_tiles=kw.pop("max_tiles"),
                    reader_pool=kw.pop("reader_pool"))  # fmt: skip
     t0 = time.perf_counter()
     results = run_cohort(
-        jobs, bank_path=bank_path, engine=kw.pop("engine") or "local", opts=opts,
-        log=(lambda *_: None) if quiet else click.echo, **kw,
+        jobs, engine=cohort.engine or "local", force=cohort.force, address=cohort.address,
+        gpus_per_worker=cohort.gpus_per_worker, readers=cohort.readers, actors=cohort.actors,
+        opts=opts, log=(lambda *_: None) if quiet else click.echo, **kw,
     )  # fmt: skip
     summary = write_summary(results, out_dir / SUMMARY)
-    seconds = time.perf_counter() - t0
+    _report(results, summary, time.perf_counter() - t0)
+
+
+def _report(results, summary: Path, seconds: float) -> None:
+    """The summary table, the totals line, and one error line (exit 1) on a failure."""
+    from mclx.wsi.cohort_jobs import format_summary
+
     tiles = sum(r.tiles for r in results)
     click.echo(format_summary(results))
     failed = [r for r in results if r.status == "failed"]
