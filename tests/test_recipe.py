@@ -105,7 +105,7 @@ def test_bank_uses_the_model_configs_attention_length(synthetic, tmp_path):
     from mclx.checkpoint import load_checkpoint, save_checkpoint
     from mclx.data.dataset import build_table
     from mclx.training.features import PatchCache
-    from mclx.training.recipe import train_model
+    from mclx.training.run import train_model
 
     r = Recipe(
         overrides={"encoder": "tiny_cnn", "context": "batch"},
@@ -305,7 +305,7 @@ def test_feature_views_train_on_cached_dihedral_features(synthetic, tmp_path, ca
     from mclx.checkpoint import load_checkpoint
     from mclx.inference.embed import encode_features
     from mclx.training.features import PatchCache, dihedral
-    from mclx.training.recipe import train_model
+    from mclx.training.run import train_model
 
     r = tiny_recipe(synthetic, epochs=2, batch_size=32, feature_norm=True)
     adatas = read_her2st(synthetic, ["S1", "S2"], with_image=True)

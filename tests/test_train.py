@@ -5,7 +5,7 @@ import pytest
 from helpers import needs, tiny_model, tiny_recipe
 
 from mclx.training.features import PatchCache
-from mclx.training.recipe import train_model
+from mclx.training.run import train_model
 
 
 def test_seeded_runs_are_identical(synthetic):

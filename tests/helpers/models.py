@@ -159,7 +159,7 @@ def tiny_model(
     :func:`tiny_recipe` with ``kw``) and, with ``train``, fit it."""
     from mclx.data.her2st import read_her2st
     from mclx.training.features import PatchCache
-    from mclx.training.recipe import train_model
+    from mclx.training.run import train_model
 
     recipe = recipe or tiny_recipe(data, **kw)
     sections = list(sections)

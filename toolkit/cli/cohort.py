@@ -2,7 +2,9 @@
 
 One slide without ``--out-dir``/``--manifest``/``--engine ray`` is ``mclx infer`` as
 before; anything else is a cohort, written as ``OUT_DIR/STEM.pred.h5ad`` plus
-``OUT_DIR/summary.csv``.
+``OUT_DIR/summary.csv``. A cohort takes the outputs of one slide per slide: ``--plot``
+maps beside each ``.h5ad``, ``--geojson DIR`` / ``--spatialdata DIR`` as folders of
+``STEM.geojson`` / ``STEM.zarr``, ``--resume`` each slide from its own state file.
 """
 
 from __future__ import annotations
@@ -19,15 +21,7 @@ from mclx.cli.options import into, literal_choice, stack
 from mclx.cli.paths import path_option
 
 # options of one-slide runs that a cohort does not take (the manifest has spots per slide)
-ONE_SLIDE = {
-    "out": "--out",
-    "resume": "--resume",
-    "save_every": "--save-every",
-    "plot": "--plot",
-    "geojson": "--geojson",
-    "spatialdata": "--spatialdata",
-    "spots": "--spots",
-}
+ONE_SLIDE = {"out": "--out", "spots": "--spots"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,17 +91,36 @@ def is_cohort(slides: tuple[Path, ...], cohort: CohortOptions) -> bool:
 def cohort_outputs(params: dict[str, Any]):
     """A cohort's derived outputs: each slide's predictions and the summary (nothing
     without --out-dir: the run then says it needs one)."""
+    from mclx.run_state import state_path
     from mclx.wsi.cohort_jobs import SUMMARY, cohort_jobs
 
     out_dir = params.get("out_dir")
     if out_dir is None:
         return
     slides, manifest = params.get("slides") or (), params.get("manifest")
+    opts = _options(params)
     for job in cohort_jobs(slides, manifest=manifest, out_dir=out_dir):
+        task = opts.task(job)
         yield "output", f"the predictions of {job.slide}", job.out
+        yield "output", f"the state file of {job.slide}", state_path(job.out)
+        for path in (task.geojson, task.spatialdata):
+            if path is not None:
+                yield "output", f"an output of {job.slide}", path
+        for gene in task.plot:
+            yield "output", f"a map of {job.slide}", Path(f"{job.out.with_suffix('')}.{gene}.png")
         if job.spots is not None:
             yield "input", f"the spots of {job.slide}", Path(job.spots)
     yield "output", "the cohort's summary", Path(out_dir) / SUMMARY
+
+
+def _options(kw: dict[str, Any]):
+    """The per-slide settings and outputs of a cohort (:class:`~mclx.wsi.cohort_jobs.Options`)."""
+    from mclx.wsi.cohort_jobs import Options
+
+    names = ("batch_size", "stride", "workers", "max_tiles", "reader_pool", "geojson",
+             "geojson_genes", "spatialdata", "resume", "save_every")  # fmt: skip
+    return Options(**{n: kw.get(n) for n in names if kw.get(n) is not None},
+                   plot=tuple(kw.get("plot") or ()))  # fmt: skip
 
 
 def run_cohort_cli(
@@ -119,7 +132,6 @@ def run_cohort_cli(
     from mclx.wsi.cohort import run_cohort
     from mclx.wsi.cohort_jobs import (
         SUMMARY,
-        Options,
         cohort_jobs,
         write_summary,
     )
@@ -128,7 +140,6 @@ def run_cohort_cli(
     if given:
         msg = f"{', '.join(given)}: for one slide; a cohort (--out-dir) takes spots per slide in --manifest"  # noqa: E501
         raise click.UsageError(msg)
-    kw.pop("geojson_genes", None)
     out_dir = cohort.out_dir
     if out_dir is None:
         raise click.UsageError("infer: several slides (or --manifest, --engine ray) need --out-dir")
@@ -139,14 +150,24 @@ def run_cohort_cli(
     if out_dir.is_dir():
         check_output(out_dir / SUMMARY)
     jobs = cohort_jobs(slides, manifest=cohort.manifest, out_dir=out_dir, mpp=kw.pop("mpp"))
-    opts = Options(batch_size=kw.pop("batch_size"), stride=kw.pop("stride"),
-                   workers=kw.pop("workers"), max_tiles=kw.pop("max_tiles"),
-                   reader_pool=kw.pop("reader_pool"))  # fmt: skip
+    opts = _options(kw)
+    for folder in (opts.geojson, opts.spatialdata):  # folders of per-slide outputs
+        if folder is not None:
+            check_output(folder, folder_ok=True)
+    for key in ("batch_size", "stride", "workers", "max_tiles", "reader_pool", "plot",
+                "geojson", "geojson_genes", "spatialdata", "resume", "save_every"):  # fmt: skip
+        kw.pop(key)
+    for folder in (opts.geojson, opts.spatialdata):
+        if folder is not None:
+            folder.mkdir(exist_ok=True)
     t0 = time.perf_counter()
+    from mclx.wsi.engine import InferConfig
+
+    config = InferConfig(bank=kw.pop("bank_path"), **kw)
     results = run_cohort(
-        jobs, engine=cohort.engine or "local", force=cohort.force, address=cohort.address,
-        gpus_per_worker=cohort.gpus_per_worker, readers=cohort.readers, actors=cohort.actors,
-        opts=opts, log=(lambda *_: None) if quiet else click.echo, **kw,
+        jobs, config, engine=cohort.engine or "local", force=cohort.force,
+        address=cohort.address, gpus_per_worker=cohort.gpus_per_worker, readers=cohort.readers,
+        actors=cohort.actors, opts=opts, log=(lambda *_: None) if quiet else click.echo,
     )  # fmt: skip
     summary = write_summary(results, out_dir / SUMMARY)
     _report(results, summary, time.perf_counter() - t0)

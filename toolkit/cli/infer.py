@@ -1,4 +1,4 @@
-"""``mclx infer``: one slide (:func:`mclx.wsi.runtime.infer`) or a cohort
+"""``mclx infer``: one slide (:class:`mclx.wsi.engine.SlideEngine`) or a cohort
 (:mod:`mclx.cli.cohort`), with every path it reads and writes declared."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mclx.cli.options import (
     resume_options,
 )
 from mclx.cli.paths import MclxCommand, path_argument, path_option
-from mclx.cli.resume import inference_state, state_file
+from mclx.cli.resume import state_file
 
 
 def predictions_path(out: Path | None, slide: Path) -> Path:
@@ -154,24 +154,20 @@ def infer(slides: tuple[Path, ...], cohort: CohortOptions, quiet: bool, **kw: An
 
 def _infer_one(
     slide: Path, out, plot, geojson, geojson_genes, spatialdata, resume, save_every, quiet,
-    **kw: Any,
+    spots, mpp, **kw: Any,
 ) -> None:  # fmt: skip
     """``mclx infer`` of one slide."""
-    from mclx.files import all_or_nothing, check_output
-    from mclx.wsi.outputs import Outputs
-    from mclx.wsi.runtime import infer as run_infer
-    from mclx.wsi.writer import add_spatial_image, write_predictions
+    from mclx.wsi.engine import InferConfig, SlideEngine, SlideTask
 
-    out = check_output(predictions_path(out, slide))
-    extra = Outputs(out, plot, geojson, geojson_genes, spatialdata)
-    extra.check()
-    state = inference_state(out, resume, save_every)
-    adata = run_infer(slide, plot_genes=plot, state=state, progress=not quiet, **kw)
-    add_spatial_image(adata, slide, mpp=kw["mpp"])
-    with all_or_nothing():  # the predictions and every other output, or nothing
-        write_predictions(adata, out)
-        pngs = extra.write(adata, slide, mpp=kw["mpp"])
-    state.remove()
+    out = predictions_path(out, slide)
+    task = SlideTask(
+        slide, out, spots=spots, mpp=mpp, plot=tuple(plot), geojson=geojson,
+        geojson_genes=geojson_genes, spatialdata=spatialdata, resume=resume,
+        save_every=save_every,
+    )  # fmt: skip
+    config = InferConfig(bank=kw.pop("bank_path"), **kw)
+    engine = SlideEngine(config, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    adata, pngs = engine.run(task)
     click.echo(_summary(adata, out, pngs))
 
 

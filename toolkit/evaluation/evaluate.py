@@ -21,7 +21,8 @@ from mclx.data.dataset import build_table
 from mclx.evaluation.metrics import score
 from mclx.files import all_or_nothing, atomic_path, write_text_atomic
 from mclx.training.features import PatchCache
-from mclx.training.recipe import Recipe, train_model
+from mclx.training.recipe import Recipe
+from mclx.training.run import train_model
 
 METRICS = ("pcc_acg", "pcc_heg", "pcc_hvg", "mse", "mae")
 

@@ -19,15 +19,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mclx.config import LogBase, PreprocessCfg, RecipeName, TrainCfg, to_dict
-from mclx.data.dataset import SpotTable
 from mclx.data.preprocess import check_genes, highly_variable_genes, load_gene_list
-from mclx.training.features import PatchCache, encoder_fingerprint
 
 if TYPE_CHECKING:
     from torch import nn
 
     from mclx.data.layout import Reader
-    from mclx.training.train_state import StateFile
 
 
 def default_gene_file(data: str | os.PathLike | Reader) -> Path | None:
@@ -256,115 +253,3 @@ def _train_record(cfg: TrainCfg) -> dict[str, Any]:
         for k, v in to_dict(cfg).items()
         if k != "epochs" and not (k in _LATER_TRAIN_FIELDS and v == default[k])
     }
-
-
-def train_model(
-    model,
-    cache: PatchCache,
-    sections: Sequence[str],
-    pre: PreprocessCfg,
-    cfg: TrainCfg,
-    *,
-    progress: bool = True,
-    state: StateFile | None = None,
-    report: dict[str, Any] | None = None,
-) -> tuple[list[float], SpotTable]:
-    """Fit ``model`` on the image spots of ``sections``; return loss history and table.
-
-    Args:
-        state: save a resumable state after each epoch, and continue from the one it
-            loaded (if any) once the run's record (completed here with the data digest
-            and, for a frozen encoder, its fingerprint) is checked against it.
-        report: see :func:`mclx.training.train.fit` (the validation split's record).
-    """
-    from mclx.errors import FormatError
-    from mclx.training.train import StateMismatch, fit
-
-    table = cache.table(sections, pre)
-    if hasattr(model, "fit_features"):  # knn, ridge: closed form on frozen features
-        return _fit_closed_form(model, cache, table, pre, progress, state, report), table
-    fp = encoder_fingerprint(model.image_encoder) if cfg.freeze_encoder else None
-    start = on_epoch = None
-    if state is not None:
-        from mclx.training.train_state import data_digest
-
-        state.record.update(data=data_digest(table), n_spots=len(table), encoder=fp)
-        start = state.start(cfg.epochs)  # before the (slow) feature pass
-
-        def on_epoch(epoch, snapshot):
-            state.on_epoch(epoch, cfg.epochs, snapshot)
-
-    feats = _frozen_features(model, cache, sections, pre, progress, cfg.feature_views, cfg)
-    _standardise(model, feats)
-    try:
-        history = fit(
-            model,
-            table,
-            cfg,
-            pre,
-            features=feats,
-            progress=progress,
-            start=start,
-            on_epoch=on_epoch,
-            report=report,
-        )
-    except StateMismatch as exc:
-        msg = f"{state.path if state else 'training state'}: {exc} (corrupt file?)"
-        raise FormatError(msg) from exc
-    except BaseException:
-        if state is not None:
-            state.wait(quiet=True)  # a state being written is finished, not torn
-        raise
-    if state is not None:
-        state.wait()
-    return history, table
-
-
-def _fit_closed_form(model, cache, table, pre, progress, state, report) -> list[float]:
-    """Fit a closed-form model (knn, ridge) on the frozen pooled features of ``table``'s
-    sections; its fit record goes to ``report``. Nothing to resume: the state goes."""
-    feats = _frozen_features(model, cache, list(table.sections), pre, progress)
-    fitted = model.fit_features(feats, table)
-    if report is not None:
-        report.update({k: v for k, v in fitted.items() if k != "history"})
-    if state is not None:
-        state.remove()
-    model.eval()
-    return fitted["history"]
-
-
-def _standardise(model, feats: np.ndarray | None) -> None:
-    """With ``feature_norm``: the training spots' feature statistics (over every cached
-    view) into the model (a resumed run restores the same values with its weights)."""
-    if not getattr(model.cfg, "feature_norm", False):
-        return
-    pooled = getattr(model, "feature_kind", "pooled") == "pooled"
-    if feats is None or not pooled or not hasattr(model, "set_feature_stats"):
-        msg = (
-            "feature standardisation applies to a frozen encoder's pooled features "
-            f"(mclstexp, bleep with --freeze-encoder), not to {model.cfg.name} here"
-        )
-        raise ValueError(msg)
-    model.set_feature_stats(feats.reshape(-1, feats.shape[-1]))
-
-
-def _frozen_features(
-    model, cache: PatchCache, sections, pre, progress: bool, views: int = 1, cfg=None
-) -> np.ndarray | None:
-    """The frozen encoder's features of ``sections``, as the model trains on them:
-    pooled (N, F), pooled per dihedral view (N, ``views``, F), or every token
-    (``feature_kind = "tokens"``: CMRCNet); None when ``cfg`` trains the encoder."""
-    if cfg is not None and not cfg.freeze_encoder:
-        return None
-    tokens = getattr(model, "feature_kind", "pooled") == "tokens"
-    if views != 1 and (tokens or hasattr(model, "fit_features")):
-        msg = (
-            f"feature views apply to the heads of mclstexp, bleep and stnet on pooled "
-            f"features, not to {model.cfg.name}"
-        )
-        raise ValueError(msg)
-    parts = [
-        cache.features(model.image_encoder, s, pre, tokens=tokens, views=views, progress=progress)
-        for s in sections
-    ]
-    return np.concatenate(parts)

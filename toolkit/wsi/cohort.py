@@ -13,7 +13,6 @@ redoes it). The result is a summary table (slide, tiles, seconds, status, error)
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -26,46 +25,37 @@ from mclx.wsi.cohort_jobs import (
     already_done,
     failure,
     progress_line,
-    write_slide,
 )
 
 
 def run_local(jobs: Sequence[Job], run, opts: Options, log: Callable[[str], None]) -> list[Result]:
-    """The jobs one after the other in this process, with one encoder and bank."""
-    from mclx.wsi.plan import locate
+    """The jobs one after the other in this process, with one encoder and bank: each
+    slide a task of the one whole-slide engine (:class:`~mclx.wsi.engine.SlideEngine`)."""
+    from mclx.wsi.engine import SlideEngine
 
+    engine = SlideEngine(
+        opts.config(), progress=False, label="local", run_=run, log=log, make_folders=True
+    )
     results = []
     for n, job in enumerate(jobs, start=1):
         t0 = time.perf_counter()
         try:
-            slide, where = locate(job.slide, spots=job.spots, mpp=job.mpp)
-            try:
-                adata = run.infer(job.slide, slide, where, progress=False,
-                                  reader_pool=opts.reader_pool, **opts.plan)  # fmt: skip
-            finally:
-                slide.close()
-            write_slide(adata, job, "local")
+            adata, _ = engine.run(opts.task(job))
         except SLIDE_ERRORS as exc:
             results.append(failure(job, exc, time.perf_counter() - t0))
         else:
             s = time.perf_counter() - t0
             results.append(
                 Result(str(job.slide), adata.n_obs, round(s, 3), "done", "", str(job.out))
-            )  # noqa: E501
+            )
         log(progress_line(n, len(jobs), results[-1]))
     return results
 
 
-def run_cohort(  # long: the run's options, each documented once in the CLI
+def run_cohort(  # long: a cohort's own options beside the run's (InferConfig)
     jobs: Sequence[Job],
+    config,
     *,
-    bank_path: str | os.PathLike,
-    model: str | os.PathLike | None = None,
-    backend: str = "auto",
-    precision: str = "auto",
-    device: str = "auto",
-    k: int | None = None,
-    distance: str | None = None,
     engine: Engine = "local",
     force: bool = False,
     address: str | None = None,
@@ -75,7 +65,9 @@ def run_cohort(  # long: the run's options, each documented once in the CLI
     opts: Options | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Result]:
-    """Predict every job's slide; the summary rows in the jobs' order.
+    """Predict every job's slide with the run's ``config``
+    (:class:`~mclx.wsi.engine.InferConfig`: bank, model, backend, ...; its tiling and
+    reading come from ``opts``); the summary rows in the jobs' order.
 
     The bank and the model are checked (and the encoder opened) once, before any slide;
     with ``engine="ray"`` Ray must be installed (``mclx[ray]``) before anything else.
@@ -87,8 +79,9 @@ def run_cohort(  # long: the run's options, each documented once in the CLI
         from mclx.wsi.cohort_ray import require_ray
 
         require_ray()
-    run = Run.open(bank_path, model=model, backend=backend, precision=precision,
-                   device=device, k=k, distance=distance)  # fmt: skip
+    c = config
+    run = Run.open(c.bank, model=c.model, backend=c.backend, precision=c.precision,
+                   device=c.device, k=c.k, distance=c.distance)  # fmt: skip
     results: dict[int, Result] = {}
     todo = []
     for i, job in enumerate(jobs):
@@ -104,8 +97,8 @@ def run_cohort(  # long: the run's options, each documented once in the CLI
         done = run_ray(
             [jobs[i] for i in todo], run, opts, address=address, gpus_per_worker=gpus_per_worker,
             readers=readers, actors=actors, log=log,
-            encoder_args={"model": str(run.model), "backend": backend, "precision": precision,
-                          "device": device},
+            encoder_args={"model": str(run.model), "backend": c.backend,
+                          "precision": c.precision, "device": c.device},
         )  # fmt: skip
     else:
         done = run_local([jobs[i] for i in todo], run, opts, log) if todo else []

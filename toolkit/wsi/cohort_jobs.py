@@ -44,18 +44,47 @@ class Result:
 
 @dataclass
 class Options:
-    """The per-slide settings shared by every slide (as ``mclx infer`` takes them)."""
+    """The per-slide settings shared by every slide (as ``mclx infer`` takes them), and
+    the outputs each slide writes besides its ``.h5ad``: PNG maps of ``plot`` beside it,
+    ``geojson`` / ``spatialdata`` folders holding ``STEM.geojson`` / ``STEM.zarr`` per
+    slide, and with ``resume`` each slide continues from its own ``OUT.state``."""
 
     batch_size: int = 64
     stride: int | None = None
     workers: int = 2
     max_tiles: int | None = None
     reader_pool: str = "threads"
+    plot: tuple[str, ...] = ()
+    geojson: Path | None = None
+    geojson_genes: int | None = None
+    spatialdata: Path | None = None
+    resume: bool = False
+    save_every: int | None = None
     plan: dict[str, Any] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.plan = {"stride": self.stride, "max_tiles": self.max_tiles,
                      "batch_size": self.batch_size, "workers": self.workers}  # fmt: skip
+
+    def config(self):
+        """The run's :class:`~mclx.wsi.engine.InferConfig` (its tiling and reading)."""
+        from mclx.wsi.engine import InferConfig
+
+        return InferConfig(batch_size=self.batch_size, stride=self.stride, workers=self.workers,
+                           reader_pool=self.reader_pool, max_tiles=self.max_tiles)  # fmt: skip
+
+    def task(self, job: Job):
+        """``job`` as a :class:`~mclx.wsi.engine.SlideTask` with these outputs."""
+        from mclx.wsi.engine import SlideTask
+
+        stem = Path(job.slide).stem
+        return SlideTask(
+            job.slide, job.out, spots=job.spots, mpp=job.mpp, plot=tuple(self.plot),
+            geojson=self.geojson / f"{stem}.geojson" if self.geojson else None,
+            geojson_genes=self.geojson_genes,
+            spatialdata=self.spatialdata / f"{stem}.zarr" if self.spatialdata else None,
+            resume=self.resume, save_every=self.save_every,
+        )  # fmt: skip
 
 
 def read_manifest(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -150,17 +179,13 @@ def already_done(job: Job, run) -> bool:
     return all(got[k] == (int(v) if k == "k" else v) for k, v in want.items())
 
 
-def write_slide(adata, job: Job, engine: str) -> None:
-    """``job``'s predictions as ``mclx infer`` writes them (the slide image in
-    ``uns["spatial"]``), atomically; ``uns["mclx"]["engine"]`` says which engine."""
-    from mclx.run_state import remove_stale_temps
-    from mclx.wsi.writer import add_spatial_image, write_predictions
+def write_slide(adata, job: Job, engine: str, opts: Options | None = None) -> list[Path]:
+    """``job``'s predictions and outputs as ``mclx infer`` writes them (the slide image in
+    ``uns["spatial"]``), all or nothing; ``uns["mclx"]["engine"]`` says which engine."""
+    from mclx.wsi.engine import SlideEngine
 
-    adata.uns["mclx"]["engine"] = engine
-    add_spatial_image(adata, job.slide, mpp=job.mpp)
-    remove_stale_temps(job.out)
-    job.out.parent.mkdir(parents=True, exist_ok=True)
-    write_predictions(adata, job.out)
+    opts = opts or Options()
+    return SlideEngine(opts.config(), label=engine).write(adata, opts.task(job))
 
 
 def failure(job: Job, exc: BaseException, seconds: float = 0.0) -> Result:

@@ -294,7 +294,7 @@ class _Cohort:
             timings = {"plan": plan["seconds"], "total": seconds}
             prov = run.provenance(dict(plan["info"]))
             adata = predictions(pred, tiles, run.bank, run.encoder, prov, timings)
-            write_slide(adata, job, "ray")
+            write_slide(adata, job, "ray", self.opts)
         except SLIDE_ERRORS as exc:
             self._finish(i, failure(job, exc))
             return

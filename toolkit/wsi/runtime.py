@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mclx.wsi.plan import Where, locate, make_plan, slide_record
+from mclx.wsi.plan import Where, make_plan, slide_record
 
 
 def stream(
@@ -141,7 +141,7 @@ def _array_device(array) -> str:
     return str(getattr(array, "device", "cpu"))
 
 
-def _check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
+def check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
     """The bank, the model path (default: the bank's checkpoint) and k, checked before
     the slide is opened or a model loaded. Without a bank: (None, the model, 0), for a
     model that predicts expression directly (ridge, stnet)."""
@@ -229,10 +229,10 @@ class Run:
         checked=None,
     ) -> Run:
         """Load the bank and the encoder and check that they belong together;
-        ``checked``: the result of :func:`_check_inputs` when already called."""
+        ``checked``: the result of :func:`check_inputs` when already called."""
         from mclx.inference import open_encoder
 
-        bank, model, k = checked or _check_inputs(bank_path, model, plot_genes, k)
+        bank, model, k = checked or check_inputs(bank_path, model, plot_genes, k)
         encoder = open_encoder(model, backend=backend, precision=precision, device=device)
         if bank is not None:
             bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
@@ -301,49 +301,6 @@ class Run:
         info.update(reader_pool=pool_for(slide, reader_pool), readers=int(workers))
         prov = self.provenance(info, resumed_from=resumed)
         return predictions(preds, work.tiles, self.bank, self.encoder, prov, timings)
-
-
-def infer(  # long: the run's options, each documented once in the CLI
-    slide_path: str | os.PathLike,
-    *,
-    bank_path: str | os.PathLike | None,
-    model: str | os.PathLike | None = None,
-    backend: str = "auto",
-    precision: str = "auto",
-    device: str = "auto",
-    spots: str | os.PathLike | None = None,
-    k: int | None = None,
-    distance: str | None = None,
-    batch_size: int = 64,
-    stride: int | None = None,
-    mpp: float | None = None,
-    workers: int = 2,
-    reader_pool: str = "threads",
-    max_tiles: int | None = None,
-    state=None,
-    plot_genes: Sequence[str] = (),
-    progress: bool = True,
-):
-    """Predict expression over a slide (tissue grid or ``spots``); return AnnData.
-
-    ``plot_genes`` are only checked against the bank's genes, before any tile is read.
-    ``state`` (:class:`~mclx.wsi.infer_state.InferState`, loaded for a resume) keeps the
-    predictions made so far beside the output.
-    """
-    t_start = time.perf_counter()
-    checked = _check_inputs(bank_path, model, plot_genes, k)
-    # the slide's header and the spots before the encoder: bad inputs fail before a model
-    slide, where = locate(slide_path, spots=spots, mpp=mpp)
-    try:
-        run = Run.open(bank_path, backend=backend, precision=precision, device=device,
-                       distance=distance, checked=checked)  # fmt: skip
-        return run.infer(
-            slide_path, slide, where, batch_size=batch_size, workers=workers, state=state,
-            progress=progress, t_start=t_start, stride=stride, max_tiles=max_tiles,
-            reader_pool=reader_pool,
-        )  # fmt: skip
-    finally:
-        slide.close()
 
 
 def _run_record(slide_path, tiles, encoder, bank, k, distance, batch_size, every) -> dict:

@@ -54,20 +54,29 @@ def library_id(slide_path: str | os.PathLike) -> str:
 
 
 def add_spatial_image(
-    adata, slide_path: str | os.PathLike, *, mpp: float | None = None, max_side: int = HIRES_SIDE
+    adata,
+    slide_path: str | os.PathLike,
+    *,
+    mpp: float | None = None,
+    max_side: int = HIRES_SIDE,
+    slide=None,
 ) -> None:
     """Put the slide in ``uns["spatial"]`` as scanpy, squidpy and HEST expect it, so that
     ``sc.pl.spatial(adata, color=GENE)`` draws the predictions over it as they are:
     ``uns["spatial"][library_id]`` holds ``images["hires"]`` (RGB uint8, longer side
     ``max_side``), ``scalefactors`` (``tissue_hires_scalef`` = hires px per level-0 px,
-    ``spot_diameter_fullres`` = the tile side in level-0 px) and ``metadata``."""
+    ``spot_diameter_fullres`` = the tile side in level-0 px) and ``metadata``. ``slide``:
+    the slide already open (else it is opened here)."""
     from mclx.data.slide import open_slide
 
-    slide = open_slide(slide_path, mpp=mpp)
-    try:
+    if slide is not None:
         thumb, f = slide.thumbnail(max_side)
-    finally:
-        slide.close()
+    else:
+        opened = open_slide(slide_path, mpp=mpp)
+        try:
+            thumb, f = opened.thumbnail(max_side)
+        finally:
+            opened.close()
     adata.uns["spatial"] = {
         library_id(slide_path): {
             "images": {"hires": np.ascontiguousarray(thumb, dtype=np.uint8)},
