@@ -571,6 +571,11 @@ def _(e, w, o):
 
 
 @case("ckpt-is-onnx", "m.onnx", "not a readable mclx checkpoint")
+def _(e, w, o):  # --onnx elsewhere: the default, m.onnx beside it, is the input (refused)
+    return export(copy(e.onnx, o / "m.onnx"), "--onnx", o / "x.onnx")
+
+
+@case("export-over-its-checkpoint", "m.onnx", "would write over an input", "--ckpt")
 def _(e, w, o):
     return export(copy(e.onnx, o / "m.onnx"))
 

@@ -141,7 +141,10 @@ def check_paths(command: click.Command, params: dict[str, Any]) -> None:
     given = declared(command, params)
     for problem in collisions(given):  # before deriving: that may read an input
         raise PathCollision(problem)
-    for problem in collisions(given + derived(command, params)):
+    typed = {(d.role, d.path.absolute()) for d in given}
+    # a derived path the user typed as it is (export's --onnx) is that path, not another
+    more = [d for d in derived(command, params) if (d.role, d.path.absolute()) not in typed]
+    for problem in collisions(given + more):
         raise PathCollision(problem)
 
 
