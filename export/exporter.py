@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from mclx.errors import MclxError
+from mclx.extras import installed
 from mclx.files import check_output, write_text_atomic
 from mclx.inference.formats import FORMATS, MAX_REL_ERR_FP32, MIN_COSINE, Format, report_path
 
@@ -234,13 +235,12 @@ def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
     recorded once that file is exported here; ``--backend auto`` takes them only with a
     record that held. Skipped where their runtime is not installed or cannot run (bf16
     on a CPU without it). Returns whether anything was recorded."""
-    import importlib.util
 
     recorded = False
     if job.positions is not None:  # a section-level model is offered in FP32 ONNX only
         return recorded
     for fmt in FORMATS.values():
-        if fmt.reads not in report or importlib.util.find_spec(fmt.backend) is None:
+        if fmt.reads not in report or not installed(fmt.backend):
             continue
         from mclx.inference.openvino import OpenVinoEncoder  # the one backend that reads
 

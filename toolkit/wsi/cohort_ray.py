@@ -43,12 +43,10 @@ EXTRA = "mclx[ray]"
 
 def require_ray() -> None:
     """Fail in one line naming the extra when Ray (with Ray Data) is not installed."""
-    try:
-        import ray  # noqa: F401
-        import ray.data  # noqa: F401
-    except ImportError as exc:
-        msg = f"--engine ray needs Ray Data, which is not installed: pip install '{EXTRA}'"
-        raise MclxError(msg) from exc
+    from mclx.extras import require
+
+    msg = f"--engine ray needs Ray Data, which is not installed: pip install '{EXTRA}'"
+    require("ray", "ray.data", message=msg)
 
 
 def connect(address: str | None) -> bool:

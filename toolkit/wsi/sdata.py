@@ -14,7 +14,6 @@ Needs the optional extra: ``pip install 'mclx[spatialdata]'``.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import warnings
@@ -27,11 +26,11 @@ EXTRA = "pip install 'mclx[spatialdata]'"
 
 def require_spatialdata(option: str = "--spatialdata") -> None:
     """Fail before any work when spatialdata is not installed."""
-    from mclx.errors import MclxError
+    from mclx.extras import MissingExtra, installed
 
-    if importlib.util.find_spec("spatialdata") is None:
+    if not installed("spatialdata"):
         msg = f"{option}: spatialdata is not installed (an optional extra: {EXTRA})"
-        raise MclxError(msg)
+        raise MissingExtra(msg)
 
 
 def _shapes(adata, region: str):
