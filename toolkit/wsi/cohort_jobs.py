@@ -49,6 +49,8 @@ class Options:
     ``geojson`` / ``spatialdata`` folders holding ``STEM.geojson`` / ``STEM.zarr`` per
     slide, and with ``resume`` each slide continues from its own ``OUT.state``."""
 
+    # the tiling and reading fields of InferConfig, repeated (duplicates D2): Ray's read
+    # tasks take these plain settings; config() hands them to the one engine
     batch_size: int = 64
     stride: int | None = None
     workers: int = 2
