@@ -179,6 +179,9 @@ def test_cohort_refuses_one_slide_options_and_bad_manifests(cohort, capsys, tmp_
     res = run_cli(capsys, ["infer", *cohort["slides"][:2], "--bank", cohort["bank"],
                            "--out-dir", tmp_path, "--out", tmp_path / "x.h5ad"])  # fmt: skip
     assert_one_line_error(res, "--out", "--manifest")
+    res = run_cli(capsys, ["infer", *cohort["slides"][:2], "--bank", cohort["bank"],
+                           "--out-dir", tmp_path, "--engine", "ray", "--resume"])  # fmt: skip
+    assert_one_line_error(res, "--resume", "local cohorts")
     bad = tmp_path / "m.csv"
     bad.write_text("path\nC2.png\n")
     res = run_cli(capsys, ["infer", "--manifest", bad, "--bank", cohort["bank"],

@@ -140,6 +140,9 @@ def run_cohort_cli(
     if given:
         msg = f"{', '.join(given)}: for one slide; a cohort (--out-dir) takes spots per slide in --manifest"  # noqa: E501
         raise click.UsageError(msg)
+    if cohort.engine == "ray" and (kw.get("resume") or kw.get("save_every") is not None):
+        msg = "--resume, --save-every: for local cohorts (--engine ray predicts in Ray's actors)"
+        raise click.UsageError(msg)
     out_dir = cohort.out_dir
     if out_dir is None:
         raise click.UsageError("infer: several slides (or --manifest, --engine ray) need --out-dir")
