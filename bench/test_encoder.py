@@ -64,8 +64,8 @@ def test_encoder_throughput(benchmark, her2st_model, export_failures, backend, p
 def test_pcc_on_held_out_section(benchmark, her2st_model, export_failures, backend, precision):
     from mclx.bank import load_bank
     from mclx.data.dataset import build_table
+    from mclx.evaluation.metrics import score
     from mclx.inference import predict
-    from mclx.metrics import score
 
     ck, bank_path, c2, patches = her2st_model
     enc = _open(ck, backend, precision, export_failures)

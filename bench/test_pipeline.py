@@ -20,11 +20,10 @@ BATCH = 32
 def slide_and_tiles(her2st_model, tmp_path_factory):
     """C2 as a pyramidal TIFF, its tissue tiles, the ONNX Runtime FP32 encoder and the
     bank (the checkpoint of conftest's ``her2st_model``)."""
-    from mclx.data.patches import load_image
+    from mclx.data.resolution import tile_size
+    from mclx.data.slide import load_image, open_slide, write_pyramidal_tiff
     from mclx.inference import open_encoder
-    from mclx.plan import tile_size
-    from mclx.slide import open_slide, write_pyramidal_tiff
-    from mclx.tiling import grid_tiles
+    from mclx.wsi.tiling import grid_tiles
 
     ck, bank, c2, _ = her2st_model
     path = tmp_path_factory.mktemp("slide") / "C2.tif"
@@ -37,7 +36,7 @@ def slide_and_tiles(her2st_model, tmp_path_factory):
 
 def test_end_to_end_stream(benchmark, slide_and_tiles):
     from mclx.bank import load_bank
-    from mclx.runtime import stream
+    from mclx.wsi.runtime import stream
 
     slide, tiles, enc, bank_path = slide_and_tiles
     bank = load_bank(bank_path)

@@ -3,7 +3,7 @@
 C2's HER2+ image as a JPEG-compressed pyramidal TIFF (as scanners write them), 224 px
 tiles (the slide's own µm/px, the model's) every 112 px over the whole image (~7,200
 tiles, so that a round lasts seconds, as a slide of 10^4-10^5 tiles does), decoded into
-uint8 batches of 32 by :func:`mclx.prefetch.prefetch` with 1 and 2 threads and 1 and 2
+uint8 batches of 32 by :func:`mclx.wsi.prefetch.prefetch` with 1 and 2 threads and 1 and 2
 processes; no encoder. tiles/s is in each row's extra info; the group compares them side
 by side. Processes pay their start-up (spawn, import, open the slide) in every round, as
 a run would; ``test_process_start_up`` measures that start-up alone (one batch).
@@ -22,9 +22,8 @@ BATCH = 32
 @pytest.fixture(scope="module")
 def jpeg_slide(tmp_path_factory):
     from mclx.data.her2st import read_section
-    from mclx.data.patches import load_image
-    from mclx.slide import open_slide, write_pyramidal_tiff
-    from mclx.tiling import grid_tiles
+    from mclx.data.slide import load_image, open_slide, write_pyramidal_tiff
+    from mclx.wsi.tiling import grid_tiles
 
     pytest.importorskip("imagecodecs", reason="JPEG TIFFs need imagecodecs (the bench extra)")
     if not (HER2ST / "data" / "ST-cnts").is_dir():
@@ -41,7 +40,7 @@ def jpeg_slide(tmp_path_factory):
 @pytest.mark.parametrize("pool", ["threads", "processes"])
 @pytest.mark.parametrize("workers", [1, 2])
 def test_reader_throughput(benchmark, jpeg_slide, pool, workers):
-    from mclx.prefetch import prefetch
+    from mclx.wsi.prefetch import prefetch
 
     slide, tiles = jpeg_slide
     benchmark.group = f"readers tiles/s (JPEG TIFF, {len(tiles)} tiles of 224 px)"
@@ -60,8 +59,8 @@ def test_reader_throughput(benchmark, jpeg_slide, pool, workers):
 
 def test_process_start_up(benchmark, jpeg_slide):
     """One batch through a fresh pool of 1 process: what each run pays before reading."""
-    from mclx.prefetch import prefetch
-    from mclx.tiling import Tiles
+    from mclx.wsi.prefetch import prefetch
+    from mclx.wsi.tiling import Tiles
 
     slide, tiles = jpeg_slide
     benchmark.group = "readers: process pool start-up (1 batch of 32)"

@@ -41,9 +41,9 @@ def reference_tiles(ref: np.ndarray, f: float) -> int:
 def main() -> None:
     from PIL import Image
 
+    from mclx.data.slide import open_slide
     from mclx.errors import DataError
-    from mclx.slide import open_slide
-    from mclx.tiling import grid_tiles
+    from mclx.wsi.tiling import grid_tiles
 
     Image.MAX_IMAGE_PIXELS = None
     root = Path(os.environ.get("MCLX_HER2ST", "../shared/data/her2st")) / "data" / "ST-imgs"

@@ -40,7 +40,8 @@ def calibration_patches(
             p = section_patches(read_section(path, s), size)
             parts.append(p[rng.choice(len(p), size=min(per, len(p)), replace=False)])
         return np.concatenate(parts)[:n], f"{len(sections)} her2st sections under {path}"
-    from mclx.data.patches import extract_patches, load_image
+    from mclx.data.patches import extract_patches
+    from mclx.data.slide import load_image
 
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:

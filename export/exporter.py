@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 
 from mclx.errors import MclxError
+from mclx.extras import installed
+from mclx.files import check_output, write_text_atomic
 from mclx.inference.formats import FORMATS, MAX_REL_ERR_FP32, MIN_COSINE, Format, report_path
-from mclx.io import check_output, write_text_atomic
 
 
 class ParityError(MclxError):
@@ -32,7 +33,7 @@ class ParityError(MclxError):
 
 
 @dataclass
-class Job:
+class ExportJob:
     """What every builder of one export run shares.
 
     Attributes:
@@ -80,6 +81,23 @@ def requested(flags: set[str]) -> list[Format]:
     """The rows one ``mclx export`` builds, in table order (the FP32 ONNX file first:
     INT8 and TensorRT are made from it)."""
     return [f for f in FORMATS.values() if f.builder and (f.flag is None or f.flag in flags)]
+
+
+def export_outputs(
+    checkpoint: str | os.PathLike,
+    *,
+    onnx_path: str | os.PathLike | None = None,
+    int8: bool = False,
+    openvino: bool = False,
+    trt: bool = False,
+) -> list[Path]:
+    """Every file one :func:`export` writes: each requested format's artifact and its
+    sidecars, and the report beside the checkpoint (for the check of a command's paths)."""
+    flags = {f for f, on in (("int8", int8), ("openvino", openvino), ("trt", trt)) if on}
+    rows = requested(flags)
+    paths = _paths(rows, checkpoint, onnx_path)
+    sidecars = [paths[f.name].with_name(paths[f.name].name + x) for f in rows for x in f.sidecars]
+    return [*paths.values(), *sidecars, report_path(checkpoint)]
 
 
 def check_options(rows: list[Format], given: Mapping[str, Any]) -> None:
@@ -136,7 +154,7 @@ def export(
         check_output(out)
     patches, source = calibration_patches(calib_data, n=n_patches, size=ck.preprocess.patch_size)
     log(f"parity patches: {len(patches)} from {source}")
-    job = Job(ck, patches, paths, options, positions)
+    job = ExportJob(ck, patches, paths, options, positions)
     reference = job.run(TorchEncoder(ck))
     report: dict[str, Any] = {
         "fingerprint": ck.fingerprint,
@@ -192,7 +210,7 @@ def _record(fmt: str, path: Path, precision: str, reference, got, log) -> dict[s
     return {"path": str(path), "precision": precision, **res}
 
 
-def _record_torch_reduced(job: Job, reference, report: dict, checkpoint, log) -> None:
+def _record_torch_reduced(job: ExportJob, reference, report: dict, checkpoint, log) -> None:
     """PyTorch's own reduced precisions need no file, but ``--backend auto`` takes them
     only with a parity record: bf16 on CPUs with fast bf16, fp16 where PyTorch sees a
     GPU."""
@@ -212,18 +230,17 @@ def _record_torch_reduced(job: Job, reference, report: dict, checkpoint, log) ->
         report[name] = _record(name, Path(checkpoint), precision, reference, got, log)
 
 
-def _record_readers(job: Job, reference, report: dict, log) -> bool:
+def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
     """Rows that run another row's file (OpenVINO on the ONNX files) get their parity
     recorded once that file is exported here; ``--backend auto`` takes them only with a
     record that held. Skipped where their runtime is not installed or cannot run (bf16
     on a CPU without it). Returns whether anything was recorded."""
-    import importlib.util
 
     recorded = False
     if job.positions is not None:  # a section-level model is offered in FP32 ONNX only
         return recorded
     for fmt in FORMATS.values():
-        if fmt.reads not in report or importlib.util.find_spec(fmt.backend) is None:
+        if fmt.reads not in report or not installed(fmt.backend):
             continue
         from mclx.inference.openvino import OpenVinoEncoder  # the one backend that reads
 
@@ -238,7 +255,7 @@ def _record_readers(job: Job, reference, report: dict, log) -> bool:
     return recorded
 
 
-def _publish(fmt: Format, job: Job, reference, log) -> dict[str, Any]:
+def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
     """Build ``fmt`` under a staging name, check parity, then rename it (and its
     sidecars) into place; return its report entry."""
     from mclx.inference import to_host
@@ -265,7 +282,7 @@ def _publish(fmt: Format, job: Job, reference, log) -> dict[str, Any]:
             src.unlink(missing_ok=True)
 
 
-def _build(fmt: Format, job: Job, stage: Path, final: Path) -> str:
+def _build(fmt: Format, job: ExportJob, stage: Path, final: Path) -> str:
     """Run the row's builder; an OSError names the artifact, not its staging file."""
     try:
         return fmt.build()(job, stage)

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mclx.files import atomic_path
 from mclx.inference.encoders import INPUT, OUTPUT, POSITIONS, read_onnx_metadata
 from mclx.inference.transform import to_model_input
-from mclx.io import atomic_path
 
 
 def metadata(ck) -> dict[str, str]:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mclx.files import atomic_path
 from mclx.inference.encoders import INPUT, read_onnx_metadata
 from mclx.inference.transform import to_model_input
-from mclx.io import atomic_path
 
 
 def build_int8(job, out: Path) -> str:
@@ -23,11 +23,10 @@ def build_int8(job, out: Path) -> str:
 
     import onnx
 
-    try:
-        import nncf
-    except ImportError as exc:
-        msg = f"{out}: --openvino needs NNCF and OpenVINO (pip install 'mclx[openvino]')"
-        raise RuntimeError(msg) from exc
+    from mclx.extras import require
+
+    msg = f"{out}: --openvino needs NNCF and OpenVINO (pip install 'mclx[openvino]')"
+    nncf = require("nncf", message=msg)
     from mclx.export.onnx_export import _set_metadata
 
     fp32 = Path(job.paths["onnx"])

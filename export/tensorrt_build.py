@@ -22,10 +22,10 @@ import tempfile
 from pathlib import Path
 from typing import NoReturn
 
+from mclx.files import all_or_nothing, atomic_path, write_text_atomic
 from mclx.inference.device import require_gpu_stack
 from mclx.inference.encoders import INPUT, OUTPUT, read_onnx_metadata
 from mclx.inference.tensorrt import sidecar_path
-from mclx.io import all_or_nothing, atomic_path, write_text_atomic
 
 DEFAULT_MAX_BATCH = 256
 OPT_BATCH = 64

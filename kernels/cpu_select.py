@@ -19,6 +19,8 @@
 Kernels release the GIL; ``in_parallel`` splits rows over threads, ``background`` runs
 one selection while the next score tile is being multiplied.
 """
+# long module: the numba kernels and their thin dispatch live together so that one
+# compiled-code cache (and one ``warm``) covers them; each kernel is short.
 
 from __future__ import annotations
 

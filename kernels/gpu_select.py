@@ -24,6 +24,7 @@ the kernels on a small random block and compares them with the torch path; on an
 mismatch or error it warns once and the torch path serves the process. m above
 :data:`MAX_M` (k > 896 in float32) also runs the torch path.
 """
+# long module: the host side of each CUDA kernel beside its launch, one file per device path
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 from helpers import assert_one_line_error, needs, run_cli
 from scipy import stats
 
-from mclx.analyze import P_FLOOR, gene_gene, gene_pvalues, gene_ranking, spatial_domains
+from mclx.evaluation.analyze import P_FLOOR, gene_gene, gene_pvalues, gene_ranking, spatial_domains
 
 
 def _predictions(seed: int = 0, sections=("S1", "S2"), n: int = 60, g: int = 12):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import tiny_model
 
-from mclx.io import all_or_nothing, atomic_path, write_text_atomic
+from mclx.files import all_or_nothing, atomic_path, write_text_atomic
 
 PREVIOUS = b"previous good output\n"
 
@@ -83,19 +83,19 @@ def _bank(a, path):
 
 
 def _predictions(a, path):
-    from mclx.writer import write_predictions
+    from mclx.wsi.writer import write_predictions
 
     write_predictions(a["pred"], path)
 
 
 def _plot(a, path):
-    from mclx.writer import plot_genes
+    from mclx.wsi.writer import plot_genes
 
     plot_genes(a["pred"], a["image"], ["GENE001"], path.parent / path.name.split(".")[0])
 
 
 def _geojson(a, path):
-    from mclx.geojson import write_geojson
+    from mclx.wsi.geojson import write_geojson
 
     write_geojson(a["pred"], path)
 
@@ -114,14 +114,14 @@ def _int8(a, path):
 
 
 def _tiff(a, path):
-    from mclx.slide import write_pyramidal_tiff
+    from mclx.data.slide import write_pyramidal_tiff
 
     img = np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8)
     write_pyramidal_tiff(img, path, mpp=0.5)
 
 
 def _results(a, path):
-    from mclx.evaluate import write_results
+    from mclx.evaluation.evaluate import write_results
 
     write_results(_result(n_genes=2000), path.with_name("r.json"))  # path: r.genes.csv
 
@@ -167,7 +167,7 @@ def test_a_failed_write_keeps_the_previous_output(name, artifacts, tmp_path):
 
 
 def test_evaluation_writes_both_files_or_neither(tmp_path):
-    from mclx.evaluate import write_results
+    from mclx.evaluation.evaluate import write_results
 
     out = tmp_path / "r.json"
     with file_size_limit(4096), pytest.raises(OSError, match="r.genes.csv"):
@@ -199,8 +199,8 @@ def test_unwritable_folder_is_named(tmp_path):
 
 
 def test_a_folder_output_replaces_the_previous_one_whole_or_not_at_all(tmp_path):
+    from mclx.files import atomic_folder
     from mclx.folders import MANIFEST
-    from mclx.io import atomic_folder
 
     dest = tmp_path / "view"
     with atomic_folder(dest) as tmp:  # a folder mclx wrote (its manifest lists old.txt)

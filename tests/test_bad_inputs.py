@@ -395,8 +395,7 @@ def _(e, w, o):
 
 @case("slide-truncated-tiff", "trunc.tif")
 def _(e, w, o):
-    from mclx.data.patches import load_image
-    from mclx.slide import write_pyramidal_tiff
+    from mclx.data.slide import load_image, write_pyramidal_tiff
 
     tif = write_pyramidal_tiff(load_image(e.image)[:1024, :1024], w / "t.tif", mpp=0.9, tile=256)
     raw = tif.read_bytes()
@@ -444,8 +443,7 @@ def _(e, w, o):
 
 @case("slide-tiff-300-dpi-pyramid", "s300.tif", "300 dpi", "--mpp")
 def _(e, w, o):
-    from mclx.data.patches import load_image
-    from mclx.slide import write_pyramidal_tiff
+    from mclx.data.slide import load_image, write_pyramidal_tiff
 
     tif = write_pyramidal_tiff(load_image(e.image), w / "s300.tif", mpp=25400 / 300, tile=256)
     return infer(e, o, tif, spots=False)
@@ -573,6 +571,11 @@ def _(e, w, o):
 
 
 @case("ckpt-is-onnx", "m.onnx", "not a readable mclx checkpoint")
+def _(e, w, o):  # --onnx elsewhere: the default, m.onnx beside it, is the input (refused)
+    return export(copy(e.onnx, o / "m.onnx"), "--onnx", o / "x.onnx")
+
+
+@case("export-over-its-checkpoint", "m.onnx", "would write over an input", "--ckpt")
 def _(e, w, o):
     return export(copy(e.onnx, o / "m.onnx"))
 

@@ -21,7 +21,7 @@ def ridge(synthetic):
 
 
 def _features(tiny, section):
-    from mclx.recipe import PatchCache
+    from mclx.training.features import PatchCache
 
     return PatchCache(tiny.adatas, tiny.pre.patch_size).features(
         tiny.net.image_encoder, section, tiny.pre
@@ -137,7 +137,7 @@ def test_knn_cli_bank_and_prediction_match_brute_force(synthetic, tmp_path, caps
     truth = build_table({"S3": adatas["S3"]}, pre).expr
     import json
 
-    from mclx.metrics import score as metrics
+    from mclx.evaluation.metrics import score as metrics
 
     assert json.loads(out.read_text())["sections"]["S3"]["pcc_acg"] == pytest.approx(
         metrics(expected, truth)["pcc_acg"], abs=1e-5
@@ -150,7 +150,7 @@ def test_cross_validation_rows(synthetic, model):
     folds refuse bank sections that have no image (it banks image features)."""
     from helpers import tiny_recipe
 
-    from mclx.evaluate import cross_validate
+    from mclx.evaluation.evaluate import cross_validate
 
     recipe = tiny_recipe(synthetic, model=model, frozen=True)
     res = cross_validate(synthetic, recipe, k=K if model == "knn" else None, progress=False)

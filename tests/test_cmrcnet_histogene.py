@@ -28,7 +28,7 @@ from mclx.models import (
     train_cfg,
 )
 from mclx.models.cmrcnet import FusionLayer
-from mclx.train import _augment, lr_at
+from mclx.training.train import _augment, lr_at
 
 
 def _cmrcnet(**kw):
@@ -265,7 +265,8 @@ def test_cmrcnet_trains_with_its_recipe_and_exports_its_vit(cmrcnet_run):
 def test_mclx_infer_runs_cmrcnet_through_onnx_runtime(cmrcnet_run, synthetic, tmp_path, capsys):
     from mclx.bank import load_bank
     from mclx.data.her2st import read_section
-    from mclx.data.patches import extract_patches, load_image
+    from mclx.data.patches import extract_patches
+    from mclx.data.slide import load_image
 
     ck_path, bank_path = cmrcnet_run
     s3 = read_section(synthetic, "S3")
@@ -349,7 +350,7 @@ def test_token_cache_is_per_resolution_and_pools_to_the_encoder_features(synthet
     from mclx.data.patches import section_patches
     from mclx.data.readers import open_data
     from mclx.inference import embed
-    from mclx.recipe import PatchCache
+    from mclx.training.features import PatchCache
 
     adatas = open_data(synthetic).read(["S1"], with_image=True)
     native = adatas["S1"].uns["mpp"]

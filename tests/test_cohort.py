@@ -183,8 +183,77 @@ def test_cohort_refuses_one_slide_options_and_bad_manifests(cohort, capsys, tmp_
     res = run_cli(capsys, ["infer", *cohort["slides"][:2], "--bank", cohort["bank"],
                            "--out-dir", tmp_path, "--out", tmp_path / "x.h5ad"])  # fmt: skip
     assert_one_line_error(res, "--out", "--manifest")
+    res = run_cli(capsys, ["infer", *cohort["slides"][:2], "--bank", cohort["bank"],
+                           "--out-dir", tmp_path, "--engine", "ray", "--resume"])  # fmt: skip
+    assert_one_line_error(res, "--resume", "local cohorts")
     bad = tmp_path / "m.csv"
     bad.write_text("path\nC2.png\n")
     res = run_cli(capsys, ["infer", "--manifest", bad, "--bank", cohort["bank"],
                            "--out-dir", tmp_path])  # fmt: skip
     assert_one_line_error(res, "m.csv", "no 'slide' column")
+
+
+def test_local_cohort_resumes_and_writes_every_output_as_one_slide_does(
+    cohort, local_runs, capsys, tmp_path, monkeypatch
+):
+    """Cohorts run through the one-slide engine: a stopped cohort continues from each
+    slide's saved predictions with --resume (bit for bit the one-slide run), and writes
+    --plot maps, --geojson and --spatialdata per slide."""
+    import json
+
+    import mclx.wsi.runtime as runtime
+
+    out_dir = tmp_path / "preds"
+    args = ["infer", cohort["slides"][0], "--bank", cohort["bank"], "--mpp", cohort["mpp"],
+            "--stride", 112, "--out-dir", out_dir, "--save-every", 1, "--batch-size", 8,
+            "-q"]  # fmt: skip
+    ref = [a if a != out_dir else tmp_path / "ref" for a in args]  # uninterrupted
+    assert run_cli(capsys, ref).returncode == 0
+    real = runtime.predictions
+
+    def stop(*args, **kw):  # Ctrl-C once every tile is predicted and saved
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runtime, "predictions", stop)
+    res = run_cli(capsys, args)
+    assert res.returncode == 130, res.stderr
+    state = out_dir / "C2.pred.h5ad.state"
+    assert state.exists() and not (out_dir / "C2.pred.h5ad").exists()
+    monkeypatch.setattr(runtime, "predictions", real)
+    extra = ["--resume", "--plot", "GENE001", "--geojson", tmp_path / "gj"]
+    if with_sdata := _installed("spatialdata"):
+        extra += ["--spatialdata", tmp_path / "sd"]
+    res = run_cli(capsys, [*args, *extra])
+    assert res.returncode == 0, res.stderr
+    got = ad.read_h5ad(out_dir / "C2.pred.h5ad")
+    assert got.uns["mclx"]["resumed_from_tile"] > 0
+    np.testing.assert_array_equal(got.X, ad.read_h5ad(tmp_path / "ref" / "C2.pred.h5ad").X)
+    assert not state.exists()
+    assert (out_dir / "C2.pred.GENE001.png").stat().st_size > 0
+    features = json.loads((tmp_path / "gj" / "C2.geojson").read_text())["features"]
+    assert len(features) == got.n_obs
+    if with_sdata:
+        assert (tmp_path / "sd" / "C2.zarr").is_dir()
+
+
+def test_one_slide_and_a_two_slide_cohort_predict_the_same(cohort, local_runs, capsys, tmp_path):
+    """The same slide through `mclx infer SLIDE` and through a two-slide local cohort."""
+    out_dir = tmp_path / "preds"
+    args = ["infer", *cohort["slides"][:2], "--bank", cohort["bank"], "--mpp", cohort["mpp"],
+            "--stride", 112, "--out-dir", out_dir, "-q"]  # fmt: skip
+    res = run_cli(capsys, args)
+    assert res.returncode == 0, res.stderr
+    for stem in ("C2", "C3"):
+        one = ad.read_h5ad(cohort["dir"] / "local" / f"{stem}.h5ad")
+        got = ad.read_h5ad(out_dir / f"{stem}.pred.h5ad")
+        np.testing.assert_array_equal(got.X, one.X)
+        np.testing.assert_array_equal(got.obsm["spatial"], one.obsm["spatial"])
+        np.testing.assert_array_equal(
+            got.uns["spatial"][stem]["images"]["hires"], one.uns["spatial"][stem]["images"]["hires"]
+        )
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -25,10 +25,9 @@ from hypothesis import strategies as st
 
 from mclx.bank import load_bank, save_bank
 from mclx.checkpoint import load_checkpoint, read_checkpoint_dict
-from mclx.cli import _message
-from mclx.data import her2st
-from mclx.errors import MclxError
-from mclx.tiling import read_spots
+from mclx.data import her2st, spotfiles
+from mclx.data.readers import read_spots
+from mclx.errors import MclxError, one_line
 
 # what cli.main turns into one "mclx: error:" line
 CLEAN = (MclxError, OSError, ValueError, KeyError, RuntimeError, MemoryError)
@@ -80,7 +79,7 @@ def check(read, path, data: bytes):
     try:
         return read(path)
     except CLEAN as exc:
-        msg = _message(exc)
+        msg = one_line(exc)
         assert path.name in msg, f"{type(exc).__name__} does not name the file: {msg}"
         return None
 
@@ -159,7 +158,7 @@ def test_counts_mutated_gzip(folder, samples, data):
 @fuzz(60)
 @given(data=st.binary(max_size=600))
 def test_her2st_spots_random_bytes(folder, data):
-    df = check(her2st.read_spots, folder / "r_selection.tsv", data)
+    df = check(spotfiles.read_selection, folder / "r_selection.tsv", data)
     if df is not None:
         _spots_valid(df)
 
@@ -167,7 +166,9 @@ def test_her2st_spots_random_bytes(folder, data):
 @fuzz(150)
 @given(st.data())
 def test_her2st_spots_mutated(folder, samples, data):
-    df = check(her2st.read_spots, folder / "m_selection.tsv", data.draw(mutated(samples["spots"])))
+    df = check(
+        spotfiles.read_selection, folder / "m_selection.tsv", data.draw(mutated(samples["spots"]))
+    )
     if df is not None:
         _spots_valid(df)
 
@@ -369,8 +370,7 @@ def small_images():
 @fuzz(120)
 @given(st.data())
 def test_images_mutated(folder, small_images, data):
-    from mclx.data.patches import load_image
-    from mclx.slide import open_slide
+    from mclx.data.slide import load_image, open_slide
 
     suffix = data.draw(st.sampled_from(sorted(small_images)))
     raw = data.draw(mutated(small_images[suffix], max_ops=2))

@@ -14,7 +14,7 @@ import pytest
 from mclx.config import TrainCfg
 from mclx.data.her2st import read_her2st
 from mclx.data.preprocess import highly_variable_genes, load_gene_list
-from mclx.recipe import Recipe
+from mclx.training.recipe import Recipe
 
 LEAK = [f"LEAK{i}" for i in range(4)]
 
@@ -59,7 +59,7 @@ def test_hvg_panel_of_a_fold_ignores_the_held_out_section(leaky):
 
 
 def test_evaluate_chooses_each_folds_genes_on_its_training_sections(leaky, tmp_path):
-    from mclx.evaluate import cross_validate, write_results
+    from mclx.evaluation.evaluate import cross_validate, write_results
 
     recipe = Recipe(
         overrides={"encoder": "tiny_cnn"},

@@ -280,7 +280,7 @@ def test_tensorrt_checks_run_on_the_stand_ins(tmp_path, synthetic, monkeypatch):
     import mclx.gpu_check.workspace as gw
 
     fake_gpu.install(monkeypatch, 11)
-    monkeypatch.setattr("mclx.inference.select.torch_device", lambda d: torch.device(d))
+    monkeypatch.setattr("mclx.inference.choose.torch_device", lambda d: torch.device(d))
     monkeypatch.setattr(gc, "_busy_null_stream", lambda: None)
     monkeypatch.setattr(gw, "_densenet_checkpoint", _tiny_checkpoint)
     monkeypatch.setattr(gc, "batches", lambda m: [1, m + 1])  # the edges, fewer images
@@ -415,7 +415,7 @@ def test_wheel_set_is_complete_for_the_gpu_path_and_its_tests(image):
     import (the test modules: the next test)."""
     code = (
         "import json, anndata, scanpy, openslide, hypothesis; "
-        "import mclx.cli, mclx.runtime, mclx.bank, mclx.export.exporter, mclx.slide; "
+        "import mclx.cli, mclx.wsi.runtime, mclx.bank, mclx.export.exporter, mclx.data.slide; "
         "import mclx.gpu_check.pipeline, mclx.gpu_check.engines, mclx.kernels.cpu_select; "
         "from mclx.gpu_check.environment import environment; "
         "info, problems = environment(None); print(json.dumps(info, default=str))"

@@ -211,7 +211,7 @@ def test_bank_lives_as_torch_cuda_tensors_without_cupy(monkeypatch):
     import mclx.bank as bank_mod
     import mclx.inference.device as device
     from mclx.inference import match, to_host
-    from mclx.runtime import _concat
+    from mclx.wsi.runtime import _concat
 
     monkeypatch.setitem(sys.modules, "cupy", None)
     monkeypatch.setattr(device, "torch_cuda", lambda: True)
@@ -239,7 +239,7 @@ def test_bank_follows_the_encoder_unless_device_cpu(monkeypatch):
     from types import SimpleNamespace
 
     from mclx.bank import Bank
-    from mclx.runtime import _array_device, place_bank
+    from mclx.wsi.runtime import _array_device, place_bank
 
     moved = []
     monkeypatch.setattr(Bank, "to_device", lambda self, dev: moved.append(dev) or self)
@@ -268,8 +268,8 @@ def test_bank_without_any_gpu_is_one_line(monkeypatch):
 def test_reduced_precision_needs_a_parity_record():
     """Without ``mclx export`` having measured torch fp16 against fp32 on this model,
     ``auto`` runs torch in fp32 on a GPU; with a good record it takes fp16."""
+    from mclx.inference.choose import _format
     from mclx.inference.formats import auto_order, parity_held
-    from mclx.inference.select import _format
 
     assert not parity_held("torch-fp16", {})
     assert parity_held("torch", {}) and parity_held("onnx", {})

@@ -17,7 +17,7 @@ from mclx.errors import DataError
 from mclx.models import create_model, model_cfg, train_cfg
 from mclx.models.graph import GATLayer, MeanGraphLayer, knn_adjacency
 from mclx.models.thitogene import CapsuleEncoder, ODConv2d, squash
-from mclx.train import lr_at
+from mclx.training.train import lr_at
 
 GRAPH_MODELS = ["his2st", "thitogene"]
 
@@ -155,7 +155,7 @@ def test_zinb_nll_is_the_zero_inflated_negative_binomial():
 def test_his2st_trains_on_the_raw_counts_the_loop_hands_it():
     from mclx.config import PreprocessCfg, TrainCfg
     from mclx.data.dataset import SpotTable
-    from mclx.train import fit
+    from mclx.training.train import fit
 
     model = _tiny("his2st", encoder="tiny_cnn")
     assert model.reads_counts and model.cfg.zinb == 0.25

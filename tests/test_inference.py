@@ -53,8 +53,8 @@ def test_device_resolution_on_this_machine():
 
 def test_formats_table_names_files_and_refuses_foreign_options():
     from mclx.export.exporter import check_options, requested
+    from mclx.inference.choose import _format
     from mclx.inference.formats import FORMATS, format_of_file
-    from mclx.inference.select import _format
 
     assert FORMATS["onnx-int8"].path("run/m.pt").name == "m.int8.onnx"
     assert format_of_file("m.int8.onnx").name == "onnx-int8"  # longest suffix wins

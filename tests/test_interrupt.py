@@ -25,7 +25,7 @@ import torch
 from helpers import assert_one_line_error, run_cli, tiny_train_args
 
 from mclx.checkpoint import load_checkpoint
-from mclx.train_state import StateFile
+from mclx.training.train_state import StateFile
 
 EPOCHS = 3  # of two steps each (100 spots, batches of 50)
 KILL_EPOCHS = 20  # frozen-encoder epochs are short: time to kill the run after the first
@@ -225,7 +225,7 @@ def ctrl_c_raises():
 def test_ctrl_c_while_the_save_thread_starts_is_raised_after_it_started(ctrl_c_raises):
     """A Ctrl-C inside ``Thread.start`` used to leave a thread that could not be joined
     ("cannot join thread before it is started", exit 1 instead of 130)."""
-    from mclx.train_state import _ctrl_c_deferred
+    from mclx.training.train_state import _ctrl_c_deferred
 
     inside = []
     busy = threading.Event()  # another thread running, as torch's and Ray's are
@@ -437,7 +437,7 @@ def test_killed_inference_writes_nothing_and_resumes(
 def test_infer_resume_refuses_other_inputs_and_missing_or_torn_states(
     infer_inputs, tmp_path, capsys
 ):
-    from mclx.infer_state import InferState
+    from mclx.wsi.infer_state import InferState
 
     out = tmp_path / "p.h5ad"
     res = run_cli(capsys, [*infer_args(infer_inputs, out, "-q"), "--resume"])

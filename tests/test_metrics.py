@@ -3,7 +3,7 @@ import pytest
 from scipy.stats import pearsonr
 from sklearn.metrics import mean_absolute_error, mean_squared_error
 
-from mclx.metrics import pearson_per_gene, score, top_expressed
+from mclx.evaluation.metrics import pearson_per_gene, score, top_expressed
 
 
 def test_pearson_matches_scipy():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, needs, run_cli
 
-from mclx.slide import open_slide
+from mclx.data.slide import open_slide
 
 
 @pytest.fixture(scope="module")

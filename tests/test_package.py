@@ -49,3 +49,23 @@ def _collected(*args: str) -> set[str]:
 def test_benchmark_only_from_the_root_runs_the_benchmarks_and_only_them():
     assert _collected("--benchmark-only") == {"bench"}
     assert _collected() == {"tests"}  # a plain run (make test) never collects them
+
+
+def test_optional_extras_are_checked_one_way(monkeypatch):
+    """mclx.extras answers "is it installed?" for every optional module: a missing one,
+    a dotted one whose parent is missing, and one set to None (as tests hide Ray)."""
+    import sys
+
+    import pytest
+
+    from mclx.errors import MclxError
+    from mclx.extras import MissingExtra, installed, require
+
+    assert installed("json") and not installed("mclx_no_such_module")
+    assert not installed("mclx_no_such_module.sub")
+    monkeypatch.setitem(sys.modules, "mclx_hidden", None)
+    assert not installed("mclx_hidden")
+    assert require("json", message="unused").dumps(1) == "1"
+    with pytest.raises(MissingExtra, match=r"^--x needs y: pip install 'mclx\[y\]'$"):
+        require("json", "mclx_hidden", message="--x needs y: pip install 'mclx[y]'")
+    assert issubclass(MissingExtra, MclxError) and issubclass(MissingExtra, RuntimeError)

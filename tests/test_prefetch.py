@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mclx.prefetch import pool_for, prefetch
-from mclx.slide import open_slide, write_pyramidal_tiff
-from mclx.tiling import Tiles
+from mclx.data.slide import open_slide, write_pyramidal_tiff
+from mclx.wsi.prefetch import pool_for, prefetch
+from mclx.wsi.tiling import Tiles
 
 
 @pytest.fixture(scope="module")

@@ -223,7 +223,7 @@ def hest(her2st, tmp_path_factory):
     from PIL import Image
 
     from mclx.data.her2st import read_section
-    from mclx.slide import write_pyramidal_tiff
+    from mclx.data.slide import write_pyramidal_tiff
 
     c2 = read_section(her2st, "C2")
     root = tmp_path_factory.mktemp("hest")
@@ -289,7 +289,7 @@ def test_hest_bad_inputs(hest, tmp_path):
 
 @needs("visium-fixture", "stutility-mob")
 def test_infer_spots_from_data(tmp_path):
-    from mclx.tiling import read_spots, spot_mpp
+    from mclx.data.readers import read_spots, spot_mpp
 
     outs = shared_path("visium-fixture")
     spots, kind = read_spots(outs)  # a one-section Visium folder: full-resolution pixels
@@ -311,7 +311,7 @@ def test_infer_spots_from_data(tmp_path):
 
 @needs("her2st")
 def test_infer_spots_from_a_hest_h5ad(hest):
-    from mclx.tiling import read_spots, spot_mpp
+    from mclx.data.readers import read_spots, spot_mpp
 
     root, c2, _ = hest
     spots, kind = read_spots(root / "st" / "C2.h5ad")

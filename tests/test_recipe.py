@@ -1,6 +1,6 @@
 """One training recipe for `train` and `evaluate`: the drifts it removed stay removed.
 
-Each test here failed before `mclx.recipe` (commit b303ced): `evaluate` ignored
+Each test here failed before `mclx.training.recipe` (commit b303ced): `evaluate` ignored
 `--log-base`, sized the positional tables from its bank sections instead of the data
 folder, took the µm/px median over the held-out section too, and banks read the spot
 encoder's attention length from the provenance instead of the model config.
@@ -18,8 +18,8 @@ import torch
 
 from mclx.config import TrainCfg
 from mclx.data.her2st import read_her2st
-from mclx.evaluate import cross_validate
-from mclx.recipe import Recipe, pos_size
+from mclx.evaluation.evaluate import cross_validate
+from mclx.training.recipe import Recipe, pos_size
 
 FAST = TrainCfg(epochs=2, batch_size=32, freeze_encoder=True, lr=1e-3)
 
@@ -104,7 +104,8 @@ def test_bank_uses_the_model_configs_attention_length(synthetic, tmp_path):
     from mclx.bank import build_bank
     from mclx.checkpoint import load_checkpoint, save_checkpoint
     from mclx.data.dataset import build_table
-    from mclx.recipe import PatchCache, train_model
+    from mclx.training.features import PatchCache
+    from mclx.training.run import train_model
 
     r = Recipe(
         overrides={"encoder": "tiny_cnn", "context": "batch"},
@@ -150,12 +151,12 @@ def test_version_1_checkpoint_takes_seq_len_from_its_provenance(tmp_path):
 
 
 def test_evaluate_refuses_k_above_a_folds_bank_before_training(synthetic, monkeypatch):
-    import mclx.evaluate
+    import mclx.evaluation.evaluate
 
     def no_training(*a, **kw):
         raise AssertionError("trained before checking k")
 
-    monkeypatch.setattr(mclx.evaluate, "train_model", no_training)
+    monkeypatch.setattr(mclx.evaluation.evaluate, "train_model", no_training)
     with pytest.raises(ValueError, match=r"k=200 is larger than the bank of the fold .*100 spots"):
         cross_validate(synthetic, recipe(synthetic), sections=["S1", "S2"], progress=False)
     with pytest.raises(AssertionError, match="trained before"):  # k that fits: it trains
@@ -170,12 +171,15 @@ FROZEN_ARGS = ["--encoder", "tiny_cnn", "--encoder-weights", "none", "--freeze-e
 
 def _recipe_of(*args):
     """The Recipe and model/train configs that `mclx train ARGS` would use."""
-    from mclx.cli import train
-    from mclx.cli_options import recipe_from
+    import dataclasses
+
+    from mclx.cli.model_options import ModelOptions
+    from mclx.cli.train import train
     from mclx.models import model_cfg
 
     ctx = train.make_context("train", ["--out", "x.pt", "--genes", "g.txt", *map(str, args)])
-    r = recipe_from(dict(ctx.params))
+    fields = {f.name for f in dataclasses.fields(ModelOptions)}
+    r = ModelOptions(**{k: v for k, v in ctx.params.items() if k in fields}).recipe()
     return r, model_cfg(r.model, n_genes=5, **r.model_overrides()), r.train
 
 
@@ -269,13 +273,13 @@ def test_recipe_names_are_the_config_literal():
     import typing
 
     from mclx.config import RecipeName
-    from mclx.recipe import RECIPES
+    from mclx.training.recipe import RECIPES
 
     assert set(typing.get_args(RecipeName)) == set(RECIPES)
 
 
 def test_dihedral_views_are_the_eight_symmetries_of_the_square():
-    from mclx.recipe import dihedral
+    from mclx.training.features import dihedral
 
     p = np.random.default_rng(0).integers(0, 255, (2, 6, 6, 3), dtype=np.uint8)
     views = [dihedral(p, i) for i in range(8)]
@@ -300,7 +304,8 @@ def test_feature_views_train_on_cached_dihedral_features(synthetic, tmp_path, ca
 
     from mclx.checkpoint import load_checkpoint
     from mclx.inference.embed import encode_features
-    from mclx.recipe import PatchCache, dihedral, train_model
+    from mclx.training.features import PatchCache, dihedral
+    from mclx.training.run import train_model
 
     r = tiny_recipe(synthetic, epochs=2, batch_size=32, feature_norm=True)
     adatas = read_her2st(synthetic, ["S1", "S2"], with_image=True)

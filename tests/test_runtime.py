@@ -24,7 +24,8 @@ from helpers.oracles import image_outputs_f64, knn_predict, normalised_expressio
 from mclx.bank import build_bank, load_bank, save_bank
 from mclx.checkpoint import load_checkpoint
 from mclx.data.her2st import find_data_root, read_section
-from mclx.data.patches import extract_patches, load_image
+from mclx.data.patches import extract_patches
+from mclx.data.slide import load_image
 
 MARGIN = 3e-7  # cosine gap at the k-th neighbour below which float32 may reorder
 RTOL, ATOL = 1e-4, 1e-5
@@ -112,9 +113,8 @@ def test_infer_at_spots_matches_an_independent_computation(her2st, tmp_path):
 def test_pyramidal_tiff_through_openslide(her2st, synth_model, tmp_path):
     from PIL import Image
 
-    from mclx.data.patches import load_image
-    from mclx.slide import open_slide, write_pyramidal_tiff
-    from mclx.tiling import tissue_mask
+    from mclx.data.slide import load_image, open_slide, write_pyramidal_tiff
+    from mclx.wsi.tiling import tissue_mask
 
     ck, bank = synth_model
     img = load_image(read_section(her2st, "C3").uns["image_path"])[::2, ::2]
@@ -199,7 +199,7 @@ def test_evaluate_a_trained_checkpoint_with_its_bank(synthetic, synth_model, tmp
     assert res.returncode == 0, res.stderr
     data = json.loads(out.read_text())
     assert list(data["sections"]) == ["S3"] and data["config"]["k"] == 20
-    from mclx.metrics import score
+    from mclx.evaluation.metrics import score
 
     s3, loaded = read_section(synthetic, "S3"), load_checkpoint(ck)
     expected = expected_predictions(loaded, load_bank(bank), s3, k=20)

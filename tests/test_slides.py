@@ -56,7 +56,7 @@ def tissue_like(h=300, w=250, seed=0) -> np.ndarray:
     "name", ["boxes_0.dcm", "boxes_1.dcm", "."], ids=["file0", "file1", "folder"]
 )
 def test_dicom_opens_through_any_instance_or_its_folder(fixtures, tmp_path, name):
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     for f in DICOM:  # under names without a suffix: the content decides, not the name
         shutil.copyfile(fixtures / f, tmp_path / f.replace(".dcm", ""))
@@ -69,7 +69,7 @@ def test_dicom_opens_through_any_instance_or_its_folder(fixtures, tmp_path, name
 
 
 def test_reader_is_chosen_by_content_not_suffix(fixtures, tmp_path):
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     svs_as_tif = shutil.copyfile(fixtures / "boxes.svs", tmp_path / "boxes.tif")
     assert open_slide(svs_as_tif).vendor == "aperio"
@@ -79,7 +79,7 @@ def test_reader_is_chosen_by_content_not_suffix(fixtures, tmp_path):
 
 
 def test_a_folder_without_dicom_is_refused_naming_it(tmp_path):
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     save(tmp_path / "a.png", tissue_like())
     with pytest.raises(DataError, match=r"none of its 1 files is DICOM"):
@@ -87,7 +87,7 @@ def test_a_folder_without_dicom_is_refused_naming_it(tmp_path):
 
 
 def test_plain_images_are_decoded_at_the_first_read_only(tmp_path):
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     slide = open_slide(save(tmp_path / "t.png", tissue_like()))
     assert slide._pixels is None and slide.dimensions == (250, 300)
@@ -101,7 +101,7 @@ def test_plain_images_are_decoded_at_the_first_read_only(tmp_path):
 @pytest.mark.parametrize("dpi", [72, 96, 150, 300, 2400])
 @pytest.mark.parametrize("fmt", ["TIFF", "PNG", "JPEG"])
 def test_screen_and_print_densities_are_not_a_resolution(tmp_path, fmt, dpi):
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     path = save(tmp_path / f"x.{fmt.lower()}", tissue_like(), format=fmt, dpi=(dpi, dpi))
     res = open_slide(path).resolution
@@ -112,7 +112,7 @@ def test_screen_and_print_densities_are_not_a_resolution(tmp_path, fmt, dpi):
 
 
 def test_a_microscope_density_is_believed_and_an_absurd_one_is_not(tmp_path):
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     px_per_cm = 1e4 / 0.5  # 0.5 µm/px
     tif = save(tmp_path / "ok.tif", tissue_like(), resolution=px_per_cm, resolution_unit=3)
@@ -130,7 +130,7 @@ def test_a_microscope_density_is_believed_and_an_absurd_one_is_not(tmp_path):
 
 
 def test_pyramidal_tiff_resolution_comes_through_openslide(tmp_path):
-    from mclx.slide import open_slide, write_pyramidal_tiff
+    from mclx.data.slide import open_slide, write_pyramidal_tiff
 
     img = np.tile(tissue_like(256, 256), (4, 4, 1))
     tif = write_pyramidal_tiff(img, tmp_path / "p.tif", mpp=0.25, tile=256)
@@ -152,21 +152,21 @@ class Where:
         self.mpp, self.found, self.n = mpp, "", n
 
     def tiles(self, slide, *, size, stride, max_tiles):
-        from mclx.tiling import Tiles
+        from mclx.wsi.tiling import Tiles
 
         xy = np.full((self.n, 2), 500.0)
         return Tiles(xy, [f"t{i}" for i in range(self.n)], size)
 
 
 def test_plan_reads_from_the_level_nearest_above_the_model_resolution(tmp_path, monkeypatch):
-    from mclx.plan import plan
-    from mclx.slide import open_slide, write_pyramidal_tiff
+    from mclx.data.slide import open_slide, write_pyramidal_tiff
+    from mclx.wsi.plan import make_plan
 
     img = np.tile(tissue_like(256, 256), (4, 4, 1))  # 1024 px: levels 1, 2, 4 (256 px tiles)
     slide = open_slide(write_pyramidal_tiff(img, tmp_path / "p.tif", mpp=0.25, tile=256))
     assert slide.level_downsamples == pytest.approx((1, 2, 4))
     pre = PreprocessCfg(patch_size=32, mpp=0.9)  # 3.6 level-0 px per model px
-    work = plan(slide, Where(0.25), pre, n_genes=10)
+    work = make_plan(slide, Where(0.25), pre, n_genes=10)
     assert work.tiles.size == 115 and work.resample == pytest.approx(115 / 32)
     assert (work.level, work.level_downsample) == (1, 2.0)  # level 2 (4x) would be coarser
     reads = []
@@ -181,41 +181,43 @@ def test_plan_reads_from_the_level_nearest_above_the_model_resolution(tmp_path, 
     [(352.78, r"resampled 392x up .*limit 8x"), (0.02, r"resampled 45x down .*limit 32x")],
 )
 def test_plan_refuses_absurd_resampling(tmp_path, slide_mpp, match):
-    from mclx.plan import plan
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
+    from mclx.wsi.plan import make_plan
 
     slide = open_slide(save(tmp_path / "t.png", tissue_like()))
     with pytest.raises(DataError, match=match):
-        plan(slide, Where(slide_mpp), PreprocessCfg(patch_size=224, mpp=0.9), n_genes=10)
+        make_plan(slide, Where(slide_mpp), PreprocessCfg(patch_size=224, mpp=0.9), n_genes=10)
 
 
 def test_plan_names_the_resolution_it_set_aside(tmp_path):
-    from mclx.plan import plan
+    from mclx.wsi.plan import make_plan
 
     where = Where(None)
     where.found = "resolution tag 72 dpi = 352.8 µm/px, a screen/print density"
     with pytest.raises(DataError, match=r"µm/px unknown \(resolution tag 72 dpi .*pass --mpp"):
-        plan(None, where, PreprocessCfg(patch_size=224, mpp=0.9), n_genes=10, source="s.tif")
+        make_plan(None, where, PreprocessCfg(patch_size=224, mpp=0.9), n_genes=10, source="s.tif")
 
 
 def test_plan_refuses_more_memory_than_available(tmp_path, monkeypatch):
-    import mclx.plan
-    from mclx.slide import open_slide
+    import mclx.wsi.plan
+    from mclx.data.slide import open_slide
 
     slide = open_slide(save(tmp_path / "t.png", tissue_like()))
-    monkeypatch.setattr(mclx.plan, "available_memory", lambda: 100_000)  # < the image
+    monkeypatch.setattr(mclx.wsi.plan, "available_memory", lambda: 100_000)  # < the image
     with pytest.raises(MemoryError, match=r"t.png: the run needs about .* GiB \(the decoded"):
-        mclx.plan.plan(slide, Where(0.9), PreprocessCfg(patch_size=32, mpp=0.9), n_genes=10)
-    monkeypatch.setattr(mclx.plan, "available_memory", lambda: 1 << 40)
-    work = mclx.plan.plan(slide, Where(0.9, n=1000), PreprocessCfg(patch_size=32, mpp=0.9),
-                          n_genes=10)  # fmt: skip
+        mclx.wsi.plan.make_plan(
+            slide, Where(0.9), PreprocessCfg(patch_size=32, mpp=0.9), n_genes=10
+        )
+    monkeypatch.setattr(mclx.wsi.plan, "available_memory", lambda: 1 << 40)
+    pre = PreprocessCfg(patch_size=32, mpp=0.9)
+    work = mclx.wsi.plan.make_plan(slide, Where(0.9, n=1000), pre, n_genes=10)
     # the predictions' share, from the formula's terms: 2 copies of N x G float32
     assert work.memory >= slide.decoded_bytes() + 2 * 1000 * 10 * 4
 
 
 def test_grid_is_refused_beyond_max_tiles_with_what_was_counted(tmp_path):
-    from mclx.slide import open_slide
-    from mclx.tiling import grid_tiles
+    from mclx.data.slide import open_slide
+    from mclx.wsi.tiling import grid_tiles
 
     slide = open_slide(save(tmp_path / "t.png", tissue_like(600, 500)))
     every = grid_tiles(slide, size=20)
@@ -227,13 +229,13 @@ def test_grid_is_refused_beyond_max_tiles_with_what_was_counted(tmp_path):
 
 def test_grid_in_row_blocks_equals_the_whole_grid(tmp_path, monkeypatch):
     """Blocks of rows (bounded memory) keep the tiles one pass over the grid keeps."""
-    from mclx.slide import open_slide
-    from mclx.tiling import grid_tiles, slide_tissue
+    from mclx.data.slide import open_slide
+    from mclx.wsi.tiling import grid_tiles, slide_tissue
 
     slide = open_slide(save(tmp_path / "t.png", tissue_like(600, 500)))
     tissue = slide_tissue(slide)
     whole = grid_tiles(slide, size=16, stride=8, tissue=tissue)
-    monkeypatch.setattr("mclx.tiling.GRID_BLOCK", 1)  # one row of the grid at a time
+    monkeypatch.setattr("mclx.wsi.tiling.GRID_BLOCK", 1)  # one row of the grid at a time
     blocks = grid_tiles(slide, size=16, stride=8, tissue=tissue)
     assert blocks.ids == whole.ids and np.array_equal(blocks.centres, whole.centres)
     # and against a brute-force count on the mask itself
@@ -264,7 +266,7 @@ def stroke(img: np.ndarray, colour, y: int, width: int) -> np.ndarray:
 def c2_quarter(her2st) -> np.ndarray:
     """her2st's C2 H&E image at 1/4 scale (~2300 x 2500 px), decoded once."""
     from mclx.data.her2st import find_data_root
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     image = next((find_data_root(her2st) / "ST-imgs" / "C" / "C2").glob("*.jpg"))
     return open_slide(image).thumbnail(2400)[0]
@@ -277,8 +279,8 @@ def test_pen_strokes_add_no_tile(c2_quarter, tmp_path, colour):
     """A stroke over glass and tissue of a real H&E image: no tile that the clean image
     does not keep (before ink was set aside, every tile under the stroke on glass was
     kept), and the tissue away from the stroke keeps its tiles."""
-    from mclx.slide import open_slide
-    from mclx.tiling import grid_tiles
+    from mclx.data.slide import open_slide
+    from mclx.wsi.tiling import grid_tiles
 
     clean = c2_quarter
     size, h = 56, clean.shape[0]
@@ -307,7 +309,7 @@ def _inked_fraction(clean, inked, size) -> dict[str, float]:
 
 
 def test_ink_mask_finds_pen_colours_and_spares_h_and_e():
-    from mclx.tiling import ink_mask
+    from mclx.wsi.tiling import ink_mask
 
     colours = {
         "blue ink": (35, 55, 165), "green ink": (40, 140, 75), "black ink": (25, 25, 30),

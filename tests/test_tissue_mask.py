@@ -70,7 +70,7 @@ def crop_at(ref: np.ndarray, target: float) -> tuple[int, int]:
 def quarter(her2st):
     """Each her2st section's image at quarter scale, decoded once per module."""
     from mclx.data.her2st import find_data_root
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     root = find_data_root(her2st) / "ST-imgs" / "C"
     cache: dict[str, np.ndarray] = {}
@@ -88,8 +88,8 @@ def quarter(her2st):
 @needs("her2st")
 @pytest.mark.parametrize("section", SECTIONS)
 def test_crops_of_any_tissue_share_keep_the_reference_tiles(quarter, section, tmp_path):
-    from mclx.slide import open_slide
-    from mclx.tiling import grid_tiles
+    from mclx.data.slide import open_slide
+    from mclx.wsi.tiling import grid_tiles
 
     img = quarter(section)
     ref = reference_mask(img)
@@ -108,8 +108,8 @@ def test_crops_of_any_tissue_share_keep_the_reference_tiles(quarter, section, tm
 @needs("her2st")
 def test_c2_whole_image_is_tiled_like_the_reference(quarter, tmp_path):
     """The paler lower-left of C2 is tissue: the grid covers the whole section."""
-    from mclx.slide import open_slide
-    from mclx.tiling import grid_tiles
+    from mclx.data.slide import open_slide
+    from mclx.wsi.tiling import grid_tiles
 
     img = quarter("C2")
     slide = open_slide(save(tmp_path / "c2.png", img))
@@ -126,8 +126,8 @@ def test_c2_whole_image_is_tiled_like_the_reference(quarter, tmp_path):
 
 @needs("her2st")
 def test_glass_only_crop_is_refused(quarter, tmp_path):
-    from mclx.slide import open_slide
-    from mclx.tiling import slide_tissue
+    from mclx.data.slide import open_slide
+    from mclx.wsi.tiling import slide_tissue
 
     glass = quarter("C3")[:CROP, :CROP]  # the corner: pinkish glass, dust
     assert reference_mask(quarter("C3"))[:CROP, :CROP].mean() < 0.01
@@ -137,7 +137,7 @@ def test_glass_only_crop_is_refused(quarter, tmp_path):
 
 
 def test_threshold_is_the_floor_without_glass_and_follows_a_dim_glass():
-    from mclx.tiling import ABOVE_GLASS, OD_FLOOR, tissue_threshold
+    from mclx.wsi.tiling import ABOVE_GLASS, OD_FLOOR, tissue_threshold
 
     rng = np.random.default_rng(0)
     stained = rng.normal(0.35, 0.12, 20000).clip(0.02)  # pale and dark tissue, no glass
@@ -156,7 +156,7 @@ def test_threshold_is_the_floor_without_glass_and_follows_a_dim_glass():
 def test_scattered_blue_pixels_are_not_ink_but_strokes_are():
     """Dark-blue nuclei match the blue and green pen rules pixel by pixel; only an area
     as wide as a stroke is ink."""
-    from mclx.tiling import ink_mask
+    from mclx.wsi.tiling import ink_mask
 
     img = np.full((60, 60, 3), (190, 150, 200), np.uint8)  # pale stroma
     img[5:55:6, 5:55:6] = (135, 145, 180)  # nuclei, one pixel each: "green pen" colour

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from helpers import needs, tiny_model, tiny_recipe
 
-from mclx.recipe import PatchCache, train_model
+from mclx.training.features import PatchCache
+from mclx.training.run import train_model
 
 
 def test_seeded_runs_are_identical(synthetic):

@@ -30,8 +30,8 @@ import pandas as pd
 import pytest
 from helpers import assert_one_line_error, mclx, needs, run_cli
 
+from mclx.files import all_or_nothing, atomic_folder, atomic_path, write_text_atomic
 from mclx.folders import MANIFEST
-from mclx.io import all_or_nothing, atomic_folder, atomic_path, write_text_atomic
 
 PREVIOUS = b"previous good output\n"
 
@@ -137,7 +137,7 @@ def test_folder_is_replaceable_only_while_it_holds_what_mclx_wrote(tmp_path):
 
 
 def test_a_folder_with_a_marker_but_no_manifest_is_not_mclx_s(tmp_path):
-    from mclx.io import check_output_folder
+    from mclx.files import check_output_folder
 
     old = tmp_path / "v"
     old.mkdir()
@@ -150,8 +150,8 @@ def test_a_folder_with_a_marker_but_no_manifest_is_not_mclx_s(tmp_path):
 def test_cohort_out_dir_keeps_a_user_file_of_an_output_s_name(tmp_path):
     """A file in --out-dir named like a slide's output, that mclx did not write there,
     is refused before any work; once mclx wrote it (manifest), a rerun may replace it."""
-    from mclx.cohort import cohort_jobs
     from mclx.folders import record
+    from mclx.wsi.cohort_jobs import cohort_jobs
 
     out = tmp_path / "out"
     out.mkdir()
@@ -295,7 +295,7 @@ def test_tensorrt_without_a_gpu_says_an_engine_needs_one(tmp_path, capsys):
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA GPU is here: --backend tensorrt may run")
-    from mclx.inference.select import open_encoder
+    from mclx.inference.choose import open_encoder
 
     ck = tmp_path / "m.pt"
     ck.write_bytes(b"")

@@ -18,7 +18,7 @@ import pytest
 from helpers import assert_one_line_error, mclx, needs, run_cli
 from PIL import Image
 
-from mclx.slide import open_slide
+from mclx.data.slide import open_slide
 
 pytestmark = needs("openseadragon")
 

@@ -244,7 +244,7 @@ def test_a_click_shows_that_tiles_top_genes(page):
 def test_opacity_slider_and_a_screenshot_that_is_not_blank(page, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     page.reset()
     pred = page.pred

@@ -1,9 +1,12 @@
 """mclx: mclSTExp spatial gene expression prediction from H&E histology.
 
-Data flow, one module each::
+Data flow, one package or module each::
 
-    data (her2st reader, preprocessing, patches) -> models (encoders, heads, mclSTExp,
-    BLEEP, ST-Net) -> train -> checkpoint -> bank / export -> runtime -> predictions
+    data (readers of each layout, spot files, slides and images, preprocessing, patches)
+    -> models (backbones, heads, mclSTExp, BLEEP, ST-Net, ...) -> training (recipe, loop,
+    resumable state) -> checkpoint -> bank / export -> inference (encoders, retrieval)
+    -> wsi (tiles, plan, reader pool, runtime, writers, cohorts) -> predictions
+    -> evaluation (metrics, cross-validation, analyses) and viewer; cli drives them all.
 
 ``import mclx`` is cheap: torch, scanpy, onnxruntime, tensorrt, cupy and openslide are
 imported only by the modules that need them.

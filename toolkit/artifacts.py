@@ -10,6 +10,7 @@ for a torch payload. Every error names the file and is one line.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 
 from mclx.errors import FormatError, short
 
-TORCH_ARCHIVE = "a PyTorch archive"  # how mclx.io.describe_file starts on a torch.save file
+TORCH_ARCHIVE = "a PyTorch archive"  # how describe_file starts on a torch.save file
 
 
 def brief_repr(value: Any, limit: int = 40) -> str:
@@ -62,12 +63,11 @@ def unreadable(
 ) -> FormatError:
     """The error for a payload the reader refused: "{path}: {heading}: the file is WHAT{hint}".
 
-    WHAT is :func:`mclx.io.describe_file`'s answer ("a text file", "empty (0 bytes)", ...),
+    WHAT is :func:`describe_file`'s answer ("a text file", "empty (0 bytes)", ...),
     except when that starts with ``container``, the expected kind of file as describe_file
     words it ("a PyTorch archive", "a numpy .npz"): the damage is then inside, and WHAT is
     "a corrupt {kind} (detail)", ``detail`` defaulting to the exception's message.
     """
-    from mclx.io import describe_file
 
     what = describe_file(path)
     if what.startswith(container):
@@ -151,3 +151,55 @@ def read_torch_artifact(
         supported=supported,
     )
     return payload
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """What a file looks like from its first bytes, for messages about a wrong file:
+    "empty (0 bytes)", "a numpy .npz archive (an mclx bank?)", "a text file", ..."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if size == 0:
+        return "empty (0 bytes)"
+    if head.startswith(b"PK\x03\x04"):
+        return _describe_zip(path)
+    magic = {
+        b"\x89PNG": "a PNG image",
+        b"\xff\xd8\xff": "a JPEG image",
+        b"II*\x00": "a TIFF file",
+        b"MM\x00*": "a TIFF file",
+        b"\x1f\x8b": "a gzip file",
+        b"\x93NUMPY": "a numpy .npy array",
+        b"\x89HDF": "an HDF5 file (.h5ad?)",
+        b"\x80\x02": "a pickle",
+    }
+    for m, what in magic.items():
+        if head.startswith(m):
+            return what
+    if b"\x00" not in head:
+        with contextlib.suppress(UnicodeDecodeError):
+            head.decode("utf-8")
+            return "a text file"
+    if head[:1] == b"\x08":  # protobuf field 1 (ir_version), as ONNX files start
+        return "binary data (an ONNX model?)"
+    return "binary data"
+
+
+def _describe_zip(path: Path) -> str:
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return "a truncated or corrupt ZIP archive"
+    if any(n.endswith("data.pkl") for n in names):
+        return "a PyTorch archive (an mclx checkpoint?)"
+    if names and all(n.endswith(".npy") for n in names):
+        tag = "an mclx bank?" if "format.npy" in names else "not an mclx bank"
+        return f"a numpy .npz archive ({tag})"
+    return "a ZIP archive"

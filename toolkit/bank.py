@@ -23,7 +23,7 @@ import numpy as np
 
 from mclx.artifacts import check_header, require_file, require_keys, unreadable
 from mclx.errors import FingerprintMismatch, FormatError
-from mclx.io import atomic_path
+from mclx.files import atomic_path
 
 FORMAT = "mclx-bank"
 FORMAT_VERSION = 1

@@ -22,7 +22,7 @@ from torch import nn
 from mclx.artifacts import read_torch_artifact, require_keys
 from mclx.config import ModelCfg, PreprocessCfg, from_dict, to_dict
 from mclx.errors import FormatError, short
-from mclx.io import atomic_path
+from mclx.files import atomic_path
 
 FORMAT = "mclx-checkpoint"
 # 2: the spot encoder's attention length is in the model config; 3: model configs carry

@@ -20,7 +20,7 @@ Weighting = Literal["inverse_square", "mean"]
 LogBase = Literal["10", "e"]
 Optimizer = Literal["adam", "adamw"]
 Augmentation = Literal["mclstexp", "dihedral"]
-RecipeName = Literal["paper", "default"]  # mclx.recipe.RECIPES
+RecipeName = Literal["paper", "default"]  # mclx.training.recipe.RECIPES
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,8 @@ def run(*args: object) -> None:
 
 def synthetic_inputs() -> tuple[Path, Path]:
     """Synthetic her2st-layout data and a pyramidal TIFF of its held-out section S3."""
-    from mclx.data.patches import load_image
+    from mclx.data.slide import load_image, write_pyramidal_tiff
     from mclx.data.synthetic import PITCH_PX, write_synthetic_her2st
-    from mclx.slide import write_pyramidal_tiff
 
     root = OUT / "synthetic"
     if not (root / "genes.txt").is_file():

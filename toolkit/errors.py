@@ -29,3 +29,19 @@ def short(exc: BaseException, limit: int = 160) -> str:
     that quote a library's complaint (its class name when it says nothing)."""
     detail = " ".join(str(exc).split()) or exc.__class__.__name__
     return detail if len(detail) < limit else detail[: limit - 3] + "..."
+
+
+# What a user can cause: each becomes one ``mclx: error:`` line (the command line) or one
+# failed row (a cohort's summary); anything else is a bug and keeps its traceback.
+USER_ERRORS = (MclxError, OSError, ValueError, KeyError, RuntimeError, MemoryError)
+
+
+class PathCollision(MclxError, ValueError):
+    """An output of a command resolves to one of its inputs or to another output."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as the one line a user reads (a KeyError's message without the
+    quotes ``str`` adds; the class name when it says nothing)."""
+    text = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(text).split()) or exc.__class__.__name__

@@ -106,12 +106,21 @@ def check_own_file(path: str | os.PathLike, *, folder: str | os.PathLike) -> Non
 
 def record(folder: str | os.PathLike, paths: Iterable[str | os.PathLike]) -> None:
     """Add ``paths`` (files just written into ``folder``) to its manifest, atomically."""
+    import tempfile
+
     from mclx import __version__
-    from mclx.io import write_text_atomic
 
     folder = Path(folder)
     listed = read_manifest(folder)
     for p in map(Path, paths):
         listed[os.path.relpath(p, folder)] = p.stat().st_size
     data = {"written_by": f"mclx {__version__}", "files": listed}
-    write_text_atomic(folder / MANIFEST, json.dumps(data, indent=0, sort_keys=True))
+    # a temporary file then a rename, written here: mclx.files builds on this module
+    fd, tmp = tempfile.mkstemp(prefix=f"{MANIFEST}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=0, sort_keys=True))
+        os.replace(tmp, folder / MANIFEST)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

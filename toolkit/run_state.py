@@ -23,7 +23,7 @@ def state_path(out: str | os.PathLike) -> Path:
 def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     """Delete temporary files that an atomic write of ``path`` left when it was killed.
 
-    ``mclx.io.atomic_path`` writes ``.NAME.XXXXXXXX.tmp*`` beside ``path`` and renames it
+    ``mclx.files.atomic_path`` writes ``.NAME.XXXXXXXX.tmp*`` beside ``path`` and renames it
     at the end; only SIGKILL (or a power cut) can leave one behind. Two runs writing the
     same output at once are not supported, so any such file is stale.
     """
@@ -69,3 +69,20 @@ def refuse_differences(path: Path, saved: Mapping[str, Any], now: Mapping[str, A
         f"; resume with the same arguments, or {command} without --resume to start over"
     )
     raise ValueError(msg)
+
+
+def ready_state(state, out: str | os.PathLike, resume: bool, what: str, log) -> Any:
+    """A run's state file, ready: loaded (and checked) now with ``resume``, before any
+    work; otherwise a warning (``log``) that an interrupted run's ``what`` will be
+    replaced; and the temporary files that a killed write of ``out`` or the state left,
+    removed."""
+    if resume:
+        state.load()  # fails now, before any work, when missing or corrupt
+    elif state.path.exists():
+        log(
+            f"mclx: warning: {state.path}: an interrupted run's {what} will be replaced "
+            "(use --resume to continue it)"
+        )
+    for p in (Path(out), state.path):
+        remove_stale_temps(p)  # left by a killed write
+    return state

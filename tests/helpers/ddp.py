@@ -47,7 +47,7 @@ def step(rank: int, world_size: int, port: int, out: str) -> None:
     os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    from mclx import distributed
+    from mclx.training import distributed
 
     w = distributed.from_env()
     feats, expr, pos = global_batch()

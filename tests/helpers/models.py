@@ -5,7 +5,7 @@ frozen encoder with no pretrained weights, a few epochs.
 - On the command line, as a user runs it: :func:`tiny_options` (the model and training
   options shared by ``mclx train`` and ``mclx evaluate``), :func:`tiny_train_args`
   (a whole ``mclx train`` argument list) and :func:`train_tiny_cli` (run it).
-- In process, through the same :class:`~mclx.recipe.Recipe` the command line builds:
+- In process, through the same :class:`~mclx.training.recipe.Recipe` the command line builds:
   :func:`tiny_recipe`, :func:`tiny_model` (set up, optionally train) and
   :meth:`Tiny.save` (a checkpoint).
 
@@ -102,10 +102,10 @@ def tiny_recipe(
     encoder_weights: str | None = None,
     **overrides: Any,
 ):
-    """The :class:`~mclx.recipe.Recipe` of the tiny run; ``overrides`` are ModelCfg
+    """The :class:`~mclx.training.recipe.Recipe` of the tiny run; ``overrides`` are ModelCfg
     fields (``context``, ``depth``, ...)."""
     from mclx.config import TrainCfg
-    from mclx.recipe import Recipe
+    from mclx.training.recipe import Recipe
 
     train = TrainCfg(
         epochs=epochs,
@@ -158,7 +158,8 @@ def tiny_model(
     """Set up the tiny model on ``sections`` of ``data`` (``recipe``, default
     :func:`tiny_recipe` with ``kw``) and, with ``train``, fit it."""
     from mclx.data.her2st import read_her2st
-    from mclx.recipe import PatchCache, train_model
+    from mclx.training.features import PatchCache
+    from mclx.training.run import train_model
 
     recipe = recipe or tiny_recipe(data, **kw)
     sections = list(sections)

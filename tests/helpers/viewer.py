@@ -84,9 +84,8 @@ def predict_slide(data: Path, folder: Path, *, spatialdata: bool) -> dict[str, P
     from helpers.cli import mclx
     from helpers.models import train_tiny_cli
     from mclx.bank import build_bank, save_bank
-    from mclx.data.patches import load_image
+    from mclx.data.slide import load_image, write_pyramidal_tiff
     from mclx.data.synthetic import PITCH_PX
-    from mclx.slide import write_pyramidal_tiff
 
     ck = train_tiny_cli(data, folder / "m.pt")
     save_bank(build_bank(ck, data, sections=["S1", "S2", "S4"]), folder / "bank.npz")

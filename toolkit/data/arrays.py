@@ -64,3 +64,10 @@ def estimate_mpp(
     if um == 0 or not px > 0:
         return None
     return float(um / px)
+
+
+def st_grid_mpp(obs, array: str | None = None) -> float | None:
+    """µm/px from the spot grid of ``obs`` (``x``, ``y``, ``pixel_x``, ``pixel_y``): the
+    ST array (1k or 2k, detected from the coordinates when not given) knows the pitch."""
+    array = array or detect_st_array(obs["x"].to_numpy(), obs["y"].to_numpy())
+    return estimate_mpp(obs[["x", "y"]].to_numpy(), obs[["pixel_x", "pixel_y"]].to_numpy(), array)

@@ -50,7 +50,7 @@ def build_table(
     adatas: Mapping[str, object], pre: PreprocessCfg, *, counts: bool = False
 ) -> SpotTable:
     """Preprocess every section with ``pre`` and concatenate (patches are cut separately,
-    :class:`mclx.recipe.PatchCache`); with ``counts``, keep the raw counts too."""
+    :class:`mclx.training.features.PatchCache`); with ``counts``, keep the raw counts too."""
     parts = []
     for name, a in adatas.items():
         parts.append(

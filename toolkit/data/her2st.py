@@ -16,15 +16,15 @@ Counts and spot files are joined on ``"{x}x{y}"`` and only ``selected == 1`` spo
 
 from __future__ import annotations
 
-import csv
 import os
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mclx.data.readers import Reader, check_inside, register
+from mclx.data.arrays import st_grid_mpp
+from mclx.data.layout import Reader, check_inside, register
+from mclx.data.spotfiles import READ_ERRORS, read_selection
 from mclx.errors import DataError, short
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
@@ -68,11 +68,6 @@ def _counts_path(root: Path, section: str) -> Path:
     known = list_sections(root)
     msg = f"{root / 'ST-cnts'}: no counts file for section {section!r} (known: {', '.join(known)})"
     raise FileNotFoundError(msg)
-
-
-# what pandas raises on a file it cannot parse: bad gzip (OSError, EOFError, zlib.error),
-# bad text (UnicodeDecodeError, ParserError, EmptyDataError: all ValueError), csv.Error
-READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, csv.Error, pd.errors.ParserError)
 
 
 def read_counts(path: Path) -> pd.DataFrame:
@@ -123,46 +118,6 @@ def _where(df: pd.DataFrame, bad: np.ndarray) -> str:
     )
 
 
-def read_spots(path: Path) -> pd.DataFrame:
-    """Selected spots of a ``*_selection.tsv`` file, indexed by ``"{x}x{y}"``."""
-    try:
-        spots = pd.read_csv(path, sep="\t")
-    except READ_ERRORS as exc:
-        msg = f"{path}: cannot read spot file ({short(exc)})"
-        raise DataError(msg) from exc
-    need = ["x", "y", "pixel_x", "pixel_y"]
-    if not set(need) <= set(spots.columns):
-        msg = f"{path}: spot file lacks columns {sorted(set(need) - set(spots.columns))}"
-        raise DataError(msg)
-    if "selected" in spots.columns:
-        spots = spots[pd.to_numeric(spots["selected"], errors="coerce") == 1]
-    coords = spots[need].apply(pd.to_numeric, errors="coerce").astype(np.float64)
-    if coords.isna().to_numpy().any():
-        first = coords.index[coords.isna().any(axis=1).to_numpy()][0]
-        line = f" (line {first + 2})" if isinstance(first, (int, np.integer)) else ""
-        msg = f"{path}: spot file has missing or non-numeric coordinates{line}"
-        raise DataError(msg)
-    values = coords.to_numpy()
-    if not np.isfinite(values).all():
-        msg = f"{path}: spot file has infinite coordinates"
-        raise DataError(msg)
-    xy = values[:, :2]
-    if (xy != np.round(xy)).any() or (np.abs(xy) > 1e6).any():
-        msg = f"{path}: spot array coordinates x, y must be integers"
-        raise DataError(msg)
-    spots = spots.assign(
-        x=xy[:, 0].astype(np.int64),
-        y=xy[:, 1].astype(np.int64),
-        pixel_x=values[:, 2],
-        pixel_y=values[:, 3],
-    )
-    spots.index = [f"{x}x{y}" for x, y in zip(spots["x"], spots["y"])]
-    if spots.index.duplicated().any():
-        msg = f"{path}: duplicate spots {list(spots.index[spots.index.duplicated()][:5])}"
-        raise DataError(msg)
-    return spots
-
-
 def array_extent(root: str | os.PathLike) -> tuple[int, int]:
     """Largest array coordinates (x, y) + 1 over every spot file of the folder: sizes the
     positional tables so that any section of the folder can later join a bank."""
@@ -171,20 +126,10 @@ def array_extent(root: str | os.PathLike) -> tuple[int, int]:
     for s in list_sections(root):
         path = root / "ST-spotfiles" / f"{s}_selection.tsv"
         if path.is_file():
-            spots = read_spots(path)
+            spots = read_selection(path)
             xs.append(int(spots["x"].max()))
             ys.append(int(spots["y"].max()))
     return max(xs) + 1, max(ys) + 1
-
-
-def estimate_mpp(obs: pd.DataFrame, array: str | None = None) -> float | None:
-    """µm/px from the spot grid of ``obs`` (``x``, ``y``, ``pixel_x``, ``pixel_y``): the
-    ST array (1k or 2k, detected from the coordinates when not given) knows the pitch."""
-    from mclx.data.arrays import detect_st_array
-    from mclx.data.arrays import estimate_mpp as grid_mpp
-
-    array = array or detect_st_array(obs["x"].to_numpy(), obs["y"].to_numpy())
-    return grid_mpp(obs[["x", "y"]].to_numpy(), obs[["pixel_x", "pixel_y"]].to_numpy(), array)
 
 
 def read_section(root: str | os.PathLike, section: str):
@@ -209,7 +154,7 @@ def st_section(
         msg = f"{spots_path}: spot file for section {section!r} does not exist"
         raise FileNotFoundError(msg)
     counts = read_counts(counts_path)
-    spots = read_spots(spots_path)
+    spots = read_selection(spots_path)
     common = counts.index.intersection(spots.index, sort=False)
     if len(common) == 0:
         msg = f"{counts_path}: no spot in common with {spots_path}"
@@ -301,7 +246,7 @@ class Her2stReader(Reader):
             section,
             array="1k",
             image=image,
-            mpp=self.full_mpp(estimate_mpp(adata.obs, "1k")),
+            mpp=self.full_mpp(st_grid_mpp(adata.obs, "1k")),
             counts_path=counts_path,
             spots_path=spots_path,
         )

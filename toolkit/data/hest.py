@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mclx.data.readers import Reader, check_inside, register
+from mclx.data.layout import Reader, check_inside, register
 from mclx.errors import DataError, short
 
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".jpg", ".png")
@@ -177,8 +177,7 @@ def _grid_mpp(grid: np.ndarray, pixels: np.ndarray, array: str | None) -> float 
 
 def _image_size(path: Path) -> tuple[int, int]:
     """(width, height) of a WSI or plain image, from its header (PIL's, else OpenSlide's)."""
-    from mclx.data.patches import image_size
-    from mclx.slide import open_slide
+    from mclx.data.slide import image_size, open_slide
 
     try:
         return image_size(path)

@@ -7,55 +7,9 @@ the model's input transform scales them (``[0, 1]``, no mean/std by default).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 
-from mclx.errors import DataError, short
-
-MAX_PIXELS = 2_000_000_000  # her2st images are ~92 Mpx, above PIL's bomb guard
-
-
-def _open(path: Path, unknown: str = "not an image PIL can read"):
-    from PIL import Image, UnidentifiedImageError
-
-    from mclx.artifacts import require_file
-
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-    require_file(path, "image", nonempty=True, error=DataError)
-    try:
-        return Image.open(path)
-    except UnidentifiedImageError as exc:
-        from mclx.io import describe_file
-
-        msg = f"{path}: {unknown} (the file is {describe_file(path)})"
-        raise DataError(msg) from exc
-    except MemoryError:
-        raise
-    except Exception as exc:  # OSError, and SyntaxError / struct.error from bad headers
-        msg = f"{path}: cannot open image ({short(exc)})"
-        raise DataError(msg) from exc
-
-
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) from the header, without decoding the pixels."""
-    with _open(Path(path)) as im:
-        return im.size
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Whole image as an RGB uint8 array (H, W, 3)."""
-    path = Path(path)
-    with _open(path) as im:
-        try:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-        except MemoryError:
-            raise
-        except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error, ...
-            msg = f"{path}: truncated or corrupt image ({short(exc)})"
-            raise DataError(msg) from exc
+from mclx.errors import DataError
 
 
 def extract_patches(image: np.ndarray, centers: np.ndarray, size: int = 224) -> np.ndarray:
@@ -80,11 +34,11 @@ def extract_patches(image: np.ndarray, centers: np.ndarray, size: int = 224) -> 
 
 def source_size(size: int, mpp: float | None, section_mpp: float | None, where: str = "") -> int:
     """Pixels of the section's image that cover a ``size``-pixel patch at ``mpp`` (the
-    model's µm/px): the rule of whole-slide inference (:func:`mclx.plan.tile_size`),
+    model's µm/px): the rule of whole-slide inference (:func:`mclx.data.resolution.tile_size`),
     so that training, evaluation and inference cut the same tissue."""
     from types import SimpleNamespace
 
-    from mclx.plan import tile_size
+    from mclx.data.resolution import tile_size
 
     return tile_size(SimpleNamespace(mpp=mpp, patch_size=size), section_mpp, where)
 
@@ -93,7 +47,7 @@ def section_patches(adata, size: int = 224, mpp: float | None = None) -> np.ndar
     """Patches of every spot of a section that has an image, resampled to ``mpp`` µm/px
     (None: as the image is), read through the slide readers as whole-slide inference
     reads tiles (whole-slide formats region by region, plain images decoded once)."""
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
 
     path = adata.uns.get("image_path")
     if not path:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from mclx.data.her2st import IMAGE_SUFFIXES, estimate_mpp, read_spots, st_section
-from mclx.data.readers import Reader, first_existing, register
+from mclx.data.arrays import st_grid_mpp
+from mclx.data.her2st import IMAGE_SUFFIXES, st_section
+from mclx.data.layout import Reader, first_existing, register
+from mclx.data.spotfiles import READ_ERRORS, read_selection
 
 ALIGNMENT = re.compile(r"^alignment_table_(.+)\.tsv(\.gz)?$")
 
@@ -63,17 +65,16 @@ class StutilityReader(Reader):
         import pandas as pd
 
         from mclx.data.arrays import detect_st_array
-        from mclx.data.her2st import READ_ERRORS
 
         path = self._alignment(section)
         try:
             table = pd.read_csv(path, sep="\t", usecols=["x", "y"])
         except (*READ_ERRORS, KeyError):
-            table = read_spots(path)  # its own one-line error, or the selected spots
+            table = read_selection(path)  # its own one-line error, or the selected spots
         return detect_st_array(table["x"].to_numpy(), table["y"].to_numpy())
 
     def extent(self) -> tuple[int, int]:
-        spots = [read_spots(self._alignment(s)) for s in self.sections()]
+        spots = [read_selection(self._alignment(s)) for s in self.sections()]
         return (
             max([0, *(int(t["x"].max()) for t in spots)]) + 1,
             max([0, *(int(t["y"].max()) for t in spots)]) + 1,
@@ -92,7 +93,7 @@ class StutilityReader(Reader):
             section,
             array=array,
             image=image,
-            mpp=self.full_mpp(estimate_mpp(adata.obs, array)),
+            mpp=self.full_mpp(st_grid_mpp(adata.obs, array)),
             counts_path=counts,
             spots_path=spots,
         )

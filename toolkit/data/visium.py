@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mclx.data.readers import Reader, check_inside, first_existing, register
+from mclx.data.layout import Reader, check_inside, first_existing, register
+from mclx.data.spotfiles import positions_frame, read_positions_file
 from mclx.errors import DataError, short
 
 COUNTS = "filtered_feature_bc_matrix.h5"
 POSITIONS = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv")
-COLUMNS = ["in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
 IMAGES = (("hires", "tissue_hires_image.png"), ("lowres", "tissue_lowres_image.png"))
 
 
@@ -154,28 +154,6 @@ def read_positions(spatial: Path) -> tuple[pd.DataFrame, Path]:
     return read_positions_file(path), path
 
 
-def read_positions_file(path: Path) -> pd.DataFrame:
-    """One tissue positions file (parquet, CSV with or without header), by barcode."""
-    from mclx.data.her2st import READ_ERRORS
-
-    try:
-        if path.suffix == ".parquet":
-            df = pd.read_parquet(path).set_index("barcode")
-        elif path.name == "tissue_positions.csv":
-            df = pd.read_csv(path, index_col=0)
-        else:
-            df = pd.read_csv(path, header=None, index_col=0, names=["barcode", *COLUMNS])
-        df = df[COLUMNS].apply(pd.to_numeric, errors="coerce")
-    except (*READ_ERRORS, KeyError, ImportError) as exc:
-        msg = f"{path}: cannot read tissue positions ({short(exc)})"
-        raise DataError(msg) from exc
-    if df.isna().to_numpy().any() or df.index.duplicated().any():
-        msg = f"{path}: tissue positions have missing, non-numeric or duplicate entries"
-        raise DataError(msg)
-    df.index = df.index.astype(str)
-    return df
-
-
 def match_positions(barcodes, positions: pd.DataFrame, pos_path: Path, counts: Path):
     """The in-tissue positions of the counts' barcodes, in the counts' order; every
     barcode of the counts must have a position."""
@@ -209,27 +187,3 @@ def scale_factor(spatial: Path, kind: str) -> float:
         msg = f"{path}: tissue_{kind}_scalef must be positive (got {value})"
         raise DataError(msg)
     return value
-
-
-def positions_frame(positions: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """In-tissue positions as spots (id, x, y, array_x, array_y in full-resolution pixels),
-    with the µm/px of the whole grid (every position, in tissue or not) in ``attrs["mpp"]``."""
-    from mclx.data.arrays import estimate_mpp
-
-    pos = positions[positions["in_tissue"] == 1]
-    if pos.empty:
-        msg = f"{path}: no spot is in tissue"
-        raise DataError(msg)
-    out = pd.DataFrame(
-        {
-            "id": pos.index.astype(str),
-            "x": pos["pxl_col_in_fullres"].to_numpy(np.float64),
-            "y": pos["pxl_row_in_fullres"].to_numpy(np.float64),
-            "array_x": pos["array_col"].to_numpy(np.int64),
-            "array_y": pos["array_row"].to_numpy(np.int64),
-        }
-    )
-    full = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
-    grid = positions[["array_col", "array_row"]].to_numpy(np.int64)
-    out.attrs["mpp"] = estimate_mpp(grid, full, "visium")
-    return out

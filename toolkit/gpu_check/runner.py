@@ -179,7 +179,7 @@ def _run(args, names, checks, gpus) -> int:
     text = json.dumps(out, indent=2, default=str)
     print(text)
     if args.out:
-        from mclx.io import write_text_atomic
+        from mclx.files import write_text_atomic
 
         write_text_atomic(args.out, text + "\n")
     return {"passed": 0, "failed": 1}.get(out["status"], SKIPPED)

@@ -143,8 +143,8 @@ def _densenet_checkpoint(ws: Workspace, name: str, seed: int) -> Path:
 
 def _slide(ws: Workspace) -> Path:
     from mclx.data.patches import load_image
+    from mclx.data.slide import write_pyramidal_tiff
     from mclx.data.synthetic import PITCH_PX
-    from mclx.slide import write_pyramidal_tiff
 
     image = load_image(ws.data() / "data" / "ST-imgs" / "S" / "S3" / "S3.jpg")
     return write_pyramidal_tiff(image, ws.root / "S3.tif", mpp=200.0 / PITCH_PX, tile=256, levels=3)

@@ -45,12 +45,9 @@ def torch_cuda() -> bool:
 
 def import_onnxruntime(what: str = "ONNX Runtime"):
     """The ``onnxruntime`` module, or one clear error saying how to install it."""
-    try:
-        import onnxruntime
-    except ImportError as exc:
-        msg = f"{what}: ONNX Runtime is not installed ({ORT_INSTALL})"
-        raise RuntimeError(msg) from exc
-    return onnxruntime
+    from mclx.extras import require
+
+    return require("onnxruntime", message=f"{what}: ONNX Runtime is not installed ({ORT_INSTALL})")
 
 
 def onnxruntime_distributions() -> list[str]:
@@ -71,10 +68,12 @@ def onnxruntime_distributions() -> list[str]:
 
 def onnxruntime_cuda() -> bool:
     """Whether the installed ONNX Runtime has its CUDA execution provider."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
+    from mclx.extras import installed
+
+    if not installed("onnxruntime"):
         return False
+    import onnxruntime as ort
+
     return "CUDAExecutionProvider" in ort.get_available_providers()
 
 
@@ -115,11 +114,10 @@ def torch_device(device: str | None = None):
 
 def require_gpu_stack(what: str) -> None:
     """One clear error when TensorRT, CuPy or a CUDA GPU is missing."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError as exc:
-        msg = f"{what}: TensorRT is not installed (pip install 'mclx[gpu]' on an NVIDIA GPU box)"
-        raise RuntimeError(msg) from exc
+    from mclx.extras import require
+
+    msg = f"{what}: TensorRT is not installed (pip install 'mclx[gpu]' on an NVIDIA GPU box)"
+    require("tensorrt", message=msg)
     try:
         import cupy as cp
 

@@ -22,13 +22,6 @@ from mclx.inference.device import torch_device
 from mclx.inference.transform import to_tensor
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on a GPU (training steps); nothing on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.inference_mode()
 def encode_features(
     encoder: nn.Module,

@@ -132,7 +132,7 @@ def frozen_bf16(model, fingerprint: str, size: int):
     import torch
 
     from mclx.cache import cache_dir
-    from mclx.io import atomic_path
+    from mclx.files import atomic_path
 
     key = f"{fingerprint}-bf16-v{_FROZEN_VERSION}-torch{torch.__version__.replace('+', '_')}"
     path = cache_dir("torchscript") / f"{key}.pt"
@@ -187,7 +187,7 @@ def onnx_metadata(path: Path) -> tuple[dict[str, str], PreprocessCfg]:
     try:
         meta = read_onnx_metadata(path)
     except Exception as exc:  # protobuf DecodeError, ...
-        from mclx.io import describe_file
+        from mclx.artifacts import describe_file
 
         what = describe_file(path)
         msg = f"{path}: not a readable ONNX file: the file is {what} ({short(exc, 80)})"

@@ -26,12 +26,9 @@ HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the rest of the 
 
 
 def import_openvino(what: str):
-    try:
-        import openvino
-    except ImportError as exc:
-        msg = f"{what}: OpenVINO is not installed ({INSTALL})"
-        raise RuntimeError(msg) from exc
-    return openvino
+    from mclx.extras import require
+
+    return require("openvino", message=f"{what}: OpenVINO is not installed ({INSTALL})")
 
 
 class OpenVinoEncoder:

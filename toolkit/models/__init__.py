@@ -19,10 +19,10 @@ from torch import nn
 
 from mclx.config import ModelCfg, TrainCfg
 from mclx.models import vit  # noqa: F401  (registers the ViT encoders)
+from mclx.models.backbones import ENCODERS, ImageEncoder, create_encoder
 from mclx.models.baselines import KNN, RidgeProbe
 from mclx.models.bleep import bleep_loss
 from mclx.models.cmrcnet import CMRCNet
-from mclx.models.encoders import ENCODERS, ImageEncoder, create_encoder
 from mclx.models.his2st import His2ST
 from mclx.models.histogene import HisToGene
 from mclx.models.layers import ProjectionHead, TransformerBlock

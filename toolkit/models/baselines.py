@@ -11,7 +11,7 @@
   @ coef.T + intercept`` (one ONNX graph on export).
 
 Both fit through :meth:`fit_features` (pooled features of a frozen encoder, the training
-table) instead of gradient steps; :func:`mclx.recipe.train_model` calls it.
+table) instead of gradient steps; :func:`mclx.training.run.train_model` calls it.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from torch import nn
 
 from mclx.config import ModelCfg
 from mclx.errors import DataError
-from mclx.models.encoders import ImageEncoder
+from mclx.models.backbones import ImageEncoder
 from mclx.models.layers import ProjectionHead, TransformerBlock
 
 

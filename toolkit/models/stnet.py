@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mclx.config import ModelCfg
-from mclx.models.encoders import ImageEncoder
+from mclx.models.backbones import ImageEncoder
 
 
 class STNet(nn.Module):

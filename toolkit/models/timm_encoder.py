@@ -28,12 +28,9 @@ def is_timm(name: str) -> bool:
 
 
 def _timm(name: str):
-    try:
-        import timm
-    except ImportError:
-        msg = f"--encoder {name} needs timm: pip install 'mclx[timm]'"
-        raise RuntimeError(msg) from None
-    return timm
+    from mclx.extras import require
+
+    return require("timm", message=f"--encoder {name} needs timm: pip install 'mclx[timm]'")
 
 
 def _arch(name: str) -> str:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mclx.models.encoders import ENCODERS
+from mclx.models.backbones import ENCODERS
 
 
 class PatchEmbed(nn.Module):
@@ -156,7 +156,7 @@ class VisionTransformer(nn.Module):
 def _vit(weights: str | os.PathLike | None, name: str, **kw) -> VisionTransformer:
     model = VisionTransformer(**kw)
     if weights not in (None, "auto"):
-        from mclx.models.encoders import load_weights_file
+        from mclx.models.backbones import load_weights_file
 
         if weights == "imagenet":
             msg = f"{name}: no ImageNet weights are offered (CMRCNet trains its ViT from scratch)"

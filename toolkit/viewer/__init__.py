@@ -36,8 +36,8 @@ def _slide_for(adata, source: Path, slide: str | os.PathLike | None) -> Path:
 def _check_extent(adata, slide, source: Path, *, force: bool = False) -> None:
     """The slide must be the one the predictions recorded (size and thumbnail), unless
     ``force``; tile centres must lie on it (else it is not the slide they came from)."""
+    from mclx.data.slide import slide_mismatch
     from mclx.errors import DataError
-    from mclx.slide import slide_mismatch
 
     why = None if force else slide_mismatch(dict(adata.uns["mclx"]), slide)
     if why is not None:
@@ -75,11 +75,11 @@ def write_view(
         force: draw over ``slide`` even when it is not the slide the predictions
             recorded (another size or picture).
     """
-    from mclx.io import atomic_folder, check_output_folder
-    from mclx.slide import open_slide
+    from mclx.data.slide import open_slide
+    from mclx.files import atomic_folder, check_output_folder
     from mclx.viewer import openseadragon, page
     from mclx.viewer.deepzoom import write_pyramid
-    from mclx.writer import read_predictions
+    from mclx.wsi.writer import read_predictions
 
     out = check_output_folder(out, marker=MARKER, what="an mclx view")
     osd = openseadragon.find()  # before any work: says how to get it

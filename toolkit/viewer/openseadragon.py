@@ -120,7 +120,7 @@ def _unpack(tgz: Path, into: Path) -> None:
 def fetch(dest: Path | None = None) -> Path:
     """Fetch the pinned package with npm into ``dest`` (default: the package's vendor
     folder when writable, else the user cache); a no-op when it is already there."""
-    from mclx.io import atomic_folder
+    from mclx.files import atomic_folder
 
     if dest is None:
         dest = vendor_dir()

@@ -1,0 +1,97 @@
+"""Patches and frozen-encoder features, computed once per section and reused: the
+cache a training run (and every fold of ``mclx evaluate``) reads its inputs from.
+
+A patch covers ``patch_size`` pixels at the model's µm/px, resampled from each section's
+own image (:func:`mclx.data.patches.section_patches`); features are cached per encoder
+and weights (:func:`encoder_fingerprint`), pooled, per token, or per dihedral view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from mclx.config import PreprocessCfg
+from mclx.data.dataset import SpotTable, build_table
+from mclx.data.patches import section_patches, source_size
+
+FEATURE_VIEWS = (1, 8)  # the patch as cut; its 8 dihedral views
+
+
+class PatchCache:
+    """Patches cut once per section and µm/px, and frozen-encoder features once per
+    encoder: a patch covers ``patch_size`` pixels at the model's µm/px (``pre.mpp``),
+    resampled from each section's own image."""
+
+    def __init__(self, adatas: Mapping[str, Any], patch_size: int) -> None:
+        self.adatas = adatas
+        self.patch_size = patch_size
+        self._patches: dict[tuple[str, int], np.ndarray] = {}
+        self._features: dict[tuple[str, str, str, int, bool], np.ndarray] = {}
+
+    def _source(self, section: str, mpp: float | None) -> int:
+        a = self.adatas[section]
+        return source_size(self.patch_size, mpp, a.uns.get("mpp"), str(a.uns.get("image_path")))
+
+    def patches(self, section: str, mpp: float | None = None) -> np.ndarray:
+        key = (section, self._source(section, mpp))
+        if key not in self._patches:
+            self._patches[key] = section_patches(self.adatas[section], self.patch_size, mpp)
+        return self._patches[key]
+
+    def table(self, sections: Sequence[str], pre: PreprocessCfg) -> SpotTable:
+        table = build_table({s: self.adatas[s] for s in sections}, pre, counts=True)
+        table.patches = np.concatenate([self.patches(s, pre.mpp) for s in sections])
+        return table
+
+    def features(
+        self, encoder, section: str, pre, *, tokens: bool = False, views: int = 1, **kw: Any
+    ) -> np.ndarray:
+        """Pooled features (N, F), or with ``tokens`` every token (N, T, F), or with
+        ``views = 8`` the pooled features of the 8 dihedral views (N, 8, F; view 0 the
+        patch as cut) of ``section``'s patches, cached per encoder and weights (pooled
+        features are the mean of cached tokens when those are there)."""
+        from mclx.inference.embed import encode_features
+
+        if views != 1:
+            return self._views(encoder, section, pre, views, **kw)
+        fp = (type(encoder).__name__, encoder_fingerprint(encoder))
+        where = (section, self._source(section, pre.mpp))
+        key = (*fp, *where, tokens)
+        if not tokens and (*fp, *where, True) in self._features:
+            return self._features[(*fp, *where, True)].mean(axis=1)
+        if key not in self._features:
+            patches = self.patches(section, pre.mpp)
+            self._features[key] = encode_features(encoder, patches, pre, tokens=tokens, **kw)
+        return self._features[key]
+
+    def _views(self, encoder, section: str, pre, views: int, **kw: Any) -> np.ndarray:
+        from mclx.inference.embed import encode_features
+
+        if views not in FEATURE_VIEWS:
+            msg = f"feature views must be one of {', '.join(map(str, FEATURE_VIEWS))}, not {views}"
+            raise ValueError(msg)
+        fp = (type(encoder).__name__, encoder_fingerprint(encoder))
+        key = (*fp, section, self._source(section, pre.mpp), f"views{views}")
+        if key not in self._features:
+            patches = self.patches(section, pre.mpp)
+            parts = [self.features(encoder, section, pre, **kw)]  # view 0: as cut
+            for i in range(1, views):
+                parts.append(encode_features(encoder, dihedral(patches, i), pre, **kw))
+            self._features[key] = np.stack(parts, axis=1)
+        return self._features[key]
+
+
+def dihedral(patches: np.ndarray, i: int) -> np.ndarray:
+    """View ``i`` (0-7) of the dihedral group of square patches (N, H, W, C): a rotation
+    by ``i % 4`` quarter turns, then, for ``i >= 4``, a left-right flip."""
+    out = np.rot90(patches, i % 4, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if i >= 4 else out)
+
+
+def encoder_fingerprint(encoder) -> str:
+    from mclx.checkpoint import fingerprint
+
+    return fingerprint(encoder.state_dict())
