@@ -151,17 +151,18 @@ def test_cohort_out_dir_keeps_a_user_file_of_an_output_s_name(tmp_path):
     """A file in --out-dir named like a slide's output, that mclx did not write there,
     is refused before any work; once mclx wrote it (manifest), a rerun may replace it."""
     from mclx.folders import record
-    from mclx.wsi.cohort_jobs import cohort_jobs
+    from mclx.wsi.cohort_jobs import check_own_outputs, cohort_jobs
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "S1.pred.h5ad").write_bytes(PREVIOUS)
+    jobs = cohort_jobs([tmp_path / "S1.tif"], manifest=None, out_dir=out)
     with pytest.raises(FileExistsError, match=r"S1.pred.h5ad: exists and mclx did not"):
-        cohort_jobs([tmp_path / "S1.tif"], manifest=None, out_dir=out)
+        check_own_outputs(jobs)
     assert (out / "S1.pred.h5ad").read_bytes() == PREVIOUS
     record(out, [out / "S1.pred.h5ad"])  # as a cohort run records what it wrote
-    (job,) = cohort_jobs([tmp_path / "S1.tif"], manifest=None, out_dir=out)
-    assert job.folder == out
+    check_own_outputs(jobs)
+    assert jobs[0].folder == out
 
 
 def test_cohort_summary_of_the_user_is_refused(tmp_path, capsys):
@@ -219,7 +220,7 @@ def test_view_never_removes_a_user_file_dropped_into_a_view(
 def test_view_refuses_another_slide_unless_forced(slide_predictions, tmp_path):
     from PIL import Image
 
-    from mclx.data.patches import load_image
+    from mclx.data.slide import load_image
 
     h5ad = slide_predictions["h5ad"]
     u = ad.read_h5ad(h5ad).uns["mclx"]

@@ -130,11 +130,7 @@ def run_cohort_cli(
     line (exit 1) when a slide failed."""
     from mclx.files import check_output
     from mclx.wsi.cohort import run_cohort
-    from mclx.wsi.cohort_jobs import (
-        SUMMARY,
-        cohort_jobs,
-        write_summary,
-    )
+    from mclx.wsi.cohort_jobs import SUMMARY, check_own_outputs, cohort_jobs, write_summary
 
     given = [flag for key, flag in ONE_SLIDE.items() if kw.pop(key, None) not in (None, (), False)]
     if given:
@@ -156,6 +152,7 @@ def run_cohort_cli(
         check_output(out_dir / SUMMARY)
         check_own_file(out_dir / SUMMARY, folder=out_dir)
     jobs = cohort_jobs(slides, manifest=cohort.manifest, out_dir=out_dir, mpp=kw.pop("mpp"))
+    check_own_outputs(jobs)
     opts = _options(kw)
     for folder in (opts.geojson, opts.spatialdata):  # folders of per-slide outputs
         if folder is not None:

@@ -142,8 +142,7 @@ def _densenet_checkpoint(ws: Workspace, name: str, seed: int) -> Path:
 
 
 def _slide(ws: Workspace) -> Path:
-    from mclx.data.patches import load_image
-    from mclx.data.slide import write_pyramidal_tiff
+    from mclx.data.slide import load_image, write_pyramidal_tiff
     from mclx.data.synthetic import PITCH_PX
 
     image = load_image(ws.data() / "data" / "ST-imgs" / "S" / "S3" / "S3.jpg")

@@ -25,6 +25,7 @@ from mclx.wsi.cohort_jobs import (
     already_done,
     failure,
     progress_line,
+    record_outputs,
 )
 
 
@@ -40,10 +41,11 @@ def run_local(jobs: Sequence[Job], run, opts: Options, log: Callable[[str], None
     for n, job in enumerate(jobs, start=1):
         t0 = time.perf_counter()
         try:
-            adata, _ = engine.run(opts.task(job))
+            adata, written = engine.run(opts.task(job))
         except SLIDE_ERRORS as exc:
             results.append(failure(job, exc, time.perf_counter() - t0))
         else:
+            record_outputs(job, written)
             s = time.perf_counter() - t0
             results.append(
                 Result(str(job.slide), adata.n_obs, round(s, 3), "done", "", str(job.out))

@@ -143,10 +143,8 @@ def cohort_jobs(
     mpp: float | None = None,
 ) -> list[Job]:
     """The jobs of ``slides`` and the ``manifest``'s rows; outputs ``OUT_DIR/STEM.pred.h5ad``
-    unless the manifest says; two slides writing one output are refused, and so is an
-    output in ``out_dir`` that is there and that mclx did not write (its manifest)."""
-    from mclx.folders import check_own_file
-
+    unless the manifest says; two slides writing one output are refused (an output in
+    ``out_dir`` that mclx did not write: :func:`check_own_outputs`)."""
     rows = [{"slide": Path(s)} for s in slides]
     if manifest is not None:
         rows += read_manifest(manifest)
@@ -159,10 +157,29 @@ def cohort_jobs(
             raise DataError(msg)
         seen[key] = r["slide"]
         folder = None if r.get("out") else Path(out_dir)
-        if folder is not None:
-            check_own_file(out, folder=folder)
         jobs.append(Job(Path(r["slide"]), out, r.get("spots"), r.get("mpp", mpp), folder))
     return jobs
+
+
+def check_own_outputs(jobs: Sequence[Job]) -> None:
+    """Refuse an output in a cohort's ``--out-dir`` that is there and that mclx did not
+    write (not in the folder's manifest): it is the user's file, never replaced."""
+    from mclx.folders import check_own_file
+
+    for job in jobs:
+        if job.folder is not None:
+            check_own_file(job.out, folder=job.folder)
+
+
+def record_outputs(job: Job, written: Sequence[str | os.PathLike] = ()) -> None:
+    """List ``job.out`` and the files among ``written`` that lie in the cohort's
+    ``--out-dir`` in its manifest: mclx's, so a later run may replace them."""
+    if job.folder is None:
+        return
+    from mclx.folders import record
+
+    ours = [job.out, *(p for p in map(Path, written) if p.is_file())]
+    record(job.folder, [p for p in ours if p.resolve().is_relative_to(job.folder.resolve())])
 
 
 def already_done(job: Job, run) -> bool:
@@ -195,12 +212,7 @@ def write_slide(adata, job: Job, engine: str, opts: Options | None = None) -> li
 
     opts = opts or Options()
     written = SlideEngine(opts.config(), label=engine).write(adata, opts.task(job))
-    if job.folder is not None:
-        from mclx.folders import record
-
-        ours = [job.out, *(p for p in map(Path, written) if p.is_file())]
-        inside = [p for p in ours if p.resolve().is_relative_to(job.folder.resolve())]
-        record(job.folder, inside)  # mclx's: a later run may replace them
+    record_outputs(job, written)
     return written
 
 
