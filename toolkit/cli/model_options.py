@@ -133,7 +133,7 @@ def model_options() -> Decorator:
             "--recipe", "recipe_name", type=literal_choice(RecipeName), default="default",
             show_default=True,
             help="paper: the model's published recipe exactly; default: paper plus the "
-            "changes that won leave-one-section-out on her2st (see README). Explicit "
+            "changes that won leave-one-section-out on her2st (docs/results.md). Explicit "
             "options below override either.",
         ),
         click.option(

@@ -38,7 +38,7 @@ def default_gene_file(data: str | os.PathLike | Reader) -> Path | None:
 # and for which runs. ``paper`` is the reference recipe as published; ``default`` keeps
 # a change only once it won the issue #17 protocol (leave-one-section-out on her2st
 # C2-C6, frozen random-init DenseNet-121: the mean PCC(ACG) and at least 4 of 5 sections
-# against the recipe before it, on the same seed); the measurements are in the README.
+# against the recipe before it, on the same seed); the measurements are in docs/results.md.
 RECIPES: dict[str, str] = {
     "paper": "the reference recipe as published (no change)",
     "default": "paper, plus, with a frozen encoder: the pooled features standardised with "
