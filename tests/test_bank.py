@@ -67,6 +67,19 @@ def test_build_includes_imageless_sections_and_round_trips(ckpt, synthetic, tmp_
     np.testing.assert_allclose(pred[sure], want.pred[sure], rtol=1e-4, atol=1e-5)
 
 
+def test_bank_info_lists_sections_and_every_gene(ckpt, synthetic, tmp_path, capsys):
+    """`mclx bank info` names every gene (a user looks for a marker before --plot)."""
+    from helpers.cli import run_cli
+
+    path = save_bank(build_bank(ckpt, synthetic, sections=["S1", "S2"]), tmp_path / "b.npz")
+    genes = load_checkpoint(ckpt).preprocess.genes
+    res = run_cli(capsys, ["bank", "info", path])
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert "sections (2): S1, S2" in lines
+    assert f"genes ({len(genes)}): {', '.join(genes)}" in lines
+
+
 def test_sequence_context_is_per_section(ckpt, synthetic):
     """Batch context embeds runs of `seq_len` spots of one section: the first run of S2
     must not depend on S1's spots."""

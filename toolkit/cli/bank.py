@@ -61,5 +61,7 @@ def bank_info(path: Path) -> None:
         f"{path}: {len(b)} spots x {b.embeddings.shape[1]}-d embeddings, {len(b.genes)} genes"
     )
     click.echo(f"sections ({len(secs)}): {', '.join(secs)}")
+    # every gene, on one line a user can grep for a marker (ERBB2, MKI67, ...)
+    click.echo(f"genes ({len(b.genes)}): {', '.join(b.genes)}")
     click.echo(f"checkpoint: {b.checkpoint} (fingerprint {b.fingerprint}, model {b.model})")
     click.echo(f"defaults: k={b.k} distance={b.distance} weighting={b.weighting}")
