@@ -155,3 +155,19 @@ def test_model_defaults_follow_the_papers():
         model_cfg("mclstex")
     with pytest.raises(KeyError, match="mclstexp"):
         create_model(ModelCfg(name="mclstex", encoder="tiny_cnn"))
+
+
+def test_imagenet_weights_missing_names_the_file_and_where_it_goes(tmp_path, monkeypatch):
+    """`--encoder-weights imagenet` without the cached file: which file, and where."""
+    import torch
+    from torchvision.models import DenseNet121_Weights
+
+    from mclx.models import create_encoder
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    name = DenseNet121_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    with pytest.raises(FileNotFoundError) as info:
+        create_encoder("densenet121", weights="imagenet")
+    msg = str(info.value)
+    assert name in msg and str(tmp_path / "checkpoints" / name) in msg
+    assert "--encoder-weights FILE" in msg

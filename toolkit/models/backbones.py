@@ -121,7 +121,12 @@ def _build(ctor, weights_enum, weights: str | os.PathLike | None, *, name: str) 
         if cached is not None:
             return ctor(weights=weights_enum)
         if weights == "imagenet":
-            msg = f"{name}: ImageNet weights not in torchvision's cache ({torch.hub.get_dir()})"
+            want = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights_enum.url)
+            msg = (
+                f"{name}: ImageNet weights not in torchvision's cache: put {want.name} "
+                f"(torchvision's {weights_enum.name} file) at {want}, or give the file with "
+                "--encoder-weights FILE"
+            )
             raise FileNotFoundError(msg)
         if name not in _WARNED:
             _WARNED.add(name)
