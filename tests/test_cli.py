@@ -112,3 +112,25 @@ def test_gene_list_with_absent_genes(synthetic, tmp_path):
 def test_unwritable_output_folder(synthetic, tmp_path):
     res = mclx(*tiny_train_args(synthetic, tmp_path / "no" / "m.pt", epochs=1, batch_size=None))
     assert_one_line_error(res, "m.pt", "does not exist")
+
+
+def test_warnings_are_one_line_without_source(tmp_path):
+    """A warning during a command reads `mclx: warning: ...` on one line, not Python's
+    file:line header and source line (the random-init warning looked like a crash)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from mclx.cli import main\n"
+        "try:\n    main(['--version'])\nexcept SystemExit:\n    pass\n"
+        "from mclx.models import create_encoder\n"
+        "create_encoder('densenet121')\n"
+    )
+    env = {**os.environ, "TORCH_HOME": str(tmp_path)}  # no cached ImageNet weights
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("mclx: warning: densenet121: no ImageNet weights in ")
+    assert lines[0].endswith("using random initialisation")

@@ -70,6 +70,13 @@ def _close_progress_bars() -> bool:
     return bool(bars)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as ``mclx: warning: ...`` on one line (Python's default adds the file,
+    line number and the source line, which reads like a crash)."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    return f"mclx: warning: {kind}{' '.join(str(message).split())}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point: run the group, turning failures into one ``mclx: error:`` line."""
     from mclx.errors import USER_ERRORS, one_line
@@ -78,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     debug = "--debug" in args
     if not debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.formatwarning = _one_line_warning
     try:
         cli.main(args=args, prog_name="mclx", standalone_mode=False, obj={"argv": args})
     except click.exceptions.Exit as exc:
