@@ -150,7 +150,7 @@ def test_a_folder_with_a_marker_but_no_manifest_is_not_mclx_s(tmp_path):
 def test_cohort_out_dir_keeps_a_user_file_of_an_output_s_name(tmp_path):
     """A file in --out-dir named like a slide's output, that mclx did not write there,
     is refused before any work; once mclx wrote it (manifest), a rerun may replace it."""
-    from mclx.folders import record
+    from mclx.files import record_written
     from mclx.wsi.cohort_jobs import check_own_outputs, cohort_jobs
 
     out = tmp_path / "out"
@@ -160,7 +160,7 @@ def test_cohort_out_dir_keeps_a_user_file_of_an_output_s_name(tmp_path):
     with pytest.raises(FileExistsError, match=r"S1.pred.h5ad: exists and mclx did not"):
         check_own_outputs(jobs)
     assert (out / "S1.pred.h5ad").read_bytes() == PREVIOUS
-    record(out, [out / "S1.pred.h5ad"])  # as a cohort run records what it wrote
+    record_written(out, [out / "S1.pred.h5ad"])  # as a cohort run records what it wrote
     check_own_outputs(jobs)
     assert jobs[0].folder == out
 

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # errno values that mean "this destination cannot be written", whatever the writer
@@ -359,3 +359,15 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def record_written(folder: str | os.PathLike, paths: Iterable[str | os.PathLike]) -> None:
+    """Add ``paths`` (files just written into ``folder``) to its manifest
+    (:mod:`mclx.folders`), atomically: a later run may replace them."""
+    from mclx.folders import MANIFEST, manifest_text, read_manifest
+
+    folder = Path(folder)
+    listed = read_manifest(folder)
+    for p in map(Path, paths):
+        listed[os.path.relpath(p, folder)] = p.stat().st_size
+    write_text_atomic(folder / MANIFEST, manifest_text(listed))

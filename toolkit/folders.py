@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
 from pathlib import Path
 
 MANIFEST = ".mclx-manifest.json"
@@ -43,13 +42,18 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, int]:
 
 def write_manifest(folder: str | os.PathLike) -> Path:
     """List every file under ``folder`` (written by mclx) in its manifest."""
+    path = Path(folder) / MANIFEST
+    path.write_text(manifest_text(_files(Path(folder))))
+    return path
+
+
+def manifest_text(files: dict[str, int]) -> str:
+    """The manifest listing ``files`` (relative path -> size), as JSON."""
     from mclx import __version__
 
-    folder = Path(folder)
-    path = folder / MANIFEST
-    data = {"written_by": f"mclx {__version__}", "files": _files(folder)}
-    path.write_text(json.dumps(data, indent=0, sort_keys=True))
-    return path
+    return json.dumps(
+        {"written_by": f"mclx {__version__}", "files": files}, indent=0, sort_keys=True
+    )
 
 
 def foreign_file(folder: str | os.PathLike) -> str | None:
@@ -102,25 +106,3 @@ def check_own_file(path: str | os.PathLike, *, folder: str | os.PathLike) -> Non
         "move it away or choose another output folder"
     )
     raise FileExistsError(msg)
-
-
-def record(folder: str | os.PathLike, paths: Iterable[str | os.PathLike]) -> None:
-    """Add ``paths`` (files just written into ``folder``) to its manifest, atomically."""
-    import tempfile
-
-    from mclx import __version__
-
-    folder = Path(folder)
-    listed = read_manifest(folder)
-    for p in map(Path, paths):
-        listed[os.path.relpath(p, folder)] = p.stat().st_size
-    data = {"written_by": f"mclx {__version__}", "files": listed}
-    # a temporary file then a rename, written here: mclx.files builds on this module
-    fd, tmp = tempfile.mkstemp(prefix=f"{MANIFEST}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=0, sort_keys=True))
-        os.replace(tmp, folder / MANIFEST)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

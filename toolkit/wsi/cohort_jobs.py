@@ -176,10 +176,12 @@ def record_outputs(job: Job, written: Sequence[str | os.PathLike] = ()) -> None:
     ``--out-dir`` in its manifest: mclx's, so a later run may replace them."""
     if job.folder is None:
         return
-    from mclx.folders import record
+    from mclx.files import record_written
 
     ours = [job.out, *(p for p in map(Path, written) if p.is_file())]
-    record(job.folder, [p for p in ours if p.resolve().is_relative_to(job.folder.resolve())])
+    record_written(
+        job.folder, [p for p in ours if p.resolve().is_relative_to(job.folder.resolve())]
+    )
 
 
 def already_done(job: Job, run) -> bool:
@@ -238,16 +240,14 @@ def write_summary(results: Sequence[Result], path: str | os.PathLike) -> Path:
     """The summary table as CSV, written atomically."""
     import pandas as pd
 
-    from mclx.files import atomic_path
+    from mclx.files import atomic_path, record_written
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     df = pd.DataFrame([asdict(r) for r in results], columns=list(Result.__dataclass_fields__))
     with atomic_path(path, suffix=".csv") as tmp:
         df.to_csv(tmp, index=False)
-    from mclx.folders import record
-
-    record(path.parent, [path])
+    record_written(path.parent, [path])
     return path
 
 
