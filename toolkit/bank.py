@@ -166,9 +166,13 @@ def build_bank(
     data: Any,
     *,
     sections: Sequence[str] | None = None,
+    progress: bool = False,
 ) -> Bank:
     """Embed every spot of ``sections`` (default: all) with the checkpoint's spot encoder;
-    ``data`` is a data folder of any layout or a :class:`~mclx.data.readers.Reader`."""
+    ``data`` is a data folder of any layout or a :class:`~mclx.data.readers.Reader`;
+    ``progress``: a bar over the sections read (and encoded, for an image bank)."""
+    from tqdm.auto import tqdm
+
     from mclx.data.dataset import build_table
     from mclx.data.readers import open_data
 
@@ -180,14 +184,18 @@ def build_bank(
     model_name = str(read_checkpoint_dict(checkpoint)["model"].get("name", ""))
     images = image_bank(model_name)  # knn embeds patches: image sections only
     reader = open_data(data)
-    adatas = reader.read(list(sections) if sections else None, with_image=images)
+    names = list(sections) if sections else reader.sections(with_image=images)
+    adatas = {
+        s: reader.read([s], with_image=images)[s]
+        for s in tqdm(names, desc="read sections", unit="section", disable=not progress)
+    }
 
     from mclx.checkpoint import load_checkpoint
 
     ck = load_checkpoint(checkpoint)
     table = build_table(adatas, ck.preprocess)
     path = str(Path(checkpoint).resolve())
-    feats = _image_features(ck, adatas) if images else None
+    feats = _image_features(ck, adatas, progress) if images else None
     return bank_from_model(
         ck.model,
         table,
@@ -208,17 +216,15 @@ def image_bank(model) -> bool:
     return name in MODELS and MODELS.meta(name).get("bank_source") == "image"
 
 
-def _image_features(ck, adatas) -> np.ndarray:
-    """Pooled features of every spot's patch (sections in ``adatas`` order, as the table)."""
-    from mclx.data.patches import section_patches
-    from mclx.inference.embed import encode_features
+def _image_features(ck, adatas, progress: bool = False) -> np.ndarray:
+    """Pooled features of every spot's patch (sections in ``adatas`` order, as the table),
+    through the frozen-feature cache that training filled."""
+    from mclx.training.features import PatchCache
 
     pre = ck.preprocess
-    parts = [
-        encode_features(ck.model.image_encoder, section_patches(a, pre.patch_size, pre.mpp), pre)
-        for a in adatas.values()
-    ]
-    return np.concatenate(parts)
+    cache = PatchCache(adatas, pre.patch_size)
+    enc = ck.model.image_encoder
+    return np.concatenate([cache.features(enc, s, pre, progress=progress) for s in adatas])
 
 
 def save_bank(bank: Bank, path: str | os.PathLike) -> Path:

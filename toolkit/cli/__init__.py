@@ -20,6 +20,7 @@ import click
 from mclx import __version__
 from mclx.cli.analyze import analyze
 from mclx.cli.bank import bank
+from mclx.cli.cache import cache
 from mclx.cli.evaluate import evaluate
 from mclx.cli.export import export_cmd
 from mclx.cli.infer import infer
@@ -28,7 +29,7 @@ from mclx.cli.paths import MclxGroup
 from mclx.cli.train import train
 from mclx.cli.view import view
 
-COMMANDS = (train, evaluate, bank, export_cmd, infer, view, analyze)
+COMMANDS = (train, evaluate, bank, export_cmd, infer, view, analyze, cache)
 
 
 class _Interrupted(Exception):

@@ -11,7 +11,10 @@ from mclx.cli.options import (
     DataOptions,
     ckpt_option,
     data_option,
+    feature_cache,
+    feature_cache_option,
     out_option,
+    quiet_option,
     sections_option,
     split_names,
 )
@@ -28,7 +31,11 @@ def bank() -> None:
 @data_option()
 @sections_option("Sections to embed (default: every section with counts, image or not).")
 @out_option("Bank (.npz).", required=True)
-def bank_build(ckpt: Path, data: DataOptions, sections, out: Path) -> None:
+@feature_cache_option()
+@quiet_option()
+def bank_build(
+    ckpt: Path, data: DataOptions, sections, out: Path, no_feature_cache: bool, quiet: bool
+) -> None:
     """Embed spots with a checkpoint's spot encoder and write a bank.
 
     \b
@@ -41,11 +48,13 @@ def bank_build(ckpt: Path, data: DataOptions, sections, out: Path) -> None:
     from mclx.files import check_output
 
     check_output(out)
-    b = build_bank(ckpt, data.open(), sections=split_names(sections) or None)
+    usage = feature_cache(no_feature_cache)
+    names = split_names(sections) or None
+    b = build_bank(ckpt, data.open(), sections=names, progress=not quiet)
     save_bank(b, out)
     click.echo(
         f"mclx: wrote {out}: {len(b)} spots from {len(set(b.sections.tolist()))} sections, "
-        f"{len(b.genes)} genes, fingerprint {b.fingerprint}"
+        f"{len(b.genes)} genes, fingerprint {b.fingerprint}{usage.suffix()}"
     )
 
 

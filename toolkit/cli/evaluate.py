@@ -15,6 +15,8 @@ from mclx.cli.options import (
     ckpt_option,
     data_option,
     distance_option,
+    feature_cache,
+    feature_cache_option,
     k_option,
     out_option,
     sections_option,
@@ -63,10 +65,11 @@ def _derived(params: dict[str, Any]):
     help="Bank for --ckpt (not for models that predict directly: stnet, histogene, his2st, "
     "thitogene).",
 )
+@feature_cache_option()
 @model_options()
 def evaluate(
     data: DataOptions, sections, bank_sections, k, distance, out, ckpt, bank_path,
-    opts: ModelOptions, quiet: bool,
+    no_feature_cache: bool, opts: ModelOptions, quiet: bool,
 ) -> None:  # fmt: skip
     """Leave-one-section-out cross-validation: the paper's Table 1.
 
@@ -94,6 +97,7 @@ def evaluate(
 
     out = check_output(results_path(out, opts.model))
     reader = data.open()
+    usage = feature_cache(no_feature_cache)
     if ckpt is not None or bank_path is not None:
         if ckpt is None or not sections:
             msg = "evaluate: --ckpt needs --sections (the sections to score) and --bank"
@@ -120,6 +124,7 @@ def evaluate(
     click.echo(
         f"mclx: wrote {json_path} and {csv_path}"
         + (f" and {preds} (for mclx analyze)" if res.get("predictions") else "")
+        + usage.suffix()
     )
 
 

@@ -270,3 +270,24 @@ def given(ctx: click.Context, *names: str) -> dict[str, Any]:
 
     typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
     return {n: ctx.params[n] for n in names if ctx.get_parameter_source(n) in typed}
+
+
+def feature_cache_option() -> Decorator:
+    """``--no-feature-cache``: encode every section again, neither reading nor writing
+    the frozen-feature cache (:mod:`mclx.training.feature_store`)."""
+    return click.option(
+        "--no-feature-cache",
+        "no_feature_cache",
+        is_flag=True,
+        help="Encode every section again instead of reading frozen features cached by an "
+        "earlier command (see `mclx cache info`; MCLX_FEATURE_CACHE=0 does the same).",
+    )
+
+
+def feature_cache(no_feature_cache: bool):
+    """This command's use of the frozen-feature cache, open until the command ends (its
+    :class:`~mclx.training.feature_store.Usage` gives the summary line's words)."""
+    from mclx.training import feature_store
+
+    ctx = click.get_current_context()
+    return ctx.with_resource(feature_store.session(not no_feature_cache))

@@ -13,6 +13,8 @@ from mclx.cli.options import (
     CONTEXT,
     DataOptions,
     data_option,
+    feature_cache,
+    feature_cache_option,
     out_option,
     resume_options,
     sections_option,
@@ -47,10 +49,11 @@ def _derived(params: dict[str, Any]):
     help="Data-parallel processes on this machine (DDP: gloo on CPU, NCCL with one GPU "
     "each); --batch-size stays the global batch, negatives are global.",
 )
+@feature_cache_option()
 @model_options()
 def train(
     data: DataOptions, out: Path, sections, holdout, resume: bool, save_every: int | None,
-    nproc: int, opts: ModelOptions, quiet: bool,
+    nproc: int, no_feature_cache: bool, opts: ModelOptions, quiet: bool,
 ) -> None:  # fmt: skip
     """Train a model and write a self-describing checkpoint.
 
@@ -82,6 +85,7 @@ def train(
     reader = data.open()
     recipe = opts.recipe()
     state = training_state(out, resume, save_every if main else 0)
+    usage = feature_cache(no_feature_cache)
     done = run_training(
         reader, recipe, out, sections=split_names(sections), holdout=split_names(holdout),
         state=state, world=world, progress=not quiet, resumed=resume,
@@ -90,7 +94,8 @@ def train(
     if main:
         click.echo(
             f"mclx: trained {opts.model} on {done.n_spots} spots of {', '.join(done.sections)}; "
-            f"{done.summary(recipe.train.epochs)}; wrote {out} (fingerprint {done.fingerprint})"
+            f"{done.summary(recipe.train.epochs)}{usage.suffix()}; wrote {out} "
+            f"(fingerprint {done.fingerprint})"
         )
 
 

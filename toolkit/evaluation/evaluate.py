@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,8 +70,10 @@ def cross_validate(
     panels: dict[str, dict[str, Any]] = {}
     preds: dict[str, Any] = {}
     t0 = time.perf_counter()
-    for test in adatas:
+    for i, test in enumerate(adatas, 1):
         fold = _Fold(data, recipe, adatas, extra_adatas, test)
+        if progress:  # where a long run is, between the encoders' progress bars
+            print(f"fold {i}/{len(adatas)}: {fold}", file=sys.stderr, flush=True)
         row, genes_out[test], preds[test] = fold.run(
             cache, k=k, distance=distance, progress=progress
         )
@@ -114,6 +117,9 @@ class _Fold:
         self.train = [s for s in adatas if s != test]
         self.bank_adatas = {s: adatas[s] for s in self.train} | extra
         self.pre, self.net = recipe.setup(data, adatas | extra, self.train)
+
+    def __str__(self) -> str:
+        return f"held out {self.test}, training on {len(self.train)} sections"
 
     def run(self, cache: PatchCache, *, k, distance, progress: bool):
         from mclx.bank import bank_from_model, image_bank

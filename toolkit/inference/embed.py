@@ -32,6 +32,7 @@ def encode_features(
     device: torch.device | None = None,
     progress: bool = False,
     tokens: bool = False,
+    desc: str = "encode",
 ) -> np.ndarray:
     """Pooled encoder features (N, F) float32 of uint8 patches, in eval mode; with
     ``tokens`` every token (N, T, F) (``forward_tokens``: a ViT's tokens, a feature
@@ -45,7 +46,7 @@ def encode_features(
     encoder = encoder.to(device).eval().to(memory_format=torch.channels_last)
     out = []
     for start in tqdm(
-        range(0, len(patches), batch_size), desc="encode", unit="batch", disable=not progress
+        range(0, len(patches), batch_size), desc=desc, unit="batch", disable=not progress
     ):
         x = to_tensor(patches[start : start + batch_size], pre, device)
         with no_tf32() if device.type == "cuda" else contextlib.nullcontext():

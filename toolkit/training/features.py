@@ -63,8 +63,13 @@ class PatchCache:
         if not tokens and (*fp, *where, True) in self._features:
             return self._features[(*fp, *where, True)].mean(axis=1)
         if key not in self._features:
-            patches = self.patches(section, pre.mpp)
-            self._features[key] = encode_features(encoder, patches, pre, tokens=tokens, **kw)
+            kind, desc = ("tokens" if tokens else "pooled"), f"encode {section}"
+
+            def encode() -> np.ndarray:
+                patches = self.patches(section, pre.mpp)
+                return encode_features(encoder, patches, pre, tokens=tokens, desc=desc, **kw)
+
+            self._features[key] = self._stored(encoder, section, pre, kind, encode)
         return self._features[key]
 
     def _views(self, encoder, section: str, pre, views: int, **kw: Any) -> np.ndarray:
@@ -76,12 +81,34 @@ class PatchCache:
         fp = (type(encoder).__name__, encoder_fingerprint(encoder))
         key = (*fp, section, self._source(section, pre.mpp), f"views{views}")
         if key not in self._features:
-            patches = self.patches(section, pre.mpp)
-            parts = [self.features(encoder, section, pre, **kw)]  # view 0: as cut
-            for i in range(1, views):
-                parts.append(encode_features(encoder, dihedral(patches, i), pre, **kw))
-            self._features[key] = np.stack(parts, axis=1)
+
+            def encode() -> np.ndarray:
+                patches = self.patches(section, pre.mpp)
+                parts = [self.features(encoder, section, pre, **kw)]  # view 0: as cut
+                for i in range(1, views):
+                    desc = f"encode {section} view {i + 1}/{views}"
+                    parts.append(
+                        encode_features(encoder, dihedral(patches, i), pre, desc=desc, **kw)
+                    )
+                return np.stack(parts, axis=1)
+
+            self._features[key] = self._stored(encoder, section, pre, f"views{views}", encode)
         return self._features[key]
+
+    def _stored(self, encoder, section: str, pre, kind: str, encode) -> np.ndarray:
+        """Features of ``kind`` from the disk cache (:mod:`mclx.training.feature_store`),
+        else ``encode()``d and stored there."""
+        from mclx.training import feature_store as store
+
+        name = f"{type(encoder).__name__}:{encoder_fingerprint(encoder)}"
+        where = self._source(section, pre.mpp)
+        key = store.section_key(self.adatas[section], where, self.patch_size, name, pre, kind)
+        feats = store.load(key) if store.enabled() else None
+        store.note(section, served=feats is not None)
+        if feats is None:
+            feats = encode()
+            store.save(key, feats)
+        return feats
 
 
 def dihedral(patches: np.ndarray, i: int) -> np.ndarray:
