@@ -183,6 +183,12 @@ def _summary(adata, out: Path, pngs: list[Path]) -> str:
         f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, retrieve "
         f"{t['retrieve']:.1f} s, write {t['write']:.2f} s{once}) with "
         f"{adata.uns['mclx']['backend']}/"
-        f"{adata.uns['mclx']['precision']}; wrote {out}"
+        f"{adata.uns['mclx']['precision']}{_tiled(adata.uns['mclx'])}; wrote {out}"
         + (f" and {', '.join(str(p) for p in pngs)}" if pngs else "")
     )
+
+
+def _tiled(record) -> str:
+    """How much of the tissue mask a tissue grid covered (nothing for given spots)."""
+    share = record.get("tissue_tiled")
+    return "" if share is None else f"; tiled {float(share):.0%} of the tissue mask"

@@ -85,15 +85,16 @@ def _best(checkpoint: Path, precision: str, device: str, ck):
     from mclx.kernels import cpu_has_fast_bf16
 
     report = read_report(checkpoint)
+    asked = precision != "auto"  # a precision named: no fast-CPU or parity record needed
     for name in auto_order(device):
         fmt = FORMATS[name]
         if precision not in ("auto", fmt.precision):
             continue
-        if name == "torch-bf16" and not cpu_has_fast_bf16():
+        if name == "torch-bf16" and not asked and not cpu_has_fast_bf16():
             continue
         if fmt.has_file and not fmt.path(checkpoint).is_file():
             continue
-        if not parity_held(name, report):
+        if not parity_held(name, report) and not (asked and name not in report):
             continue
         with contextlib.suppress(ImportError, RuntimeError):
             encoder = fmt.open(checkpoint, device=device, ck=ck)

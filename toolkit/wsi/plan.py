@@ -43,7 +43,7 @@ class Plan:
             "read_level": int(self.level),
             "read_level_downsample": float(self.level_downsample),
             "memory_estimate_bytes": int(self.memory),
-        }
+        } | ({} if self.tiles.tissue_tiled is None else {"tissue_tiled": self.tiles.tissue_tiled})
 
 
 def available_memory() -> int | None:

@@ -27,6 +27,7 @@ class Tiles:
     centres: np.ndarray
     ids: list[str]
     size: int
+    tissue_tiled: float | None = None  # share of the tissue mask the tiles cover (grid)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -216,7 +217,24 @@ def grid_tiles(
     gx, gy = np.concatenate(kept_x), np.concatenate(kept_y)
     centres = np.stack([gx + size // 2, gy + size // 2], 1).astype(np.float64)
     ids = [f"tile_{int(x)}_{int(y)}" for x, y in zip(gx, gy)]
-    return Tiles(centres, ids, size)
+    return Tiles(centres, ids, size, tissue_tiled=tissue_covered(mask, f, gx, gy, size))
+
+
+def tissue_covered(mask: np.ndarray, f: float, gx, gy, size: int) -> float:
+    """Share of the thumbnail's tissue pixels under at least one tile (top-left gx, gy,
+    ``size`` level-0 px; ``f`` the thumbnail's downsample): tiles counted on a
+    difference array, so overlapping strides and millions of tiles cost one pass."""
+    mh, mw = mask.shape
+    x0 = np.clip(np.floor(np.asarray(gx) / f).astype(int), 0, mw)
+    y0 = np.clip(np.floor(np.asarray(gy) / f).astype(int), 0, mh)
+    x1 = np.clip(np.ceil((np.asarray(gx) + size) / f).astype(int), 0, mw)
+    y1 = np.clip(np.ceil((np.asarray(gy) + size) / f).astype(int), 0, mh)
+    diff = np.zeros((mh + 1, mw + 1), np.int64)
+    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        np.add.at(diff, (ys, xs), sign)
+    covered = diff.cumsum(0).cumsum(1)[:mh, :mw] > 0
+    tissue = int(mask.sum())
+    return float((covered & mask).sum() / tissue) if tissue else 0.0
 
 
 def spot_tiles(slide, spots: pd.DataFrame, *, size: int, source: str = "spots") -> Tiles:
