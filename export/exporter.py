@@ -205,9 +205,21 @@ def _record(fmt: str, path: Path, precision: str, reference, got, log) -> dict[s
     res = parity.compare(reference, got)
     log(
         f"{fmt:<11} {precision:<5} max rel err {res['max_rel_err']:.2e}  "
-        f"min cosine {res['min_cosine']:.6f}  -> {path}"
+        f"min cosine {res['min_cosine']:.6f}  {_outcome(path, res, precision)}"
     )
     return {"path": str(path), "precision": precision, **res}
+
+
+def _outcome(path: Path, res: Mapping[str, float], precision: str) -> str:
+    """``-> path`` for a row within its parity bound; FAILED, why, and what to do else."""
+    if precision == "fp32" and res["max_rel_err"] > MAX_REL_ERR_FP32:
+        return f"FAILED parity (relative error > {MAX_REL_ERR_FP32:.0e}): {path} not usable"
+    if res["min_cosine"] >= MIN_COSINE:
+        return f"-> {path}"
+    return (
+        f"FAILED parity (cosine < {MIN_COSINE}): --backend auto will not use it; for "
+        f"{precision.upper()} train with --recipe paper or real encoder weights (README)"
+    )
 
 
 def _record_torch_reduced(job: ExportJob, reference, report: dict, checkpoint, log) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from helpers import run_cli
+from helpers import assert_one_line_error, run_cli
 
 
 def test_infer_bf16_takes_torch_bf16_and_says_how_much_tissue_it_tiled(
@@ -20,3 +20,51 @@ def test_infer_bf16_takes_torch_bf16_and_says_how_much_tissue_it_tiled(
     assert "/bf16" in line and out.is_file()  # was: no encoder backend available for bf16
     share = re.search(r"tiled (\d+)% of the tissue mask", line)
     assert share and 50 <= int(share.group(1)) <= 100, line
+
+
+def _checkpoint(path):
+    """A tiny untrained checkpoint (export needs no training)."""
+    import torch
+
+    from mclx.checkpoint import save_checkpoint
+    from mclx.config import ModelCfg, PreprocessCfg
+    from mclx.models import create_model
+
+    torch.manual_seed(0)
+    net = create_model(ModelCfg(encoder="tiny_cnn", n_genes=12, pos_size=(4, 4))).eval()
+    pre = PreprocessCfg(genes=tuple(f"G{i}" for i in range(12)), mpp=0.7)
+    save_checkpoint(path, net, preprocess=pre)
+    return path
+
+
+def test_export_openvino_without_its_extra_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "nncf", None)  # as if not installed
+    ck = _checkpoint(tmp_path / "m.pt")
+    res = run_cli(capsys, ["export", "--ckpt", ck, "--openvino", "-q"])
+    assert_one_line_error(res, f"{ck}: --openvino needs OpenVINO and NNCF", "-e '.[openvino]'")
+    assert "staging" not in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]  # nothing exported
+
+
+def test_export_marks_a_row_that_failed_parity(tmp_path, monkeypatch, capsys):
+    import mclx.kernels
+    from mclx.export import parity
+
+    real = parity.compare
+    calls = []
+
+    def first_fails(reference, got):  # the first row recorded: torch-bf16
+        calls.append(1)
+        return real(reference, got) | ({"min_cosine": 0.9} if len(calls) == 1 else {})
+
+    monkeypatch.setattr(mclx.kernels, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(parity, "compare", first_fails)
+    ck = _checkpoint(tmp_path / "m.pt")
+    res = run_cli(capsys, ["export", "--ckpt", ck])
+    assert res.returncode == 0, res.stderr
+    rows = {line.split()[0]: line for line in res.stdout.splitlines() if "min cosine" in line}
+    assert "FAILED parity (cosine < 0.99)" in rows["torch-bf16"]
+    assert "--recipe paper" in rows["torch-bf16"] and "->" not in rows["torch-bf16"]
+    assert rows["onnx"].endswith(f"-> {tmp_path / 'm.onnx'}")

@@ -32,3 +32,11 @@ def require(*modules: str, message: str) -> ModuleType:
     except ImportError as exc:
         raise MissingExtra(message) from exc
     return loaded[0]
+
+
+def need(*modules: str, message: str) -> None:
+    """:class:`MissingExtra` with ``message`` unless every module of ``modules`` is
+    installed: the check a command makes before any work (nothing is imported)."""
+    missing = [m for m in modules if not installed(m)]
+    if missing:
+        raise MissingExtra(message)

@@ -74,7 +74,11 @@ def export_cmd(
       mclx export --ckpt model.pt --trt --max-batch 128
     """
     from mclx.export.exporter import export
+    from mclx.extras import need
 
+    if openvino:  # before minutes of ONNX export and parity
+        need("openvino", "nncf", message=f"{ckpt}: --openvino needs OpenVINO and NNCF, not "
+             "installed here: .venv/bin/pip install -e '.[openvino]'")  # fmt: skip
     report = export(
         ckpt,
         onnx_path=onnx_path,

@@ -82,19 +82,20 @@ def _openvino_file(path: Path, precision: str, device: str):
 
 
 def _best(checkpoint: Path, precision: str, device: str, ck):
+    """The first row of the auto order at ``precision`` that opens; a precision named
+    (``--precision bf16``) also takes, after those, the rows ``auto`` alone would not
+    (no parity record, a CPU without fast BF16)."""
     from mclx.kernels import cpu_has_fast_bf16
 
     report = read_report(checkpoint)
-    asked = precision != "auto"  # a precision named: no fast-CPU or parity record needed
-    for name in auto_order(device):
+    rows = [n for n in auto_order(device) if precision in ("auto", FORMATS[n].precision)]
+    slow_bf16 = not cpu_has_fast_bf16()
+    names = [n for n in rows if parity_held(n, report) and not (n == "torch-bf16" and slow_bf16)]
+    if precision != "auto":
+        names += [n for n in rows if n not in names]
+    for name in names:
         fmt = FORMATS[name]
-        if precision not in ("auto", fmt.precision):
-            continue
-        if name == "torch-bf16" and not asked and not cpu_has_fast_bf16():
-            continue
         if fmt.has_file and not fmt.path(checkpoint).is_file():
-            continue
-        if not parity_held(name, report) and not (asked and name not in report):
             continue
         with contextlib.suppress(ImportError, RuntimeError):
             encoder = fmt.open(checkpoint, device=device, ck=ck)
