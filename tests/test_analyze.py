@@ -130,3 +130,18 @@ def test_cli_refuses_predictions_without_truth(tmp_path, capsys):
     res = run_cli(capsys, ["analyze", tmp_path / "p.h5ad", "--out", tmp_path / "an"])
     assert_one_line_error(res, "p.h5ad", "layers['measured']")
     assert not (tmp_path / "an" / "gene_ranking.csv").exists()
+
+
+def test_cli_says_when_there_are_no_labels_to_score_domains(tmp_path, capsys):
+    src = tmp_path / "p.predictions.h5ad"
+    adata = _predictions()
+    del adata.obs["label"]
+    adata.write_h5ad(src)
+    res = run_cli(capsys, ["analyze", src, "--out", tmp_path / "an"])
+    assert res.returncode == 0, res.stderr
+    note = "no pathologist labels (obs['label']) in S1, S2: spatial domains found but not scored"
+    assert note in res.stderr
+    labelled = tmp_path / "l.predictions.h5ad"
+    _predictions().write_h5ad(labelled)
+    res = run_cli(capsys, ["analyze", labelled, "--out", tmp_path / "an2"])
+    assert res.returncode == 0 and "pathologist" not in res.stderr

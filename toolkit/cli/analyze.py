@@ -57,6 +57,10 @@ def analyze(source: Path, out: Path, markers, n_domains, top, seed) -> None:
         click.echo(f"mclx: warning: {markers}: {len(u)} of {len(genes)} markers are not in the "
                    f"predictions, left out: {', '.join(u[:10])}" + (" ..." if len(u) > 10 else ""),
                    err=True)  # fmt: skip
+    unlabelled = [str(s) for s, n in res.domains["n_labelled"].items() if not n]
+    if unlabelled:  # domains.csv's ARI / NMI columns are empty there: say why
+        click.echo(f"mclx: note: no pathologist labels (obs['label']) in {', '.join(unlabelled)}: "
+                   "spatial domains found but not scored (no ARI / NMI)", err=True)  # fmt: skip
     written = write_analysis(res, out, top=top)
     click.echo(res.ranking.head(10)[["rank", "mean_neglog10_p", "mean_pcc"]].to_string())
     click.echo(res.panels.to_string())
