@@ -10,6 +10,9 @@ against FP32 (measured on HER2+ patches), below the parity gate. Needs the openv
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 from mclx.files import atomic_path
@@ -25,23 +28,39 @@ def build_int8(job, out: Path) -> str:
 
     from mclx.extras import require
 
-    msg = f"{out}: --openvino needs NNCF and OpenVINO (pip install 'mclx[openvino]')"
-    nncf = require("nncf", message=msg)
+    msg = f"{out}: --openvino needs NNCF and OpenVINO (pip install -e '.[openvino]')"
+    with _quiet_loggers():  # NNCF imports torch's cpp_extension: "No CUDA runtime is found"
+        nncf = require("nncf", message=msg)
     from mclx.export.onnx_export import _set_metadata
 
     fp32 = Path(job.paths["onnx"])
     meta = read_onnx_metadata(fp32)
     x = to_model_input(job.patches, job.ck.preprocess)
     batches = [{INPUT: x[i : i + 8]} for i in range(0, len(x), 8)]
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_loggers():
         warnings.simplefilter("ignore")
         quantised = nncf.quantize(
             onnx.load(str(fp32)),
             nncf.Dataset(batches),
-            subset_size=len(x),
+            subset_size=len(batches),  # NNCF counts dataset items: batches, not patches
             target_device=nncf.TargetDevice.CPU,
         )
     _set_metadata(quantised, {**meta, "precision": "int8"})
     with atomic_path(out) as tmp:
         onnx.save(quantised, str(tmp))
     return "int8"
+
+
+@contextlib.contextmanager
+def _quiet_loggers(names=("torch.utils.cpp_extension", "nncf")) -> Iterator[None]:
+    """Only errors from the libraries ``names`` log to while NNCF loads and quantises
+    (their warnings are about their own set-up, not about the user's export)."""
+    loggers = [logging.getLogger(n) for n in names]
+    saved = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, saved):
+            lg.setLevel(level)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, mclx, needs, run_cli
 
 
 def test_infer_bf16_takes_torch_bf16_and_says_how_much_tissue_it_tiled(
@@ -68,3 +68,13 @@ def test_export_marks_a_row_that_failed_parity(tmp_path, monkeypatch, capsys):
     assert "FAILED parity (cosine < 0.99)" in rows["torch-bf16"]
     assert "--recipe paper" in rows["torch-bf16"] and "->" not in rows["torch-bf16"]
     assert rows["onnx"].endswith(f"-> {tmp_path / 'm.onnx'}")
+
+
+@needs("openvino")
+def test_export_openvino_prints_no_library_noise(tmp_path, synthetic):
+    ck = _checkpoint(tmp_path / "m.pt")
+    res = mclx("export", "--ckpt", ck, "--openvino", "--calib-data", synthetic)  # a fresh process
+    assert res.returncode == 0, res.stderr
+    out = res.stdout + res.stderr
+    assert "openvino-int8 int8" in out and "No CUDA runtime" not in out
+    assert "WARNING:nncf" not in out and "subset size" not in out
