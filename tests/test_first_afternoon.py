@@ -78,3 +78,16 @@ def test_export_openvino_prints_no_library_noise(tmp_path, synthetic):
     out = res.stdout + res.stderr
     assert "openvino-int8 int8" in out and "No CUDA runtime" not in out
     assert "WARNING:nncf" not in out and "subset size" not in out
+
+
+def test_demo_banks_leave_out_the_section_they_predict(tmp_path):
+    from mclx import demo
+
+    (tmp_path / "data" / "ST-imgs" / "C" / "C2").mkdir(parents=True)
+    (tmp_path / "data" / "ST-imgs" / "C" / "C2" / "C2.jpg").touch()
+    steps = {s[0]: s for s in demo.her2st_steps(tmp_path, tmp_path / "m.pt", tmp_path / "b.npz")}
+    bank = steps["bank"]
+    assert "C2" not in bank[bank.index("--sections") + 1].split(",")
+    assert "C2" in str(steps["infer"][1])
+    assert steps["train"][steps["train"].index("--epochs") + 1] <= 10  # quick on a laptop
+    assert demo.bank_sections("S1,S2,S3,S4", "S3") == "S1,S2,S4"

@@ -6,7 +6,7 @@ hint (AVX512-BF16 / AMX), and ``model.ov-int8.onnx``, NNCF's INT8 QDQ graph made
 compiled model is cached by OpenVINO in ``cache_dir("openvino")`` (the first compile of
 DenseNet-121 takes ~1 s, a cached one a fraction). The ONNX file's mclx metadata
 (fingerprint, preprocessing) is read as for ONNX Runtime. An optional extra:
-``pip install 'mclx[openvino]'`` (NNCF included).
+``pip install -e '.[openvino]'`` (NNCF included).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mclx.errors import FormatError, short
 from mclx.inference.encoders import INPUT, onnx_metadata
 from mclx.inference.transform import to_model_input
 
-INSTALL = "pip install 'mclx[openvino]'"
+INSTALL = "pip install -e '.[openvino]'"
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the rest of the graph f32
 
 
