@@ -43,12 +43,20 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def _own_cache_folder(tmp_path_factory):
     """mclx's cache (frozen TorchScript models) in a folder of this session, not the
-    user's ~/.cache/mclx; subprocesses inherit it."""
+    user's ~/.cache/mclx; subprocesses inherit it. The frozen-feature cache is off: a
+    test that counts or interrupts encoding must not depend on what ran before it
+    (tests/test_feature_store.py turns it on in a folder of its own)."""
     import os
 
     saved = os.environ.get("MCLX_CACHE_DIR")
+    saved_features = os.environ.get("MCLX_FEATURE_CACHE")
     os.environ["MCLX_CACHE_DIR"] = str(tmp_path_factory.mktemp("mclx-cache"))
+    os.environ["MCLX_FEATURE_CACHE"] = "0"
     yield
+    if saved_features is None:
+        os.environ.pop("MCLX_FEATURE_CACHE", None)
+    else:
+        os.environ["MCLX_FEATURE_CACHE"] = saved_features
     if saved is None:
         os.environ.pop("MCLX_CACHE_DIR", None)
     else:

@@ -17,7 +17,7 @@ from mclx.training import feature_store as store
 def cache(tmp_path, monkeypatch):
     """An empty cache folder of this test."""
     monkeypatch.setenv("MCLX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("MCLX_FEATURE_CACHE", raising=False)
+    monkeypatch.setenv("MCLX_FEATURE_CACHE", "1")  # off for the rest of the suite
     return tmp_path / "cache" / "features"
 
 
