@@ -100,10 +100,12 @@ class PatchCache:
         else ``encode()``d and stored there."""
         from mclx.training import feature_store as store
 
-        name = f"{type(encoder).__name__}:{encoder_fingerprint(encoder)}"
-        where = self._source(section, pre.mpp)
-        key = store.section_key(self.adatas[section], where, self.patch_size, name, pre, kind)
-        feats = store.load(key) if store.enabled() else None
+        key = None
+        if store.enabled():  # off: not even the image is hashed
+            name = f"{type(encoder).__name__}:{encoder_fingerprint(encoder)}"
+            where = self._source(section, pre.mpp)
+            key = store.section_key(self.adatas[section], where, self.patch_size, name, pre, kind)
+        feats = store.load(key)
         store.note(section, served=feats is not None)
         if feats is None:
             feats = encode()
