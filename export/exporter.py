@@ -218,7 +218,7 @@ def _outcome(path: Path, res: Mapping[str, float], precision: str) -> str:
         return f"-> {path}"
     return (
         f"FAILED parity (cosine < {MIN_COSINE}): --backend auto will not use it; for "
-        f"{precision.upper()} train with --recipe paper or real encoder weights (README)"
+        f"{precision.upper()} train with --recipe paper or real encoder weights (docs/inference.md)"
     )
 
 
