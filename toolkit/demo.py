@@ -28,11 +28,13 @@ def find_data() -> Path | None:
 def run(*args: object) -> None:
     argv = [str(a) for a in args]
     print(f"\n$ mclx {' '.join(argv)}", flush=True)
+    t0 = time.perf_counter()
     try:
         mclx(argv)
     except SystemExit as exc:
         if exc.code:
             raise
+    print(f"({argv[0]} took {time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def synthetic_inputs() -> tuple[Path, Path]:
