@@ -119,7 +119,7 @@ def test_openvino_refusals_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="precision 'fp16' not offered"):
         OpenVinoEncoder(tmp_path / "m.onnx", precision="fp16")
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
-    missing = r"m\.onnx: OpenVINO is not installed .*mclx\[openvino\]"
+    missing = r"m\.onnx: OpenVINO is not installed .*pip install -e '\.\[openvino\]'"
     with pytest.raises(RuntimeError, match=missing):
         OpenVinoEncoder(tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="unknown backend 'openvin'.*openvino"):
