@@ -41,11 +41,13 @@ def _last_line(res) -> str:
 
 
 def test_second_train_encodes_nothing(synthetic, tmp_path, cache, encodes, capsys):
-    def train(name, *extra):
-        return run_cli(capsys, tiny_train_args(synthetic, tmp_path / name, *extra, epochs=1))
+    def train(name, *extra, quiet=True):
+        args = tiny_train_args(synthetic, tmp_path / name, *extra, epochs=1, quiet=quiet)
+        return run_cli(capsys, args)
 
-    first = train("a.pt")
+    first = train("a.pt", quiet=False)
     assert "features: 2 sections encoded" in _last_line(first)
+    assert "encode S1" in first.stderr and "encode S2" in first.stderr  # bars name sections
     assert sorted(encodes) == ["encode S1", "encode S2"]
     encodes.clear()
     second = train("b.pt")
