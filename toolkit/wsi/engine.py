@@ -133,7 +133,10 @@ class SlideEngine:
         """The slide and where its tiles go (its header and the spots only)."""
         from mclx.wsi.plan import locate
 
-        return locate(task.slide, spots=task.spots, mpp=task.mpp)
+        slide, where = locate(task.slide, spots=task.spots, mpp=task.mpp)
+        if where.note:
+            self.log(where.note)
+        return slide, where
 
     def predict(self, task: SlideTask, slide, where, state, t_start: float, checked=None):
         """Plan, read, encode and match: the predictions as AnnData."""

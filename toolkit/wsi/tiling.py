@@ -219,8 +219,11 @@ def grid_tiles(
     return Tiles(centres, ids, size)
 
 
-def spot_tiles(slide, spots: pd.DataFrame, *, size: int, source: str = "spots") -> Tiles:
-    """Tiles centred on given spots; every spot must lie on the slide."""
+def spot_tiles(
+    slide, spots: pd.DataFrame, *, size: int, source: str = "spots", kind: str = ""
+) -> Tiles:
+    """Tiles centred on given spots; every spot must lie on the slide (Visium positions
+    on a downscaled image: the message says they need its scale factor)."""
     W, H = slide.dimensions
     xy = spots[["x", "y"]].to_numpy(np.float64)
     outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= W) | (xy[:, 1] >= H)
@@ -229,6 +232,17 @@ def spot_tiles(slide, spots: pd.DataFrame, *, size: int, source: str = "spots") 
         msg = (
             f"{source}: {int(outside.sum())} spots lie outside the {W}x{H} slide "
             f"{slide.path.name} (first: {first})"
-        )
+        ) + (_visium_hint(slide.path) if kind == "visium" else "")
         raise DataError(msg)
     return Tiles(xy, spots["id"].astype(str).tolist(), size)
+
+
+def _visium_hint(image) -> str:
+    """Why Visium positions miss an image: they are full-resolution pixels."""
+    from mclx.data.spaceranger import downscaled_hint
+
+    return downscaled_hint(image) or (
+        "; Visium positions are full-resolution pixels: for Space Ranger's hires or lowres "
+        "image they need its scale factor (scalefactors_json.json), so give the Space "
+        "Ranger folder instead (mclx infer OUTS/)"
+    )

@@ -1,0 +1,98 @@
+"""A lab's first afternoon (issue #29): the data people actually have.
+
+- a Space Ranger ``outs/`` folder without its full-resolution image is a slide: the hires
+  image, the spots scaled by its factor, the µm/px from the spot diameter;
+- Visium positions given with the hires image: the message names the scale factor;
+- spots drawn at their real size (scanpy, QuPath), tiles as tiles;
+- a section the bank holds: ``mclx infer`` warns that it predicts from its own spots.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+from helpers import assert_one_line_error, mclx, needs
+
+from mclx.data.synthetic import write_synthetic_her2st
+
+
+@pytest.fixture(scope="module")
+def tiny_bank(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model and a bank of synthetic sections S1, S2 (S3 held out)."""
+    from helpers.models import tiny_model
+
+    from mclx.bank import build_bank, save_bank
+
+    folder = tmp_path_factory.mktemp("lab")
+    data = write_synthetic_her2st(folder / "syn")
+    ck = tiny_model(data).save(folder / "m.pt")
+    bank = save_bank(build_bank(ck, data, sections=["S1", "S2"]), folder / "bank.npz")
+    return {"data": data, "model": ck, "bank": Path(bank)}
+
+
+def _visium_copy(src: Path, dst: Path, n: int = 40) -> Path:
+    """The Visium fixture's spatial/ folder with its first ``n`` positions only (the
+    test's run stays short): an outs folder without counts or full-resolution image."""
+    (dst / "spatial").mkdir(parents=True)
+    for name in ("scalefactors_json.json", "tissue_hires_image.png", "tissue_lowres_image.png"):
+        shutil.copy(src / "spatial" / name, dst / "spatial" / name)
+    lines = (src / "spatial" / "tissue_positions_list.csv").read_text().splitlines()
+    kept = [ln for ln in lines if ln.split(",")[1] == "1"][:n]
+    (dst / "spatial" / "tissue_positions_list.csv").write_text("\n".join(kept) + "\n")
+    return dst
+
+
+@needs("visium-fixture")
+def test_infer_on_a_space_ranger_folder_places_the_spots_on_the_hires_image(tiny_bank, tmp_path):
+    from helpers.data import shared_path
+
+    outs = _visium_copy(shared_path("visium-fixture"), tmp_path / "outs")
+    out = tmp_path / "v.h5ad"
+    res = mclx("infer", outs, "--bank", tiny_bank["bank"], "--out", out, "-q")
+    assert res.returncode == 0, res.stderr
+    assert "tissue_hires_image.png (hires, spots scaled by its factor 0.150015" in res.stderr
+    factors = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())
+    with open(outs / "spatial" / "tissue_positions_list.csv") as fh:  # read independently
+        rows = {r[0]: (float(r[5]), float(r[4])) for r in csv.reader(fh)}
+    pred = ad.read_h5ad(out)
+    want = np.array([rows[b] for b in pred.obs_names]) * factors["tissue_hires_scalef"]
+    np.testing.assert_allclose(pred.obsm["spatial"], want, rtol=1e-9)
+    assert len(pred.obs_names) == len(rows)
+    u = pred.uns["mclx"]
+    mpp = 55.0 / factors["spot_diameter_fullres"] / factors["tissue_hires_scalef"]
+    assert u["slide_mpp"] == pytest.approx(mpp)
+    assert u["slide_mpp_source"].startswith("spot diameter")
+    assert list(u["slide_size"]) == [2000, 2000]
+
+
+@needs("visium-fixture")
+def test_visium_positions_on_the_hires_image_name_the_scale_factor(tiny_bank, tmp_path):
+    from helpers.data import shared_path
+
+    outs = _visium_copy(shared_path("visium-fixture"), tmp_path / "outs")
+    spatial = outs / "spatial"
+    res = mclx("infer", spatial / "tissue_hires_image.png", "--spots",
+               spatial / "tissue_positions_list.csv", "--bank", tiny_bank["bank"],
+               "--out", tmp_path / "v.h5ad", "-q")  # fmt: skip
+    assert_one_line_error(res, "spots lie outside", "tissue_hires_scalef 0.150015",
+                          f"mclx infer {outs}")  # fmt: skip
+    assert not (tmp_path / "v.h5ad").exists()
+
+
+def test_a_space_ranger_folder_with_spots_is_refused(tiny_bank, tmp_path):
+    (tmp_path / "outs" / "spatial").mkdir(parents=True)
+    spatial = tmp_path / "outs" / "spatial"
+    spatial.joinpath("tissue_positions_list.csv").write_text("AAA-1,1,0,0,10,10\n")
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "white").save(spatial / "tissue_hires_image.png")
+    spatial.joinpath("scalefactors_json.json").write_text('{"tissue_hires_scalef": 0.5}')
+    res = mclx("infer", tmp_path / "outs", "--spots", spatial / "tissue_positions_list.csv",
+               "--bank", tiny_bank["bank"], "--out", tmp_path / "v.h5ad", "-q")  # fmt: skip
+    assert_one_line_error(res, "a Space Ranger folder brings its own spots")
