@@ -96,3 +96,44 @@ def test_a_space_ranger_folder_with_spots_is_refused(tiny_bank, tmp_path):
     res = mclx("infer", tmp_path / "outs", "--spots", spatial / "tissue_positions_list.csv",
                "--bank", tiny_bank["bank"], "--out", tmp_path / "v.h5ad", "-q")  # fmt: skip
     assert_one_line_error(res, "a Space Ranger folder brings its own spots")
+
+
+# --------------------------------------------------------------------------- leakage
+
+
+def _infer_section(tiny_bank, image: Path, section: str, out: Path, bank=None):
+    spots = tiny_bank["data"] / "data" / "ST-spotfiles" / f"{section}_selection.tsv"
+    return mclx("infer", image, "--spots", spots, "--bank", bank or tiny_bank["bank"],
+                "--out", out, "-q")  # fmt: skip
+
+
+def _warnings(res) -> list[str]:
+    return [ln for ln in res.stderr.splitlines() if ln.startswith("mclx: warning: ")]
+
+
+def test_infer_on_a_section_the_bank_holds_warns_by_its_image(tiny_bank, tmp_path):
+    """The bank records its sections' images: a copy of S1's image under another name
+    is known by its bytes; a held-out section (S3) gives no warning."""
+    data = tiny_bank["data"] / "data" / "ST-imgs" / "S"
+    copy = tmp_path / "renamed.jpg"
+    shutil.copy(data / "S1" / "S1.jpg", copy)
+    res = _infer_section(tiny_bank, copy, "S1", tmp_path / "a.h5ad")
+    assert res.returncode == 0, res.stderr
+    (line,) = _warnings(res)
+    assert "holds this slide's section" in line and "section S1's image" in line, line
+    assert "mclx bank build --sections" in line
+    res = _infer_section(tiny_bank, data / "S3" / "S3.jpg", "S3", tmp_path / "b.h5ad")
+    assert res.returncode == 0, res.stderr
+    assert _warnings(res) == []
+
+
+def test_a_bank_without_image_hashes_warns_by_section_name(tiny_bank, tmp_path):
+    """A bank of an mclx before the image hashes: the slide's name is a section's."""
+    with np.load(tiny_bank["bank"], allow_pickle=False) as z:
+        old = {k: z[k] for k in z.files if not k.startswith("image_")}
+    np.savez(tmp_path / "old.npz", **old)
+    image = tiny_bank["data"] / "data" / "ST-imgs" / "S" / "S2" / "S2.jpg"
+    res = _infer_section(tiny_bank, image, "S2", tmp_path / "a.h5ad", bank=tmp_path / "old.npz")
+    assert res.returncode == 0, res.stderr
+    (line,) = _warnings(res)
+    assert "named like the bank's section S2" in line, line

@@ -174,9 +174,30 @@ class SlideEngine:
         checked = self.open_run(task.plot) if self.run_ is None else None
         slide, where = self.open(task)  # bad slides and spots fail before a model loads
         try:
+            bank = checked[0] if checked is not None else getattr(self.run_, "bank", None)
+            _warn_if_in_bank(bank, task.slide, slide)
             adata = self.predict(task, slide, where, state, t_start, checked)
             extra = self.write(adata, task, slide)
         finally:
             slide.close()
         state.remove()
         return adata, extra
+
+
+def _warn_if_in_bank(bank, slide_path: Path, slide) -> None:
+    """Warn when the slide is one of the bank's sections: its spots are in the bank,
+    so the predictions are retrieved from its own measured expression."""
+    if bank is None:
+        return
+    import warnings
+
+    from mclx.bank_sections import slide_in_bank
+
+    why = slide_in_bank(bank, slide_path, slide.path)
+    if why:
+        warnings.warn(
+            f"{slide_path}: the bank {bank.path or ''} holds this slide's section ({why}): "
+            "its predictions are retrieved from its own measured spots; build the bank "
+            "without it (mclx bank build --sections) for a held-out prediction",
+            stacklevel=2,
+        )
