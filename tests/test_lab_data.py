@@ -65,8 +65,17 @@ def test_infer_on_a_space_ranger_folder_places_the_spots_on_the_hires_image(tiny
     np.testing.assert_allclose(pred.obsm["spatial"], want, rtol=1e-9)
     assert len(pred.obs_names) == len(rows)
     u = pred.uns["mclx"]
-    mpp = 55.0 / factors["spot_diameter_fullres"] / factors["tissue_hires_scalef"]
+    # spot_diameter_fullres spans 65 µm (Space Ranger's documentation) ...
+    mpp = 65.0 / factors["spot_diameter_fullres"] / factors["tissue_hires_scalef"]
     assert u["slide_mpp"] == pytest.approx(mpp)
+    # ... which the 100 µm pitch of spots two array columns apart confirms
+    with open(outs / "spatial" / "tissue_positions_list.csv") as fh:
+        grid = {(int(r[2]), int(r[3])): float(r[5]) for r in csv.reader(fh)}
+    steps = [grid[k] - grid[(k[0], k[1] - 2)] for k in grid if (k[0], k[1] - 2) in grid]
+    pitch_mpp = 100.0 / (np.median(steps) * factors["tissue_hires_scalef"])
+    assert u["slide_mpp"] == pytest.approx(pitch_mpp, rel=0.03)
+    (lib,) = pred.uns["spatial"].values()  # drawn at the 55 µm spot
+    assert lib["scalefactors"]["spot_diameter_fullres"] == pytest.approx(55.0 / mpp)
     assert u["slide_mpp_source"].startswith("spot diameter")
     assert list(u["slide_size"]) == [2000, 2000]
 
@@ -137,3 +146,97 @@ def test_a_bank_without_image_hashes_warns_by_section_name(tiny_bank, tmp_path):
     assert res.returncode == 0, res.stderr
     (line,) = _warnings(res)
     assert "named like the bank's section S2" in line, line
+
+
+# --------------------------------------------------------------------------- legacy ST
+
+MOB_FOV_UM = 150.0  # a field wider than a spot (100 µm) and its pitch (141 µm)
+
+
+@pytest.fixture(scope="module")
+def mob(tmp_path_factory) -> dict[str, Path]:
+    """A tiny model trained on MOB1-3 with ``--fov-um``, and its bank of MOB1-3."""
+    from helpers.data import shared_path
+
+    data = shared_path("stutility-mob")
+    folder = tmp_path_factory.mktemp("mob")
+    res = mclx("train", "--data", data, "--sections", "MOB1,MOB2,MOB3", "--encoder",
+               "tiny_cnn", "--encoder-weights", "none", "--freeze-encoder", "--epochs", 1,
+               "--n-hvg", 30, "--fov-um", MOB_FOV_UM, "-q", "--out", folder / "m.pt")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    res = mclx("bank", "build", "--ckpt", folder / "m.pt", "--data", data, "--sections",
+               "MOB1,MOB2,MOB3", "--out", folder / "bank.npz")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    return {"data": data, "model": folder / "m.pt", "bank": folder / "bank.npz"}
+
+
+@needs("stutility-mob")
+def test_fov_um_is_the_checkpoint_s_field_of_view(mob):
+    import torch
+
+    ck = torch.load(mob["model"], weights_only=True)
+    pre = ck["preprocess"]
+    assert pre["mpp"] * pre["patch_size"] == pytest.approx(MOB_FOV_UM)
+    assert ck["provenance"]["fov_um"] == MOB_FOV_UM
+
+
+@needs("stutility-mob")
+def test_mob_spots_are_drawn_at_their_real_size(mob, tmp_path):
+    """scanpy's spot_diameter_fullres and QuPath's circles are the 100 µm spot, smaller
+    than the spot pitch; the tile (the model's field of view) is another size."""
+    out, geo = tmp_path / "m4.h5ad", tmp_path / "m4.geojson"
+    res = mclx("infer", mob["data"] / "MOB4.jpg", "--spots",
+               mob["data"] / "alignment_table_MOB4.tsv", "--bank", mob["bank"], "--out", out,
+               "--geojson", geo, "--plot", _first_gene(mob), "-q")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    pred = ad.read_h5ad(out)
+    u = pred.uns["mclx"]
+    (lib,) = pred.uns["spatial"].values()
+    diameter = lib["scalefactors"]["spot_diameter_fullres"]
+    assert diameter == pytest.approx(100.0 / u["slide_mpp"])
+    xy = pred.obsm["spatial"]
+    d = np.sqrt(((xy[:, None] - xy[None]) ** 2).sum(-1))
+    np.fill_diagonal(d, np.inf)
+    pitch = float(np.median(d.min(1)))  # nearest spots, 141 µm on the 2k array
+    assert diameter < 0.85 * pitch < pitch < u["tile_size_level0"]
+    assert u["tile_size_level0"] == round(MOB_FOV_UM / u["slide_mpp"])
+    ring = np.array(json.loads(geo.read_text())["features"][0]["geometry"]["coordinates"][0])
+    span = ring[:, 0].max() - ring[:, 0].min()
+    assert span == pytest.approx(diameter, rel=0.01)
+    _scanpy_draws_spots_of(pred, diameter * lib["scalefactors"]["tissue_hires_scalef"])
+
+
+def _scanpy_draws_spots_of(pred, diameter: float) -> None:
+    """``sc.pl.spatial`` draws one circle of ``diameter`` (hires px) per spot."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import scanpy as sc
+
+    with warnings.catch_warnings():  # scanpy 1.11 points to squidpy; the call still works
+        warnings.simplefilter("ignore", FutureWarning)
+        (ax,) = sc.pl.spatial(pred, color=pred.var_names[0], show=False)
+    (spots,) = ax.collections
+    widths = [p.vertices[:, 0].max() - p.vertices[:, 0].min() for p in spots.get_paths()]
+    np.testing.assert_allclose(widths, diameter, rtol=1e-3)
+    matplotlib.pyplot.close(ax.figure)
+
+
+def _first_gene(mob) -> str:
+    with np.load(mob["bank"], allow_pickle=False) as z:
+        return str(z["genes"][0])
+
+
+@needs("stutility-mob")
+def test_mob_whole_slide_tiles_the_tissue_at_the_field_of_view(mob, tmp_path):
+    """MOB4 at its 4.38 µm/px: tiles of the model's field of view over the tissue (the
+    1 mm field of a 224 px patch gave 6 tiles)."""
+    out = tmp_path / "w.h5ad"
+    res = mclx("infer", mob["data"] / "MOB4.jpg", "--mpp", 4.38, "--bank", mob["bank"],
+               "--out", out, "-q")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    pred = ad.read_h5ad(out)
+    assert pred.uns["mclx"]["tile_size_level0"] == round(MOB_FOV_UM / 4.38)
+    assert pred.n_obs > 150  # the 403 spots under tissue are 141 µm apart

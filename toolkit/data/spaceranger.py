@@ -5,9 +5,10 @@ Most shared Visium data is an ``outs/`` folder without the full-resolution image
 ``spatial/tissue_hires_image.png``, ``scalefactors_json.json`` and the tissue positions
 (in full-resolution pixels). :func:`spaceranger_image` picks the full-resolution image when
 the folder has one (one image file beside ``spatial/``), else the hires image (else the
-lowres one) with its scale factor; the µm/px comes from the spot diameter (a Visium spot
-is 55 µm across, ``spot_diameter_fullres`` pixels at full resolution), divided by the
-scale factor of the image read.
+lowres one) with its scale factor; the µm/px comes from ``spot_diameter_fullres``, which
+Space Ranger documents as the full-resolution pixels across "a theoretical 65 µm spot"
+(the 55 µm spot plus its margin; it agrees with the 100 µm spot pitch within 2% on the
+fixture), divided by the scale factor of the image read. Spots are drawn at 55 µm.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from mclx.data.arrays import SPOT_DIAMETER_UM
 from mclx.errors import DataError, short
 
 POSITIONS = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv")
 SCALEFACTORS = "scalefactors_json.json"
 DOWNSCALED = (("hires", "tissue_hires_image.png"), ("lowres", "tissue_lowres_image.png"))
 FULLRES_SUFFIXES = (".tif", ".tiff", ".btf", ".svs", ".ndpi", ".qptiff", ".jpg", ".jpeg", ".png")
-VISIUM_SPOT_UM = 55.0  # a Visium spot's diameter (10x Genomics)
+VISIUM_SPOT_UM = SPOT_DIAMETER_UM["visium"]  # what is drawn
+FULLRES_DIAMETER_UM = 65.0  # what spot_diameter_fullres spans (Space Ranger's documentation)
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,7 @@ class SpaceRangerImage:
 
     def describe(self, n_spots: int) -> str:
         how = "" if self.kind == "fullres" else f", spots scaled by its factor {self.scale:g}"
-        mpp = f", {self.mpp:.4g} µm/px from the 55 µm spot diameter" if self.mpp else ""
+        mpp = f", {self.mpp:.4g} µm/px from spot_diameter_fullres" if self.mpp else ""
         return (
             f"mclx: Space Ranger folder {self.folder}: reading {self.image.name} ({self.kind}"
             f"{how}{mpp}), {n_spots} in-tissue spots from {self.positions.name}"
@@ -121,7 +124,7 @@ def spaceranger_image(folder: Path) -> SpaceRangerImage | None:
     diameter = factors.get("spot_diameter_fullres")
     mpp = None
     if isinstance(diameter, (int, float)) and diameter > 0:
-        mpp = VISIUM_SPOT_UM / float(diameter) / scale
+        mpp = FULLRES_DIAMETER_UM / float(diameter) / scale
     return SpaceRangerImage(folder, image, kind, scale, mpp, positions)
 
 

@@ -146,6 +146,13 @@ class Where:
         return cls(frame, "visium", res.mpp, res.source, res.found, str(found.positions),
                    note=found.describe(len(frame)))  # fmt: skip
 
+    def spot_diameter(self, tile_side: float) -> float:
+        """A spot's diameter in level-0 px, as the data's array makes it (her2st and
+        legacy ST 100 µm, Visium 55 µm); the tile side for a tissue grid or spots of
+        unknown size (a CSV of x, y)."""
+        um = self.spots.attrs.get("spot_diameter_um") if self.spots is not None else None
+        return float(um) / self.mpp if um and self.mpp else float(tile_side)
+
     @property
     def origin(self) -> str:
         return f"spots:{self.kind}" if self.spots is not None else "tissue grid"
@@ -192,5 +199,6 @@ def slide_record(slide_path, slide, where: Where, work) -> dict:
         "slide_mpp_source": where.mpp_source,
         "slide_mpp_found": where.found,
         **work.record(),
+        "spot_diameter_level0": where.spot_diameter(work.tiles.size),
         "tiles_from": where.origin,
     }
