@@ -240,3 +240,32 @@ def test_mob_whole_slide_tiles_the_tissue_at_the_field_of_view(mob, tmp_path):
     pred = ad.read_h5ad(out)
     assert pred.uns["mclx"]["tile_size_level0"] == round(MOB_FOV_UM / 4.38)
     assert pred.n_obs > 150  # the 403 spots under tissue are 141 µm apart
+
+
+# --------------------------------------------------------------------------- gene panel
+
+
+def test_markers_are_appended_to_the_panel(tiny_bank, tmp_path):
+    """--markers adds the genes a given list lacks (once, after it), recorded."""
+    import torch
+    from helpers.models import tiny_train_args
+
+    genes = tmp_path / "ten.txt"
+    genes.write_text("".join(f"GENE{i:03d}\n" for i in range(10)))
+    out = tmp_path / "m.pt"
+    args = tiny_train_args(tiny_bank["data"], out, "--genes", genes, "--epochs", 1,
+                           "--markers", "GENE020,GENE000", genes_file=None)  # fmt: skip
+    res = mclx(*args)
+    assert res.returncode == 0, res.stderr
+    ck = torch.load(out, weights_only=True)
+    assert list(ck["preprocess"]["genes"]) == [f"GENE{i:03d}" for i in range(10)] + ["GENE020"]
+    assert ck["provenance"]["markers"] == ["GENE020", "GENE000"]
+
+
+def test_a_marker_the_data_lacks_is_refused_in_one_line(tiny_bank, tmp_path):
+    from helpers.models import tiny_train_args
+
+    out = tmp_path / "m.pt"
+    res = mclx(*tiny_train_args(tiny_bank["data"], out, "--markers", "GENE001,ERBB2"))
+    assert_one_line_error(res, "--markers ERBB2 not measured in section S1", "GENE000")
+    assert not out.exists()
