@@ -269,3 +269,49 @@ def test_a_marker_the_data_lacks_is_refused_in_one_line(tiny_bank, tmp_path):
     res = mclx(*tiny_train_args(tiny_bank["data"], out, "--markers", "GENE001,ERBB2"))
     assert_one_line_error(res, "--markers ERBB2 not measured in section S1", "GENE000")
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------- gene names
+
+
+@needs("stutility-mob")
+def test_legacy_st_genes_take_the_symbols_of_a_feature_file(tmp_path):
+    """A features.tsv beside the counts: symbols are the names, IDs in var["gene_ids"]."""
+    from helpers.data import shared_path
+
+    from mclx.data.readers import open_data
+
+    src = shared_path("stutility-mob")
+    for name in ("MOB1.tsv", "alignment_table_MOB1.tsv", "MOB1.jpg"):
+        shutil.copy(src / name, tmp_path / name)
+    ids = (src / "MOB1.tsv").read_text().splitlines()[0].split("\t")[1:4]
+    (tmp_path / "features.tsv").write_text(
+        f"{ids[0]}\tMbp\tGene Expression\n{ids[1]}\tPlp1\tGene Expression\n"
+        f"{ids[2].split('.')[0]}\tMbp\tGene Expression\n"  # unversioned, a repeated symbol
+    )
+    a = open_data(tmp_path).read_section("MOB1")
+    assert list(a.var_names[:3]) == ["Mbp", "Plp1", "Mbp-1"]
+    assert list(a.var["gene_ids"][:3]) == ids
+    assert a.var_names.is_unique
+
+
+@needs("stutility-mob")
+def test_plot_takes_an_ensembl_id_without_its_version(mob, tmp_path):
+    gene = _first_gene(mob)
+    bare = gene.split(".")[0]
+    out = tmp_path / "m4.h5ad"
+    res = mclx("infer", mob["data"] / "MOB4.jpg", "--spots",
+               mob["data"] / "alignment_table_MOB4.tsv", "--bank", mob["bank"], "--out", out,
+               "--plot", bare, "-q")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / f"m4.{bare}.png").is_file()
+
+
+@needs("stutility-mob")
+def test_plot_of_a_symbol_on_ensembl_ids_says_how_genes_are_named(mob, tmp_path):
+    out = tmp_path / "m4.h5ad"
+    res = mclx("infer", mob["data"] / "MOB4.jpg", "--bank", mob["bank"], "--mpp", 4.38,
+               "--out", out, "--plot", "Mbp", "-q")  # fmt: skip
+    assert_one_line_error(res, "--plot: genes not in the bank", "Mbp", "Ensembl IDs",
+                          "features.tsv")  # fmt: skip
+    assert not out.exists()

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from mclx.artifacts import check_header, require_file, require_keys, unreadable
-from mclx.bank_sections import read_images
+from mclx.bank_sections import gene_ids, read_images
 from mclx.errors import FingerprintMismatch, FormatError
 from mclx.files import atomic_path
 
@@ -55,6 +55,7 @@ class Bank:
     weighting: str
     path: Path | None = None
     images: dict[str, tuple[int, str]] = field(default_factory=dict)  # section: size, sha256
+    gene_ids: list[str] = field(default_factory=list)  # beside genes, when the data has IDs
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
@@ -205,6 +206,7 @@ def build_bank(
     from mclx.bank_sections import section_images
 
     bank.images = section_images(adatas)
+    bank.gene_ids = gene_ids(adatas, bank.genes)
     return bank
 
 
@@ -250,6 +252,7 @@ def save_bank(bank: Bank, path: str | os.PathLike) -> Path:
         "k": np.array(bank.k),
         "distance": np.array(bank.distance),
         "weighting": np.array(bank.weighting),
+        "gene_ids": np.array(bank.gene_ids, dtype=str),
         "image_sections": np.array(list(bank.images), dtype=str),
         "image_bytes": np.array([n for n, _ in bank.images.values()], np.int64),
         "image_sha256": np.array([h for _, h in bank.images.values()], dtype=str),
@@ -284,8 +287,15 @@ def load_bank(path: str | os.PathLike) -> Bank:
         positions=data["positions"],
         path=path,
         images=read_images(data),
+        gene_ids=[str(g) for g in data.get("gene_ids", ())] if _same_len(data) else [],
         **_read_defaults(path, data),
     )
+
+
+def _same_len(data: dict[str, np.ndarray]) -> bool:
+    """Whether the bank's gene IDs (optional) are one per gene."""
+    ids = data.get("gene_ids")
+    return ids is not None and ids.ndim == 1 and len(ids) == len(data["genes"])
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:

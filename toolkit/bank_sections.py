@@ -66,3 +66,13 @@ def read_images(data: dict[str, np.ndarray]) -> dict[str, tuple[int, str]]:
         return {str(s): (int(n), str(h)) for s, n, h in zip(names, sizes, hashes)}
     except (KeyError, TypeError, ValueError):
         return {}
+
+
+def gene_ids(adatas: dict[str, Any], genes: list[str]) -> list[str]:
+    """The IDs of ``genes`` that the sections carry beside their names
+    (``var["gene_ids"]``), "" for a gene without; [] when no section has IDs."""
+    ids: dict[str, str] = {}
+    for a in adatas.values():
+        if "gene_ids" in a.var:
+            ids.update({str(g): str(i) for g, i in zip(a.var_names, a.var["gene_ids"])})
+    return [ids.get(g, "") for g in genes] if ids else []

@@ -151,11 +151,16 @@ def plot_genes(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mclx.data.genenames import missing_hint, resolve_gene
     from mclx.data.slide import open_slide
 
-    missing = [g for g in genes if g not in adata.var_names]
+    ids = adata.var["gene_ids"] if "gene_ids" in adata.var else None
+    columns = {g: resolve_gene(g, adata.var_names, ids) for g in genes}
+    missing = [g for g, col in columns.items() if col is None]
     if missing:
-        msg = f"--plot: genes not in the bank: {', '.join(missing[:5])}"
+        msg = f"--plot: genes not in the bank: {', '.join(missing[:5])}" + missing_hint(
+            adata.var_names
+        )
         raise KeyError(msg)
     found = hires_image(adata)  # the image uns["spatial"] holds, else read again
     if found is None:
@@ -169,7 +174,7 @@ def plot_genes(
     size = float(adata.uns["mclx"]["tile_size_level0"]) / f
     paths = []
     for g in genes:
-        vals = np.asarray(adata[:, g].X).ravel()
+        vals = np.asarray(adata[:, columns[g]].X).ravel()
         fig, ax = plt.subplots(figsize=(8, 8 * thumb.shape[0] / thumb.shape[1]), dpi=110)
         try:  # closed even when drawing or writing fails (a full disk, say)
             ax.imshow(thumb)
