@@ -315,3 +315,25 @@ def test_plot_of_a_symbol_on_ensembl_ids_says_how_genes_are_named(mob, tmp_path)
     assert_one_line_error(res, "--plot: genes not in the bank", "Mbp", "Ensembl IDs",
                           "features.tsv")  # fmt: skip
     assert not out.exists()
+
+
+@needs("stutility-mob")
+def test_the_tissue_mask_keeps_the_pale_tissue_of_legacy_st_images():
+    """The spots STUtility's spot detector put under tissue lie in the mask: 4 of 5 over
+    MOB1-4 (the palest lavender tissue, OD ~0.08, fell under the 0.1 floor: 3 of 5)."""
+    import pandas as pd
+    from helpers.data import shared_path
+
+    from mclx.data.slide import open_slide
+    from mclx.wsi.tiling import tissue_mask
+
+    data, inside = shared_path("stutility-mob"), []
+    for name in ("MOB1", "MOB2", "MOB3", "MOB4"):
+        slide = open_slide(data / f"{name}.jpg")
+        thumb, f = slide.thumbnail(2048)
+        mask = tissue_mask(thumb)
+        table = pd.read_csv(data / f"alignment_table_{name}.tsv", sep="\t")
+        xy = np.floor(table[table["selected"] == 1][["pixel_x", "pixel_y"]].to_numpy() / f)
+        inside.append(mask[xy[:, 1].astype(int), xy[:, 0].astype(int)].mean())
+        assert mask.mean() < 0.15, name  # the glass stays glass
+    assert np.mean(inside) > 0.75, inside

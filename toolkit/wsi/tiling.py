@@ -4,10 +4,11 @@ Tissue is found on a thumbnail: pen ink (blue, green, black) and near-black pixe
 aside, then an optical-density floor: above the image's own glass where the histogram is
 bimodal (glass and tissue, Otsu's criterion) with an unsaturated peak, else an absolute
 floor that H&E glass never reaches, so an image that is all tissue is not split in two
-(Otsu's threshold itself split pale from dark tissue); small objects removed and small holes
-filled (scikit-image). Tiles are
-squares of ``size`` level-0 pixels (the patch size scaled by checkpoint µm/px over slide
-µm/px), described by their centres in level-0 pixels.
+(Otsu's threshold itself split pale from dark tissue); where the peak is glass, pixels
+above it by as much as pale stroma and clearly coloured are tissue too (the pale tissue of
+low-contrast legacy-ST images); small objects removed and small holes filled
+(scikit-image). Tiles are squares of ``size`` level-0 pixels (the patch size scaled by
+checkpoint µm/px over slide µm/px), described by their centres in level-0 pixels.
 """
 
 from __future__ import annotations
@@ -107,6 +108,19 @@ def _between_class_ratio(values: np.ndarray, t: float) -> float:
     return w0 * (1 - w0) * gap * gap / var
 
 
+PALE_SAT = 0.12  # HSV saturation of pale stained tissue (legacy-ST MOB: 0.13-0.14) over
+# glass (her2st's below 0.093): with it, pixels 0.06 above the glass peak are tissue
+
+
+def glass_peak(od: np.ndarray, sat: np.ndarray) -> float | None:
+    """The optical density of the histogram's peak when it is glass (unsaturated)."""
+    hist, edges = np.histogram(od, bins=300, range=(0.0, 1.5))
+    i = int(hist.argmax())
+    peak = float(edges[i] + edges[i + 1]) / 2
+    near = np.abs(od - peak) <= 0.01
+    return peak if near.any() and float(np.median(sat[near])) < GLASS_SAT else None
+
+
 def tissue_threshold(od: np.ndarray, sat: np.ndarray) -> float:
     """The optical density above which a pixel is tissue (``od``, ``sat``: the values of
     the pixels that are not ink).
@@ -144,6 +158,9 @@ def tissue_mask(thumb: np.ndarray, *, min_object_frac: float = 1e-3) -> np.ndarr
         return np.zeros(sat.shape, bool)  # all ink
     t = tissue_threshold(od[clean], sat[clean])
     mask = clean & (od > t) & (sat > SAT_FLOOR)
+    glass = glass_peak(od[clean], sat[clean])
+    if glass is not None and glass + ABOVE_GLASS < t:  # pale but stained, over clear glass
+        mask |= clean & (od > glass + ABOVE_GLASS) & (sat > PALE_SAT)
     area = max(16, int(min_object_frac * mask.size))
     mask = remove_small_objects(mask, max_size=area)
     return remove_small_holes(mask, max_size=area) & clean
