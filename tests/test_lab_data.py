@@ -337,3 +337,22 @@ def test_the_tissue_mask_keeps_the_pale_tissue_of_legacy_st_images():
         inside.append(mask[xy[:, 1].astype(int), xy[:, 0].astype(int)].mean())
         assert mask.mean() < 0.15, name  # the glass stays glass
     assert np.mean(inside) > 0.75, inside
+
+
+@needs("stutility-mob", "openseadragon")
+def test_mclx_view_draws_mob_spots_at_their_real_size(mob, tmp_path):
+    import re
+
+    out = tmp_path / "m4.h5ad"
+    res = mclx("infer", mob["data"] / "MOB4.jpg", "--spots",
+               mob["data"] / "alignment_table_MOB4.tsv", "--bank", mob["bank"], "--out", out,
+               "-q")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    res = mclx("view", out, "--out", tmp_path / "view", "-q")
+    assert res.returncode == 0, res.stderr
+    html = (tmp_path / "view" / "index.html").read_text()
+    m = re.search(r'<script id="mclx-data" type="application/json">(.*?)</script>', html, re.S)
+    data = json.loads(m.group(1))
+    u = ad.read_h5ad(out).uns["mclx"]
+    assert data["shape"] == "circle"
+    assert data["size"] == pytest.approx(100.0 / u["slide_mpp"]) != u["tile_size_level0"]
