@@ -174,10 +174,9 @@ class SlideEngine:
         checked = self.open_run(task.plot) if self.run_ is None else None
         slide, where = self.open(task)  # bad slides and spots fail before a model loads
         try:
-            bank = checked[0] if checked is not None else getattr(self.run_, "bank", None)
-            _warn_if_in_bank(bank, task.slide, slide)
             adata = self.predict(task, slide, where, state, t_start, checked)
             extra = self.write(adata, task, slide)
+            _warn_if_in_bank(getattr(self.run_, "bank", None), task.slide, slide)  # written
         finally:
             slide.close()
         state.remove()
