@@ -52,10 +52,11 @@ def _visium_copy(src: Path, dst: Path, n: int = 40) -> Path:
 def test_infer_on_a_space_ranger_folder_places_the_spots_on_the_hires_image(tiny_bank, tmp_path):
     from helpers.data import shared_path
 
-    outs = _visium_copy(shared_path("visium-fixture"), tmp_path / "outs")
+    outs = _visium_copy(shared_path("visium-fixture"), tmp_path / "V1" / "outs")
     out = tmp_path / "v.h5ad"
     res = mclx("infer", outs, "--bank", tiny_bank["bank"], "--out", out, "-q")
     assert res.returncode == 0, res.stderr
+    assert list(ad.read_h5ad(out).uns["spatial"]) == ["V1"]  # the sample, not "outs"
     assert "tissue_hires_image.png (hires, spots scaled by its factor 0.150015" in res.stderr
     factors = json.loads((outs / "spatial" / "scalefactors_json.json").read_text())
     with open(outs / "spatial" / "tissue_positions_list.csv") as fh:  # read independently

@@ -24,8 +24,10 @@ from mclx.cli.resume import state_file
 
 
 def predictions_path(out: Path | None, slide: Path) -> Path:
-    """``--out``, else ``SLIDE stem + .pred.h5ad`` in the current folder."""
-    return out or Path(f"{slide.stem}.pred.h5ad")
+    """``--out``, else ``SLIDE stem + .pred.h5ad`` in the current folder (a Space Ranger
+    ``outs/`` folder: its parent's name)."""
+    stem = slide.parent.name if slide.name == "outs" else slide.stem
+    return out or Path(f"{stem}.pred.h5ad")
 
 
 def _derived(params: dict[str, Any]):

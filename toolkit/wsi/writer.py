@@ -50,7 +50,9 @@ def library_id(slide_path: str | os.PathLike) -> str:
     in letters, digits, ``_``, ``-`` and ``.`` (what SpatialData accepts as a name)."""
     import re
 
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(slide_path).stem) or "slide"
+    path = Path(slide_path)
+    stem = path.parent.name if path.name == "outs" else path.stem  # Space Ranger's outs/
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "slide"
 
 
 def add_spatial_image(
