@@ -178,7 +178,7 @@ def test_plan_reads_from_the_level_nearest_above_the_model_resolution(tmp_path, 
 
 @pytest.mark.parametrize(
     "slide_mpp, match",
-    [(352.78, r"resampled 392x up .*limit 8x"), (0.02, r"resampled 45x down .*limit 32x")],
+    [(352.78, r"resampled 392x up .*limit 16x"), (0.02, r"resampled 45x down .*limit 32x")],
 )
 def test_plan_refuses_absurd_resampling(tmp_path, slide_mpp, match):
     from mclx.data.slide import open_slide

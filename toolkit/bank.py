@@ -7,21 +7,26 @@ A bank is an ``.npz`` file::
     expressions (N, G) float32  preprocessed expression, the values that get averaged
     genes (G,), sections (N,), spot_ids (N,), coords (N, 2) pixels, positions (N, 2) array
     fingerprint, checkpoint (path), model (name), k, distance, weighting (defaults)
+    image_sections, image_bytes, image_sha256 (S,)   each section's image: size, sha256
 
-Any section with counts can join a bank: the spot encoder needs no image.
+Any section with counts can join a bank: the spot encoder needs no image. The images'
+sizes and hashes (absent from banks of mclx before them) let ``mclx infer`` warn when
+its slide is one of the bank's sections (:mod:`mclx.bank_sections`): it would then
+predict from its own spots.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mclx.artifacts import check_header, require_file, require_keys, unreadable
+from mclx.bank_sections import gene_ids, read_images
 from mclx.errors import FingerprintMismatch, FormatError
 from mclx.files import atomic_path
 
@@ -49,6 +54,8 @@ class Bank:
     distance: str
     weighting: str
     path: Path | None = None
+    images: dict[str, tuple[int, str]] = field(default_factory=dict)  # section: size, sha256
+    gene_ids: list[str] = field(default_factory=list)  # beside genes, when the data has IDs
 
     def __len__(self) -> int:
         return int(self.embeddings.shape[0])
@@ -196,7 +203,7 @@ def build_bank(
     table = build_table(adatas, ck.preprocess)
     path = str(Path(checkpoint).resolve())
     feats = _image_features(ck, adatas, progress) if images else None
-    return bank_from_model(
+    bank = bank_from_model(
         ck.model,
         table,
         ck.preprocess.genes,
@@ -204,6 +211,11 @@ def build_bank(
         checkpoint=path,
         features=feats,
     )
+    from mclx.bank_sections import section_images
+
+    bank.images = section_images(adatas)
+    bank.gene_ids = gene_ids(adatas, bank.genes)
+    return bank
 
 
 def image_bank(model) -> bool:
@@ -246,6 +258,10 @@ def save_bank(bank: Bank, path: str | os.PathLike) -> Path:
         "k": np.array(bank.k),
         "distance": np.array(bank.distance),
         "weighting": np.array(bank.weighting),
+        "gene_ids": np.array(bank.gene_ids, dtype=str),
+        "image_sections": np.array(list(bank.images), dtype=str),
+        "image_bytes": np.array([n for n, _ in bank.images.values()], np.int64),
+        "image_sha256": np.array([h for _, h in bank.images.values()], dtype=str),
     }
     with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as fh:
         np.savez(fh, **arrays)
@@ -276,8 +292,16 @@ def load_bank(path: str | os.PathLike) -> Bank:
         coords=data["coords"].astype(np.float64, copy=False),
         positions=data["positions"],
         path=path,
+        images=read_images(data),
+        gene_ids=[str(g) for g in data.get("gene_ids", ())] if _same_len(data) else [],
         **_read_defaults(path, data),
     )
+
+
+def _same_len(data: dict[str, np.ndarray]) -> bool:
+    """Whether the bank's gene IDs (optional) are one per gene."""
+    ids = data.get("gene_ids")
+    return ids is not None and ids.ndim == 1 and len(ids) == len(data["genes"])
 
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:

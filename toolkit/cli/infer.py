@@ -24,8 +24,10 @@ from mclx.cli.resume import state_file
 
 
 def predictions_path(out: Path | None, slide: Path) -> Path:
-    """``--out``, else ``SLIDE stem + .pred.h5ad`` in the current folder."""
-    return out or Path(f"{slide.stem}.pred.h5ad")
+    """``--out``, else ``SLIDE stem + .pred.h5ad`` in the current folder (a Space Ranger
+    ``outs/`` folder: its parent's name)."""
+    stem = slide.parent.name if slide.name == "outs" else slide.stem
+    return out or Path(f"{stem}.pred.h5ad")
 
 
 def _derived(params: dict[str, Any]):
@@ -135,6 +137,8 @@ def infer(slides: tuple[Path, ...], cohort: CohortOptions, quiet: bool, **kw: An
     Examples:
       mclx infer slide.svs --bank her2.npz --plot FASN --plot IGKC
       mclx infer C2.jpg --bank her2.npz --spots C2_selection.tsv --out C2.h5ad
+      mclx infer V1/outs --bank bank.npz   # Space Ranger: its image (full-resolution,
+                                           # else hires + scale factor) at its spots
       mclx infer slide.tif --bank her2.npz --model model.onnx --batch-size 128
       mclx infer slide.svs --bank her2.npz --geojson slide.geojson --geojson-genes 50
     \b

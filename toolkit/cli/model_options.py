@@ -46,6 +46,8 @@ class ModelOptions:
     encoder_weights: str = "auto"
     genes_file: Path | None = None
     n_hvg: int | None = None
+    markers: str | None = None
+    fov_um: float | None = None
     log_base: str = "10"
     epochs: int | None = None
     batch_size: int | None = None
@@ -95,6 +97,8 @@ class ModelOptions:
             log_base=self.log_base,
             encoder_weights=self.weights(),
             name=self.recipe_name,
+            fov_um=self.fov_um,
+            markers=tuple(m.strip() for m in (self.markers or "").split(",") if m.strip()),
         )
 
     def weights(self) -> str | None:
@@ -159,6 +163,18 @@ def model_options() -> Decorator:
             help="Gene list (.npy or one per line); default her_hvg_cut_1000.npy.",
         ),
         click.option("--n-hvg", type=click.IntRange(1), help="Use N scanpy HVGs instead."),
+        click.option(
+            "--markers", metavar="GENE,...",
+            help="Append these genes to the panel (--genes or --n-hvg) when it lacks them, "
+            "e.g. ERBB2,ESR1,PGR,MKI67 (not in her2st's 785-gene list); every section must "
+            "measure them.",
+        ),
+        click.option(
+            "--fov-um", type=click.FloatRange(min=0, min_open=True), default=None,
+            help="Tissue one patch covers, in µm a side (default: the patch's pixels at the "
+            "training images' µm/px); e.g. 100 for a legacy-ST spot, 55 for Visium. Saved "
+            "in the checkpoint: bank build and infer cut the same field.",
+        ),
         click.option(
             "--log-base", type=literal_choice(LogBase), default="10", show_default=True,
             help="log(1 + x) base after library-size scaling.",

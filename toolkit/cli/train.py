@@ -69,7 +69,10 @@ def train(
       mclx train --model cmrcnet --holdout C2 --freeze-encoder --out cmrcnet.pt
       mclx train --model histogene --embed-dim 128 --depth 2 --heads 4 --out histogene.pt
       mclx train --model his2st --holdout C2 --depth 2 --model-opt mixer_channels=16 --out his2st.pt
-      mclx train --data ../shared/data/stutility-mob --holdout MOB4 --n-hvg 500 --out mob.pt
+      mclx train --data ../shared/data/stutility-mob --holdout MOB4 --n-hvg 500 --fov-um 150 \\
+          --out mob.pt            # a 150 µm field on 4.4 µm/px legacy-ST images
+      mclx train --holdout C2 --markers ERBB2,ESR1,PGR,MKI67 --out model.pt   # markers
+          # appended to her2st's 785-gene panel, which lacks them
       mclx train --data ../shared/data/her2st --holdout C2 --nproc 2 --out model.pt
       torchrun --nproc_per_node 4 -m mclx train --data ../shared/data/her2st --out model.pt
     """

@@ -32,6 +32,9 @@ class SpotArray:
     staggered: bool
 
 
+# a spot's diameter on each array (legacy ST: Ståhl et al. 2016; Visium: 10x Genomics)
+SPOT_DIAMETER_UM: dict[str, float] = {"1k": 100.0, "2k": 100.0, "visium": 55.0}
+
 ARRAYS: dict[str, SpotArray] = {
     "1k": SpotArray("1k", (200.0, 200.0), staggered=False),
     "2k": SpotArray("2k", (100.0, 100.0), staggered=True),

@@ -87,6 +87,8 @@ class Reader:
         image's µm/px in ``attrs["mpp"]``."""
         import pandas as pd
 
+        from mclx.data.arrays import SPOT_DIAMETER_UM
+
         a = self.read_section(section)
         out = pd.DataFrame(
             {
@@ -100,6 +102,7 @@ class Reader:
             }
         )
         out.attrs["mpp"] = a.uns.get("mpp")
+        out.attrs["spot_diameter_um"] = SPOT_DIAMETER_UM.get(str(a.uns.get("array")))
         return out
 
     def extent(self) -> tuple[int, int]:

@@ -55,7 +55,9 @@ def given(mpp: float | None) -> Resolution | None:
 
 MPP_TOLERANCE = 0.02  # slides within 2% of the training µm/px are read without resampling
 MAX_DOWNSAMPLE = 32.0  # level-0 px per model px: an 80x scan for a 2.5 µm/px model
-MAX_UPSAMPLE = 8.0  # model px per level-0 px: beyond, tiles are blur and their number explodes
+# model px per level-0 px: beyond, tiles are blur and their number explodes; legacy-ST
+# images (~4.4 µm/px) read for a spot-sized field (100 µm over 224 px, 0.45 µm/px) are ~10x
+MAX_UPSAMPLE = 16.0
 
 
 def tile_size(pre, slide_mpp: float | None, source: str, found: str = "") -> int:

@@ -8,7 +8,9 @@ what the metadata said when that was not a microscope's resolution), ``vendor``,
 (x, y), resized to ``out``, zero outside the slide; read from the pyramid level nearest
 above the resolution asked for) and ``thumbnail(max_side)``. Headers only are read when
 a slide is opened: a plain image is decoded at its first pixel read. A folder is read as
-a DICOM whole-slide image (any of its instances opens the series).
+a Space Ranger ``outs/`` folder when it has ``spatial/`` tissue positions (its
+full-resolution image, else its hires image: :mod:`mclx.data.spaceranger`), else as a
+DICOM whole-slide image (any of its instances opens the series).
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class Slide:
     vendor: str
     backend: str
     level_downsamples: tuple[float, ...] = (1.0,)
+    spaceranger = None  # what a Space Ranger folder given as the slide read (its spots)
 
     @property
     def mpp(self) -> float | None:
@@ -282,13 +285,30 @@ def _dicom_instance(folder: Path) -> Path:
     return dicom[0]
 
 
+def _spaceranger_slide(folder: Path, mpp: float | None) -> Slide | None:
+    """A Space Ranger outs folder's image (:mod:`mclx.data.spaceranger`) as the slide,
+    with the µm/px of its spot diameter when neither --mpp nor its metadata gives one;
+    ``slide.spaceranger`` says what was read. None when ``folder`` is not one."""
+    from mclx.data.spaceranger import spaceranger_image
+
+    found = spaceranger_image(folder)
+    if found is None:
+        return None
+    slide = open_slide(found.image, mpp=mpp)
+    if slide.resolution.mpp is None and found.mpp is not None:
+        source = f"spot diameter ({found.kind} image, scalefactors_json.json)"
+        slide.resolution = Resolution(found.mpp, source, slide.resolution.found)
+    slide.spaceranger = found
+    return slide
+
+
 def open_slide(path: str | os.PathLike, *, mpp: float | None = None) -> Slide:
     """Open a slide by its content: OpenSlide when it detects the format, else PIL."""
     from mclx.artifacts import require_file
 
     path = Path(path)
     if path.is_dir():
-        return OpenSlideSlide(_dicom_instance(path), mpp)
+        return _spaceranger_slide(path, mpp) or OpenSlideSlide(_dicom_instance(path), mpp)
     path = require_file(path, "slide", nonempty=True, error=DataError)
     if detect_format(path):
         return OpenSlideSlide(path, mpp)

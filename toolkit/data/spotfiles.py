@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mclx.data.arrays import estimate_mpp
+from mclx.data.arrays import SPOT_DIAMETER_UM, estimate_mpp
 from mclx.errors import DataError, short
 
 # what pandas raises on a file it cannot parse: bad gzip (OSError, EOFError, zlib.error),
@@ -85,7 +85,7 @@ def read_selection(path: Path) -> pd.DataFrame:
 def selection_spots(path: Path) -> pd.DataFrame:
     """The selected spots of a her2st / ST spot file as spots for inference."""
     sel = read_selection(path)
-    return pd.DataFrame(
+    out = pd.DataFrame(
         {
             "id": sel.index,
             "x": sel["pixel_x"],
@@ -94,6 +94,8 @@ def selection_spots(path: Path) -> pd.DataFrame:
             "array_y": sel["y"],
         }
     )
+    out.attrs["spot_diameter_um"] = SPOT_DIAMETER_UM["1k"]  # legacy ST, either array
+    return out
 
 
 def read_positions_file(path: Path) -> pd.DataFrame:
@@ -137,6 +139,7 @@ def positions_frame(positions: pd.DataFrame, path: Path) -> pd.DataFrame:
     full = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
     grid = positions[["array_col", "array_row"]].to_numpy(np.int64)
     out.attrs["mpp"] = estimate_mpp(grid, full, "visium")
+    out.attrs["spot_diameter_um"] = SPOT_DIAMETER_UM["visium"]
     return out
 
 

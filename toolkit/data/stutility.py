@@ -3,7 +3,9 @@
 detector's ``alignment_table_NAME.tsv`` (``x y new_x new_y pixel_x pixel_y selected``,
 pixels of the section's image); and ``NAME.jpg`` (or .png/.tif), the H&E image.
 
-Genes are whatever the counts have (Ensembl ids for STUtility's mouse data). The array
+Genes are whatever the counts have (Ensembl ids for STUtility's mouse data), renamed to
+the symbols of a feature file beside them when there is one (``NAME.features.tsv`` or
+``features.tsv``: :mod:`mclx.data.genenames`), the IDs kept in ``var["gene_ids"]``. The array
 (1k or the staggered 2k, :mod:`mclx.data.arrays`) is detected from the spot coordinates
 of the whole alignment table, so the µm/px estimate uses the right pitch; ``--mpp``
 overrides it.
@@ -15,6 +17,7 @@ import re
 from pathlib import Path
 
 from mclx.data.arrays import st_grid_mpp
+from mclx.data.genenames import feature_file, name_genes, read_feature_names
 from mclx.data.her2st import IMAGE_SUFFIXES, st_section
 from mclx.data.layout import Reader, first_existing, register
 from mclx.data.spotfiles import READ_ERRORS, read_selection
@@ -87,6 +90,9 @@ class StutilityReader(Reader):
             raise FileNotFoundError(msg)
         spots, image = self._alignment(section), self.image_path(section)
         adata = st_section(section, counts, spots, image)
+        features = feature_file(self.root, section)
+        if features is not None:  # symbols users type, the IDs beside them
+            name_genes(adata, read_feature_names(features))
         array = self.array(section)
         return self.finish(
             adata,

@@ -100,6 +100,11 @@ class Recipe:
             default here) or ``default`` (``mclx``'s command-line default); its ModelCfg
             choices (:func:`recipe_overrides`) come before ``overrides``. Recorded in
             checkpoints and results.
+        fov_um: the tissue a patch covers, in µm a side: the model's µm/px becomes
+            ``fov_um / patch_size`` (None: the training images' median µm/px, so a
+            patch covers ``patch_size`` of their pixels). Travels as ``preprocess.mpp``.
+        markers: genes appended to the panel (given list or HVGs) when it lacks them;
+            every training and bank section must measure them.
     """
 
     model: str = "mclstexp"
@@ -110,6 +115,8 @@ class Recipe:
     log_base: LogBase = "10"
     encoder_weights: str | os.PathLike | None = "auto"
     name: RecipeName = "paper"
+    fov_um: float | None = None
+    markers: tuple[str, ...] = ()
 
     def model_overrides(self) -> dict[str, Any]:
         """ModelCfg fields set on the model's defaults: the named recipe's, then the user's."""
@@ -137,23 +144,27 @@ class Recipe:
             measured = None
             if others:
                 measured = set(others[0].var_names).intersection(*(a.var_names for a in others))
-            return highly_variable_genes(
+            genes = highly_variable_genes(
                 list(train.values()), n_top=self.n_hvg or 1000, among=measured
             )
-        genes = load_gene_list(path)
-        for a in train.values():
-            check_genes(a, genes)
-        return genes
+        else:
+            genes = load_gene_list(path)
+            for a in train.values():
+                check_genes(a, genes)
+        return with_markers(genes, self.markers, [*train.values(), *others])
 
     def gene_panel(self, data: str | os.PathLike | Reader) -> dict[str, Any]:
         """How the genes are chosen, for results and provenance."""
         path = self.gene_file(data)
+        markers = {"markers": list(self.markers)} if self.markers else {}
         if path is not None:
-            return {"source": "file", "file": str(path), "chosen_on": "given list, used as is"}
+            return {"source": "file", "file": str(path), "chosen_on": "given list, used as is",
+                    **markers}  # fmt: skip
         return {
             "source": "highly_variable_genes",
             "n_hvg": self.n_hvg or 1000,
             "chosen_on": "training sections only (each fold's own, held-out section excluded)",
+            **markers,
         }
 
     def preprocess(
@@ -167,9 +178,12 @@ class Recipe:
         mpps = [
             a.uns["mpp"] for a in train.values() if a.uns.get("image_path") and a.uns.get("mpp")
         ]
+        mpp = float(np.median(mpps)) if mpps else None
+        if self.fov_um:
+            mpp = float(self.fov_um) / self.patch_size()
         return PreprocessCfg(
             genes=tuple(self.genes(data, train, others)),
-            mpp=float(np.median(mpps)) if mpps else None,
+            mpp=mpp,
             log_base=self.log_base,
             **self.pixel_defaults(),
         )
@@ -235,10 +249,31 @@ class Recipe:
             "seed": self.train.seed,
             "train": to_dict(self.train),
             "loss_history": [float(x) for x in history],
+            **({"fov_um": float(self.fov_um)} if self.fov_um else {}),
+            **({"markers": list(self.markers)} if self.markers else {}),
             "mclx_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **extra,
         }
+
+
+def with_markers(genes: Sequence[str], markers: Sequence[str], adatas: Sequence[Any]) -> list:
+    """``genes`` with the ``markers`` it lacks appended (``--markers``); a marker that a
+    section does not measure is refused, naming the section's counts."""
+    from mclx.errors import DataError
+
+    genes = list(genes)
+    for a in adatas:
+        missing = [m for m in markers if m not in a.var_names]
+        if missing:
+            src = a.uns.get("counts_path") or a.uns.get("section", "counts")
+            msg = (
+                f"{src}: --markers {', '.join(missing)} not measured in section "
+                f"{a.uns.get('section', '?')} (its genes are named like "
+                f"{', '.join(map(str, a.var_names[:3]))})"
+            )
+            raise DataError(msg)
+    return genes + [m for m in dict.fromkeys(markers) if m not in genes]
 
 
 # TrainCfg fields newer than the first training states: recorded only when set, so

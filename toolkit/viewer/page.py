@@ -100,8 +100,11 @@ def page_data(adata, dzi: dict, *, genes: list[str], gene: str | None, meta: dic
         "ids": [str(i) for i in adata.obs_names],
         "x": _b64(xy[:, 0]),
         "y": _b64(xy[:, 1]),
-        "shape": "circle" if str(u.get("tiles_from", "")).startswith("spots") else "square",
-        "size": float(u["tile_size_level0"]),
+        "shape": "circle" if _at_spots(u) else "square",
+        # a spot at its real diameter (older predictions: the tile side), a tile as a tile
+        "size": float(u.get("spot_diameter_level0", u["tile_size_level0"]))
+        if _at_spots(u)
+        else float(u["tile_size_level0"]),
         "genes": genes,
         "values": _b64(values),
         "gene": gene or default_gene(values, genes),
@@ -121,3 +124,8 @@ def static_files() -> list[tuple[str, bytes]]:
     """The page's script and style sheet, (name, bytes)."""
     root = resources.files("mclx.viewer").joinpath("static")
     return [(name, root.joinpath(name).read_bytes()) for name in STATIC]
+
+
+def _at_spots(u) -> bool:
+    """Whether the predictions (``uns["mclx"]`` ``u``) are at given spots."""
+    return str(u.get("tiles_from", "")).startswith("spots")

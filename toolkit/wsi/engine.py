@@ -133,7 +133,10 @@ class SlideEngine:
         """The slide and where its tiles go (its header and the spots only)."""
         from mclx.wsi.plan import locate
 
-        return locate(task.slide, spots=task.spots, mpp=task.mpp)
+        slide, where = locate(task.slide, spots=task.spots, mpp=task.mpp)
+        if where.note:
+            self.log(where.note)
+        return slide, where
 
     def predict(self, task: SlideTask, slide, where, state, t_start: float, checked=None):
         """Plan, read, encode and match: the predictions as AnnData."""
@@ -173,7 +176,27 @@ class SlideEngine:
         try:
             adata = self.predict(task, slide, where, state, t_start, checked)
             extra = self.write(adata, task, slide)
+            _warn_if_in_bank(getattr(self.run_, "bank", None), task.slide, slide)  # written
         finally:
             slide.close()
         state.remove()
         return adata, extra
+
+
+def _warn_if_in_bank(bank, slide_path: Path, slide) -> None:
+    """Warn when the slide is one of the bank's sections: its spots are in the bank,
+    so the predictions are retrieved from its own measured expression."""
+    if bank is None:
+        return
+    import warnings
+
+    from mclx.bank_sections import slide_in_bank
+
+    why = slide_in_bank(bank, slide_path, slide.path)
+    if why:
+        warnings.warn(
+            f"{slide_path}: the bank {bank.path or ''} holds this slide's section ({why}): "
+            "its predictions are retrieved from its own measured spots; build the bank "
+            "without it (mclx bank build --sections) for a held-out prediction",
+            stacklevel=2,
+        )

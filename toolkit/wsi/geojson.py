@@ -1,11 +1,12 @@
 """Predictions as GeoJSON that QuPath imports (File > Import objects, or drag and drop).
 
 A FeatureCollection with one Feature per tile or spot: a Polygon in level-0 pixels (the
-tile's square, or a 32-gon around a spot), closed, its exterior ring counterclockwise in
-the file's numbers (RFC 7946; y grows downwards on a slide, so it looks clockwise there),
-and ``properties`` as QuPath reads them (0.3 and later): ``objectType`` "detection" (so
-Measure > Show measurement maps colours them), ``name`` the observation id, and
-``measurements`` the predicted genes (``{"GENE": value}``, 7 significant digits).
+tile's square, or a 32-gon of the spot's real diameter around a spot), closed, its
+exterior ring counterclockwise in the file's numbers (RFC 7946; y grows downwards on a
+slide, so it looks clockwise there), and ``properties`` as QuPath reads them (0.3 and
+later): ``objectType`` "detection" (so Measure > Show measurement maps colours them),
+``name`` the observation id, and ``measurements`` the predicted genes
+(``{"GENE": value}``, 7 significant digits).
 """
 
 from __future__ import annotations
@@ -52,9 +53,12 @@ def write_geojson(adata, path: str | os.PathLike, *, top: int | None = None) -> 
     if not np.isfinite(values).all():
         msg = f"{path}: the predictions hold NaN or infinite values; GeoJSON cannot carry them"
         raise DataError(msg)
-    u = adata.uns["mclx"]
-    shape = "circle" if str(u.get("tiles_from", "")).startswith("spots") else "square"
-    size = float(u["tile_size_level0"])
+    from mclx.wsi.writer import at_spots, spot_diameter
+
+    shape = "circle" if at_spots(adata) else "square"
+    size = (
+        spot_diameter(adata) if shape == "circle" else float(adata.uns["mclx"]["tile_size_level0"])
+    )
     keys = [json.dumps(g) for g in genes]
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:

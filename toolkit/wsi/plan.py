@@ -115,6 +115,7 @@ class Where:
     mpp_source: str = "none"
     found: str = ""
     source: str = ""  # the spot file, or the slide: what messages about the tiles name
+    note: str = ""  # what the run says it read (a Space Ranger folder's image and spots)
 
     @classmethod
     def find(cls, slide, spots) -> Where:
@@ -130,6 +131,28 @@ class Where:
         how = f"spot grid ({kind})" if grid else "none"
         return cls(spot_df, kind, grid, how, res.found, str(spots))
 
+    @classmethod
+    def from_spaceranger(cls, slide, spots) -> Where:
+        """The spots of a Space Ranger folder given as the slide, on the image read."""
+        found = slide.spaceranger
+        if spots is not None:
+            msg = (
+                f"{found.folder}: a Space Ranger folder brings its own spots "
+                f"({found.positions.name}); drop --spots, or give an image file with --spots"
+            )
+            raise DataError(msg)
+        frame = found.spots()
+        res = slide.resolution
+        return cls(frame, "visium", res.mpp, res.source, res.found, str(found.positions),
+                   note=found.describe(len(frame)))  # fmt: skip
+
+    def spot_diameter(self, tile_side: float) -> float:
+        """A spot's diameter in level-0 px, as the data's array makes it (her2st and
+        legacy ST 100 µm, Visium 55 µm); the tile side for a tissue grid or spots of
+        unknown size (a CSV of x, y)."""
+        um = self.spots.attrs.get("spot_diameter_um") if self.spots is not None else None
+        return float(um) / self.mpp if um and self.mpp else float(tile_side)
+
     @property
     def origin(self) -> str:
         return f"spots:{self.kind}" if self.spots is not None else "tissue grid"
@@ -144,7 +167,7 @@ class Where:
         if max_tiles is not None and len(self.spots) > max_tiles:
             msg = f"{self.source}: {len(self.spots):,} spots, more than --max-tiles {max_tiles:,}"
             raise DataError(msg)
-        return spot_tiles(slide, self.spots, size=size, source=self.source)
+        return spot_tiles(slide, self.spots, size=size, source=self.source, kind=self.kind)
 
 
 def locate(slide_path: str | os.PathLike, *, spots=None, mpp: float | None = None):
@@ -154,6 +177,8 @@ def locate(slide_path: str | os.PathLike, *, spots=None, mpp: float | None = Non
 
     slide = open_slide(slide_path, mpp=mpp)
     try:
+        if slide.spaceranger is not None:
+            return slide, Where.from_spaceranger(slide, spots)
         return slide, Where.find(slide, spots)
     except BaseException:
         slide.close()
@@ -174,5 +199,6 @@ def slide_record(slide_path, slide, where: Where, work) -> dict:
         "slide_mpp_source": where.mpp_source,
         "slide_mpp_found": where.found,
         **work.record(),
+        "spot_diameter_level0": where.spot_diameter(work.tiles.size),
         "tiles_from": where.origin,
     }

@@ -160,9 +160,13 @@ def check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
         if not model.is_file():
             msg = f"{bank_path}: the bank's checkpoint {model} does not exist; pass --model"
             raise FileNotFoundError(msg)
-    missing = [g for g in plot_genes if g not in bank.genes]
+    from mclx.data.genenames import missing_hint, resolve_gene
+
+    missing = [g for g in plot_genes if resolve_gene(g, bank.genes, bank.gene_ids) is None]
     if missing:
-        msg = f"--plot: genes not in the bank {bank_path}: {', '.join(missing[:5])}"
+        msg = f"--plot: genes not in the bank {bank_path}: {', '.join(missing[:5])}" + missing_hint(
+            bank.genes
+        )
         raise KeyError(msg)
     return bank, model, bank.check_k(k)
 
@@ -334,6 +338,8 @@ def predictions(preds: np.ndarray, tiles, bank, encoder, provenance: dict, timin
     )
     genes = list(encoder.pre.genes)
     adata = ad.AnnData(X=preds, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
+    if bank is not None and len(bank.gene_ids) == len(genes):
+        adata.var["gene_ids"] = list(bank.gene_ids)
     adata.obsm["spatial"] = tiles.centres.copy()
     adata.uns["mclx"] = {
         "mclx_version": __version__,

@@ -5,7 +5,7 @@ Three elements in one coordinate system, ``global``, in the slide's level-0 pixe
 - images ``{LIB}_image``: the slide as ``uns["spatial"]`` holds it (downscaled, longer side
   2000 px), with the scale that maps it onto level 0;
 - shapes ``{LIB}_tiles``: one square per tile (polygons) or one circle per spot (points
-  with a radius), indexed by instance id 0..n-1;
+  with the radius of the real spot), indexed by instance id 0..n-1;
 - tables ``table``: the predictions (AnnData), annotating the shapes through
   ``obs["region"]`` (the shapes' name) and ``obs["instance_id"]``.
 
@@ -41,8 +41,9 @@ def _shapes(adata, region: str):
     xy = np.asarray(adata.obsm["spatial"], dtype=np.float64)
     size = float(adata.uns["mclx"]["tile_size_level0"])
     index = np.arange(adata.n_obs)
-    if str(adata.uns["mclx"].get("tiles_from", "")).startswith("spots"):
-        gdf = gpd.GeoDataFrame({"radius": np.full(len(xy), size / 2)}, geometry=points(xy))
+    if str(adata.uns["mclx"].get("tiles_from", "")).startswith("spots"):  # the real spot
+        d = float(adata.uns["mclx"].get("spot_diameter_level0", size))
+        gdf = gpd.GeoDataFrame({"radius": np.full(len(xy), d / 2)}, geometry=points(xy))
     else:
         r = size / 2
         gdf = gpd.GeoDataFrame(geometry=box(xy[:, 0] - r, xy[:, 1] - r, xy[:, 0] + r, xy[:, 1] + r))

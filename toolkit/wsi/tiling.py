@@ -4,10 +4,11 @@ Tissue is found on a thumbnail: pen ink (blue, green, black) and near-black pixe
 aside, then an optical-density floor: above the image's own glass where the histogram is
 bimodal (glass and tissue, Otsu's criterion) with an unsaturated peak, else an absolute
 floor that H&E glass never reaches, so an image that is all tissue is not split in two
-(Otsu's threshold itself split pale from dark tissue); small objects removed and small holes
-filled (scikit-image). Tiles are
-squares of ``size`` level-0 pixels (the patch size scaled by checkpoint µm/px over slide
-µm/px), described by their centres in level-0 pixels.
+(Otsu's threshold itself split pale from dark tissue); where the peak is glass, pixels
+above it by as much as pale stroma and clearly coloured are tissue too (the pale tissue of
+low-contrast legacy-ST images); small objects removed and small holes filled
+(scikit-image). Tiles are squares of ``size`` level-0 pixels (the patch size scaled by
+checkpoint µm/px over slide µm/px), described by their centres in level-0 pixels.
 """
 
 from __future__ import annotations
@@ -108,6 +109,19 @@ def _between_class_ratio(values: np.ndarray, t: float) -> float:
     return w0 * (1 - w0) * gap * gap / var
 
 
+PALE_SAT = 0.12  # HSV saturation of pale stained tissue (legacy-ST MOB: 0.13-0.14) over
+# glass (her2st's below 0.093): with it, pixels 0.06 above the glass peak are tissue
+
+
+def glass_peak(od: np.ndarray, sat: np.ndarray) -> float | None:
+    """The optical density of the histogram's peak when it is glass (unsaturated)."""
+    hist, edges = np.histogram(od, bins=300, range=(0.0, 1.5))
+    i = int(hist.argmax())
+    peak = float(edges[i] + edges[i + 1]) / 2
+    near = np.abs(od - peak) <= 0.01
+    return peak if near.any() and float(np.median(sat[near])) < GLASS_SAT else None
+
+
 def tissue_threshold(od: np.ndarray, sat: np.ndarray) -> float:
     """The optical density above which a pixel is tissue (``od``, ``sat``: the values of
     the pixels that are not ink).
@@ -145,6 +159,9 @@ def tissue_mask(thumb: np.ndarray, *, min_object_frac: float = 1e-3) -> np.ndarr
         return np.zeros(sat.shape, bool)  # all ink
     t = tissue_threshold(od[clean], sat[clean])
     mask = clean & (od > t) & (sat > SAT_FLOOR)
+    glass = glass_peak(od[clean], sat[clean])
+    if glass is not None and glass + ABOVE_GLASS < t:  # pale but stained, over clear glass
+        mask |= clean & (od > glass + ABOVE_GLASS) & (sat > PALE_SAT)
     area = max(16, int(min_object_frac * mask.size))
     mask = remove_small_objects(mask, max_size=area)
     return remove_small_holes(mask, max_size=area) & clean
@@ -237,8 +254,11 @@ def tissue_covered(mask: np.ndarray, f: float, gx, gy, size: int) -> float:
     return float((covered & mask).sum() / tissue) if tissue else 0.0
 
 
-def spot_tiles(slide, spots: pd.DataFrame, *, size: int, source: str = "spots") -> Tiles:
-    """Tiles centred on given spots; every spot must lie on the slide."""
+def spot_tiles(
+    slide, spots: pd.DataFrame, *, size: int, source: str = "spots", kind: str = ""
+) -> Tiles:
+    """Tiles centred on given spots; every spot must lie on the slide (Visium positions
+    on a downscaled image: the message says they need its scale factor)."""
     W, H = slide.dimensions
     xy = spots[["x", "y"]].to_numpy(np.float64)
     outside = (xy[:, 0] < 0) | (xy[:, 1] < 0) | (xy[:, 0] >= W) | (xy[:, 1] >= H)
@@ -247,6 +267,17 @@ def spot_tiles(slide, spots: pd.DataFrame, *, size: int, source: str = "spots") 
         msg = (
             f"{source}: {int(outside.sum())} spots lie outside the {W}x{H} slide "
             f"{slide.path.name} (first: {first})"
-        )
+        ) + (_visium_hint(slide.path) if kind == "visium" else "")
         raise DataError(msg)
     return Tiles(xy, spots["id"].astype(str).tolist(), size)
+
+
+def _visium_hint(image) -> str:
+    """Why Visium positions miss an image: they are full-resolution pixels."""
+    from mclx.data.spaceranger import downscaled_hint
+
+    return downscaled_hint(image) or (
+        "; Visium positions are full-resolution pixels: for Space Ranger's hires or lowres "
+        "image they need its scale factor (scalefactors_json.json), so give the Space "
+        "Ranger folder instead (mclx infer OUTS/)"
+    )

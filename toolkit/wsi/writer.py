@@ -50,7 +50,9 @@ def library_id(slide_path: str | os.PathLike) -> str:
     in letters, digits, ``_``, ``-`` and ``.`` (what SpatialData accepts as a name)."""
     import re
 
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", Path(slide_path).stem) or "slide"
+    path = Path(slide_path)
+    stem = path.parent.name if path.name == "outs" else path.stem  # Space Ranger's outs/
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "slide"
 
 
 def add_spatial_image(
@@ -65,7 +67,8 @@ def add_spatial_image(
     ``sc.pl.spatial(adata, color=GENE)`` draws the predictions over it as they are:
     ``uns["spatial"][library_id]`` holds ``images["hires"]`` (RGB uint8, longer side
     ``max_side``), ``scalefactors`` (``tissue_hires_scalef`` = hires px per level-0 px,
-    ``spot_diameter_fullres`` = the tile side in level-0 px) and ``metadata``. ``slide``:
+    ``spot_diameter_fullres`` = a spot's real diameter in level-0 px for predictions at
+    spots, the tile side for a tissue grid) and ``metadata``. ``slide``:
     the slide already open (else it is opened here)."""
     from mclx.data.slide import open_slide
 
@@ -82,11 +85,24 @@ def add_spatial_image(
             "images": {"hires": np.ascontiguousarray(thumb, dtype=np.uint8)},
             "scalefactors": {
                 "tissue_hires_scalef": float(1.0 / f),
-                "spot_diameter_fullres": float(adata.uns["mclx"]["tile_size_level0"]),
+                "spot_diameter_fullres": spot_diameter(adata),
             },
             "metadata": {"source_image_path": str(Path(slide_path).resolve())},
         }
     }
+
+
+def spot_diameter(adata) -> float:
+    """What a tile or spot of ``adata`` is drawn as, in level-0 px: a spot's real
+    diameter (``uns["mclx"]["spot_diameter_level0"]``), else the tile side (a tissue grid,
+    or predictions of an mclx that did not record it)."""
+    u = adata.uns["mclx"]
+    return float(u.get("spot_diameter_level0", u["tile_size_level0"]))
+
+
+def at_spots(adata) -> bool:
+    """Whether the predictions are at given spots (drawn as circles), not a tile grid."""
+    return str(adata.uns["mclx"].get("tiles_from", "")).startswith("spots")
 
 
 def hires_image(adata) -> tuple[np.ndarray, float] | None:
@@ -137,11 +153,16 @@ def plot_genes(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mclx.data.genenames import missing_hint, resolve_gene
     from mclx.data.slide import open_slide
 
-    missing = [g for g in genes if g not in adata.var_names]
+    ids = adata.var["gene_ids"] if "gene_ids" in adata.var else None
+    columns = {g: resolve_gene(g, adata.var_names, ids) for g in genes}
+    missing = [g for g, col in columns.items() if col is None]
     if missing:
-        msg = f"--plot: genes not in the bank: {', '.join(missing[:5])}"
+        msg = f"--plot: genes not in the bank: {', '.join(missing[:5])}" + missing_hint(
+            adata.var_names
+        )
         raise KeyError(msg)
     found = hires_image(adata)  # the image uns["spatial"] holds, else read again
     if found is None:
@@ -155,20 +176,15 @@ def plot_genes(
     size = float(adata.uns["mclx"]["tile_size_level0"]) / f
     paths = []
     for g in genes:
-        vals = np.asarray(adata[:, g].X).ravel()
+        vals = np.asarray(adata[:, columns[g]].X).ravel()
         fig, ax = plt.subplots(figsize=(8, 8 * thumb.shape[0] / thumb.shape[1]), dpi=110)
         try:  # closed even when drawing or writing fails (a full disk, say)
             ax.imshow(thumb)
-            sc = ax.scatter(
-                xy[:, 0],
-                xy[:, 1],
-                c=vals,
-                s=max(4.0, (0.8 * size) ** 2 / 4),
-                marker="s",
-                cmap="magma",
-                alpha=0.75,
-                linewidths=0,
-            )
+            if at_spots(adata):  # spots at their real size, in the image's pixels
+                sc = _spot_circles(ax, xy, vals, spot_diameter(adata) / f)
+            else:
+                sc = ax.scatter(xy[:, 0], xy[:, 1], c=vals, s=max(4.0, (0.8 * size) ** 2 / 4),
+                                marker="s", cmap="magma", alpha=0.75, linewidths=0)  # fmt: skip
             fig.colorbar(sc, ax=ax, fraction=0.035, label=f"{g} (predicted, log-normalised)")
             ax.set_axis_off()
             ax.set_title(f"{Path(slide_path).name}: {g}")
@@ -179,3 +195,17 @@ def plot_genes(
             plt.close(fig)
         paths.append(path)
     return paths
+
+
+def _spot_circles(ax, xy: np.ndarray, values: np.ndarray, diameter: float):
+    """Circles of ``diameter`` (data units: the image's pixels) at ``xy``, coloured by
+    ``values``; the collection, for the colour bar."""
+    from matplotlib.collections import EllipseCollection
+
+    d = np.full(len(xy), diameter)
+    circles = EllipseCollection(d, d, np.zeros(len(xy)), units="xy", offsets=xy,
+                                offset_transform=ax.transData, cmap="magma", alpha=0.85,
+                                linewidths=0)  # fmt: skip
+    circles.set_array(np.asarray(values, dtype=np.float64))
+    ax.add_collection(circles)
+    return circles
