@@ -10,9 +10,8 @@ A bank is an ``.npz`` file::
     image_sections, image_bytes, image_sha256 (S,)   each section's image: size, sha256
 
 Any section with counts can join a bank: the spot encoder needs no image. The images'
-sizes and hashes (absent from banks of mclx before them) let ``mclx infer`` warn when
-its slide is one of the bank's sections (:mod:`mclx.bank_sections`): it would then
-predict from its own spots.
+sizes and hashes (absent from older banks) let ``mclx infer`` warn when its slide is one
+of the bank's sections (:mod:`mclx.bank_sections`): it would predict from its own spots.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mclx.artifacts import check_header, require_file, require_keys, unreadable
-from mclx.bank_sections import gene_ids, read_images
+from mclx.bank_sections import gene_ids, read_images, section_images
 from mclx.errors import FingerprintMismatch, FormatError
 from mclx.files import atomic_path
 
@@ -211,8 +210,6 @@ def build_bank(
         checkpoint=path,
         features=feats,
     )
-    from mclx.bank_sections import section_images
-
     bank.images = section_images(adatas)
     bank.gene_ids = gene_ids(adatas, bank.genes)
     return bank

@@ -11,16 +11,7 @@ from typing import Any
 
 import numpy as np
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 4 MiB blocks."""
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+from mclx.training.feature_store import file_digest
 
 
 def section_images(adatas: dict[str, Any]) -> dict[str, tuple[int, str]]:
@@ -30,7 +21,7 @@ def section_images(adatas: dict[str, Any]) -> dict[str, tuple[int, str]]:
     for name, a in adatas.items():
         image = a.uns.get("image_path")
         if image and Path(image).is_file():
-            out[str(name)] = (Path(image).stat().st_size, file_sha256(image))
+            out[str(name)] = (Path(image).stat().st_size, file_digest(image))
     return out
 
 
@@ -44,7 +35,7 @@ def slide_in_bank(bank: Any, slide_path: str | os.PathLike, image: str | os.Path
         size = image.stat().st_size
         same = [s for s, (n, _) in bank.images.items() if n == size]
         if same:
-            digest = file_sha256(image)
+            digest = file_digest(image)
             for s in same:
                 if bank.images[s][1] == digest:
                     return f"{image.name} has the bytes of section {s}'s image"
