@@ -38,11 +38,14 @@ class ExportJob:
 
     Attributes:
         ck: the loaded checkpoint.
-        patches: uint8 patches for parity (and INT8 calibration).
+        patches: uint8 patches of the held-back spots the parity gate judges on.
         paths: final path of each requested format.
         options: the export options (see each row's ``options``).
         positions: array coordinates given with the patches to a section-level model
             (HisToGene; None for the others).
+        cal: the :class:`~mclx.export.calib.CalibrationSet` (INT8 calibration patches,
+            the held-back spots' expression and bank); None: calibrate on ``patches``.
+        notes: what builders tell the report beside the parity (layers kept in FP32).
     """
 
     ck: Any
@@ -50,6 +53,13 @@ class ExportJob:
     paths: dict[str, Path]
     options: dict[str, Any] = field(default_factory=dict)
     positions: np.ndarray | None = None
+    cal: Any = None
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def calib(self) -> np.ndarray:
+        """The INT8 calibration patches (other spots than the gate's where there are)."""
+        return self.patches if self.cal is None else self.cal.calib
 
     def run(self, encoder) -> Any:
         """``encoder`` on the parity patches (with their positions when it needs them)."""
@@ -64,15 +74,25 @@ def _staging(path: Path) -> Path:
     return path.with_name(f".{path.name}.staging{''.join(path.suffixes[-1:])}")
 
 
-def check_parity(fmt: str, path: Path, res: Mapping[str, float], precision: str) -> None:
-    """FP32 within ``MAX_REL_ERR_FP32`` relative; every precision cosine >= ``MIN_COSINE``."""
+def check_parity(fmt: str, path: Path, res: Mapping[str, Any], precision: str) -> None:
+    """FP32 within ``MAX_REL_ERR_FP32`` relative; a reduced precision passes the task
+    gate (:mod:`mclx.export.gate`) or, recorded without a task, cosine >= ``MIN_COSINE``."""
+    from mclx.export.gate import failures
+
     if precision == "fp32" and res["max_rel_err"] > MAX_REL_ERR_FP32:
         msg = (
             f"{path}: FP32 parity failed, max relative error {res['max_rel_err']:.2e} > "
             f"{MAX_REL_ERR_FP32:.0e}"
         )
         raise ParityError(msg)
-    if res["min_cosine"] < MIN_COSINE:
+    if precision == "fp32":
+        return
+    if res.get("task"):
+        missed = failures(res["task"])
+        if missed:
+            msg = f"{path}: {fmt} parity failed on the task: {'; '.join(missed)}"
+            raise ParityError(msg)
+    elif res["min_cosine"] < MIN_COSINE:
         msg = f"{path}: {fmt} parity failed, min cosine {res['min_cosine']:.4f} < {MIN_COSINE}"
         raise ParityError(msg)
 
@@ -137,7 +157,7 @@ def export(
         options: per-format options: ``opset`` (ONNX), ``fp16``, ``max_batch`` (engine).
     """
     from mclx.checkpoint import load_checkpoint
-    from mclx.export.calib import calibration_patches
+    from mclx.export.calib import calibration_set
     from mclx.inference.device import require_gpu_stack
     from mclx.inference.encoders import TorchEncoder
 
@@ -152,13 +172,13 @@ def export(
             require_gpu_stack(f"--{fmt.flag}: {paths[fmt.name]} not built")
     for out in [*paths.values(), report_path(checkpoint)]:
         check_output(out)
-    patches, source = calibration_patches(calib_data, n=n_patches, size=ck.preprocess.patch_size)
-    log(f"parity patches: {len(patches)} from {source}")
-    job = ExportJob(ck, patches, paths, options, positions)
+    cal = calibration_set(calib_data, ck, n=n_patches)
+    log(f"parity patches: {len(cal.patches)} from {cal.source}")
+    job = ExportJob(ck, cal.patches, paths, options, positions, cal)
     reference = job.run(TorchEncoder(ck))
     report: dict[str, Any] = {
         "fingerprint": ck.fingerprint,
-        "patches": source,
+        "patches": cal.source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _record_torch_reduced(job, reference, report, checkpoint, log)
@@ -199,15 +219,37 @@ def _paths(rows: list[Format], checkpoint, onnx_path) -> dict[str, Path]:
     return paths
 
 
-def _record(fmt: str, path: Path, precision: str, reference, got, log) -> dict[str, Any]:
+def _record(job, fmt: str, path: Path, precision: str, reference, got, log) -> dict[str, Any]:
+    """The parity record of one row: the embeddings' agreement (a diagnostic), the task
+    gate's numbers where the calibration spots have expression (``task``), which gate
+    applies (``gate``) and whether it ``held``, and the builder's notes."""
     from mclx.export import parity
+    from mclx.export.gate import judge
+    from mclx.inference.formats import parity_held
 
     res = parity.compare(reference, got)
+    task = judge(reference, got, job.cal) if job.cal is not None else {}
+    entry = {"path": str(path), "precision": precision, **res, **job.notes.get(fmt, {})}
+    if task:
+        entry["task"] = task
+    entry["gate"] = "task" if task else "cosine"
+    entry["held"] = parity_held(fmt, {fmt: entry}) if precision != "fp32" else True
     log(
-        f"{fmt:<11} {precision:<5} max rel err {res['max_rel_err']:.2e}  "
-        f"min cosine {res['min_cosine']:.6f}  -> {path}"
+        f"{fmt:<13} {precision:<5} max rel err {res['max_rel_err']:.2e}  "
+        f"min cosine {res['min_cosine']:.6f}{_task_words(task)}  -> {path}"
     )
-    return {"path": str(path), "precision": precision, **res}
+    return entry
+
+
+def _task_words(task: Mapping[str, Any]) -> str:
+    if not task:
+        return ""
+    overlap = task["topk_overlap"]
+    words = f"  top-{task['k']} overlap {overlap:.3f}" if overlap is not None else ""
+    return (
+        f"{words}  gene corr {task['gene_corr_median']:.4f}  "
+        f"PCC(ACG) {task['pcc_acg']:.4f} (fp32 {task['pcc_acg_fp32']:.4f})"
+    )
 
 
 def _record_torch_reduced(job: ExportJob, reference, report: dict, checkpoint, log) -> None:
@@ -227,7 +269,7 @@ def _record_torch_reduced(job: ExportJob, reference, report: dict, checkpoint, l
         precision = FORMATS[name].precision
         got = TorchEncoder(job.ck, precision=precision, device=device)(job.patches)
         job.ck.model.cpu()  # the encoder moved the shared model
-        report[name] = _record(name, Path(checkpoint), precision, reference, got, log)
+        report[name] = _record(job, name, Path(checkpoint), precision, reference, got, log)
 
 
 def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
@@ -250,7 +292,7 @@ def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
         except RuntimeError as exc:
             log(f"{fmt.name:<11} {fmt.precision:<5} not recorded: {exc}")
             continue
-        report[fmt.name] = _record(fmt.name, path, fmt.precision, reference, got, log)
+        report[fmt.name] = _record(job, fmt.name, path, fmt.precision, reference, got, log)
         recorded = True
     return recorded
 
@@ -270,7 +312,7 @@ def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
         precision = _build(fmt, job, stage, final)
         device = "cuda" if fmt.device == "cuda" else "cpu"
         got = to_host(job.run(open_file(stage, device=device)))
-        entry = _record(fmt.name, final, precision, reference, got, log)
+        entry = _record(job, fmt.name, final, precision, reference, got, log)
         check_parity(fmt.name, final, entry, precision)
         os.replace(stage, final)
         for src, dst in sidecars:

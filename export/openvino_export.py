@@ -18,7 +18,9 @@ from mclx.inference.transform import to_model_input
 
 
 def build_int8(job, out: Path) -> str:
-    """Formats-table builder of ``openvino-int8``: NNCF on the job's FP32 ONNX file."""
+    """Formats-table builder of ``openvino-int8``: NNCF on the job's FP32 ONNX file,
+    calibrated on the job's calibration patches, per-channel weights (NNCF's CPU
+    default), the head after the pooled features (standardisation, projection) in FP32."""
     import warnings
 
     import onnx
@@ -27,11 +29,12 @@ def build_int8(job, out: Path) -> str:
 
     msg = f"{out}: --openvino needs NNCF and OpenVINO (pip install 'mclx[openvino]')"
     nncf = require("nncf", message=msg)
-    from mclx.export.onnx_export import _set_metadata
+    from mclx.export.onnx_export import _set_metadata, head_nodes
 
     fp32 = Path(job.paths["onnx"])
     meta = read_onnx_metadata(fp32)
-    x = to_model_input(job.patches, job.ck.preprocess)
+    x = to_model_input(job.calib, job.ck.preprocess)
+    keep = head_nodes(fp32)
     batches = [{INPUT: x[i : i + 8]} for i in range(0, len(x), 8)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -40,8 +43,10 @@ def build_int8(job, out: Path) -> str:
             nncf.Dataset(batches),
             subset_size=len(x),
             target_device=nncf.TargetDevice.CPU,
+            ignored_scope=nncf.IgnoredScope(names=keep, validate=False),
         )
     _set_metadata(quantised, {**meta, "precision": "int8"})
     with atomic_path(out) as tmp:
         onnx.save(quantised, str(tmp))
+    job.notes["openvino-int8"] = {"fp32_layers": keep, "calibration_patches": len(x)}
     return "int8"
