@@ -188,3 +188,30 @@ def test_torch_bf16_runs_the_head_in_fp32(model, data):
         ck.model.image_encoder.float()
         want = ck.model.embed_image_features(feats).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_openvino_bf16_runs_the_head_in_f32(model, tmp_path):
+    from mclx.kernels import cpu_has_fast_bf16
+
+    ov = pytest.importorskip("openvino")
+    if not cpu_has_fast_bf16():
+        pytest.skip("no bf16 arithmetic on this CPU")
+    from mclx.export.onnx_export import export_onnx
+    from mclx.inference.openvino import OpenVinoEncoder, trunk_output
+
+    ck = load_checkpoint(model)
+    onnx = export_onnx(ck, tmp_path / "model.onnx")
+    assert trunk_output(onnx).startswith("/image_encoder/")
+    x = np.random.default_rng(0).integers(0, 256, (16, 224, 224, 3), dtype=np.uint8)
+    split = OpenVinoEncoder(onnx, precision="bf16")
+    assert split.head is not None
+    from mclx.inference.transform import to_model_input
+
+    feed = {"images": to_model_input(x, ck.preprocess)}
+    feats = next(iter(split.request.infer(feed).values()))  # the bf16 trunk's output
+    with torch.no_grad():  # the reference: PyTorch's float32 head on those features
+        want = ck.model.embed_image_features(torch.as_tensor(np.array(feats))).numpy()
+    whole = ov.Core().compile_model(str(onnx), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+    err_split = np.abs(split(x) - want).max()
+    assert err_split < 1e-4
+    assert np.abs(whole(feed)[0] - want).max() > 10 * err_split  # bf16 head: far off
