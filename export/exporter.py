@@ -25,7 +25,14 @@ import numpy as np
 from mclx.errors import MclxError
 from mclx.extras import installed
 from mclx.files import check_output, write_text_atomic
-from mclx.inference.formats import FORMATS, MAX_REL_ERR_FP32, MIN_COSINE, Format, report_path
+from mclx.inference.formats import (
+    FORMATS,
+    MAX_REL_ERR_FP32,
+    MIN_COSINE,
+    Format,
+    host,
+    report_path,
+)
 
 
 class ParityError(MclxError):
@@ -55,6 +62,22 @@ class ExportJob:
     positions: np.ndarray | None = None
     cal: Any = None
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def timed(self, name: str, encoder) -> np.ndarray:
+        """``encoder`` on the parity patches (which warms it up), then its rate on up to
+        16 of them (images/s, best of two) into ``notes[name]["rate"]``: what ``--backend
+        auto`` ranks the formats by on this machine."""
+        from mclx.inference import to_host
+
+        out = to_host(self.run(encoder))
+        if self.positions is None:
+            few, best = self.patches[:16], float("inf")
+            for _ in range(2):
+                t = time.perf_counter()
+                encoder(few)
+                best = min(best, time.perf_counter() - t)
+            self.notes.setdefault(name, {})["rate"] = round(len(few) / max(best, 1e-9), 2)
+        return out
 
     @property
     def calib(self) -> np.ndarray:
@@ -175,9 +198,11 @@ def export(
     cal = calibration_set(calib_data, ck, n=n_patches)
     log(f"parity patches: {len(cal.patches)} from {cal.source}")
     job = ExportJob(ck, cal.patches, paths, options, positions, cal)
-    reference = job.run(TorchEncoder(ck))
+    reference = job.timed("torch", TorchEncoder(ck))
     report: dict[str, Any] = {
         "fingerprint": ck.fingerprint,
+        "host": host(),
+        "reference": {"format": "torch", **job.notes.get("torch", {})},
         "patches": cal.source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -267,7 +292,7 @@ def _record_torch_reduced(job: ExportJob, reference, report: dict, checkpoint, l
         rows.append(("torch-fp16", "cuda"))
     for name, device in rows:
         precision = FORMATS[name].precision
-        got = TorchEncoder(job.ck, precision=precision, device=device)(job.patches)
+        got = job.timed(name, TorchEncoder(job.ck, precision=precision, device=device))
         job.ck.model.cpu()  # the encoder moved the shared model
         report[name] = _record(job, name, Path(checkpoint), precision, reference, got, log)
 
@@ -288,7 +313,7 @@ def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
 
         path = Path(report[fmt.reads]["path"])
         try:
-            got = OpenVinoEncoder(path, precision=fmt.precision)(job.patches)
+            got = job.timed(fmt.name, OpenVinoEncoder(path, precision=fmt.precision))
         except RuntimeError as exc:
             log(f"{fmt.name:<11} {fmt.precision:<5} not recorded: {exc}")
             continue
@@ -300,7 +325,6 @@ def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
 def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
     """Build ``fmt`` under a staging name, check parity, then rename it (and its
     sidecars) into place; return its report entry."""
-    from mclx.inference import to_host
     from mclx.inference.formats import open_file
 
     final = job.paths[fmt.name]
@@ -311,7 +335,7 @@ def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
     try:
         precision = _build(fmt, job, stage, final)
         device = "cuda" if fmt.device == "cuda" else "cpu"
-        got = to_host(job.run(open_file(stage, device=device)))
+        got = job.timed(fmt.name, open_file(stage, device=device))
         entry = _record(job, fmt.name, final, precision, reference, got, log)
         check_parity(fmt.name, final, entry, precision)
         os.replace(stage, final)

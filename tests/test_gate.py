@@ -215,3 +215,38 @@ def test_openvino_bf16_runs_the_head_in_f32(model, tmp_path):
     err_split = np.abs(split(x) - want).max()
     assert err_split < 1e-4
     assert np.abs(whole(feed)[0] - want).max() > 10 * err_split  # bf16 head: far off
+
+
+def test_auto_ranks_by_the_rates_measured_on_this_machine():
+    from mclx.inference.formats import host, ranked
+
+    names = ["openvino-bf16", "torch-bf16", "openvino-int8", "torch"]
+    report = {
+        "host": host(),
+        "reference": {"format": "torch", "rate": 10.0},
+        "openvino-bf16": {"rate": 40.0},
+        "torch-bf16": {"rate": 20.0},
+        "openvino-int8": {"rate": 60.0},
+    }
+    assert ranked(names, report) == ["openvino-int8", "openvino-bf16", "torch-bf16", "torch"]
+    # measured elsewhere, or not every rate measured: the table's order
+    assert ranked(names, {**report, "host": "another CPU x64"}) == names
+    assert ranked(names, {**report, "torch-bf16": {}}) == names
+
+
+def test_the_chosen_format_and_its_gate_go_into_the_predictions(paper, data):
+    import anndata as ad
+
+    from mclx.inference import open_encoder
+    from mclx.wsi.runtime import parity_record
+
+    if "onnx-int8" not in read_report(paper):  # run alone, without the export test
+        export(paper, int8=True, calib_data=data, n_patches=48, log=lambda *_: None)
+    enc = open_encoder(paper, device="cpu")
+    rec = parity_record(enc)
+    assert rec["format"] in FORMATS and rec["held"] is True
+    report = read_report(paper)
+    assert report["host"] and report["reference"]["rate"] > 0
+    a = ad.AnnData(np.zeros((1, 1), np.float32))
+    a.uns["parity"] = rec  # plain values only: an .h5ad stores them
+    a.write_h5ad(paper.with_name("p.h5ad"))

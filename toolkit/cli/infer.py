@@ -183,6 +183,13 @@ def _summary(adata, out: Path, pngs: list[Path]) -> str:
         f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, retrieve "
         f"{t['retrieve']:.1f} s, write {t['write']:.2f} s{once}) with "
         f"{adata.uns['mclx']['backend']}/"
-        f"{adata.uns['mclx']['precision']}; wrote {out}"
+        f"{adata.uns['mclx']['precision']}{_chosen(adata.uns['mclx'].get('parity'))}; wrote {out}"
         + (f" and {', '.join(str(p) for p in pngs)}" if pngs else "")
     )
+
+
+def _chosen(parity) -> str:
+    """How ``--backend auto`` chose the format (nothing for a named backend)."""
+    if not parity:
+        return ""
+    return f" (auto: {parity['format']}, the fastest whose {parity.get('gate', '')} parity held)"

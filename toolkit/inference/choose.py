@@ -21,6 +21,7 @@ from mclx.inference.formats import (
     format_of_file,
     open_file,
     parity_held,
+    ranked,
     read_report,
 )
 
@@ -82,9 +83,27 @@ def _openvino_file(path: Path, precision: str, device: str):
 
 
 def _best(checkpoint: Path, precision: str, device: str, ck):
+    """The fastest format that runs here and whose parity gate held (:func:`ranked`); the
+    encoder carries its parity record as ``parity``."""
+    report = read_report(checkpoint)
+    for name in ranked(_eligible(checkpoint, precision, device, report), report):
+        fmt = FORMATS[name]
+        with contextlib.suppress(ImportError, RuntimeError):
+            encoder = fmt.open(checkpoint, device=device, ck=ck)
+            if fmt.has_file:
+                _check_fingerprint(encoder, checkpoint)
+            encoder.parity = {"format": name, **report.get(name, {})}
+            return encoder
+    msg = f"{checkpoint}: no encoder backend available for precision {precision}"
+    raise RuntimeError(msg)
+
+
+def _eligible(checkpoint: Path, precision: str, device: str, report: dict) -> list[str]:
+    """The rows of :func:`auto_order` at ``precision`` that this machine runs, whose
+    artifact exists and whose recorded parity held."""
     from mclx.kernels import cpu_has_fast_bf16
 
-    report = read_report(checkpoint)
+    out = []
     for name in auto_order(device):
         fmt = FORMATS[name]
         if precision not in ("auto", fmt.precision):
@@ -93,15 +112,9 @@ def _best(checkpoint: Path, precision: str, device: str, ck):
             continue
         if fmt.has_file and not fmt.path(checkpoint).is_file():
             continue
-        if not parity_held(name, report):
-            continue
-        with contextlib.suppress(ImportError, RuntimeError):
-            encoder = fmt.open(checkpoint, device=device, ck=ck)
-            if fmt.has_file:
-                _check_fingerprint(encoder, checkpoint)
-            return encoder
-    msg = f"{checkpoint}: no encoder backend available for precision {precision}"
-    raise RuntimeError(msg)
+        if parity_held(name, report):
+            out.append(name)
+    return out
 
 
 def _format(backend: str, precision: str, device: str, report: dict | None = None) -> Format:

@@ -199,6 +199,32 @@ def task_held(task: dict[str, Any]) -> bool:
     return bool(drop <= TASK_GATE["pcc_acg_drop"])
 
 
+def host() -> str:
+    """This machine as the export report names it: CPU model and core count (the rates
+    recorded at export rank the formats only on the machine that measured them)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+            model = next(names, "")
+    except OSError:
+        import platform
+
+        model = platform.processor()
+    return f"{model or 'unknown CPU'} x{os.cpu_count()}"
+
+
+def ranked(names: list[str], report: dict[str, Any]) -> list[str]:
+    """``names`` (in :data:`AUTO_ORDER`) fastest first by the encode rates the export
+    measured, where it measured every one of them on this machine; else as given."""
+    rates = {n: (report.get(n) or {}).get("rate") for n in names}
+    if report.get("reference", {}).get("rate") and "torch" in names:
+        rates["torch"] = report["reference"]["rate"]
+    if report.get("host") != host() or not all(rates.values()):
+        return list(names)
+    return sorted(names, key=lambda n: -rates[n])
+
+
 def format_of_file(path: str | os.PathLike) -> Format | None:
     """The exported format a file's name says it is (longest suffix first), or None."""
     name = Path(path).name
