@@ -97,6 +97,9 @@ def test_auto_takes_openvino_only_with_a_record_that_held(exported, tmp_path):
     for src in (exported, ONNX.path(exported), INT8.path(exported), report_path(exported)):
         shutil.copy(src, tmp_path / src.name)
     first = "openvino-bf16" if cpu_has_fast_bf16() else "openvino-int8"
+    report = json.loads(report_path(ck).read_text())
+    report["host"] = "measured elsewhere"  # auto: the table's order, not the rates
+    report_path(ck).write_text(json.dumps(report))
     auto = open_encoder(ck, device="cpu")
     assert (auto.name, auto.precision) == ("openvino", FORMATS[first].precision)
     report = json.loads(report_path(ck).read_text())
