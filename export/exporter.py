@@ -65,14 +65,14 @@ class ExportJob:
 
     def timed(self, name: str, encoder) -> np.ndarray:
         """``encoder`` on the parity patches (which warms it up), then its rate on up to
-        16 of them (images/s, best of two) into ``notes[name]["rate"]``: what ``--backend
+        16 of them (images/s, best of three) into ``notes[name]["rate"]``: what ``--backend
         auto`` ranks the formats by on this machine."""
         from mclx.inference import to_host
 
         out = to_host(self.run(encoder))
         if self.positions is None:
             few, best = self.patches[:16], float("inf")
-            for _ in range(2):
+            for _ in range(3):
                 t = time.perf_counter()
                 encoder(few)
                 best = min(best, time.perf_counter() - t)
