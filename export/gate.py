@@ -36,6 +36,13 @@ def judge(reference: np.ndarray, candidate: np.ndarray, cal) -> dict[str, Any]:
 
     if cal.truth is None:
         return {}
+    bad = int((~np.isfinite(np.asarray(candidate))).any(axis=1).sum())
+    if bad:  # a query of NaN / inf retrieves nothing: the gate fails, it does not crash
+        nan = float("nan")
+        overlap = 0.0 if cal.bank is not None else None
+        return {"k": getattr(cal.bank, "k", None), "nonfinite_rows": bad, "topk_overlap": overlap,
+                "gene_corr_median": nan, "gene_corr_min": nan, "pcc_acg": nan,
+                "pcc_acg_fp32": nan, "spots": int(len(cal.truth))}  # fmt: skip
     k = None
     if cal.bank is not None:
         k = int(cal.bank.k)
@@ -60,7 +67,7 @@ def judge(reference: np.ndarray, candidate: np.ndarray, cal) -> dict[str, Any]:
 
 def failures(task: dict[str, Any]) -> list[str]:
     """Which thresholds a task record misses, in words (for the refusal message)."""
-    out = []
+    out = [f"{task['nonfinite_rows']} embeddings not finite"] if task.get("nonfinite_rows") else []
     overlap = task.get("topk_overlap")
     if overlap is not None and not overlap >= TASK_GATE["topk_overlap"]:
         out.append(f"top-{task['k']} overlap {overlap:.3f} < {TASK_GATE['topk_overlap']}")

@@ -250,3 +250,18 @@ def test_the_chosen_format_and_its_gate_go_into_the_predictions(paper, data):
     a = ad.AnnData(np.zeros((1, 1), np.float32))
     a.uns["parity"] = rec  # plain values only: an .h5ad stores them
     a.write_h5ad(paper.with_name("p.h5ad"))
+
+
+def test_a_non_finite_embedding_fails_the_gate_without_crashing():
+    from types import SimpleNamespace
+
+    from mclx.export.gate import failures
+
+    cal = SimpleNamespace(truth=np.ones((3, 4), np.float32), bank=None)
+    ref = np.arange(12, dtype=np.float32).reshape(3, 4)
+    got = ref.copy()
+    got[1, 2] = np.nan  # bf16 overflow in a ViT, say
+    task = judge(ref, got, cal)
+    assert task["nonfinite_rows"] == 1
+    assert not parity_held("torch-bf16", {"torch-bf16": {"min_cosine": 1.0, "task": task}})
+    assert failures(task)[0] == "1 embeddings not finite"
