@@ -325,7 +325,6 @@ def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
 def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
     """Build ``fmt`` under a staging name, check parity, then rename it (and its
     sidecars) into place; return its report entry."""
-    from mclx.inference.formats import open_file
 
     final = job.paths[fmt.name]
     stage = _staging(final)
@@ -335,7 +334,7 @@ def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
     try:
         precision = _build(fmt, job, stage, final)
         device = "cuda" if fmt.device == "cuda" else "cpu"
-        got = job.timed(fmt.name, open_file(stage, device=device))
+        got = job.timed(fmt.name, _open_stage(fmt, stage, device))
         entry = _record(job, fmt.name, final, precision, reference, got, log)
         check_parity(fmt.name, final, entry, precision)
         os.replace(stage, final)
@@ -346,6 +345,19 @@ def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
         stage.unlink(missing_ok=True)
         for src, _ in sidecars:
             src.unlink(missing_ok=True)
+
+
+def _open_stage(fmt: Format, stage: Path, device: str):
+    """The staging file in its format's own runtime: its name (``.X.staging.onnx``) does
+    not say the format, and OpenVINO's INT8 file would open in ONNX Runtime, which is
+    not what the gate and the rate must measure."""
+    from mclx.inference.formats import open_file
+
+    if fmt.backend == "openvino":
+        from mclx.inference.openvino import OpenVinoEncoder
+
+        return OpenVinoEncoder(stage, precision=fmt.precision)
+    return open_file(stage, device=device)
 
 
 def _build(fmt: Format, job: ExportJob, stage: Path, final: Path) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -129,3 +130,24 @@ def test_openvino_refusals_are_one_line(tmp_path, monkeypatch):
         OpenVinoEncoder(tmp_path / "m.onnx")
     with pytest.raises(ValueError, match="unknown backend 'openvin'.*openvino"):
         open_encoder(tmp_path / "m.pt", backend="openvin")
+
+
+@needs("openvino")
+def test_openvino_int8_is_gated_in_openvino(exported, tmp_path, synthetic, monkeypatch):
+    import shutil
+
+    from mclx.inference import openvino as ov_module
+
+    ck = tmp_path / "model.pt"
+    shutil.copy(exported, ck)
+    opened = []
+    original = ov_module.OpenVinoEncoder.__init__
+
+    def spy(self, path, **kw):
+        opened.append((Path(path).name, kw.get("precision")))
+        original(self, path, **kw)
+
+    monkeypatch.setattr(ov_module.OpenVinoEncoder, "__init__", spy)
+    export(ck, openvino=True, calib_data=synthetic, n_patches=24, log=lambda *_: None)
+    # the staging file of model.ov-int8.onnx, before it is renamed into place
+    assert (".model.ov-int8.onnx.staging.onnx", "int8") in opened
