@@ -57,6 +57,8 @@ def test_encoder_throughput(benchmark, her2st_model, export_failures, backend, p
     ref = _open(ck, "torch", "fp32")(x)
     out = to_host(out)
     benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.min
+    # DenseNet-121: 5.7 GFLOP per image; bench/test_peak.py has the cores' limit
+    benchmark.extra_info["tflops"] = benchmark.extra_info["images_per_s"] * 5.7e-3
     benchmark.extra_info.update({f"vs_fp32_{k}": v for k, v in compare(ref, out).items()})
 
 

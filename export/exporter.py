@@ -25,7 +25,14 @@ import numpy as np
 from mclx.errors import MclxError
 from mclx.extras import installed
 from mclx.files import check_output, write_text_atomic
-from mclx.inference.formats import FORMATS, MAX_REL_ERR_FP32, MIN_COSINE, Format, report_path
+from mclx.inference.formats import (
+    FORMATS,
+    MAX_REL_ERR_FP32,
+    MIN_COSINE,
+    Format,
+    host,
+    report_path,
+)
 
 
 class ParityError(MclxError):
@@ -38,11 +45,14 @@ class ExportJob:
 
     Attributes:
         ck: the loaded checkpoint.
-        patches: uint8 patches for parity (and INT8 calibration).
+        patches: uint8 patches of the held-back spots the parity gate judges on.
         paths: final path of each requested format.
         options: the export options (see each row's ``options``).
         positions: array coordinates given with the patches to a section-level model
             (HisToGene; None for the others).
+        cal: the :class:`~mclx.export.calib.CalibrationSet` (INT8 calibration patches,
+            the held-back spots' expression and bank); None: calibrate on ``patches``.
+        notes: what builders tell the report beside the parity (layers kept in FP32).
     """
 
     ck: Any
@@ -50,6 +60,29 @@ class ExportJob:
     paths: dict[str, Path]
     options: dict[str, Any] = field(default_factory=dict)
     positions: np.ndarray | None = None
+    cal: Any = None
+    notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def timed(self, name: str, encoder) -> np.ndarray:
+        """``encoder`` on the parity patches (which warms it up), then its rate on up to
+        16 of them (images/s, best of three) into ``notes[name]["rate"]``: what ``--backend
+        auto`` ranks the formats by on this machine."""
+        from mclx.inference import to_host
+
+        out = to_host(self.run(encoder))
+        if self.positions is None:
+            few, best = self.patches[:16], float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                encoder(few)
+                best = min(best, time.perf_counter() - t)
+            self.notes.setdefault(name, {})["rate"] = round(len(few) / max(best, 1e-9), 2)
+        return out
+
+    @property
+    def calib(self) -> np.ndarray:
+        """The INT8 calibration patches (other spots than the gate's where there are)."""
+        return self.patches if self.cal is None else self.cal.calib
 
     def run(self, encoder) -> Any:
         """``encoder`` on the parity patches (with their positions when it needs them)."""
@@ -64,15 +97,25 @@ def _staging(path: Path) -> Path:
     return path.with_name(f".{path.name}.staging{''.join(path.suffixes[-1:])}")
 
 
-def check_parity(fmt: str, path: Path, res: Mapping[str, float], precision: str) -> None:
-    """FP32 within ``MAX_REL_ERR_FP32`` relative; every precision cosine >= ``MIN_COSINE``."""
+def check_parity(fmt: str, path: Path, res: Mapping[str, Any], precision: str) -> None:
+    """FP32 within ``MAX_REL_ERR_FP32`` relative; a reduced precision passes the task
+    gate (:mod:`mclx.export.gate`) or, recorded without a task, cosine >= ``MIN_COSINE``."""
+    from mclx.export.gate import failures
+
     if precision == "fp32" and res["max_rel_err"] > MAX_REL_ERR_FP32:
         msg = (
             f"{path}: FP32 parity failed, max relative error {res['max_rel_err']:.2e} > "
             f"{MAX_REL_ERR_FP32:.0e}"
         )
         raise ParityError(msg)
-    if res["min_cosine"] < MIN_COSINE:
+    if precision == "fp32":
+        return
+    if res.get("task"):
+        missed = failures(res["task"])
+        if missed:
+            msg = f"{path}: {fmt} parity failed on the task: {'; '.join(missed)}"
+            raise ParityError(msg)
+    elif res["min_cosine"] < MIN_COSINE:
         msg = f"{path}: {fmt} parity failed, min cosine {res['min_cosine']:.4f} < {MIN_COSINE}"
         raise ParityError(msg)
 
@@ -137,7 +180,7 @@ def export(
         options: per-format options: ``opset`` (ONNX), ``fp16``, ``max_batch`` (engine).
     """
     from mclx.checkpoint import load_checkpoint
-    from mclx.export.calib import calibration_patches
+    from mclx.export.calib import calibration_set
     from mclx.inference.device import require_gpu_stack
     from mclx.inference.encoders import TorchEncoder
 
@@ -152,13 +195,15 @@ def export(
             require_gpu_stack(f"--{fmt.flag}: {paths[fmt.name]} not built")
     for out in [*paths.values(), report_path(checkpoint)]:
         check_output(out)
-    patches, source = calibration_patches(calib_data, n=n_patches, size=ck.preprocess.patch_size)
-    log(f"parity patches: {len(patches)} from {source}")
-    job = ExportJob(ck, patches, paths, options, positions)
-    reference = job.run(TorchEncoder(ck))
+    cal = calibration_set(calib_data, ck, n=n_patches)
+    log(f"parity patches: {len(cal.patches)} from {cal.source}")
+    job = ExportJob(ck, cal.patches, paths, options, positions, cal)
+    reference = job.timed("torch", TorchEncoder(ck))
     report: dict[str, Any] = {
         "fingerprint": ck.fingerprint,
-        "patches": source,
+        "host": host(),
+        "reference": {"format": "torch", **job.notes.get("torch", {})},
+        "patches": cal.source,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _record_torch_reduced(job, reference, report, checkpoint, log)
@@ -199,25 +244,51 @@ def _paths(rows: list[Format], checkpoint, onnx_path) -> dict[str, Path]:
     return paths
 
 
-def _record(fmt: str, path: Path, precision: str, reference, got, log) -> dict[str, Any]:
+def _record(job, fmt: str, path: Path, precision: str, reference, got, log) -> dict[str, Any]:
+    """The parity record of one row: the embeddings' agreement (a diagnostic), the task
+    gate's numbers where the calibration spots have expression (``task``), which gate
+    applies (``gate``) and whether it ``held``, and the builder's notes."""
     from mclx.export import parity
+    from mclx.export.gate import judge
+    from mclx.inference.formats import parity_held
 
     res = parity.compare(reference, got)
+    task = judge(reference, got, job.cal) if job.cal is not None else {}
+    entry = {"path": str(path), "precision": precision, **res, **job.notes.get(fmt, {})}
+    if task:
+        entry["task"] = task
+    entry["gate"] = "task" if task else "cosine"
+    entry["held"] = parity_held(fmt, {fmt: entry}) if precision != "fp32" else True
     log(
-        f"{fmt:<11} {precision:<5} max rel err {res['max_rel_err']:.2e}  "
-        f"min cosine {res['min_cosine']:.6f}  {_outcome(path, res, precision)}"
+        f"{fmt:<13} {precision:<5} max rel err {res['max_rel_err']:.2e}  "
+        f"min cosine {res['min_cosine']:.6f}{_task_words(task)}  {_outcome(path, entry)}"
     )
-    return {"path": str(path), "precision": precision, **res}
+    return entry
 
 
-def _outcome(path: Path, res: Mapping[str, float], precision: str) -> str:
-    """``-> path`` for a row within its parity bound; FAILED, why, and what to do else."""
-    if precision == "fp32" and res["max_rel_err"] > MAX_REL_ERR_FP32:
-        return f"FAILED parity (relative error > {MAX_REL_ERR_FP32:.0e}): {path} not usable"
-    if res["min_cosine"] >= MIN_COSINE:
-        return f"-> {path}"
+def _task_words(task: Mapping[str, Any]) -> str:
+    if not task:
+        return ""
+    overlap = task["topk_overlap"]
+    words = f"  top-{task['k']} overlap {overlap:.3f}" if overlap is not None else ""
     return (
-        f"FAILED parity (cosine < {MIN_COSINE}): --backend auto will not use it; for "
+        f"{words}  gene corr {task['gene_corr_median']:.4f}  "
+        f"PCC(ACG) {task['pcc_acg']:.4f} (fp32 {task['pcc_acg_fp32']:.4f})"
+    )
+
+
+def _outcome(path: Path, entry: Mapping[str, Any]) -> str:
+    """``-> path`` for a row whose parity held; FAILED, why, and what to do else."""
+    from mclx.export.gate import failures
+
+    precision = entry["precision"]
+    if precision == "fp32" and entry["max_rel_err"] > MAX_REL_ERR_FP32:
+        return f"FAILED parity (relative error > {MAX_REL_ERR_FP32:.0e}): {path} not usable"
+    if entry["held"]:
+        return f"-> {path}"
+    why = "; ".join(failures(entry["task"])) if entry.get("task") else f"cosine < {MIN_COSINE}"
+    return (
+        f"FAILED parity ({why}): --backend auto will not use it; for "
         f"{precision.upper()} train with --recipe paper or real encoder weights (docs/inference.md)"
     )
 
@@ -237,9 +308,9 @@ def _record_torch_reduced(job: ExportJob, reference, report: dict, checkpoint, l
         rows.append(("torch-fp16", "cuda"))
     for name, device in rows:
         precision = FORMATS[name].precision
-        got = TorchEncoder(job.ck, precision=precision, device=device)(job.patches)
+        got = job.timed(name, TorchEncoder(job.ck, precision=precision, device=device))
         job.ck.model.cpu()  # the encoder moved the shared model
-        report[name] = _record(name, Path(checkpoint), precision, reference, got, log)
+        report[name] = _record(job, name, Path(checkpoint), precision, reference, got, log)
 
 
 def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
@@ -258,11 +329,11 @@ def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
 
         path = Path(report[fmt.reads]["path"])
         try:
-            got = OpenVinoEncoder(path, precision=fmt.precision)(job.patches)
+            got = job.timed(fmt.name, OpenVinoEncoder(path, precision=fmt.precision))
         except RuntimeError as exc:
-            log(f"{fmt.name:<11} {fmt.precision:<5} not recorded: {exc}")
+            log(f"{fmt.name:<13} {fmt.precision:<5} not recorded: {exc}")
             continue
-        report[fmt.name] = _record(fmt.name, path, fmt.precision, reference, got, log)
+        report[fmt.name] = _record(job, fmt.name, path, fmt.precision, reference, got, log)
         recorded = True
     return recorded
 
@@ -270,8 +341,6 @@ def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
 def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
     """Build ``fmt`` under a staging name, check parity, then rename it (and its
     sidecars) into place; return its report entry."""
-    from mclx.inference import to_host
-    from mclx.inference.formats import open_file
 
     final = job.paths[fmt.name]
     stage = _staging(final)
@@ -281,8 +350,8 @@ def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
     try:
         precision = _build(fmt, job, stage, final)
         device = "cuda" if fmt.device == "cuda" else "cpu"
-        got = to_host(job.run(open_file(stage, device=device)))
-        entry = _record(fmt.name, final, precision, reference, got, log)
+        got = job.timed(fmt.name, _open_stage(fmt, stage, device))
+        entry = _record(job, fmt.name, final, precision, reference, got, log)
         check_parity(fmt.name, final, entry, precision)
         os.replace(stage, final)
         for src, dst in sidecars:
@@ -292,6 +361,19 @@ def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
         stage.unlink(missing_ok=True)
         for src, _ in sidecars:
             src.unlink(missing_ok=True)
+
+
+def _open_stage(fmt: Format, stage: Path, device: str):
+    """The staging file in its format's own runtime: its name (``.X.staging.onnx``) does
+    not say the format, and OpenVINO's INT8 file would open in ONNX Runtime, which is
+    not what the gate and the rate must measure."""
+    from mclx.inference.formats import open_file
+
+    if fmt.backend == "openvino":
+        from mclx.inference.openvino import OpenVinoEncoder
+
+        return OpenVinoEncoder(stage, precision=fmt.precision)
+    return open_file(stage, device=device)
 
 
 def _build(fmt: Format, job: ExportJob, stage: Path, final: Path) -> str:

@@ -63,9 +63,29 @@ def build_onnx(job, out: Path) -> str:
 
 
 def build_int8(job, out: Path) -> str:
-    """Formats-table builder of ``onnx-int8``: calibrated on the job's patches."""
-    quantize_int8(job.paths["onnx"], out, to_model_input(job.patches, job.ck.preprocess))
+    """Formats-table builder of ``onnx-int8``: calibrated on the job's calibration
+    patches, the head (everything after the image encoder's pooling) kept in FP32."""
+    fp32 = job.paths["onnx"]
+    keep = head_nodes(fp32)
+    quantize_int8(fp32, out, to_model_input(job.calib, job.ck.preprocess), exclude=keep)
+    job.notes["onnx-int8"] = {"fp32_layers": keep, "calibration_patches": len(job.calib)}
     return "int8"
+
+
+TRUNK = "/image_encoder/"  # the exporter's name scope of the image encoder's nodes
+
+
+def head_nodes(path: str | os.PathLike) -> list[str]:
+    """Names of the nodes of an exported graph outside the image encoder: the feature
+    standardisation and the projection head, which INT8 builds keep in FP32 (their input,
+    the pooled features, loses its small per-patch variation to 8-bit steps once centred).
+    Empty for a graph whose encoder nodes are not named by the exporter's scope."""
+    import onnx
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    if not any(n.name.startswith(TRUNK) for n in nodes):
+        return []
+    return [n.name for n in nodes if n.name and not n.name.startswith(TRUNK)]
 
 
 def _set_metadata(model_proto, meta: dict[str, str]) -> None:
@@ -193,9 +213,16 @@ class _Reader:
         self.i = 0
 
 
-def quantize_int8(fp32_path: str | os.PathLike, out: str | os.PathLike, calib: np.ndarray) -> Path:
+def quantize_int8(
+    fp32_path: str | os.PathLike,
+    out: str | os.PathLike,
+    calib: np.ndarray,
+    *,
+    exclude: list[str] | tuple[str, ...] = (),
+) -> Path:
     """Static INT8 (QDQ, per-channel weights) of an FP32 ONNX file, calibrated on ``calib``
-    (float32 N x 3 x H x W in the model's pixel scale).
+    (float32 N x 3 x H x W in the model's pixel scale); the nodes named in ``exclude``
+    stay in FP32.
 
     Only Conv, MatMul and Gemm are quantised. DenseNet's pre-activation layers run
     BatchNorm + ReLU on every concatenation; quantising those too puts a
@@ -232,6 +259,7 @@ def quantize_int8(fp32_path: str | os.PathLike, out: str | os.PathLike, calib: n
                 weight_type=QuantType.QInt8,
                 op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                 calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=list(exclude),
             )
         proto = onnx.load(str(tmp))
         _set_metadata(proto, meta | {"precision": "int8"})

@@ -21,7 +21,9 @@ from mclx.inference.transform import to_model_input
 
 
 def build_int8(job, out: Path) -> str:
-    """Formats-table builder of ``openvino-int8``: NNCF on the job's FP32 ONNX file."""
+    """Formats-table builder of ``openvino-int8``: NNCF on the job's FP32 ONNX file,
+    calibrated on the job's calibration patches, per-channel weights (NNCF's CPU
+    default), the head after the pooled features (standardisation, projection) in FP32."""
     import warnings
 
     import onnx
@@ -31,11 +33,12 @@ def build_int8(job, out: Path) -> str:
     msg = f"{out}: --openvino needs NNCF and OpenVINO (pip install -e '.[openvino]')"
     with _quiet_loggers():  # NNCF imports torch's cpp_extension: "No CUDA runtime is found"
         nncf = require("nncf", message=msg)
-    from mclx.export.onnx_export import _set_metadata
+    from mclx.export.onnx_export import _set_metadata, head_nodes
 
     fp32 = Path(job.paths["onnx"])
     meta = read_onnx_metadata(fp32)
-    x = to_model_input(job.patches, job.ck.preprocess)
+    x = to_model_input(job.calib, job.ck.preprocess)
+    keep = head_nodes(fp32)
     batches = [{INPUT: x[i : i + 8]} for i in range(0, len(x), 8)]
     with warnings.catch_warnings(), _quiet_loggers():
         warnings.simplefilter("ignore")
@@ -44,10 +47,12 @@ def build_int8(job, out: Path) -> str:
             nncf.Dataset(batches),
             subset_size=len(batches),  # NNCF counts dataset items: batches, not patches
             target_device=nncf.TargetDevice.CPU,
+            ignored_scope=nncf.IgnoredScope(names=keep, validate=False),
         )
     _set_metadata(quantised, {**meta, "precision": "int8"})
     with atomic_path(out) as tmp:
         onnx.save(quantised, str(tmp))
+    job.notes["openvino-int8"] = {"fp32_layers": keep, "calibration_patches": len(x)}
     return "int8"
 
 

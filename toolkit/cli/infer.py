@@ -187,7 +187,8 @@ def _summary(adata, out: Path, pngs: list[Path]) -> str:
         f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, retrieve "
         f"{t['retrieve']:.1f} s, write {t['write']:.2f} s{once}) with "
         f"{adata.uns['mclx']['backend']}/"
-        f"{adata.uns['mclx']['precision']}{_tiled(adata.uns['mclx'])}; wrote {out}"
+        f"{adata.uns['mclx']['precision']}{_chosen(adata.uns['mclx'].get('parity'))}"
+        f"{_tiled(adata.uns['mclx'])}; wrote {out}"
         + (f" and {', '.join(str(p) for p in pngs)}" if pngs else "")
     )
 
@@ -196,3 +197,12 @@ def _tiled(record) -> str:
     """How much of the tissue mask a tissue grid covered (nothing for given spots)."""
     share = record.get("tissue_tiled")
     return "" if share is None else f"; tiled {float(share):.0%} of the tissue mask"
+
+
+def _chosen(parity) -> str:
+    """How ``--backend auto`` chose the format (nothing for a named backend)."""
+    if not parity:
+        return ""
+    if not parity.get("held", True):
+        return f" ({parity['format']}: as --precision asked; --backend auto would not take it)"
+    return f" (auto: {parity['format']}, the fastest whose {parity.get('gate', '')} parity held)"

@@ -21,6 +21,7 @@ from mclx.inference.formats import (
     format_of_file,
     open_file,
     parity_held,
+    ranked,
     read_report,
 )
 
@@ -82,28 +83,45 @@ def _openvino_file(path: Path, precision: str, device: str):
 
 
 def _best(checkpoint: Path, precision: str, device: str, ck):
-    """The first row of the auto order at ``precision`` that opens; a precision named
-    (``--precision bf16``) also takes, after those, the rows ``auto`` alone would not
-    (no parity record, a CPU without fast BF16)."""
-    from mclx.kernels import cpu_has_fast_bf16
-
+    """The fastest format that runs here and whose parity gate held (:func:`ranked`); a
+    precision named (``--precision bf16``) also takes, after those, the rows ``auto``
+    alone would not (no parity record, a CPU without fast BF16). The encoder carries its
+    parity record as ``parity``."""
     report = read_report(checkpoint)
-    rows = [n for n in auto_order(device) if precision in ("auto", FORMATS[n].precision)]
-    slow_bf16 = not cpu_has_fast_bf16()
-    names = [n for n in rows if parity_held(n, report) and not (n == "torch-bf16" and slow_bf16)]
-    if precision != "auto":
-        names += [n for n in rows if n not in names]
+    rows = _present(checkpoint, precision, device)
+    held = ranked(_eligible(rows, report), report)
+    names = held + ([n for n in rows if n not in held] if precision != "auto" else [])
     for name in names:
         fmt = FORMATS[name]
-        if fmt.has_file and not fmt.path(checkpoint).is_file():
-            continue
         with contextlib.suppress(ImportError, RuntimeError):
             encoder = fmt.open(checkpoint, device=device, ck=ck)
             if fmt.has_file:
                 _check_fingerprint(encoder, checkpoint)
+            encoder.parity = {"format": name, **report.get(name, {}), "held": name in held}
             return encoder
     msg = f"{checkpoint}: no encoder backend available for precision {precision}"
     raise RuntimeError(msg)
+
+
+def _present(checkpoint: Path, precision: str, device: str) -> list[str]:
+    """The rows of :func:`auto_order` at ``precision`` whose artifact exists."""
+    out = []
+    for name in auto_order(device):
+        fmt = FORMATS[name]
+        if precision not in ("auto", fmt.precision):
+            continue
+        if fmt.has_file and not fmt.path(checkpoint).is_file():
+            continue
+        out.append(name)
+    return out
+
+
+def _eligible(rows: list[str], report: dict) -> list[str]:
+    """Those of ``rows`` that this machine runs fast and whose recorded parity held."""
+    from mclx.kernels import cpu_has_fast_bf16
+
+    slow_bf16 = not cpu_has_fast_bf16()
+    return [n for n in rows if parity_held(n, report) and not (n == "torch-bf16" and slow_bf16)]
 
 
 def _format(backend: str, precision: str, device: str, report: dict | None = None) -> Format:

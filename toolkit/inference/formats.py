@@ -6,7 +6,7 @@ export options it accepts, and which exporter function builds it. ``mclx export`
 over the rows it is asked for (:mod:`mclx.export.exporter`); :func:`open_encoder` opens
 a row's artifact, or picks the best row for ``--backend auto``. Exported artifacts
 record their agreement with PyTorch in ``<stem>.export.json``, and ``auto`` skips any
-whose embeddings drifted below :data:`MIN_COSINE`.
+that failed the parity gate (:func:`parity_held`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-MIN_COSINE = 0.99  # reduced precision must keep embeddings this close to FP32
+MIN_COSINE = 0.99  # the gate where there is no task to judge (no measured expression)
+# the gate on the task (mclx.export.gate), on held-back calibration spots against FP32:
+# chosen from the measurements in docs/inference.md ("The parity gate")
+TASK_GATE = {
+    "topk_overlap": 0.5,  # mean share of FP32's top-k bank spots also retrieved
+    "gene_corr_median": 0.9,  # median over genes of the prediction's correlation to FP32's
+    "pcc_acg_drop": 0.005,  # PCC(ACG) against the measured expression, below FP32's
+}
 MAX_REL_ERR_FP32 = 1e-4  # FP32 exports must match PyTorch this closely
 
 
@@ -168,13 +175,54 @@ def auto_order(device: str) -> tuple[str, ...]:
 
 
 def parity_held(name: str, report: dict[str, Any]) -> bool:
-    """Whether ``auto`` may take row ``name``: its recorded cosine to FP32 is at least
-    :data:`MIN_COSINE`; a reduced-precision row needs that record (an FP32 row without
-    one is taken: it is the reference's own precision)."""
+    """Whether ``auto`` may take row ``name``: its record passed the task gate
+    (:func:`task_held`), or, recorded without a task (no measured expression), its
+    cosine to FP32 is at least :data:`MIN_COSINE`. A reduced-precision row needs a
+    record (an FP32 row without one is taken: it is the reference's own precision)."""
     entry = report.get(name)
     if entry is None:
         return FORMATS[name].precision == "fp32"
+    if entry.get("task"):
+        return task_held(entry["task"])
     return entry.get("min_cosine", 0.0) >= MIN_COSINE
+
+
+def task_held(task: dict[str, Any]) -> bool:
+    """Whether a task record (:func:`mclx.export.gate.judge`) meets every threshold of
+    :data:`TASK_GATE` (a missing or NaN value fails)."""
+    overlap = task.get("topk_overlap")
+    if overlap is not None and not overlap >= TASK_GATE["topk_overlap"]:
+        return False
+    if not task.get("gene_corr_median", float("nan")) >= TASK_GATE["gene_corr_median"]:
+        return False
+    drop = task.get("pcc_acg_fp32", float("nan")) - task.get("pcc_acg", float("nan"))
+    return bool(drop <= TASK_GATE["pcc_acg_drop"])
+
+
+def host() -> str:
+    """This machine as the export report names it: CPU model and core count (the rates
+    recorded at export rank the formats only on the machine that measured them)."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+            model = next(names, "")
+    except OSError:
+        import platform
+
+        model = platform.processor()
+    return f"{model or 'unknown CPU'} x{os.cpu_count()}"
+
+
+def ranked(names: list[str], report: dict[str, Any]) -> list[str]:
+    """``names`` (in :data:`AUTO_ORDER`) fastest first by the encode rates the export
+    measured, where it measured every one of them on this machine; else as given."""
+    rates = {n: (report.get(n) or {}).get("rate") for n in names}
+    if report.get("reference", {}).get("rate") and "torch" in names:
+        rates["torch"] = report["reference"]["rate"]
+    if report.get("host") != host() or not all(rates.values()):
+        return list(names)
+    return sorted(names, key=lambda n: -rates[n])
 
 
 def format_of_file(path: str | os.PathLike) -> Format | None:

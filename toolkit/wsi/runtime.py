@@ -353,4 +353,20 @@ def predictions(preds: np.ndarray, tiles, bank, encoder, provenance: dict, timin
         "weighting": bank.weighting if bank is not None else "",
         "timings": {key: float(v) for key, v in timings.items()},
     }
+    parity = parity_record(encoder)
+    if parity:
+        adata.uns["mclx"]["parity"] = parity
     return adata
+
+
+def parity_record(encoder) -> dict:
+    """The export's parity record of the format ``--backend auto`` chose (its name, the
+    gate, whether it held, the task's numbers, the cosine): plain values only, as an
+    ``.h5ad`` stores them. Empty for a backend named on the command line."""
+    rec = getattr(encoder, "parity", None) or {}
+    keys = ("format", "gate", "held", "min_cosine", "rate")
+    out = {k: rec[k] for k in keys if rec.get(k) is not None}
+    task = rec.get("task") or {}
+    keys = ("topk_overlap", "gene_corr_median", "pcc_acg", "pcc_acg_fp32", "spots")
+    out.update({k: task[k] for k in keys if task.get(k) is not None})
+    return out
