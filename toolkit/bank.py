@@ -209,15 +209,20 @@ def image_bank(model) -> bool:
 
 
 def _image_features(ck, adatas) -> np.ndarray:
-    """Pooled features of every spot's patch (sections in ``adatas`` order, as the table)."""
+    """Pooled features of every spot's patch (sections in ``adatas`` order, as the table),
+    each pooled over its neighbourhood when the model was trained with a context radius
+    (:mod:`mclx.training.context`)."""
     from mclx.data.patches import section_patches
     from mclx.inference.embed import encode_features
+    from mclx.training import context
 
-    pre = ck.preprocess
-    parts = [
-        encode_features(ck.model.image_encoder, section_patches(a, pre.patch_size, pre.mpp), pre)
-        for a in adatas.values()
-    ]
+    pre, r = ck.preprocess, context.radius(ck.model)
+    parts = []
+    for a in adatas.values():
+        f = encode_features(
+            ck.model.image_encoder, section_patches(a, pre.patch_size, pre.mpp), pre
+        )
+        parts.append(context.pool(f, context.section_xy_um(a), r) if r else f)
     return np.concatenate(parts)
 
 
