@@ -288,7 +288,7 @@ def architecture_options() -> Decorator:
             "--context-radius", type=click.FloatRange(0), default=None, metavar="UM",
             help="With --freeze-encoder: each spot reads its features pooled with those of "
             "the spots within UM µm (distance-weighted, on the slide's real scale; "
-            "docs/models.md). Default 0: its own patch only.",
+            "docs/training.md). Default 0: its own patch only.",
         ),
         click.option(
             "--model-opt", "model_opts", multiple=True, metavar="FIELD=VALUE",
