@@ -226,14 +226,15 @@ def image_bank(model) -> bool:
 
 
 def _image_features(ck, adatas, progress: bool = False) -> np.ndarray:
-    """Pooled features of every spot's patch (sections in ``adatas`` order, as the table),
-    through the frozen-feature cache that training filled."""
+    """Pooled features of every spot's patch (sections in ``adatas`` order, as the table)
+    as the model reads them (:func:`mclx.training.context.section_features`: the cache
+    that training filled, pooled over neighbourhoods for a model with a context radius)."""
+    from mclx.training.context import section_features
     from mclx.training.features import PatchCache
 
-    pre = ck.preprocess
-    cache = PatchCache(adatas, pre.patch_size)
-    enc = ck.model.image_encoder
-    return np.concatenate([cache.features(enc, s, pre, progress=progress) for s in adatas])
+    cache = PatchCache(adatas, ck.preprocess.patch_size)
+    feats = [section_features(cache, ck.model, s, ck.preprocess, progress=progress) for s in adatas]
+    return np.concatenate(feats)
 
 
 def save_bank(bank: Bank, path: str | os.PathLike) -> Path:

@@ -90,6 +90,9 @@ class ModelCfg:
             0 leaves it out).
         distill, distill_views: weight (0.5) of His2ST's self-distillation term and
             the augmented copies of the section it averages (5); 0 leaves it out.
+        context_radius_um: each spot's frozen features pooled, distance-weighted, with
+            those of the spots within this many µm (``mclx.training.context``); 0: the
+            spot's own patch only.
     """
 
     name: str = "mclstexp"
@@ -124,6 +127,7 @@ class ModelCfg:
     zinb: float = 0.0
     distill: float = 0.0
     distill_views: int = 5
+    context_radius_um: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,25 @@ def results_path(out: Path | None, model: str) -> Path:
     return out or Path(f"evaluate_{model}.json")
 
 
+def table_path(out: Path | None) -> Path:
+    """The comparison table of several models: ``--out``, else ``evaluate_compare.csv``
+    (its CSV and Markdown take ``--out``'s name with their own suffixes)."""
+    return out or Path("evaluate_compare.csv")
+
+
 def _derived(params: dict[str, Any]):
     """The default results JSON and the files written beside it."""
     from mclx.evaluation.evaluate import result_paths
 
-    out = results_path(params.get("out"), params.get("model") or "mclstexp")
+    models = (params.get("model") or "mclstexp").split(",")
+    if len(models) > 1:
+        from mclx.evaluation.compare import output_paths
+
+        for path in output_paths(table_path(params.get("out")), models):
+            if path != params.get("out"):
+                yield "output", "a file of the comparison table", path
+        return
+    out = results_path(params.get("out"), models[0])
     json_path, csv, predictions = result_paths(out)
     if params.get("out") is None:
         yield "output", "the default --out", json_path
@@ -53,7 +67,11 @@ def _derived(params: dict[str, Any]):
 )
 @k_option("Neighbours retrieved (default: 200 mclSTExp, 50 BLEEP).")
 @distance_option()
-@out_option("Results JSON (per-gene PCC CSV beside it). Default: evaluate_MODEL.json.")
+@out_option(
+    "Results JSON (per-gene PCC CSV beside it). Default: evaluate_MODEL.json. With several "
+    "--model: the table's name (OUT.csv, OUT.md, each model's OUT.MODEL.json beside); "
+    "default evaluate_compare.csv."
+)
 @ckpt_option(
     "Score this trained checkpoint with --bank on --sections (no training).", required=False
 )
@@ -66,8 +84,8 @@ def _derived(params: dict[str, Any]):
     "thitogene).",
 )
 @feature_cache_option()
-@model_options()
-def evaluate(
+@model_options(several=True)
+def evaluate(  # long: its help and its three modes (one model, a table, a checkpoint)
     data: DataOptions, sections, bank_sections, k, distance, out, ckpt, bank_path,
     no_feature_cache: bool, opts: ModelOptions, quiet: bool,
 ) -> None:  # fmt: skip
@@ -83,6 +101,8 @@ def evaluate(
       mclx evaluate --freeze-encoder --bank-sections A1,A2,B1 --distance l1
       mclx evaluate --ckpt model.pt --bank her2.npz --sections C2 --out c2.json
       mclx evaluate --data ../shared/data/stutility-mob --freeze-encoder --n-hvg 500 --k 100
+      mclx evaluate --model mclstexp,bleep,stnet,knn,ridge --freeze-encoder --out table.csv
+        (several models: one table, CSV and Markdown; each patch encoded once)
     \b
     With --n-hvg N each fold chooses its genes on its training sections only (the
     held-out section's counts never enter the panel); the results JSON says so.
@@ -95,9 +115,12 @@ def evaluate(
     )
     from mclx.files import check_output
 
+    usage = feature_cache(no_feature_cache)
+    if len(opts.models()) > 1:
+        where = (data, sections, bank_sections)
+        return _compare(*where, k, distance, out, opts, quiet, ckpt or bank_path, usage)
     out = check_output(results_path(out, opts.model))
     reader = data.open()
-    usage = feature_cache(no_feature_cache)
     if ckpt is not None or bank_path is not None:
         if ckpt is None or not sections:
             msg = "evaluate: --ckpt needs --sections (the sections to score) and --bank"
@@ -134,3 +157,38 @@ def _title(model: str, c: dict[str, Any]) -> str:
         f"{model}: k={c['k']} distance={c['distance']} genes={c['n_genes']} "
         f"epochs={c['train']['epochs']} ({c['seconds']} s)"
     )
+
+
+def _compare(
+    data, sections, bank_sections, k, distance, out, opts: ModelOptions, quiet, ckpt, usage
+) -> None:
+    """Cross-validate each model of ``--model a,b,...`` and write the comparison table;
+    ``usage`` is the command's feature-cache session (for the summary line)."""
+    if ckpt is not None:
+        raise click.UsageError("evaluate: --ckpt scores one model; name one --model")
+    from mclx.evaluation.compare import compare, output_paths, rows, to_markdown, write_comparison
+    from mclx.files import check_output
+
+    out = table_path(out)
+    for path in output_paths(out, opts.models()):
+        check_output(path)
+    reader = data.open()
+    extra = split_names(bank_sections)
+    results = compare(
+        reader,
+        [opts.for_model(m).recipe() for m in opts.models()],
+        echo=None if quiet else click.echo,
+        sections=split_names(sections) or None,
+        bank_sections=reader.sections() if extra == ["all"] else extra,
+        k=k,
+        distance=distance,
+        progress=not quiet,
+    )
+    held = list(next(iter(results.values()))["sections"])
+    title = (
+        f"Leave-one-section-out on {', '.join(held)} (recipe {opts.recipe_name}, seed "
+        f"{opts.seed}; time in seconds, features a model found cached not counted again)"
+    )
+    click.echo(to_markdown(rows(results), title))
+    csv, md = write_comparison(results, out, title)
+    click.echo(f"mclx: wrote {csv} and {md}, and each model's results beside them{usage.suffix()}")

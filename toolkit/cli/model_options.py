@@ -35,6 +35,24 @@ def _encoder_names() -> list[str]:
     return ENCODERS.names()
 
 
+class ModelList(RegistryChoice):
+    """One model of the registry, or several separated by commas (``mclx evaluate``'s
+    comparison table), each checked against the registry."""
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        names = [n.strip() for n in str(value).split(",") if n.strip()]
+        if not names:
+            self.fail("no model named", param, ctx)
+        for name in names:
+            super().convert(name, param, ctx)
+        if len(set(names)) < len(names):
+            self.fail(f"a model is named twice in {value!r}", param, ctx)
+        return ",".join(names)
+
+    def get_metavar(self, *args: Any, **kwargs: Any) -> str:
+        return "NAME[,NAME...]"
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     """What :func:`model_options` asked for: the model, its genes, recipe and ablations;
@@ -66,7 +84,16 @@ class ModelOptions:
     standardize_features: bool | None = None
     separate_fusion: bool = False
     context: str | None = None
+    context_radius: float | None = None
     model_opts: tuple[str, ...] = ()
+
+    def models(self) -> list[str]:
+        """The model, or the models of a comparison (``--model a,b,c``)."""
+        return self.model.split(",")
+
+    def for_model(self, model: str) -> ModelOptions:
+        """The same options for ``model``."""
+        return dataclasses.replace(self, model=model)
 
     def recipe(self):
         """The named recipe's choices (``--recipe``), then the options the user gave."""
@@ -82,6 +109,8 @@ class ModelOptions:
         for name in ("encoder", "depth", "context", "embed_dim", "heads", "temperature"):
             if getattr(self, name) is not None:
                 overrides[name] = getattr(self, name)
+        if self.context_radius is not None:
+            overrides["context_radius_um"] = self.context_radius
         if self.model_opts:
             from mclx.config import ModelCfg, parse_fields
 
@@ -126,10 +155,18 @@ class ModelOptions:
         )
 
 
-def model_options() -> Decorator:
+def model_options(several: bool = False) -> Decorator:
     """Model choice, gene selection, ablations and training recipe (train and evaluate),
-    as one :class:`ModelOptions` argument ``opts``; and ``--quiet``."""
+    as one :class:`ModelOptions` argument ``opts``; and ``--quiet``. With ``several``,
+    ``--model`` takes a comma-separated list too."""
     from mclx.config import LogBase, RecipeName
+
+    help_ = (
+        "Method to train; its publication's architecture and recipe are the defaults of "
+        "the options below."
+    )
+    if several:
+        help_ += " Several, comma-separated: each is cross-validated and one table compares them."
 
     return stack(
         into(ModelOptions, "opts"),
@@ -141,10 +178,8 @@ def model_options() -> Decorator:
             "options below override either.",
         ),
         click.option(
-            "--model", type=RegistryChoice(_model_names), default="mclstexp",
-            show_default=True,
-            help="Method to train; its publication's architecture and recipe are the "
-            "defaults of the options below.",
+            "--model", type=(ModelList if several else RegistryChoice)(_model_names),
+            default="mclstexp", show_default=True, help=help_,
         ),
         click.option(
             "--encoder", type=EncoderChoice(_encoder_names), default=None,
@@ -264,6 +299,12 @@ def architecture_options() -> Decorator:
         click.option(
             "--context", type=literal_choice(Context), default=None,
             help="Attention context of the spot encoder (default batch).",
+        ),
+        click.option(
+            "--context-radius", type=click.FloatRange(0), default=None, metavar="UM",
+            help="With --freeze-encoder: each spot reads its features pooled with those of "
+            "the spots within UM µm (distance-weighted, on the slide's real scale; "
+            "docs/training.md). Default 0: its own patch only.",
         ),
         click.option(
             "--model-opt", "model_opts", multiple=True, metavar="FIELD=VALUE",

@@ -21,6 +21,7 @@ from mclx.config import Distance, to_dict
 from mclx.data.dataset import build_table
 from mclx.evaluation.metrics import score
 from mclx.files import all_or_nothing, atomic_path, write_text_atomic
+from mclx.training.context import section_features
 from mclx.training.features import PatchCache
 from mclx.training.recipe import Recipe
 from mclx.training.run import train_model
@@ -37,6 +38,7 @@ def cross_validate(
     k: int | None = None,
     distance: Distance | None = None,
     progress: bool = True,
+    caches: dict[int, PatchCache] | None = None,
 ) -> dict[str, Any]:
     """Run the cross-validation; return ``{"sections", "mean", "std", "genes", "config"}``.
 
@@ -45,6 +47,7 @@ def cross_validate(
         sections: image sections to hold out in turn (default: all with images).
         bank_sections: sections (image or not) whose spots join every fold's bank.
         k, distance: retrieval settings (default: the model's).
+        caches: patch caches by patch size, shared by runs on the same data (compare).
     """
     from mclx.bank import image_bank
     from mclx.data.readers import open_data
@@ -64,7 +67,7 @@ def cross_validate(
         raise ValueError(msg)
     extra_adatas = data.read(extra) if extra else {}
     _check_k(data.root, recipe, adatas, extra_adatas, k)
-    cache = PatchCache(adatas, recipe.patch_size())
+    cache = _shared_cache(caches, adatas, recipe.patch_size())
     results: dict[str, Any] = {}
     genes_out: dict[str, dict[str, float]] = {}
     panels: dict[str, dict[str, Any]] = {}
@@ -88,6 +91,13 @@ def cross_validate(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return _summary(results, config, genes_out) | {"folds": panels, "predictions": preds}
+
+
+def _shared_cache(caches: dict[int, PatchCache] | None, adatas, size: int) -> PatchCache:
+    """The patch cache of ``size`` px patches in ``caches`` (added when absent)."""
+    if caches is None:
+        return PatchCache(adatas, size)
+    return caches.setdefault(size, PatchCache(adatas, size))
 
 
 def _check_k(root, recipe: Recipe, adatas, extra, k: int | None) -> None:
@@ -137,10 +147,10 @@ class _Fold:
             feats = None
             if image_bank(net):  # knn: the bank spots' own image features
                 feats = np.concatenate(
-                    [cache.features(net.image_encoder, s, pre) for s in self.bank_adatas]
+                    [section_features(cache, net, s, pre) for s in self.bank_adatas]
                 )
             bank = bank_from_model(net, table, pre.genes, fingerprint="fold", features=feats)
-        feats = cache.features(net.image_encoder, self.test, pre)
+        feats = section_features(cache, net, self.test, pre)
         table = build_table({self.test: self.adatas[self.test]}, pre)
         out = head_outputs(net, feats, positions=table.pos)  # positions: HisToGene's
         pred, truth = match(out, bank, k=k, distance=distance), table.expr
@@ -294,7 +304,15 @@ def result_paths(out: str | os.PathLike) -> tuple[Path, Path, Path]:
 
 
 def write_results(res: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Path]:
-    """JSON (table + config) at ``out`` and per-gene PCCs as CSV beside it."""
+    """JSON (table + config) at ``out`` and per-gene PCCs as CSV beside it (and the
+    held-out predictions): every file or none."""
+    with all_or_nothing():
+        return write_result_files(res, out)
+
+
+def write_result_files(res: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Path]:
+    """:func:`write_results`' files, each atomic; inside the caller's
+    :func:`~mclx.files.all_or_nothing` block they commit with its other files."""
     import pandas as pd
 
     out, csv, pred_path = result_paths(out)
@@ -304,13 +322,12 @@ def write_results(res: dict[str, Any], out: str | os.PathLike) -> tuple[Path, Pa
         summary["predictions"] = pred_path.name
     table = pd.DataFrame(res["genes"])
     table.index.name = "gene"
-    with all_or_nothing():  # every file or none
-        write_text_atomic(out, json.dumps(summary, indent=2) + "\n")
-        with atomic_path(csv) as tmp:
-            table.to_csv(tmp)
-        if preds:
-            with atomic_path(pred_path, suffix=".h5ad") as tmp:
-                joined_predictions(preds).write_h5ad(tmp)
+    write_text_atomic(out, json.dumps(summary, indent=2) + "\n")
+    with atomic_path(csv) as tmp:
+        table.to_csv(tmp)
+    if preds:
+        with atomic_path(pred_path, suffix=".h5ad") as tmp:
+            joined_predictions(preds).write_h5ad(tmp)
     return out, csv
 
 

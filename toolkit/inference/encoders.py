@@ -74,6 +74,11 @@ class TorchEncoder:
         if precision == "fp16" and not is_cuda(device):
             msg = "torch backend: fp16 needs --device cuda"
             raise ValueError(msg)
+        from mclx.training.context import require_none
+
+        require_none(
+            ck.model_cfg, ck.path, "an encoder of single patches (infer, export, evaluate --ckpt)"
+        )
         self.pre, self.precision, self.device = ck.preprocess, precision, device
         self.fingerprint = ck.fingerprint
         self.model = ck.model.to(device).eval().to(memory_format=torch.channels_last)

@@ -17,6 +17,7 @@ table) instead of gradient steps; :func:`mclx.training.run.train_model` calls it
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -126,13 +127,19 @@ def fit_pca_ridge(
         )
         raise ValueError(msg)
     n = min(n_components, x.shape[1], *(int((groups != g).sum()) for g in set(groups.tolist())))
-    pipe = Pipeline([("pca", PCA(n_components=n, svd_solver="full")), ("ridge", Ridge())])
-    search = GridSearchCV(
-        pipe,
-        {"ridge__alpha": list(alphas)},
-        cv=GroupKFold(n_splits=min(5, n_groups)),
-        scoring="neg_mean_squared_error",
-        refit=True,
-    )
-    search.fit(x, y, groups=groups)
-    return search.best_estimator_, search
+    with tempfile.TemporaryDirectory(prefix="mclx-ridge-") as cache:
+        # memory: each fold's PCA is fitted once and reused for every alpha (the same
+        # fitted transformer, 9x fewer SVDs), then dropped with the folder
+        steps = [("pca", PCA(n_components=n, svd_solver="full")), ("ridge", Ridge())]
+        pipe = Pipeline(steps, memory=cache)
+        search = GridSearchCV(
+            pipe,
+            {"ridge__alpha": list(alphas)},
+            cv=GroupKFold(n_splits=min(5, n_groups)),
+            scoring="neg_mean_squared_error",
+            refit=True,
+        )
+        search.fit(x, y, groups=groups)
+    best = search.best_estimator_
+    best.memory = None  # its cache folder is gone
+    return best, search

@@ -230,7 +230,12 @@ def _frozen_features(
     """The frozen encoder's features of ``sections``, as the model trains on them:
     pooled (N, F), pooled per dihedral view (N, ``views``, F), or every token
     (``feature_kind = "tokens"``: CMRCNet); None when ``cfg`` trains the encoder."""
+    from mclx.training import context
+
     if cfg is not None and not cfg.freeze_encoder:
+        if context.radius(model):
+            msg = "--context-radius pools cached features: it needs --freeze-encoder"
+            raise ValueError(msg)
         return None
     tokens = getattr(model, "feature_kind", "pooled") == "tokens"
     if views != 1 and (tokens or hasattr(model, "fit_features")):
@@ -240,7 +245,9 @@ def _frozen_features(
         )
         raise ValueError(msg)
     parts = [
-        cache.features(model.image_encoder, s, pre, tokens=tokens, views=views, progress=progress)
+        context.section_features(
+            cache, model, s, pre, tokens=tokens, views=views, progress=progress
+        )
         for s in sections
     ]
     return np.concatenate(parts)

@@ -1,0 +1,48 @@
+"""Issue #28's measurement: leave-one-section-out on her2st C2-C6 (frozen random-init
+DenseNet-121, recipe default) of models without and with ``--context-radius``, in one
+process per seed so that every configuration reads the same cached features.
+
+    python bench/context_loo.py OUT_DIR SEED MODEL:RADIUS [MODEL:RADIUS ...]
+
+One JSON line per run (mean metrics, per-section PCC(ACG), seconds) in OUT_DIR/log.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from mclx.cli.model_options import ModelOptions
+from mclx.evaluation.evaluate import cross_validate
+
+DATA = "/work/shared/data/her2st"
+
+
+def run(out: Path, caches, model: str, seed: int, radius: float) -> None:
+    opts = ModelOptions(model=model, freeze_encoder=True, seed=seed, context_radius=radius)
+    t0 = time.perf_counter()
+    res = cross_validate(DATA, opts.recipe(), caches=caches, progress=False)
+    row = {
+        "model": model, "seed": seed, "radius": radius,
+        "mean": res["mean"],
+        "acg": {s: r["pcc_acg"] for s, r in res["sections"].items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }  # fmt: skip
+    with open(out / "log.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    out, seed = Path(sys.argv[1]), int(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    caches: dict = {}
+    for spec in sys.argv[3:]:
+        model, radius = spec.split(":")
+        run(out, caches, model, seed, float(radius))
+
+
+if __name__ == "__main__":
+    main()
