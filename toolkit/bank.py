@@ -226,9 +226,8 @@ def image_bank(model) -> bool:
 
 
 def _image_features(ck, adatas, progress: bool = False) -> np.ndarray:
-    """Pooled features of every spot's patch (sections in ``adatas`` order, as the table)
-    as the model reads them (:func:`mclx.training.context.section_features`: the cache
-    that training filled, pooled over neighbourhoods for a model with a context radius)."""
+    """Every spot's features as the model reads them (sections in ``adatas`` order, as the
+    table): :func:`mclx.training.context.section_features` over the training cache."""
     from mclx.training.context import section_features
     from mclx.training.features import PatchCache
 
