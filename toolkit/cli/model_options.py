@@ -159,7 +159,7 @@ def model_options(several: bool = False) -> Decorator:
     """Model choice, gene selection, ablations and training recipe (train and evaluate),
     as one :class:`ModelOptions` argument ``opts``; and ``--quiet``. With ``several``,
     ``--model`` takes a comma-separated list too."""
-    from mclx.config import LogBase, RecipeName
+    from mclx.config import RecipeName
 
     help_ = (
         "Method to train; its publication's architecture and recipe are the defaults of "
@@ -193,6 +193,24 @@ def model_options(several: bool = False) -> Decorator:
             help="FILE, 'imagenet' (torchvision cache), 'auto' (cache if present, "
             "else random init with a warning) or 'none'.",
         ),
+        click.option(
+            "--fov-um", type=click.FloatRange(min=0, min_open=True), default=None,
+            help="Tissue one patch covers, in µm a side (default: the patch's pixels at the "
+            "training images' µm/px); e.g. 100 for a legacy-ST spot, 55 for Visium. Saved "
+            "in the checkpoint: bank build and infer cut the same field.",
+        ),
+        gene_options(),
+        training_options(),
+        architecture_options(),
+        quiet_option(),
+    )  # fmt: skip
+
+
+def gene_options() -> Decorator:
+    """Which genes a model predicts and how their counts are scaled."""
+    from mclx.config import LogBase
+
+    return stack(
         path_option(
             "--genes", "genes_file", role="input",
             help="Gene list (.npy or one per line); default her_hvg_cut_1000.npy.",
@@ -205,18 +223,9 @@ def model_options(several: bool = False) -> Decorator:
             "measure them.",
         ),
         click.option(
-            "--fov-um", type=click.FloatRange(min=0, min_open=True), default=None,
-            help="Tissue one patch covers, in µm a side (default: the patch's pixels at the "
-            "training images' µm/px); e.g. 100 for a legacy-ST spot, 55 for Visium. Saved "
-            "in the checkpoint: bank build and infer cut the same field.",
-        ),
-        click.option(
             "--log-base", type=literal_choice(LogBase), default="10", show_default=True,
             help="log(1 + x) base after library-size scaling.",
         ),
-        training_options(),
-        architecture_options(),
-        quiet_option(),
     )  # fmt: skip
 
 

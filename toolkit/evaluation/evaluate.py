@@ -49,7 +49,6 @@ def cross_validate(
         k, distance: retrieval settings (default: the model's).
         caches: patch caches by patch size, shared by runs on the same data (compare).
     """
-    from mclx.bank import image_bank
     from mclx.data.readers import open_data
 
     recipe, data = recipe or Recipe(), open_data(root)
@@ -57,15 +56,7 @@ def cross_validate(
     if len(adatas) < 2:
         msg = f"{data.root}: cross-validation needs at least two sections with images"
         raise ValueError(msg)
-    extra = [s for s in bank_sections if s not in adatas]
-    if extra and image_bank(recipe.model):
-        msg = (
-            f"{data.root}: a {recipe.model} bank holds image features; --bank-sections "
-            f"{', '.join(extra)} are not cross-validated image sections (build such a bank "
-            "with 'mclx bank build')"
-        )
-        raise ValueError(msg)
-    extra_adatas = data.read(extra) if extra else {}
+    extra_adatas = _extra_sections(data, recipe, adatas, bank_sections)
     _check_k(data.root, recipe, adatas, extra_adatas, k)
     cache = _shared_cache(caches, adatas, recipe.patch_size())
     results: dict[str, Any] = {}
@@ -91,6 +82,22 @@ def cross_validate(
         "seconds": round(time.perf_counter() - t0, 1),
     }
     return _summary(results, config, genes_out) | {"folds": panels, "predictions": preds}
+
+
+def _extra_sections(data, recipe: Recipe, adatas, bank_sections: Sequence[str]):
+    """The ``bank_sections`` that are not held out in turn, read (they join every fold's
+    bank); refused for a model whose bank holds image features."""
+    from mclx.bank import image_bank
+
+    extra = [s for s in bank_sections if s not in adatas]
+    if extra and image_bank(recipe.model):
+        msg = (
+            f"{data.root}: a {recipe.model} bank holds image features; --bank-sections "
+            f"{', '.join(extra)} are not cross-validated image sections (build such a bank "
+            "with 'mclx bank build')"
+        )
+        raise ValueError(msg)
+    return data.read(extra) if extra else {}
 
 
 def _shared_cache(caches: dict[int, PatchCache] | None, adatas, size: int) -> PatchCache:
