@@ -212,6 +212,10 @@ def export(
         write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
     if _record_readers(job, reference, report, log):
         write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
+    refused = [e["refused"] for e in report.values() if isinstance(e, dict) and "refused" in e]
+    if refused:  # after the other rows: one refused format does not cost the user the rest
+        msg = f"{refused[0]} (not written; the other formats and {report_path(checkpoint)} were)"
+        raise ParityError(msg)
     return report
 
 
@@ -340,7 +344,8 @@ def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
 
 def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
     """Build ``fmt`` under a staging name, check parity, then rename it (and its
-    sidecars) into place; return its report entry."""
+    sidecars) into place; return its report entry (a reduced precision that fails its
+    gate is not written, and its entry says why under ``refused``)."""
 
     final = job.paths[fmt.name]
     stage = _staging(final)
@@ -352,7 +357,12 @@ def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
         device = "cuda" if fmt.device == "cuda" else "cpu"
         got = job.timed(fmt.name, _open_stage(fmt, stage, device))
         entry = _record(job, fmt.name, final, precision, reference, got, log)
-        check_parity(fmt.name, final, entry, precision)
+        try:
+            check_parity(fmt.name, final, entry, precision)
+        except ParityError as exc:
+            if precision == "fp32":  # the file every other row is made from
+                raise
+            return {**entry, "refused": str(exc)}
         os.replace(stage, final)
         for src, dst in sidecars:
             os.replace(src, dst)

@@ -161,6 +161,12 @@ def test_int8_with_a_perturbed_layer_is_refused(paper, data, monkeypatch, tmp_pa
     with pytest.raises(ParityError, match="onnx-int8 parity failed on the task"):
         export(ck, int8=True, calib_data=data, n_patches=48, log=lambda *_: None)
     assert not FORMATS["onnx-int8"].path(ck).exists()
+    # the refusal costs only its own row: the FP32 file and the report are there, and
+    # the report says why INT8 is missing (auto never takes it)
+    assert FORMATS["onnx"].path(ck).is_file()
+    report = read_report(ck)
+    assert "parity failed on the task" in report["onnx-int8"]["refused"]
+    assert not parity_held("onnx-int8", report)
 
 
 def test_perturbed_layer_fails_the_gate(model, data):
