@@ -142,7 +142,7 @@ def previous(path: Path) -> Path:
 def bank_build(e: Env, o: Path, *, data: Path | None = None, ckpt=None, sections="S1"):
     out = previous(o / "b.npz")
     return ["bank", "build", "--ckpt", ckpt or e.ck, "--data", data or e.data,
-            "--sections", sections, "--out", out]  # fmt: skip
+            "--sections", sections, "--out", out, "-q"]  # fmt: skip
 
 
 def train(e: Env, o: Path, data: Path, *extra):
