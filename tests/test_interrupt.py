@@ -234,7 +234,10 @@ def test_ctrl_c_while_the_save_thread_starts_is_raised_after_it_started(ctrl_c_r
     try:
         with pytest.raises(KeyboardInterrupt):
             with _ctrl_c_deferred():
-                os.kill(os.getpid(), signal.SIGINT)  # to the process: any thread gets it
+                # to the main thread, where Python runs the handler: a process-directed
+                # signal in this long-lived pytest process can land in a native thread of
+                # a library loaded by an earlier test (CI once crashed here, SIGSEGV)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 for _ in range(1000):  # Python would raise here, between bytecodes
                     inside.append(1)
                 worker = threading.Thread(target=inside.append, args=("started",))
