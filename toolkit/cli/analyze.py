@@ -58,10 +58,11 @@ def analyze(source: Path, out: Path, markers, n_domains, top, seed) -> None:
                    f"predictions, left out: {', '.join(u[:10])}" + (" ..." if len(u) > 10 else ""),
                    err=True)  # fmt: skip
     unlabelled = [str(s) for s, n in res.domains["n_labelled"].items() if not n]
-    if unlabelled:  # domains.csv's ARI / NMI columns are empty there: say why
-        click.echo(f"mclx: note: no pathologist labels (obs['label']) in {', '.join(unlabelled)}: "
-                   "spatial domains found but not scored (no ARI / NMI)", err=True)  # fmt: skip
     written = write_analysis(res, out, top=top)
     click.echo(res.ranking.head(10)[["rank", "mean_neglog10_p", "mean_pcc"]].to_string())
     click.echo(res.panels.to_string())
+    if unlabelled:  # domains.csv's ARI / NMI columns are empty there: say why (a result, so
+        # on stdout with the others; stderr keeps to warnings and the one error line)
+        click.echo(f"mclx: note: no pathologist labels (obs['label']) in {', '.join(unlabelled)}: "
+                   "spatial domains found but not scored (no ARI / NMI)")  # fmt: skip
     click.echo(f"mclx: wrote {len(written)} files to {out}")
