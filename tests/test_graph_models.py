@@ -221,6 +221,7 @@ def _tiny(name: str, **kw):
     sizes = {
         "his2st": {"mixer_channels": 8, "mixer_depth": 1},
         "thitogene": {"capsules": 4, "capsule_dim": 8, "graph_heads": 2},
+        "histogene": {},
     }[name]
     cfg = model_cfg(
         name, n_genes=7, embed_dim=32, depth=1, heads=2, dim_head=8, pos_size=(6, 5),
@@ -266,6 +267,36 @@ def test_graph_model_on_pooled_features_of_another_encoder(name):
     with torch.no_grad():
         out = model(torch.rand(5, 3, 64, 64), _grid(5, 1))
     assert out.shape == (5, 7)
+
+
+@pytest.mark.parametrize("name", [*GRAPH_MODELS, "histogene"])
+def test_section_model_standardises_pooled_features_with_the_training_statistics(name):
+    """``feature_norm`` on a pooling encoder: the first layer reads (f - mean) / std of the
+    training spots (float64 reference; a constant feature keeps std 1), the buffers
+    travel in the state dict, and pixel-reading patch modules refuse it."""
+    kw = {"encoder": "tiny_cnn"}
+    normed, plain = _tiny(name, feature_norm=True, **kw), _tiny(name, **kw)
+    plain.load_state_dict({k: v for k, v in normed.state_dict().items() if "feature_norm" not in k})
+    rng = np.random.default_rng(0)
+    train = rng.normal(5.0, 0.01, (40, normed.image_encoder.num_features))
+    train[:, 0] = 3.0  # constant
+    normed.set_feature_stats(train)
+    mean, std = train.mean(0), train.std(0)
+    std[std < 1e-12] = 1.0
+    feats = rng.normal(5.0, 0.01, (10, train.shape[1]))
+    pos = _grid(5, 2)
+    normed.eval(), plain.eval()
+    with torch.no_grad():
+        got = normed.embed_image_features(torch.tensor(feats, dtype=torch.float32), pos)
+        ref = plain.embed_image_features(torch.tensor((feats - mean) / std).float(), pos)
+        raw = plain.embed_image_features(torch.tensor(feats, dtype=torch.float32), pos)
+    torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4)
+    assert not torch.allclose(got, raw, atol=1e-3)
+    assert any(k.startswith("feature_norm.") for k in normed.state_dict())
+    assert not any(k.startswith("feature_norm.") for k in plain.state_dict())
+    if name != "histogene":  # the published patch modules read pixels
+        with pytest.raises(ValueError, match="pooled features"):
+            _tiny(name, feature_norm=True)
 
 
 def test_published_defaults():

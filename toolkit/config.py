@@ -76,9 +76,10 @@ class ModelCfg:
         mask_keep: CMRCNet's probability that an element of the image tokens is kept
             by the training-time mask (no rescaling; no mask in eval mode).
         feature_norm: standardise the frozen encoder's pooled features with the mean and
-            std of the training spots before the image projection (mclstexp, bleep; an
-            ablation for badly conditioned random-init features). The statistics are
-            buffers of the model, so export and inference apply them too.
+            std of the training spots before the image projection (mclstexp, bleep, and
+            the section models on a pooling encoder; an ablation for badly conditioned
+            random-init features). The statistics are buffers of the model, so export
+            and inference apply them too.
         graph_k, graph_radius: the spot graph of His2ST and THItoGene: each spot's
             ``graph_k`` nearest spots by array coordinates, those farther than
             ``graph_radius`` array units dropped (0: none dropped; His2ST 2.0).

@@ -204,7 +204,7 @@ class His2ST(SectionRegressor):
     def hidden(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The features the heads read (N, width)."""
         pos = self.check_positions(pos)
-        x = self.mixer(self.pixels(feats)) if self.mixer is not None else feats
+        x = self.mixer(self.pixels(feats)) if self.mixer is not None else self.feature_norm(feats)
         x = self.patch_embedding(x)
         if self.x_embed is not None:
             x = x + self.x_embed(pos[:, 0]) + self.y_embed(pos[:, 1])

@@ -24,6 +24,7 @@ from torch import nn
 from mclx.config import ModelCfg
 from mclx.errors import DataError
 from mclx.models.layers import TransformerBlock
+from mclx.models.section import pooled_feature_norm
 
 
 class HisToGene(nn.Module):
@@ -40,6 +41,8 @@ class HisToGene(nn.Module):
         d = cfg.embed_dim
         self.image_encoder = image_encoder
         self.patch_embedding = nn.Linear(image_encoder.num_features, d)
+        crop = getattr(image_encoder, "crop", None)
+        self.feature_norm = pooled_feature_norm(cfg, image_encoder, crop)
         self.pos_size = tuple(cfg.pos_size)
         if cfg.pos_embed:
             self.x_embed = nn.Embedding(self.pos_size[0], d)
@@ -55,6 +58,10 @@ class HisToGene(nn.Module):
         )
         self.gene_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, cfg.n_genes))
 
+    def set_feature_stats(self, feats) -> None:
+        """The training spots' pooled-feature statistics, for ``cfg.feature_norm``."""
+        self.feature_norm.set_stats(feats)
+
     def _check(self, pos: torch.Tensor) -> None:
         if torch.jit.is_tracing():  # an exported graph takes the positions as they come
             return
@@ -68,7 +75,7 @@ class HisToGene(nn.Module):
 
     def embed_image_features(self, feats: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One section's pooled features (N, F) and array coordinates (N, 2) -> (N, G)."""
-        x = self.patch_embedding(feats)
+        x = self.patch_embedding(self.feature_norm(feats))
         if self.x_embed is not None:
             pos = pos.long()
             self._check(pos)

@@ -6,6 +6,33 @@ import torch
 from torch import nn
 
 
+def feature_stats(feats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std (N, F) -> (F,), (F,) in float32, computed in float64; a constant
+    feature keeps std 1 (the training spots' statistics of ``feature_norm``)."""
+    f = torch.as_tensor(feats, dtype=torch.float64)
+    std = f.std(dim=0, unbiased=False)
+    return f.mean(dim=0).float(), torch.where(std > 1e-12, std, torch.ones_like(std)).float()
+
+
+class FeatureNorm(nn.Module):
+    """``(x - mean) / std`` with the training spots' statistics (:func:`feature_stats`,
+    set by :meth:`set_stats`, saved with the weights); the identity, with no buffers,
+    when not ``enabled`` (checkpoints without it load unchanged)."""
+
+    def __init__(self, width: int, enabled: bool) -> None:
+        super().__init__()
+        self.enabled = bool(enabled)
+        if self.enabled:
+            self.register_buffer("mean", torch.zeros(width))
+            self.register_buffer("std", torch.ones(width))
+
+    def set_stats(self, feats) -> None:
+        self.mean, self.std = feature_stats(feats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std if self.enabled else x
+
+
 class ProjectionHead(nn.Module):
     """``p = Linear(in, d)(x); y = Dropout(Linear(d, d)(GELU(p))); LayerNorm(y + p)``."""
 

@@ -17,7 +17,7 @@ from torch import nn
 from mclx.config import ModelCfg
 from mclx.errors import DataError
 from mclx.models.backbones import ImageEncoder
-from mclx.models.layers import ProjectionHead, TransformerBlock
+from mclx.models.layers import ProjectionHead, TransformerBlock, feature_stats
 
 
 def clip_loss(spot_emb: torch.Tensor, img_emb: torch.Tensor, temperature: float = 1.0):
@@ -94,10 +94,7 @@ class MclSTExp(nn.Module):
     def set_feature_stats(self, feats) -> None:
         """Mean and std (N, F) -> (F,) of the training spots' pooled features, for
         ``cfg.feature_norm`` (a constant feature keeps std 1)."""
-        f = torch.as_tensor(feats, dtype=torch.float64)
-        std = f.std(dim=0, unbiased=False)
-        self.feature_mean = f.mean(dim=0).float()
-        self.feature_std = torch.where(std > 1e-12, std, torch.ones_like(std)).float()
+        self.feature_mean, self.feature_std = feature_stats(feats)
 
     def embed_image_features(self, feats: torch.Tensor) -> torch.Tensor:
         """Pooled encoder features (N, F) -> image embeddings (N, D)."""

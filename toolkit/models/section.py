@@ -21,6 +21,21 @@ from torch import nn
 from mclx.config import ModelCfg
 from mclx.errors import DataError
 from mclx.models.graph import knn_adjacency
+from mclx.models.layers import FeatureNorm
+
+
+def pooled_feature_norm(cfg: ModelCfg, image_encoder: nn.Module, crop) -> FeatureNorm:
+    """``cfg.feature_norm`` for a section model: the frozen encoder's pooled features
+    standardised before the model's first layer (an mclx option, as for mclstexp: a
+    random-init encoder's features vary far less between spots than their mean);
+    refused with the pixel-reading patch modules."""
+    if cfg.feature_norm and crop is not None:
+        msg = (
+            f"{cfg.name}: feature standardisation applies to a frozen encoder's pooled "
+            "features (e.g. --encoder densenet121 --freeze-encoder), not to pixel crops"
+        )
+        raise ValueError(msg)
+    return FeatureNorm(image_encoder.num_features, cfg.feature_norm)
 
 
 class SectionRegressor(nn.Module):
@@ -46,6 +61,11 @@ class SectionRegressor(nn.Module):
         # the published patch modules read the crop's pixels; other encoders' features
         # are pooled vectors
         self.crop: int | None = int(crop) if crop is not None else None
+        self.feature_norm = pooled_feature_norm(cfg, image_encoder, self.crop)
+
+    def set_feature_stats(self, feats) -> None:
+        """The training spots' pooled-feature statistics, for ``cfg.feature_norm``."""
+        self.feature_norm.set_stats(feats)
 
     def pixels(self, feats: torch.Tensor) -> torch.Tensor:
         """Flattened centre crops (N, 3 * c * c) -> images (N, 3, c, c)."""

@@ -161,7 +161,7 @@ class THItoGene(SectionRegressor):
         if self.odconv is not None:
             x = self.caps(F.relu(self.odconv(self.pixels(feats)))).flatten(1)
         else:
-            x = self.caps(feats)
+            x = self.caps(self.feature_norm(feats))
         if self.x_embed is not None:
             x = torch.cat([x, self.x_embed(pos[:, 0]), self.y_embed(pos[:, 1])], dim=1)
         x = self.blocks(self.dropout(x).unsqueeze(0)).squeeze(0)

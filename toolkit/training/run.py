@@ -218,7 +218,8 @@ def _standardise(model, feats: np.ndarray | None) -> None:
     if feats is None or not pooled or not hasattr(model, "set_feature_stats"):
         msg = (
             "feature standardisation applies to a frozen encoder's pooled features "
-            f"(mclstexp, bleep with --freeze-encoder), not to {model.cfg.name} here"
+            "(mclstexp, bleep, histogene, his2st, thitogene with --freeze-encoder and a "
+            f"pooling encoder), not to {model.cfg.name} here"
         )
         raise ValueError(msg)
     model.set_feature_stats(feats.reshape(-1, feats.shape[-1]))
