@@ -33,6 +33,9 @@ def options(spec: str) -> dict:
         if key.startswith("opt."):
             model_opts.append(f"{key[4:]}={value}")
             continue
+        if value in ("True", "False"):
+            kw[key] = value == "True"
+            continue
         for cast in (int, float, str):
             try:
                 kw[key] = cast(value)
