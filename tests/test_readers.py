@@ -190,8 +190,17 @@ def test_visium_bad_inputs(visium_copy, tmp_path, visium_h5):
     ):
         open_data(visium_copy).read_section("V9")
     pos.to_csv(spatial / "tissue_positions_list.csv", header=False, index=False)
+    factors = (spatial / "scalefactors_json.json").read_text()
+    (spatial / "scalefactors_json.json").write_text("[0.15]")
+    with pytest.raises(DataError, match="scalefactors_json.json: not a JSON object"):
+        open_data(visium_copy).read_section("V9")
+    (spatial / "scalefactors_json.json").write_text(factors.replace("tissue_hires", "hires"))
+    with pytest.raises(DataError, match="no valid tissue_hires_scalef .*or pass --image"):
+        open_data(visium_copy).read_section("V9")
     (spatial / "scalefactors_json.json").unlink()
-    with pytest.raises(FileNotFoundError, match="scalefactors_json.json: missing"):
+    with pytest.raises(
+        FileNotFoundError, match=r"scalefactors_json.json: missing \(.*hires image; or pass --image"
+    ):
         open_data(visium_copy).read_section("V9")
     # a full-resolution image needs no scale factor; these spots do not fit a small one
     small = tmp_path / "fullres.png"
@@ -201,6 +210,29 @@ def test_visium_bad_inputs(visium_copy, tmp_path, visium_h5):
 
 
 @needs("visium-fixture")
+def test_space_ranger_scale_factors_are_read_as_for_visium(tmp_path):
+    """An outs folder given as a slide reads its scale factor as the Visium reader does
+    (:func:`mclx.data.spaceranger.scale_factor`), with a hint that fits ``mclx infer
+    OUTS/``: there is no --image there, but a full-resolution image beside spatial/."""
+    from PIL import Image
+
+    from mclx.data.spaceranger import spaceranger_image
+
+    spatial = tmp_path / "outs" / "spatial"
+    spatial.mkdir(parents=True)
+    spatial.joinpath("tissue_positions_list.csv").write_text("AAA-1,1,0,0,10,10\n")
+    Image.new("RGB", (64, 64), "white").save(spatial / "tissue_hires_image.png")
+    with pytest.raises(FileNotFoundError, match=r"scalefactors_json.json: missing \(") as info:
+        spaceranger_image(tmp_path / "outs")
+    assert "--image" not in str(info.value)
+    assert "full-resolution image beside spatial/" in str(info.value)
+    spatial.joinpath("scalefactors_json.json").write_text('{"tissue_hires_scalef": 0}')
+    with pytest.raises(DataError, match="tissue_hires_scalef must be positive"):
+        spaceranger_image(tmp_path / "outs")
+    spatial.joinpath("scalefactors_json.json").write_text('{"tissue_hires_scalef": 0.5}')
+    assert spaceranger_image(tmp_path / "outs").scale == 0.5
+
+
 def test_a_folder_of_outs_is_one_section_each(tmp_path):
     for name in ("V1", "V2"):
         shutil.copytree(shared_path("visium-fixture"), tmp_path / name / "outs")

@@ -89,14 +89,25 @@ def scalefactors(spatial: Path) -> dict:
     return data
 
 
-def _factor(spatial: Path, factors: dict, key: str) -> float:
+def scale_factor(spatial: Path, kind: str, *, instead: str = "") -> float:
+    """``tissue_{kind}_scalef`` of ``spatial/scalefactors_json.json``: image px per
+    full-resolution px. The one reader of the factor (the outs folder given as a slide,
+    :mod:`mclx.data.visium`); its errors name the file and why it is needed, then
+    ``instead``: what else the caller's user could give."""
+    path = spatial / SCALEFACTORS
+    need = f"needed to place the spots on the {kind} image" + (f"; {instead}" if instead else "")
+    if not path.is_file():
+        msg = f"{path}: missing ({need})"
+        raise FileNotFoundError(msg)
+    key = f"tissue_{kind}_scalef"
+    factors = scalefactors(spatial)  # unreadable, or not an object: a DataError of its own
     try:
         value = float(factors[key])
     except (KeyError, TypeError, ValueError) as exc:
-        msg = f"{spatial / SCALEFACTORS}: no valid {key} (needed to place the spots on the image)"
+        msg = f"{path}: no valid {key} ({need})"
         raise DataError(msg) from exc
     if not value > 0:
-        msg = f"{spatial / SCALEFACTORS}: {key} must be positive (got {value})"
+        msg = f"{path}: {key} must be positive (got {value})"
         raise DataError(msg)
     return value
 
@@ -120,7 +131,8 @@ def spaceranger_image(folder: Path) -> SpaceRangerImage | None:
             )
             raise DataError(msg)
         kind, image = found[0]
-        scale = _factor(spatial, factors, f"tissue_{kind}_scalef")
+        instead = "or put the full-resolution image beside spatial/"
+        scale = scale_factor(spatial, kind, instead=instead)
     diameter = factors.get("spot_diameter_fullres")
     mpp = None
     if isinstance(diameter, (int, float)) and diameter > 0:
