@@ -192,7 +192,7 @@ def test_visium_bad_inputs(visium_copy, tmp_path, visium_h5):
     pos.to_csv(spatial / "tissue_positions_list.csv", header=False, index=False)
     factors = (spatial / "scalefactors_json.json").read_text()
     (spatial / "scalefactors_json.json").write_text("[0.15]")
-    with pytest.raises(DataError, match="scalefactors_json.json: not a JSON object"):
+    with pytest.raises(DataError, match="json: scale factors must be a JSON object, not an array"):
         open_data(visium_copy).read_section("V9")
     (spatial / "scalefactors_json.json").write_text(factors.replace("tissue_hires", "hires"))
     with pytest.raises(DataError, match="no valid tissue_hires_scalef .*or pass --image"):
@@ -231,6 +231,24 @@ def test_space_ranger_scale_factors_are_read_as_for_visium(tmp_path):
         spaceranger_image(tmp_path / "outs")
     spatial.joinpath("scalefactors_json.json").write_text('{"tissue_hires_scalef": 0.5}')
     assert spaceranger_image(tmp_path / "outs").scale == 0.5
+
+
+def test_json_files_of_the_layouts_are_objects_or_absent(tmp_path):
+    """The JSON files the layouts read (scale factors, HEST metadata) share one reader:
+    absent is {}, anything but an object is refused saying what it is."""
+    from mclx.data.layout import json_object
+
+    path = tmp_path / "f.json"
+    assert json_object(path, "things") == {}
+    for text, got in (("3.5", "a number"), ("null", "null"), ('"x"', "a string")):
+        path.write_text(text)
+        with pytest.raises(DataError, match=f"f.json: things must be a JSON object, not {got}$"):
+            json_object(path, "things")
+    path.write_text('{"a": 1')
+    with pytest.raises(DataError, match="f.json: cannot read things"):
+        json_object(path, "things")
+    path.write_text('{"a": 1}')
+    assert json_object(path, "things") == {"a": 1}
 
 
 def test_a_folder_of_outs_is_one_section_each(tmp_path):
@@ -306,6 +324,15 @@ def test_hest_bad_inputs(hest, tmp_path):
 
     root = tmp_path / "h"
     shutil.copytree(hest[0], root)
+    meta = root / "metadata" / "C2.json"
+    good = meta.read_text()
+    meta.write_text("[1, 2]")
+    with pytest.raises(DataError, match="C2.json: sample metadata must be a JSON object, not an"):
+        open_data(root).read_section("C2")
+    meta.write_text("{")
+    with pytest.raises(DataError, match="C2.json: cannot read sample metadata"):
+        open_data(root).read_section("C2")
+    meta.write_text(good)
     a = ad.read_h5ad(root / "st" / "C2.h5ad")
     del a.obsm["spatial"]
     a.write_h5ad(root / "st" / "C2.h5ad")

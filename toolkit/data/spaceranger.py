@@ -13,14 +13,14 @@ fixture), divided by the scale factor of the image read. Spots are drawn at 55 Â
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from mclx.data.arrays import SPOT_DIAMETER_UM
-from mclx.errors import DataError, short
+from mclx.data.layout import json_object
+from mclx.errors import DataError
 
 POSITIONS = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv")
 SCALEFACTORS = "scalefactors_json.json"
@@ -75,18 +75,7 @@ def spatial_folder(folder: Path) -> Path | None:
 
 def scalefactors(spatial: Path) -> dict:
     """``scalefactors_json.json`` of ``spatial/`` ({} when absent)."""
-    path = spatial / SCALEFACTORS
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        msg = f"{path}: cannot read scale factors ({short(exc)})"
-        raise DataError(msg) from exc
-    if not isinstance(data, dict):
-        msg = f"{path}: not a JSON object of scale factors"
-        raise DataError(msg)
-    return data
+    return json_object(spatial / SCALEFACTORS, "scale factors")
 
 
 def scale_factor(spatial: Path, kind: str, *, instead: str = "") -> float:
