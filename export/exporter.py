@@ -54,6 +54,8 @@ class ExportJob:
         cal: the :class:`~mclx.export.calib.CalibrationSet` (INT8 calibration patches,
             the held-back spots' expression and bank); None: calibrate on ``patches``.
         notes: what builders tell the report beside the parity (layers kept in FP32).
+        progress: whether the libraries a builder calls may draw their own progress bars
+            (NNCF's); False under ``mclx export -q``.
     """
 
     ck: Any
@@ -63,6 +65,7 @@ class ExportJob:
     positions: np.ndarray | None = None
     cal: Any = None
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    progress: bool = True
 
     def timed(self, name: str, encoder) -> np.ndarray:
         """``encoder`` on the parity patches (which warms it up), then its rate on up to
@@ -169,6 +172,7 @@ def export(
     openvino: bool = False,
     trt: bool = False,
     log: Callable[[str], Any] = print,
+    progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
     """Export the checkpoint's encoder in the requested formats, each checked against
@@ -178,6 +182,8 @@ def export(
         onnx_path: the FP32 ONNX file (default beside the checkpoint); the INT8 file
             goes beside it.
         calib_data: real patches for parity and INT8 calibration (see ``calib``).
+        log: where the export's own lines go.
+        progress: False: no progress bars of the libraries the builders call (NNCF's).
         options: per-format options: ``opset`` (ONNX), ``fp16``, ``max_batch`` (engine).
     """
     from mclx.checkpoint import load_checkpoint
@@ -198,7 +204,7 @@ def export(
         check_output(out)
     cal = calibration_set(calib_data, ck, n=n_patches)
     log(f"parity patches: {len(cal.patches)} from {cal.source}")
-    job = ExportJob(ck, cal.patches, paths, options, positions, cal)
+    job = ExportJob(ck, cal.patches, paths, options, positions, cal, progress=progress)
     reference = job.timed("torch", TorchEncoder(ck))
     report: dict[str, Any] = {
         "fingerprint": ck.fingerprint,
