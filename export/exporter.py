@@ -4,10 +4,11 @@
 ``--int8``; ``openvino-int8`` with ``--openvino``; ``engine`` with ``--trt``). Each row
 is built by its own builder under a staging name, opened by the inference layer and
 compared with PyTorch FP32 on the same patches, and only then renamed into place: a
-failed parity check leaves the previous good artifact untouched. Each row is labelled
-with the precision that was actually built. OpenVINO, which also runs the FP32 ONNX
-file itself, gets its parity recorded on it (fp32, bf16) when installed. The results go
-to ``<stem>.export.json``.
+failed parity check leaves the previous good artifact untouched, and a run that fails
+(a TensorRT build, an FP32 parity check) puts back every file it had already renamed
+into place: the folder is left as it was. Each row is labelled with the precision that
+was actually built. OpenVINO, which also runs the FP32 ONNX file itself, gets its parity
+recorded on it (fp32, bf16) when installed. The results go to ``<stem>.export.json``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from mclx.errors import MclxError
 from mclx.extras import installed
-from mclx.files import check_output, write_text_atomic
+from mclx.files import check_output, undone_on_failure, write_text_atomic
 from mclx.inference.formats import (
     FORMATS,
     MAX_REL_ERR_FP32,
@@ -53,6 +54,8 @@ class ExportJob:
         cal: the :class:`~mclx.export.calib.CalibrationSet` (INT8 calibration patches,
             the held-back spots' expression and bank); None: calibrate on ``patches``.
         notes: what builders tell the report beside the parity (layers kept in FP32).
+        progress: whether the libraries a builder calls may draw their own progress bars
+            (NNCF's); False under ``mclx export -q``.
     """
 
     ck: Any
@@ -62,6 +65,7 @@ class ExportJob:
     positions: np.ndarray | None = None
     cal: Any = None
     notes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    progress: bool = True
 
     def timed(self, name: str, encoder) -> np.ndarray:
         """``encoder`` on the parity patches (which warms it up), then its rate on up to
@@ -168,6 +172,7 @@ def export(
     openvino: bool = False,
     trt: bool = False,
     log: Callable[[str], Any] = print,
+    progress: bool = True,
     **options: Any,
 ) -> dict[str, Any]:
     """Export the checkpoint's encoder in the requested formats, each checked against
@@ -177,6 +182,8 @@ def export(
         onnx_path: the FP32 ONNX file (default beside the checkpoint); the INT8 file
             goes beside it.
         calib_data: real patches for parity and INT8 calibration (see ``calib``).
+        log: where the export's own lines go.
+        progress: False: no progress bars of the libraries the builders call (NNCF's).
         options: per-format options: ``opset`` (ONNX), ``fp16``, ``max_batch`` (engine).
     """
     from mclx.checkpoint import load_checkpoint
@@ -197,7 +204,7 @@ def export(
         check_output(out)
     cal = calibration_set(calib_data, ck, n=n_patches)
     log(f"parity patches: {len(cal.patches)} from {cal.source}")
-    job = ExportJob(ck, cal.patches, paths, options, positions, cal)
+    job = ExportJob(ck, cal.patches, paths, options, positions, cal, progress=progress)
     reference = job.timed("torch", TorchEncoder(ck))
     report: dict[str, Any] = {
         "fingerprint": ck.fingerprint,
@@ -207,16 +214,31 @@ def export(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _record_torch_reduced(job, reference, report, checkpoint, log)
-    for fmt in rows:
-        report[fmt.name] = _publish(fmt, job, reference, log)
-        write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
-    if _record_readers(job, reference, report, log):
-        write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
+    # each row is renamed into place once checked, and later rows are made from it (the
+    # FP32 ONNX file): a row that fails puts back every file as it was before this run
+    with undone_on_failure(_written(rows, paths, checkpoint)):
+        for fmt in rows:
+            report[fmt.name] = _publish(fmt, job, reference, log)
+            write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
+        if _record_readers(job, reference, report, log):
+            write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
     refused = [e["refused"] for e in report.values() if isinstance(e, dict) and "refused" in e]
     if refused:  # after the other rows: one refused format does not cost the user the rest
         msg = f"{refused[0]} (not written; the other formats and {report_path(checkpoint)} were)"
         raise ParityError(msg)
     return report
+
+
+def _written(rows: list[Format], paths: Mapping[str, Path], checkpoint) -> list[Path]:
+    """Every file the rows may put in place: artifacts, sidecars, the engine's timing
+    cache (:func:`mclx.export.tensorrt_build.build`) and the report."""
+    out = [report_path(checkpoint)]
+    for fmt in rows:
+        path = paths[fmt.name]
+        out += [path, *(path.with_name(path.name + x) for x in fmt.sidecars)]
+        if fmt.name == "engine":
+            out.append(path.with_name(path.name + ".timing.cache"))
+    return out
 
 
 def _section_positions(ck, rows: list[Format], n: int, checkpoint) -> np.ndarray | None:

@@ -11,6 +11,7 @@ against FP32 (measured on HER2+ patches), below the parity gate. Needs the openv
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +41,7 @@ def build_int8(job, out: Path) -> str:
     x = to_model_input(job.calib, job.ck.preprocess)
     keep = head_nodes(fp32)
     batches = [{INPUT: x[i : i + 8]} for i in range(0, len(x), 8)]
-    with warnings.catch_warnings(), _quiet_loggers():
+    with warnings.catch_warnings(), _quiet_loggers(), _bars(job.progress):
         warnings.simplefilter("ignore")
         quantised = nncf.quantize(
             onnx.load(str(fp32)),
@@ -54,6 +55,19 @@ def build_int8(job, out: Path) -> str:
         onnx.save(quantised, str(tmp))
     job.notes["openvino-int8"] = {"fp32_layers": keep, "calibration_patches": len(x)}
     return "int8"
+
+
+@contextlib.contextmanager
+def _bars(shown: bool) -> Iterator[None]:
+    """NNCF's progress bars ("Statistics collection", "Applying Fast Bias correction")
+    unless not ``shown`` (``mclx export -q``). NNCF offers no switch for them: each
+    algorithm draws its own ``rich`` progress on a new Console, which writes to
+    ``sys.stdout`` as it is when it draws; its log lines are :func:`_quiet_loggers`'."""
+    if shown:
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
 
 
 @contextlib.contextmanager

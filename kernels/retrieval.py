@@ -35,10 +35,8 @@ from mclx.kernels.torch_path import (
     Precision,
     Weighting,
     aggregate,
-    as_tensor,
-    check_inputs,
-    like,
     neighbour_weights,
+    on_tensors,
     retrieve_blocks,
 )
 from mclx.kernels.torch_path import neighbours as torch_neighbours
@@ -124,14 +122,9 @@ def topk_cosine(queries, keys, k: int, chunk: int | None = None, *, precision: P
     gpu = _on_cupy(keys, k, precision)
     if gpu is not None:
         return gpu[0].topk_cupy(queries, keys, k, chunk, precision=gpu[1])
-    import torch
-
-    kk = as_tensor(keys)
-    q = as_tensor(queries).to(kk.device)
-    check_inputs(q, kk, k)
-    with torch.inference_mode():
-        s, i, _ = _neighbours(q, kk, k, chunk, precision, "l2")
-    return like(s, queries), like(i, queries)
+    return on_tensors(
+        queries, keys, k, call=lambda q, kk, _: _neighbours(q, kk, k, chunk, precision, "l2")[:2]
+    )
 
 
 def _aggregate(weights, idx, values):
@@ -174,17 +167,13 @@ def retrieve(
             queries, keys, values, k, distance=distance, weighting=weighting, chunk=chunk,
             precision=gpu[1], query_block=query_block,
         )  # fmt: skip
-    import torch
-
-    kk, v = as_tensor(keys), as_tensor(values)
-    q = as_tensor(queries).to(kk.device)  # host queries against a device-resident bank
-    check_inputs(q, kk, k, v)
-    with torch.inference_mode():
-        pred = retrieve_blocks(
+    return on_tensors(
+        queries, keys, k, values,
+        call=lambda q, kk, v: retrieve_blocks(
             q, kk, v, weighting=weighting, query_block=query_block, aggregate=_aggregate,
             neighbours=lambda qb: _neighbours(qb, kk, k, chunk, precision, distance),
-        )  # fmt: skip
-    return like(pred, queries)
+        ),
+    )  # fmt: skip
 
 
 def retrieve_reference(queries, keys, values, k, *, distance="l2", weighting="inverse_square"):

@@ -292,17 +292,29 @@ def _mode(precision: str) -> str:
     return precision
 
 
-def topk(queries, keys, k: int, chunk: int | None = None, *, precision: str = "fp32"):
-    """:func:`mclx.kernels.topk_cosine` on the torch path alone (``fp32`` or ``bf16``)."""
+def on_tensors(queries, keys, k: int, values=None, *, call: Callable):
+    """The torch path's way in and out, for every caller: ``keys`` (and ``values``) as
+    tensors, ``queries`` as a tensor on the keys' device (host queries against a
+    device-resident bank), all checked (:func:`check_inputs`); ``call(q, keys, values)``
+    under ``torch.inference_mode``; its tensor, or each of a tuple of them, back as the
+    queries' array type."""
     import torch
 
     kk = as_tensor(keys)
+    v = None if values is None else as_tensor(values)
     q = as_tensor(queries).to(kk.device)
-    check_inputs(q, kk, k)
-    chunk = None if chunk is None else max(int(chunk), 1)
+    check_inputs(q, kk, k, v)
     with torch.inference_mode():
-        s, i = topk_torch(q, kk, k, chunk, _mode(precision))
-    return like(s, queries), like(i, queries)
+        out = call(q, kk, v)
+    if isinstance(out, tuple):
+        return tuple(like(t, queries) for t in out)
+    return like(out, queries)
+
+
+def topk(queries, keys, k: int, chunk: int | None = None, *, precision: str = "fp32"):
+    """:func:`mclx.kernels.topk_cosine` on the torch path alone (``fp32`` or ``bf16``)."""
+    mode, chunk = _mode(precision), None if chunk is None else max(int(chunk), 1)
+    return on_tensors(queries, keys, k, call=lambda q, kk, _: topk_torch(q, kk, k, chunk, mode))
 
 
 def retrieve(
@@ -310,15 +322,11 @@ def retrieve(
     chunk: int | None = None, precision: str = "fp32", query_block: int = 16384,
 ):  # fmt: skip
     """:func:`mclx.kernels.retrieve` on the torch path alone (``fp32`` or ``bf16``)."""
-    import torch
-
-    kk, v = as_tensor(keys), as_tensor(values)
-    q = as_tensor(queries).to(kk.device)
-    check_inputs(q, kk, k, v)
     mode, chunk = _mode(precision), None if chunk is None else max(int(chunk), 1)
-    with torch.inference_mode():
-        pred = retrieve_blocks(
+    return on_tensors(
+        queries, keys, k, values,
+        call=lambda q, kk, v: retrieve_blocks(
             q, kk, v, weighting=weighting, query_block=query_block, aggregate=aggregate,
             neighbours=lambda qb: neighbours(qb, kk, k, chunk, mode, distance),
-        )  # fmt: skip
-    return like(pred, queries)
+        ),
+    )  # fmt: skip

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import tiny_model
 
-from mclx.files import all_or_nothing, atomic_path, write_text_atomic
+from mclx.files import all_or_nothing, atomic_path, undone_on_failure, write_text_atomic
 
 PREVIOUS = b"previous good output\n"
 
@@ -191,6 +191,24 @@ def test_all_or_nothing_discards_every_output_of_a_failed_block(tmp_path):
         write_text_atomic(tmp_path / "a.txt", "new a")
         write_text_atomic(tmp_path / "b.txt", "new b")
     assert listing(tmp_path) == {"a.txt": b"new a", "b.txt": b"new b"}
+
+
+def test_undone_on_failure_puts_back_what_was_there(tmp_path):
+    """Outputs put in place one by one (later ones made from earlier ones): a failure
+    restores what they replaced and removes what they added; a success keeps them all,
+    with nothing kept aside left behind."""
+    (tmp_path / "a.txt").write_bytes(PREVIOUS)
+    (tmp_path / "c.txt").write_bytes(PREVIOUS)  # not written by the block: left alone
+    paths = [tmp_path / "a.txt", tmp_path / "b.txt", tmp_path / "c.txt"]
+    with pytest.raises(RuntimeError, match="later step"), undone_on_failure(paths):
+        write_text_atomic(tmp_path / "a.txt", "new a")
+        write_text_atomic(tmp_path / "b.txt", "new b")
+        raise RuntimeError("a later step failed")
+    assert listing(tmp_path) == {"a.txt": PREVIOUS, "c.txt": PREVIOUS}
+    with undone_on_failure(paths):
+        write_text_atomic(tmp_path / "a.txt", "new a")
+        write_text_atomic(tmp_path / "b.txt", "new b")
+    assert listing(tmp_path) == {"a.txt": b"new a", "b.txt": b"new b", "c.txt": PREVIOUS}
 
 
 def test_unwritable_folder_is_named(tmp_path):

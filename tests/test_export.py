@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import needs
+from helpers import assert_one_line_error, needs, run_cli
 
 from mclx.checkpoint import load_checkpoint, save_checkpoint
 from mclx.config import ModelCfg, PreprocessCfg, from_dict
@@ -164,6 +164,27 @@ def test_trt_on_cpu_fails_before_writing_anything(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("mclx: error: --trt:"), res.stderr
     assert "Traceback" not in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_a_failed_engine_build_leaves_the_folder_as_it_was(tmp_path, capsys, monkeypatch):
+    """The engine is built from the FP32 ONNX file this run has already put in place:
+    when the build fails, that file and the report this run wrote go too (SPEC: no
+    partial output), and a file that was there before is put back as it was."""
+    ck = _ckpt(tmp_path / "m.pt")
+    old_report = tmp_path / "m.export.json"
+    old_report.write_text('{"from": "an earlier export"}\n')
+    monkeypatch.setattr("mclx.inference.device.require_gpu_stack", lambda *_, **__: None)
+
+    def failed_build(job, out):
+        out.write_bytes(b"half an engine")  # a builder's own leftovers go with its staging
+        msg = f"{job.paths['engine']}: TensorRT engine build failed: out of memory"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr("mclx.export.tensorrt_build.build", failed_build)
+    res = run_cli(capsys, ["export", "--ckpt", ck, "--trt", "-q"])
+    assert_one_line_error(res, "m.engine: TensorRT engine build failed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.export.json", "m.pt"]
+    assert old_report.read_text() == '{"from": "an earlier export"}\n'
 
 
 @needs("tensorrt")

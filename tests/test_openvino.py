@@ -117,6 +117,25 @@ def test_auto_takes_openvino_only_with_a_record_that_held(exported, tmp_path):
     assert auto.name != "openvino" or auto.precision == "fp32"
 
 
+@needs("openvino")
+def test_quiet_export_prints_no_nncf_progress(tmp_path):
+    """``mclx export --openvino --int8 -q`` prints its final line only: NNCF's progress
+    bars ("Statistics collection", "Applying Fast Bias correction", drawn on stdout)
+    are not shown under -q."""
+    from helpers import mclx
+
+    torch.manual_seed(0)
+    net = create_model(ModelCfg(encoder="tiny_cnn", n_genes=12, pos_size=(4, 4))).eval()
+    ck = tmp_path / "m.pt"
+    save_checkpoint(ck, net, preprocess=PRE)
+    res = mclx("export", "--ckpt", ck, "--openvino", "--int8", "-q")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"mclx: exported {ck} ("), res.stdout
+    assert res.stderr == ""
+    assert INT8.path(ck).is_file()
+
+
 def test_openvino_refusals_are_one_line(tmp_path, monkeypatch):
     from mclx.inference.openvino import OpenVinoEncoder
 

@@ -190,8 +190,17 @@ def test_visium_bad_inputs(visium_copy, tmp_path, visium_h5):
     ):
         open_data(visium_copy).read_section("V9")
     pos.to_csv(spatial / "tissue_positions_list.csv", header=False, index=False)
+    factors = (spatial / "scalefactors_json.json").read_text()
+    (spatial / "scalefactors_json.json").write_text("[0.15]")
+    with pytest.raises(DataError, match="json: scale factors must be a JSON object, not an array"):
+        open_data(visium_copy).read_section("V9")
+    (spatial / "scalefactors_json.json").write_text(factors.replace("tissue_hires", "hires"))
+    with pytest.raises(DataError, match="no valid tissue_hires_scalef .*or pass --image"):
+        open_data(visium_copy).read_section("V9")
     (spatial / "scalefactors_json.json").unlink()
-    with pytest.raises(FileNotFoundError, match="scalefactors_json.json: missing"):
+    with pytest.raises(
+        FileNotFoundError, match=r"scalefactors_json.json: missing \(.*hires image; or pass --image"
+    ):
         open_data(visium_copy).read_section("V9")
     # a full-resolution image needs no scale factor; these spots do not fit a small one
     small = tmp_path / "fullres.png"
@@ -201,6 +210,47 @@ def test_visium_bad_inputs(visium_copy, tmp_path, visium_h5):
 
 
 @needs("visium-fixture")
+def test_space_ranger_scale_factors_are_read_as_for_visium(tmp_path):
+    """An outs folder given as a slide reads its scale factor as the Visium reader does
+    (:func:`mclx.data.spaceranger.scale_factor`), with a hint that fits ``mclx infer
+    OUTS/``: there is no --image there, but a full-resolution image beside spatial/."""
+    from PIL import Image
+
+    from mclx.data.spaceranger import spaceranger_image
+
+    spatial = tmp_path / "outs" / "spatial"
+    spatial.mkdir(parents=True)
+    spatial.joinpath("tissue_positions_list.csv").write_text("AAA-1,1,0,0,10,10\n")
+    Image.new("RGB", (64, 64), "white").save(spatial / "tissue_hires_image.png")
+    with pytest.raises(FileNotFoundError, match=r"scalefactors_json.json: missing \(") as info:
+        spaceranger_image(tmp_path / "outs")
+    assert "--image" not in str(info.value)
+    assert "full-resolution image beside spatial/" in str(info.value)
+    spatial.joinpath("scalefactors_json.json").write_text('{"tissue_hires_scalef": 0}')
+    with pytest.raises(DataError, match="tissue_hires_scalef must be positive"):
+        spaceranger_image(tmp_path / "outs")
+    spatial.joinpath("scalefactors_json.json").write_text('{"tissue_hires_scalef": 0.5}')
+    assert spaceranger_image(tmp_path / "outs").scale == 0.5
+
+
+def test_json_files_of_the_layouts_are_objects_or_absent(tmp_path):
+    """The JSON files the layouts read (scale factors, HEST metadata) share one reader:
+    absent is {}, anything but an object is refused saying what it is."""
+    from mclx.data.layout import json_object
+
+    path = tmp_path / "f.json"
+    assert json_object(path, "things") == {}
+    for text, got in (("3.5", "a number"), ("null", "null"), ('"x"', "a string")):
+        path.write_text(text)
+        with pytest.raises(DataError, match=f"f.json: things must be a JSON object, not {got}$"):
+            json_object(path, "things")
+    path.write_text('{"a": 1')
+    with pytest.raises(DataError, match="f.json: cannot read things"):
+        json_object(path, "things")
+    path.write_text('{"a": 1}')
+    assert json_object(path, "things") == {"a": 1}
+
+
 def test_a_folder_of_outs_is_one_section_each(tmp_path):
     for name in ("V1", "V2"):
         shutil.copytree(shared_path("visium-fixture"), tmp_path / name / "outs")
@@ -274,6 +324,15 @@ def test_hest_bad_inputs(hest, tmp_path):
 
     root = tmp_path / "h"
     shutil.copytree(hest[0], root)
+    meta = root / "metadata" / "C2.json"
+    good = meta.read_text()
+    meta.write_text("[1, 2]")
+    with pytest.raises(DataError, match="C2.json: sample metadata must be a JSON object, not an"):
+        open_data(root).read_section("C2")
+    meta.write_text("{")
+    with pytest.raises(DataError, match="C2.json: cannot read sample metadata"):
+        open_data(root).read_section("C2")
+    meta.write_text(good)
     a = ad.read_h5ad(root / "st" / "C2.h5ad")
     del a.obsm["spatial"]
     a.write_h5ad(root / "st" / "C2.h5ad")

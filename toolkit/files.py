@@ -252,23 +252,60 @@ def _install(tmp: Path, path: Path, *, keep: bool = False) -> Path | None:
             return old / path.name
         shutil.rmtree(old, ignore_errors=True)
         return None
-    aside = None
-    if keep and path.is_file():
-        aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.old")
-        try:
-            os.link(path, aside)  # the old file stays in place until the rename
-        except OSError:
-            try:  # no hard links on this file system: a copy, then
-                shutil.copy2(path, aside)
-            except OSError:
-                _discard([aside])
-                aside = None  # not even room for a copy: no undo of this replacement
+    aside = _keep_aside(path) if keep else None
     try:
         os.replace(tmp, path)
     except BaseException:
         _discard([aside] if aside is not None else [])
         raise
     return aside
+
+
+def _keep_aside(path: Path) -> Path | None:
+    """A hard link (else a copy) of the file ``path`` beside it, to put back with
+    :func:`_undo`; None when ``path`` is no file, or not even a copy could be made."""
+    if not path.is_file():
+        return None
+    aside = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.old")
+    try:
+        os.link(path, aside)  # the old file stays in place until it is replaced
+    except OSError:
+        try:  # no hard links on this file system: a copy, then
+            shutil.copy2(path, aside)
+        except OSError:
+            _discard([aside])
+            return None
+    return aside
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def undone_on_failure(paths: Iterable[str | os.PathLike]) -> Iterator[None]:
+    """For a command that puts its output files in place one after the other (each is
+    checked, then later ones are made from it, so :func:`all_or_nothing` cannot defer
+    them): when the block fails, each of ``paths`` is as it was before the block, what
+    was replaced put back and what appeared removed. A file there before whose content
+    could not be kept aside (no room for a copy) is left as the block left it: never
+    removed."""
+    kept: list[tuple[Path, bool, Path | None]] = []  # (path, was there, its content aside)
+    try:
+        for path in map(Path, paths):
+            kept.append((path, path.exists() or path.is_symlink(), _keep_aside(path)))
+        yield
+    except BaseException:
+        for path, existed, aside in reversed(kept):
+            if aside is not None and _same_file(path, aside):  # not replaced: the link goes
+                _discard([aside])  # (a rename onto another link of its file does nothing)
+            elif aside is not None or not existed:
+                _undo(path, aside)
+        raise
+    _discard([aside for _, _, aside in kept if aside is not None])
 
 
 @contextlib.contextmanager

@@ -87,6 +87,7 @@ def export_cmd(
         openvino=openvino,
         trt=trt,
         log=(lambda *_: None) if quiet else click.echo,
+        progress=not quiet,
         **given(ctx, "opset", "fp16", "max_batch"),
     )
     click.echo(f"mclx: exported {ckpt} (fingerprint {report['fingerprint']})")

@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from mclx.data.layout import Reader, check_inside, register
+from mclx.data.layout import Reader, check_inside, json_object, register
 from mclx.errors import DataError, short
 
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".jpg", ".png")
@@ -48,18 +47,8 @@ class HestReader(Reader):
         return None
 
     def metadata(self, section: str) -> dict:
-        path = self.root / "metadata" / f"{section}.json"
-        if not path.is_file():
-            return {}
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            msg = f"{path}: cannot read sample metadata ({short(exc)})"
-            raise DataError(msg) from exc
-        if not isinstance(meta, dict):
-            msg = f"{path}: sample metadata is not a JSON object"
-            raise DataError(msg)
-        return meta
+        """``metadata/ID.json`` ({} when absent)."""
+        return json_object(self.root / "metadata" / f"{section}.json", "sample metadata")
 
     def read_section(self, section: str):
         path = self.root / "st" / f"{section}.h5ad"

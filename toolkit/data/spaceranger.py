@@ -13,14 +13,14 @@ fixture), divided by the scale factor of the image read. Spots are drawn at 55 Â
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from mclx.data.arrays import SPOT_DIAMETER_UM
-from mclx.errors import DataError, short
+from mclx.data.layout import json_object
+from mclx.errors import DataError
 
 POSITIONS = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv")
 SCALEFACTORS = "scalefactors_json.json"
@@ -75,28 +75,28 @@ def spatial_folder(folder: Path) -> Path | None:
 
 def scalefactors(spatial: Path) -> dict:
     """``scalefactors_json.json`` of ``spatial/`` ({} when absent)."""
+    return json_object(spatial / SCALEFACTORS, "scale factors")
+
+
+def scale_factor(spatial: Path, kind: str, *, instead: str = "") -> float:
+    """``tissue_{kind}_scalef`` of ``spatial/scalefactors_json.json``: image px per
+    full-resolution px. The one reader of the factor (the outs folder given as a slide,
+    :mod:`mclx.data.visium`); its errors name the file and why it is needed, then
+    ``instead``: what else the caller's user could give."""
     path = spatial / SCALEFACTORS
+    need = f"needed to place the spots on the {kind} image" + (f"; {instead}" if instead else "")
     if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        msg = f"{path}: cannot read scale factors ({short(exc)})"
-        raise DataError(msg) from exc
-    if not isinstance(data, dict):
-        msg = f"{path}: not a JSON object of scale factors"
-        raise DataError(msg)
-    return data
-
-
-def _factor(spatial: Path, factors: dict, key: str) -> float:
+        msg = f"{path}: missing ({need})"
+        raise FileNotFoundError(msg)
+    key = f"tissue_{kind}_scalef"
+    factors = scalefactors(spatial)  # unreadable, or not an object: a DataError of its own
     try:
         value = float(factors[key])
     except (KeyError, TypeError, ValueError) as exc:
-        msg = f"{spatial / SCALEFACTORS}: no valid {key} (needed to place the spots on the image)"
+        msg = f"{path}: no valid {key} ({need})"
         raise DataError(msg) from exc
     if not value > 0:
-        msg = f"{spatial / SCALEFACTORS}: {key} must be positive (got {value})"
+        msg = f"{path}: {key} must be positive (got {value})"
         raise DataError(msg)
     return value
 
@@ -120,7 +120,8 @@ def spaceranger_image(folder: Path) -> SpaceRangerImage | None:
             )
             raise DataError(msg)
         kind, image = found[0]
-        scale = _factor(spatial, factors, f"tissue_{kind}_scalef")
+        instead = "or put the full-resolution image beside spatial/"
+        scale = scale_factor(spatial, kind, instead=instead)
     diameter = factors.get("spot_diameter_fullres")
     mpp = None
     if isinstance(diameter, (int, float)) and diameter > 0:

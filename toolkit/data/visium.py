@@ -18,13 +18,13 @@ scale factor of the image read.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from mclx.data.layout import Reader, check_inside, first_existing, register
+from mclx.data.spaceranger import scale_factor
 from mclx.data.spotfiles import positions_frame, read_positions_file
 from mclx.errors import DataError, short
 
@@ -98,7 +98,10 @@ class VisiumReader(Reader):
         pos = match_positions(adata.obs_names, positions, pos_path, outs / COUNTS)
         adata = adata[pos.index].copy()
         image, kind = self._image(section)
-        scale = 1.0 if kind in ("fullres", "") else scale_factor(outs / "spatial", kind)
+        scale = 1.0
+        if kind not in ("fullres", ""):
+            instead = "or pass --image with its full-resolution image"
+            scale = scale_factor(outs / "spatial", kind, instead=instead)
         full = pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
         grid = pos[["array_col", "array_row"]].to_numpy(np.int64)
         adata.obs = pd.DataFrame(
@@ -170,20 +173,3 @@ def match_positions(barcodes, positions: pd.DataFrame, pos_path: Path, counts: P
         msg = f"{pos_path}: none of the {len(barcodes)} barcodes of {counts.name} is in tissue"
         raise DataError(msg)
     return pos
-
-
-def scale_factor(spatial: Path, kind: str) -> float:
-    """``tissue_{kind}_scalef`` of ``scalefactors_json.json``: image px per fullres px."""
-    path = spatial / "scalefactors_json.json"
-    if not path.is_file():
-        msg = f"{path}: missing (needed to place the spots on the {kind} image; or pass --image)"
-        raise FileNotFoundError(msg)
-    try:
-        value = float(json.loads(path.read_text())[f"tissue_{kind}_scalef"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        msg = f"{path}: no valid tissue_{kind}_scalef ({short(exc)})"
-        raise DataError(msg) from exc
-    if not value > 0:
-        msg = f"{path}: tissue_{kind}_scalef must be positive (got {value})"
-        raise DataError(msg)
-    return value
