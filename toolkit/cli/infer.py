@@ -184,7 +184,9 @@ def _summary(adata, out: Path, pngs: list[Path]) -> str:
     )  # fmt: skip
     return (
         f"mclx: {adata.n_obs} tiles in {t['total']:.1f} s ({adata.n_obs / t['total']:.1f} "
-        f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, retrieve "
+        f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, "
+        + (f"region step {t['region']:.1f} s, " if "region" in t else "")
+        + "retrieve "
         f"{t['retrieve']:.1f} s, write {t['write']:.2f} s{once}) with "
         f"{adata.uns['mclx']['backend']}/"
         f"{adata.uns['mclx']['precision']}{_chosen(adata.uns['mclx'].get('parity'))}"
