@@ -130,15 +130,6 @@ class TorchEncoder:
             with self._context():
                 return self.model.image_encoder(x).float().cpu().numpy()
 
-    def head(self, features: np.ndarray, positions=None) -> np.ndarray:
-        """The model's head in float32 on ``features`` (:meth:`features`) of a region:
-        embeddings or expression (:func:`~mclx.inference.embed.head_outputs`; a
-        section model with the spots' array ``positions``)."""
-        from mclx.inference.embed import head_outputs
-
-        f = np.ascontiguousarray(features, np.float32)
-        return head_outputs(self.model, f, positions=positions, device=self.device)
-
     def __call__(self, batch, positions=None):
         import torch
 

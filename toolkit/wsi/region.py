@@ -124,11 +124,14 @@ class Region:
         """The model's outputs (N, D) over the region's ``features`` (N, F): pooled
         over each tile's neighbourhood then the head (context), or the section forward
         with the positions (section)."""
+        from mclx.inference.embed import head_outputs
+
         if self.kind == "context":
             from mclx.training.context import pool
 
-            return encoder.head(pool(features, self.xy_um, self.radius_um))
-        return encoder.head(features, positions=self.positions)
+            features = pool(features, self.xy_um, self.radius_um)
+        return head_outputs(encoder.model, np.ascontiguousarray(features, np.float32),
+                            positions=self.positions, device=encoder.device)  # fmt: skip
 
 
 def plan_region(encoder, model: Path, where, tiles) -> Region | None:
@@ -194,22 +197,22 @@ def _check_memory(encoder, model: Path, where, n: int) -> None:
 
 
 def stream_region(
-    slide, tiles, encoder, bank, region: Region, *, k: int | None = None,
+    slide, tiles, encoder, bank, region: Region, timings: dict[str, float], *,
+    k: int | None = None,
     distance: str | None = None, batch_size: int = 64, workers: int = 2,
     reader_pool: str = "threads", retrieve_block: int = 4096, progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, float]]:  # fmt: skip
-    """Predictions (N, G) for every tile, and seconds per stage (``region``: the region
-    step). Every tile's features are kept on the host until the last is encoded: N x F
+    """Predictions (N, G) for every tile; seconds per stage added to ``timings``
+    (``region``: the region step). Every tile's features are kept on the host until the last is encoded: N x F
     float32, 4 F bytes a tile (4 KiB for DenseNet-121's 1,024; his2st's and HisToGene's
     ``patch112`` crop is 3 x 112 x 112 values, 147 KiB a spot)."""
     from tqdm.auto import tqdm
 
     from mclx.inference import match, to_host
     from mclx.wsi.prefetch import prefetch
-    from mclx.wsi.runtime import _timed, warm_up
 
-    timings = {"read": 0.0, "wait": 0.0, "encode": 0.0, "region": 0.0, "retrieve": 0.0,
-               **warm_up(encoder, bank)}  # fmt: skip
+    for key in ("read", "wait", "encode", "region", "retrieve"):
+        timings.setdefault(key, 0.0)
     parts: list[np.ndarray] = []
     batches = prefetch(slide, tiles, out=encoder.pre.patch_size, batch_size=batch_size,
                        workers=workers, pool=reader_pool)  # fmt: skip
@@ -217,11 +220,15 @@ def stream_region(
         for batch, read_s, wait_s in batches:
             timings["read"] += read_s
             timings["wait"] += wait_s
-            parts.append(_timed(timings, "encode", encoder.features, batch))
+            t0 = time.perf_counter()
+            parts.append(encoder.features(batch))
+            timings["encode"] += time.perf_counter() - t0
             bar.update(len(batch))
     features = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
-    outputs = _timed(timings, "region", region.outputs, encoder, features)
+    t0 = time.perf_counter()
+    outputs = region.outputs(encoder, features)
     del features, parts
+    timings["region"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     preds = np.concatenate(
         [to_host(match(outputs[s : s + retrieve_block], bank, k=k, distance=distance))

@@ -326,7 +326,8 @@ class Run:
         region = plan_region(self.encoder, self.model, where, tiles)
         if state is not None and state.saved is not None:
             state.start(np.empty((len(tiles), len(self.encoder.pre.genes)), np.float32))
-        return stream_region(slide, tiles, self.encoder, self.bank, region, **opts)
+        timings = warm_up(self.encoder, self.bank)
+        return stream_region(slide, tiles, self.encoder, self.bank, region, timings, **opts)
 
 
 def _run_record(slide_path, tiles, encoder, bank, k, distance, batch_size, every) -> dict:
