@@ -108,7 +108,9 @@ def test_context_model_pools_the_tiles_neighbourhoods(region_models, her2st, tmp
     ck = load_checkpoint(region_models / "ridge.pt")
     assert ck.model_cfg.context_radius_um == RADIUS
     patches = section_patches(c2, ck.preprocess.patch_size, ck.preprocess.mpp)
-    feats = encode_features(ck.model.image_encoder, patches, ck.preprocess, device=torch.device("cpu"))
+    feats = encode_features(
+        ck.model.image_encoder, patches, ck.preprocess, device=torch.device("cpu")
+    )
     xy_um = np.asarray(c2.obsm["spatial"], np.float64) * mpp  # spot centres, level-0 px
     head = ck.model.double().eval()
     with torch.no_grad():
@@ -129,9 +131,7 @@ def test_region_model_refusals_are_one_line(region_models, her2st, tmp_path):
     table = pd.read_csv(spots, sep="\t")
     table.assign(x=table["x"] + 100).to_csv(far, sep="\t", index=False)
     xy = tmp_path / "xy.csv"  # spots without array coordinates
-    table.rename(columns={"x": "ax", "y": "ay", "pixel_x": "x", "pixel_y": "y"})[
-        ["x", "y"]
-    ].to_csv(xy, index=False)
+    table[["pixel_x", "pixel_y"]].set_axis(["x", "y"], axis=1).to_csv(xy, index=False)
     cases = [
         (["--spots", far], [str(far), "positional tables", "his2st"]),
         (["--spots", xy, "--mpp", "0.69"], [str(xy), "no spot array coordinates"]),

@@ -72,7 +72,7 @@ def _bank_checkpoint(bank: Path) -> Path | None:
     role="input",
     default=None,
     help="Spot bank (.npz) from 'mclx bank build'; none for a model that predicts "
-    "directly (ridge, stnet: give --model).",
+    "directly (ridge, stnet, histogene, his2st, thitogene: give --model).",
 )
 @path_option(
     "--model",
@@ -150,6 +150,8 @@ def infer(slides: tuple[Path, ...], cohort: CohortOptions, quiet: bool, **kw: An
       mclx infer --manifest slides.csv --bank her2.npz --out-dir preds/ --engine ray \\
           --address ray://head:10001 --gpus-per-worker 1
       mclx infer slide.svs --model ridge.pt             # ridge, stnet: no bank
+      mclx infer C2.jpg --model his2st.pt --spots C2_selection.tsv  # section models:
+                                         # at spots, with their array coordinates
     """
     if is_cohort(slides, cohort):
         return run_cohort_cli(slides, cohort, quiet, kw)

@@ -203,9 +203,10 @@ def stream_region(
     reader_pool: str = "threads", retrieve_block: int = 4096, progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, float]]:  # fmt: skip
     """Predictions (N, G) for every tile; seconds per stage added to ``timings``
-    (``region``: the region step). Every tile's features are kept on the host until the last is encoded: N x F
-    float32, 4 F bytes a tile (4 KiB for DenseNet-121's 1,024; his2st's and HisToGene's
-    ``patch112`` crop is 3 x 112 x 112 values, 147 KiB a spot)."""
+    (``region``: the region step). Every tile's features are kept on the host until the
+    last is encoded: N x F float32, 4 F bytes a tile (4 KiB for DenseNet-121's 1,024;
+    his2st's and HisToGene's ``patch112`` crop is 3 x 112 x 112 values, 147 KiB a
+    spot)."""
     from tqdm.auto import tqdm
 
     from mclx.inference import match, to_host

@@ -144,7 +144,7 @@ def _array_device(array) -> str:
 def check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
     """The bank, the model path (default: the bank's checkpoint) and k, checked before
     the slide is opened or a model loaded. Without a bank: (None, the model, 0), for a
-    model that predicts expression directly (ridge, stnet)."""
+    model that predicts expression directly (ridge, stnet, the section models)."""
     from mclx.bank import load_bank
 
     if bank_path is None:
@@ -197,7 +197,7 @@ class Run:
     model path, the open encoder, k and the distance. ``mclx infer`` builds one for its
     slide; a cohort (:mod:`mclx.wsi.cohort`) one per process or Ray actor, for all slides."""
 
-    bank_path: Path | None  # None: a model that predicts directly (ridge, stnet)
+    bank_path: Path | None  # None: a model that predicts directly (ridge, stnet, his2st)
     bank: Any
     model: Path
     encoder: Any
