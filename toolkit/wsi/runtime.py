@@ -6,7 +6,8 @@ spots) at the checkpoint's µm/px; :func:`stream` runs them through the inferenc
 (:mod:`mclx.inference`: encoder, then :func:`~mclx.inference.match` against the bank)
 while readers (:mod:`mclx.wsi.prefetch`) decode the next batches; :func:`predictions`
 wraps the result as AnnData. Memory is bounded by the prefetch depth, one retrieval
-block and the predictions themselves.
+block and the predictions themselves. A region model (a context radius, a section
+model) keeps every tile's features for one step over all of them (:mod:`mclx.wsi.region`).
 """
 
 from __future__ import annotations
