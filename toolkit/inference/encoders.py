@@ -80,7 +80,7 @@ class TorchEncoder:
             from mclx.training.context import require_none
 
             require_none(ck.model_cfg, ck.path, "an encoder of single patches (export, "
-                         "evaluate --ckpt)")  # fmt: skip
+                         "evaluate --ckpt; mclx infer pools them from the checkpoint)")  # fmt: skip
         self.pre, self.precision, self.device = ck.preprocess, precision, device
         self.fingerprint = ck.fingerprint
         self.model = ck.model.to(device).eval().to(memory_format=torch.channels_last)
