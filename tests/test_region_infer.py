@@ -10,7 +10,7 @@ from __future__ import annotations
 import anndata as ad
 import numpy as np
 import pytest
-from helpers.cli import assert_one_line_error, mclx
+from helpers.cli import assert_one_line_error, mclx, run_cli
 
 RADIUS = 400.0
 
@@ -121,7 +121,7 @@ def test_context_model_pools_the_tiles_neighbourhoods(region_models, her2st, tmp
     assert np.abs(alone - want).max() > 100 * 1e-4  # without pooling the test would fail
 
 
-def test_region_model_refusals_are_one_line(region_models, her2st, tmp_path):
+def test_region_model_refusals_are_one_line(region_models, her2st, tmp_path, capsys):
     import pandas as pd
 
     slide, spots = _c2(her2st)
@@ -140,12 +140,12 @@ def test_region_model_refusals_are_one_line(region_models, her2st, tmp_path):
         (["--spots", spots, "--resume"], ["no saved run to resume", "predicts every tile"]),
     ]
     for extra, needles in cases:
-        res = mclx("infer", slide, "--model", his2st, "--out", out, "-q", *extra)
+        res = run_cli(capsys, ["infer", slide, "--model", his2st, "--out", out, "-q", *extra])
         assert_one_line_error(res, *needles)
         assert not out.exists() and not list(tmp_path.glob("x.h5ad*"))
-    res = mclx("export", "--ckpt", his2st, "-q")  # an FP32 ONNX of the section model
+    res = run_cli(capsys, ["export", "--ckpt", his2st, "-q"])  # the section model's ONNX
     assert res.returncode == 0, res.stderr
     onnx = his2st.with_suffix(".onnx")
-    res = mclx("infer", slide, "--model", onnx, "--spots", spots, "--out", out, "-q")
+    res = run_cli(capsys, ["infer", slide, "--model", onnx, "--spots", spots, "--out", out, "-q"])
     assert_one_line_error(res, str(onnx), f"pass --model {his2st.resolve()}")
     assert not out.exists()
