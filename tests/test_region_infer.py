@@ -24,18 +24,22 @@ def _c2(her2st):
 
 @pytest.fixture(scope="module")
 def region_models(her2st, tmp_path_factory):
-    """his2st (tiny, 1 epoch on C3) and ridge with a 400 µm context (C3, C4): 20 genes
-    of the HER2+ panel, a frozen ``tiny_cnn`` encoder without pretrained weights."""
+    """his2st (tiny, 1 epoch on C3), the same with a 400 µm context, and ridge with a
+    400 µm context (C3, C4): 20 genes of the HER2+ panel, a frozen ``tiny_cnn`` encoder
+    without pretrained weights."""
     d = tmp_path_factory.mktemp("region")
     genes = d / "genes.txt"
     genes.write_text("\n".join(map(str, np.load(her2st / "her_hvg_cut_1000.npy")[:20])))
     common = ["--data", her2st, "--encoder", "tiny_cnn", "--encoder-weights", "none",
               "--genes", genes, "--freeze-encoder", "-q"]  # fmt: skip
+    his2st = ["--model", "his2st", "--sections", "C3", "--epochs", "1", "--embed-dim", "16",
+              "--depth", "1", "--heads", "2"]  # fmt: skip
+    context = ["--context-radius", str(RADIUS)]
     runs = {
-        "his2st": ["--model", "his2st", "--sections", "C3", "--epochs", "1", "--embed-dim",
-                   "16", "--depth", "1", "--heads", "2"],
-        "ridge": ["--model", "ridge", "--sections", "C3,C4", "--context-radius", str(RADIUS)],
-    }  # fmt: skip
+        "his2st": his2st,
+        "his2st_context": [*his2st, *context],
+        "ridge": ["--model", "ridge", "--sections", "C3,C4", *context],
+    }
     for name, args in runs.items():
         res = mclx("train", *common, *args, "--out", d / f"{name}.pt")
         assert res.returncode == 0, res.stderr
@@ -92,33 +96,40 @@ def _pooled_f64(features: np.ndarray, xy_um: np.ndarray, radius: float) -> np.nd
     return out
 
 
-def test_context_model_pools_the_tiles_neighbourhoods(region_models, her2st, tmp_path):
+@pytest.mark.parametrize("name", ["ridge", "his2st_context"])
+def test_context_model_pools_the_tiles_neighbourhoods(name, region_models, her2st, tmp_path):
     import torch
 
     from mclx.checkpoint import load_checkpoint
+    from mclx.data.dataset import build_table
     from mclx.data.patches import section_patches
     from mclx.inference.embed import encode_features
 
     slide, spots = _c2(her2st)
-    pred = _infer(region_models / "ridge.pt", slide, tmp_path / "c2.h5ad", "--spots", spots)
+    pred = _infer(region_models / f"{name}.pt", slide, tmp_path / "c2.h5ad", "--spots", spots)
     c2 = _section(her2st)
-    pred = pred[[i.removeprefix("C2_") for i in c2.obs_names]]
+    c2 = c2[["C2_" + i for i in pred.obs_names]].copy()  # infer's order (his2st's graph)
     mpp = float(c2.uns["mpp"])  # the training reader's µm/px of C2
     assert pred.uns["mclx"]["slide_mpp"] == pytest.approx(mpp, rel=1e-9)
-    ck = load_checkpoint(region_models / "ridge.pt")
+    ck = load_checkpoint(region_models / f"{name}.pt")
     assert ck.model_cfg.context_radius_um == RADIUS
     patches = section_patches(c2, ck.preprocess.patch_size, ck.preprocess.mpp)
     feats = encode_features(
         ck.model.image_encoder, patches, ck.preprocess, device=torch.device("cpu")
     )
     xy_um = np.asarray(c2.obsm["spatial"], np.float64) * mpp  # spot centres, level-0 px
+    pos = build_table({"C2": c2}, ck.preprocess).pos  # a section model's array coordinates
+    args = (torch.from_numpy(pos),) if ck.model.kind == "section" else ()
     head = ck.model.double().eval()
     with torch.no_grad():
-        pooled = head.embed_image_features(torch.from_numpy(_pooled_f64(feats, xy_um, RADIUS)))
-        alone = head.embed_image_features(torch.from_numpy(feats.astype(np.float64)))
-    want, alone = pooled.numpy(), alone.numpy()
-    np.testing.assert_allclose(pred.X, want, rtol=1e-4, atol=1e-4)
-    assert np.abs(alone - want).max() > 100 * 1e-4  # without pooling the test would fail
+        pooled = torch.from_numpy(_pooled_f64(feats, xy_um, RADIUS))
+        want = head.embed_image_features(pooled, *args).numpy()
+        alone = head.embed_image_features(torch.from_numpy(feats.astype(np.float64)), *args)
+    np.testing.assert_allclose(pred.X, want, rtol=1e-5, atol=1e-5)
+    # without pooling the test would fail (the tiny his2st barely reads its features:
+    # 1e-3 apart, where float32 against float64 is 3e-7)
+    err, off = np.abs(pred.X - want).max(), np.abs(alone.numpy() - want).max()
+    assert not np.allclose(alone.numpy(), want, rtol=1e-5, atol=1e-5) and off > 100 * err
 
 
 def test_region_model_refusals_are_one_line(region_models, her2st, tmp_path, capsys):

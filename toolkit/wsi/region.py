@@ -38,8 +38,6 @@ import numpy as np
 
 from mclx.errors import DataError
 
-SECTION_MODELS = "histogene, his2st, thitogene"
-
 
 def model_config(model: Path) -> dict[str, Any]:
     """The model config (a dict) a checkpoint, ``.onnx`` or ``.engine`` records."""
@@ -54,18 +52,23 @@ def model_config(model: Path) -> dict[str, Any]:
     return json.loads(read_onnx_metadata(model)["model"])
 
 
+def _radius(cfg: dict[str, Any]) -> float:
+    return float(cfg.get("context_radius_um") or 0.0)
+
+
 def region_kind(cfg: dict[str, Any]) -> str:
-    """``section`` (a whole-section model), ``context`` (a context radius) or ``""``."""
+    """``section`` (a whole-section model, with or without a context radius),
+    ``context`` (a context radius) or ``""`` (each tile on its own)."""
     if cfg.get("context") == "section":
         return "section"
-    return "context" if float(cfg.get("context_radius_um") or 0.0) > 0 else ""
+    return "context" if _radius(cfg) > 0 else ""
 
 
 def describe(cfg: dict[str, Any]) -> str:
-    """``a his2st model`` / ``a knn model trained with --context-radius 400 (µm)``."""
+    """``a his2st model`` / ``a knn model trained with --context-radius 400``."""
     name = cfg.get("name", "?")
-    if region_kind(cfg) == "context":
-        return f"a {name} model trained with --context-radius {float(cfg['context_radius_um']):g}"
+    if _radius(cfg) > 0:
+        return f"a {name} model trained with --context-radius {_radius(cfg):g}"
     return f"a {name} model"
 
 
@@ -112,21 +115,21 @@ def _recorded_checkpoint(model: Path) -> str:
 
 @dataclass
 class Region:
-    """What the region step needs besides the features: for a context model the tiles'
-    centres in µm and the radius; for a section model the spots' array coordinates."""
+    """What the region step needs besides the features: with a context radius the
+    tiles' centres in µm and the radius; for a section model the spots' array
+    coordinates (a section model trained with a radius has both)."""
 
-    kind: str
     radius_um: float = 0.0
     xy_um: np.ndarray | None = None
     positions: np.ndarray | None = None
 
     def outputs(self, encoder, features: np.ndarray) -> np.ndarray:
         """The model's outputs (N, D) over the region's ``features`` (N, F): pooled
-        over each tile's neighbourhood then the head (context), or the section forward
-        with the positions (section)."""
+        over each tile's neighbourhood (a context radius), then the head, or the
+        section forward with the positions (a section model)."""
         from mclx.inference.embed import head_outputs
 
-        if self.kind == "context":
+        if self.radius_um > 0:
             from mclx.training.context import pool
 
             features = pool(features, self.xy_um, self.radius_um)
@@ -143,14 +146,17 @@ def plan_region(encoder, model: Path, where, tiles) -> Region | None:
     kind = region_kind({"context": cfg.context, "context_radius_um": cfg.context_radius_um})
     if not kind:
         return None
-    _check_memory(encoder, model, where, len(tiles))
-    if kind == "context":
+    region = Region()
+    if kind == "section":
+        region.positions = section_positions(encoder.model, model, where)
+    if cfg.context_radius_um > 0:
         if not where.mpp:
             msg = f"{where.source}: the slide's µm/px is unknown, so {describe_model(cfg)}"
             raise DataError(msg + " has no scale: pass --mpp")
-        xy = np.asarray(tiles.centres, np.float64) * float(where.mpp)
-        return Region(kind, radius_um=float(cfg.context_radius_um), xy_um=xy)
-    return Region(kind, positions=section_positions(encoder.model, model, where))
+        region.radius_um = float(cfg.context_radius_um)
+        region.xy_um = np.asarray(tiles.centres, np.float64) * float(where.mpp)
+    _check_memory(encoder, model, where, len(tiles))
+    return region
 
 
 def describe_model(cfg) -> str:
