@@ -107,7 +107,8 @@ def test_ridge_fold_reads_pooled_features(synthetic):
 
 def test_a_context_model_is_not_run_without_its_neighbourhood(synthetic, tmp_path, capsys):
     """Trained with --context-radius: the checkpoint records it; the single-patch
-    encoder (infer, export, evaluate --ckpt) refuses it in one line, and training
+    encoder (export, evaluate --ckpt; infer pools, see test_region_infer) refuses it in
+    one line, and training
     without a frozen encoder refuses the option."""
     from mclx.checkpoint import load_checkpoint
 

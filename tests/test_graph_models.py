@@ -348,7 +348,8 @@ def test_onnx_graph_builds_the_graph_for_any_section_size(name, tmp_path):
 )
 def test_graph_model_through_the_command_line(name, sizes, synthetic, tmp_path, capsys):
     """Train (tiny sizes through --model-opt), export with parity, score without a
-    bank; bank build and infer refuse the model in one line."""
+    bank; mclx infer predicts the section at its spots and refuses a tissue grid (no
+    array coordinates) in one line."""
     from helpers import run_cli, tiny_options
 
     from mclx.checkpoint import load_checkpoint
@@ -374,8 +375,13 @@ def test_graph_model_through_the_command_line(name, sizes, synthetic, tmp_path, 
     scored = json.loads((tmp_path / "s3.json").read_text())
     assert set(scored["sections"]["S3"]) >= {"pcc_acg", "pcc_heg", "mse"}
     slide = synthetic / "data" / "ST-imgs" / "S" / "S3" / "S3.jpg"
-    res = run_cli(capsys, ["infer", slide, "--model", ck, "-q"])
-    assert res.returncode == 1 and "predicts a whole section at once" in res.stderr
+    spots = synthetic / "data" / "ST-spotfiles" / "S3_selection.tsv"
+    out = tmp_path / "s3.h5ad"  # mclx infer runs a section model at given spots
+    res = run_cli(capsys, ["infer", slide, "--model", ck, "--spots", spots, "--out", out, "-q"])
+    assert res.returncode == 0 and out.is_file(), res.stderr
+    res = run_cli(capsys, ["infer", slide, "--model", ck, "--mpp", "1", "--out",
+                           tmp_path / "grid.h5ad", "-q"])  # fmt: skip
+    assert res.returncode == 1 and "needs spot array coordinates: pass --spots" in res.stderr
     for opt, says in [("graph_k", "FIELD=VALUE"), ("n_genes=3", "FIELD=VALUE"),
                       ("graph_k=x", "'x' is not of type int")]:  # fmt: skip
         bad = run_cli(capsys, ["train", "--data", synthetic, "--model-opt", opt, "-q",

@@ -72,7 +72,7 @@ def _bank_checkpoint(bank: Path) -> Path | None:
     role="input",
     default=None,
     help="Spot bank (.npz) from 'mclx bank build'; none for a model that predicts "
-    "directly (ridge, stnet: give --model).",
+    "directly (ridge, stnet, histogene, his2st, thitogene: give --model).",
 )
 @path_option(
     "--model",
@@ -150,6 +150,8 @@ def infer(slides: tuple[Path, ...], cohort: CohortOptions, quiet: bool, **kw: An
       mclx infer --manifest slides.csv --bank her2.npz --out-dir preds/ --engine ray \\
           --address ray://head:10001 --gpus-per-worker 1
       mclx infer slide.svs --model ridge.pt             # ridge, stnet: no bank
+      mclx infer C2.jpg --model his2st.pt --spots C2_selection.tsv  # section models:
+                                         # at spots, with their array coordinates
     """
     if is_cohort(slides, cohort):
         return run_cohort_cli(slides, cohort, quiet, kw)
@@ -184,7 +186,9 @@ def _summary(adata, out: Path, pngs: list[Path]) -> str:
     )  # fmt: skip
     return (
         f"mclx: {adata.n_obs} tiles in {t['total']:.1f} s ({adata.n_obs / t['total']:.1f} "
-        f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, retrieve "
+        f"tiles/s; read {t['read']:.1f} s, encode {t['encode']:.1f} s, "
+        + (f"region step {t['region']:.1f} s, " if "region" in t else "")
+        + "retrieve "
         f"{t['retrieve']:.1f} s, write {t['write']:.2f} s{once}) with "
         f"{adata.uns['mclx']['backend']}/"
         f"{adata.uns['mclx']['precision']}{_chosen(adata.uns['mclx'].get('parity'))}"

@@ -65,7 +65,9 @@ class TorchEncoder:
 
     name = "torch"
 
-    def __init__(self, ck, *, precision: str = "fp32", device: str = "cpu") -> None:
+    def __init__(
+        self, ck, *, precision: str = "fp32", device: str = "cpu", region: bool = False
+    ) -> None:
         import torch
 
         if precision not in ("fp32", "bf16", "fp16"):
@@ -74,11 +76,11 @@ class TorchEncoder:
         if precision == "fp16" and not is_cuda(device):
             msg = "torch backend: fp16 needs --device cuda"
             raise ValueError(msg)
-        from mclx.training.context import require_none
+        if not region:  # the whole-slide runtime pools neighbourhoods (mclx.wsi.region)
+            from mclx.training.context import require_none
 
-        require_none(
-            ck.model_cfg, ck.path, "an encoder of single patches (infer, export, evaluate --ckpt)"
-        )
+            require_none(ck.model_cfg, ck.path, "an encoder of single patches (export, "
+                         "evaluate --ckpt; mclx infer pools them from the checkpoint)")  # fmt: skip
         self.pre, self.precision, self.device = ck.preprocess, precision, device
         self.fingerprint = ck.fingerprint
         self.model = ck.model.to(device).eval().to(memory_format=torch.channels_last)
@@ -112,6 +114,21 @@ class TorchEncoder:
         if dtype is not None:
             return torch.autocast(kind, dtype=dtype)
         return no_tf32() if kind == "cuda" else contextlib.nullcontext()
+
+    def features(self, batch) -> np.ndarray:
+        """The trunk's pooled features (N, F) float32 of a batch: what the model's head
+        reads (before its feature standardisation), per tile, for a region step
+        (:mod:`mclx.wsi.region`)."""
+        import torch
+
+        x = to_tensor(np.asarray(batch), self.pre, self.device)
+        section = getattr(self.model, "kind", "") == "section"
+        with torch.inference_mode():
+            if self.precision == "bf16" and self.device == "cpu" and not section:
+                self.warm_up()
+                return self._frozen(x.bfloat16()).float().numpy()
+            with self._context():
+                return self.model.image_encoder(x).float().cpu().numpy()
 
     def __call__(self, batch, positions=None):
         import torch

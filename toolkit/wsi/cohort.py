@@ -84,6 +84,8 @@ def run_cohort(  # long: a cohort's own options beside the run's (InferConfig)
     c = config
     run = Run.open(c.bank, model=c.model, backend=c.backend, precision=c.precision,
                    device=c.device, k=c.k, distance=c.distance)  # fmt: skip
+    if engine == "ray":  # its actors predict batch by batch
+        run.require_batchwise("--engine ray", "--engine local")
     results: dict[int, Result] = {}
     todo = []
     for i, job in enumerate(jobs):

@@ -33,7 +33,7 @@ class InferConfig:
 
     Attributes:
         bank: spot bank (.npz) from ``mclx bank build``; None for a model that predicts
-            directly (ridge, stnet: give ``model``).
+            directly (ridge, stnet, the section models: give ``model``).
         model: checkpoint, .onnx or .engine (default: the bank's checkpoint, with the
             best artifact exported beside it).
         backend: encoder runtime, ``auto`` (the fastest exported one), ``torch``,

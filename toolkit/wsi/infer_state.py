@@ -74,7 +74,8 @@ class InferState:
 
         missing = (
             f"{self.path}: no saved run to resume (none was saved: the run finished, had "
-            "fewer tiles than one save, or used another --out)"
+            "fewer tiles than one save, used another --out, or its model predicts every "
+            "tile at once: a context-radius or section model saves none)"
         )
         path = require_file(self.path, "inference state", missing=missing, nonempty=True)
         try:

@@ -6,7 +6,8 @@ spots) at the checkpoint's µm/px; :func:`stream` runs them through the inferenc
 (:mod:`mclx.inference`: encoder, then :func:`~mclx.inference.match` against the bank)
 while readers (:mod:`mclx.wsi.prefetch`) decode the next batches; :func:`predictions`
 wraps the result as AnnData. Memory is bounded by the prefetch depth, one retrieval
-block and the predictions themselves.
+block and the predictions themselves. A region model (a context radius, a section
+model) keeps every tile's features for one step over all of them (:mod:`mclx.wsi.region`).
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def _array_device(array) -> str:
 def check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
     """The bank, the model path (default: the bank's checkpoint) and k, checked before
     the slide is opened or a model loaded. Without a bank: (None, the model, 0), for a
-    model that predicts expression directly (ridge, stnet)."""
+    model that predicts expression directly (ridge, stnet, the section models)."""
     from mclx.bank import load_bank
 
     if bank_path is None:
@@ -173,12 +174,9 @@ def check_inputs(bank_path, model, plot_genes: Sequence[str], k: int | None):
 
 def _direct_model(model) -> Path:
     """``model`` (checkpoint, .onnx or .engine) when its config says it predicts each
-    tile's expression itself (no retrieval, ``k = 0``: ridge, stnet); else the error."""
-    import json
-
-    from mclx.checkpoint import read_checkpoint_dict
-    from mclx.inference.encoders import read_onnx_metadata
-    from mclx.inference.tensorrt import sidecar_path
+    tile's expression itself (no retrieval, ``k = 0``: ridge, stnet, the section models);
+    else the error."""
+    from mclx.wsi.region import model_config
 
     if not model:
         msg = "infer: pass --bank (from 'mclx bank build'), or --model for a model without one"
@@ -187,20 +185,9 @@ def _direct_model(model) -> Path:
     if not model.exists():
         msg = f"{model}: model (--model) does not exist"
         raise FileNotFoundError(msg)
-    if model.suffix == ".pt":
-        cfg = read_checkpoint_dict(model)["model"]
-    elif model.suffix == ".engine":
-        cfg = json.loads(json.loads(sidecar_path(model).read_text())["model"])
-    else:
-        cfg = json.loads(read_onnx_metadata(model)["model"])
-    name = cfg.get("name", "?")
-    if cfg.get("k", 1) or cfg.get("context") == "section":
-        how = (
-            "retrieves from a bank: pass --bank"
-            if cfg.get("k", 1)
-            else ("predicts a whole section at once: use mclx evaluate --ckpt")
-        )
-        msg = f"{model}: a {name} model {how}"
+    cfg = model_config(model)
+    if cfg.get("k", 1):
+        msg = f"{model}: a {cfg.get('name', '?')} model retrieves from a bank: pass --bank"
         raise ValueError(msg)
     return model
 
@@ -211,12 +198,13 @@ class Run:
     model path, the open encoder, k and the distance. ``mclx infer`` builds one for its
     slide; a cohort (:mod:`mclx.wsi.cohort`) one per process or Ray actor, for all slides."""
 
-    bank_path: Path | None  # None: a model that predicts directly (ridge, stnet)
+    bank_path: Path | None  # None: a model that predicts directly (ridge, stnet, his2st)
     bank: Any
     model: Path
     encoder: Any
     k: int
     distance: str | None = None
+    region: str = ""  # "context" / "section": every tile at once (mclx.wsi.region)
 
     @classmethod
     def open(
@@ -235,14 +223,22 @@ class Run:
         """Load the bank and the encoder and check that they belong together;
         ``checked``: the result of :func:`check_inputs` when already called."""
         from mclx.inference import open_encoder
+        from mclx.wsi.region import model_config, open_region_encoder, region_kind
 
         bank, model, k = checked or check_inputs(bank_path, model, plot_genes, k)
-        encoder = open_encoder(model, backend=backend, precision=precision, device=device)
+        model = Path(model)
+        cfg = model_config(model)
+        region = region_kind(cfg)
+        if region:
+            encoder = open_region_encoder(model, cfg, backend=backend, precision=precision,
+                                          device=device)  # fmt: skip
+        else:
+            encoder = open_encoder(model, backend=backend, precision=precision, device=device)
         if bank is not None:
             bank.check_compatible(encoder.fingerprint, encoder.pre.genes)
             bank = place_bank(bank, encoder, device)
         bank_path = Path(bank_path) if bank_path is not None else None
-        return cls(bank_path, bank, Path(model), encoder, k, distance)
+        return cls(bank_path, bank, model, encoder, k, distance, region)
 
     def plan(self, slide, where: Where, source, **kw: Any):
         """The slide's :class:`~mclx.wsi.plan.Plan` at this run's µm/px."""
@@ -254,8 +250,21 @@ class Run:
         retrieval against the bank (the steps :func:`stream` runs block by block)."""
         from mclx.inference import match, to_host
 
+        self.require_batchwise("a batch of patches", "mclx infer on a slide")
         emb = self.encoder(patches)
         return to_host(match(emb, self.bank, k=self.k, distance=self.distance))
+
+    def require_batchwise(self, what: str, instead: str) -> None:
+        """Refuse, in one line, a region model (:mod:`mclx.wsi.region`) where tiles are
+        predicted batch by batch (``what``), naming what runs it (``instead``)."""
+        if self.region:
+            from mclx.wsi.region import describe, model_config
+
+            msg = (
+                f"{self.model}: {describe(model_config(self.model))} predicts every tile of "
+                f"a region at once, not {what}: use {instead}"
+            )
+            raise ValueError(msg)
 
     def provenance(self, slide_info: dict, *, resumed_from: int = 0) -> dict:
         """``uns["mclx"]`` of a slide: its ``slide_info`` (:func:`slide_record`), then
@@ -294,17 +303,32 @@ class Run:
         if state is not None:
             state.record = _run_record(slide_path, work.tiles, self.encoder, self.bank, self.k,
                                        self.distance, batch_size, state.every)  # fmt: skip
-        preds, timings = stream(
-            slide, work.tiles, self.encoder, self.bank, k=self.k, distance=self.distance,
-            batch_size=batch_size, workers=workers, reader_pool=reader_pool, state=state,
-            progress=progress,
-        )  # fmt: skip
+        opts = dict(k=self.k, distance=self.distance, batch_size=batch_size, workers=workers,
+                    reader_pool=reader_pool, progress=progress)  # fmt: skip
+        if self.region:
+            preds, timings = self._region(slide, where, work.tiles, state, opts)
+        else:
+            preds, timings = stream(slide, work.tiles, self.encoder, self.bank, state=state,
+                                    **opts)  # fmt: skip
         timings["total"] = time.perf_counter() - t_start
         resumed = int(state.saved[0]) if state is not None and state.saved else 0
+        resumed = 0 if self.region else resumed  # the region step redid every tile
         info = slide_record(slide_path, slide, where, work)
         info.update(reader_pool=pool_for(slide, reader_pool), readers=int(workers))
         prov = self.provenance(info, resumed_from=resumed)
         return predictions(preds, work.tiles, self.bank, self.encoder, prov, timings)
+
+    def _region(self, slide, where: Where, tiles, state, opts: dict):
+        """:func:`~mclx.wsi.region.stream_region` (checked first: positions, scale,
+        memory); a state saved by another run is refused, none is saved (a region model
+        needs every tile, so an interrupted run starts again)."""
+        from mclx.wsi.region import plan_region, stream_region
+
+        region = plan_region(self.encoder, self.model, where, tiles)
+        if state is not None and state.saved is not None:
+            state.start(np.empty((len(tiles), len(self.encoder.pre.genes)), np.float32))
+        timings = warm_up(self.encoder, self.bank)
+        return stream_region(slide, tiles, self.encoder, self.bank, region, timings, **opts)
 
 
 def _run_record(slide_path, tiles, encoder, bank, k, distance, batch_size, every) -> dict:
