@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mclx.errors import MclxError
+from mclx.export.parity import record
 from mclx.extras import installed
 from mclx.files import check_output, undone_on_failure, write_text_atomic
 from mclx.inference.formats import (
@@ -214,19 +215,25 @@ def export(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _record_torch_reduced(job, reference, report, checkpoint, log)
-    # each row is renamed into place once checked, and later rows are made from it (the
-    # FP32 ONNX file): a row that fails puts back every file as it was before this run
-    with undone_on_failure(_written(rows, paths, checkpoint)):
-        for fmt in rows:
-            report[fmt.name] = _publish(fmt, job, reference, log)
-            write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
-        if _record_readers(job, reference, report, log):
-            write_text_atomic(report_path(checkpoint), json.dumps(report, indent=2) + "\n")
+    _publish_rows(rows, job, reference, report, checkpoint, log)
     refused = [e["refused"] for e in report.values() if isinstance(e, dict) and "refused" in e]
     if refused:  # after the other rows: one refused format does not cost the user the rest
         msg = f"{refused[0]} (not written; the other formats and {report_path(checkpoint)} were)"
         raise ParityError(msg)
     return report
+
+
+def _publish_rows(rows: list[Format], job: ExportJob, reference, report: dict, checkpoint, log):
+    """Build, check and publish each row, the report rewritten after each. Each row is
+    renamed into place once checked, and later rows are made from it (the FP32 ONNX
+    file): a row that fails puts back every file as it was before this run."""
+    path = report_path(checkpoint)
+    with undone_on_failure(_written(rows, job.paths, checkpoint)):
+        for fmt in rows:
+            report[fmt.name] = _publish(fmt, job, reference, log)
+            write_text_atomic(path, json.dumps(report, indent=2) + "\n")
+        if _record_readers(job, reference, report, log):
+            write_text_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def _written(rows: list[Format], paths: Mapping[str, Path], checkpoint) -> list[Path]:
@@ -270,55 +277,6 @@ def _paths(rows: list[Format], checkpoint, onnx_path) -> dict[str, Path]:
     return paths
 
 
-def _record(job, fmt: str, path: Path, precision: str, reference, got, log) -> dict[str, Any]:
-    """The parity record of one row: the embeddings' agreement (a diagnostic), the task
-    gate's numbers where the calibration spots have expression (``task``), which gate
-    applies (``gate``) and whether it ``held``, and the builder's notes."""
-    from mclx.export import parity
-    from mclx.export.gate import judge
-    from mclx.inference.formats import parity_held
-
-    res = parity.compare(reference, got)
-    task = judge(reference, got, job.cal) if job.cal is not None else {}
-    entry = {"path": str(path), "precision": precision, **res, **job.notes.get(fmt, {})}
-    if task:
-        entry["task"] = task
-    entry["gate"] = "task" if task else "cosine"
-    entry["held"] = parity_held(fmt, {fmt: entry}) if precision != "fp32" else True
-    log(
-        f"{fmt:<13} {precision:<5} max rel err {res['max_rel_err']:.2e}  "
-        f"min cosine {res['min_cosine']:.6f}{_task_words(task)}  {_outcome(path, entry)}"
-    )
-    return entry
-
-
-def _task_words(task: Mapping[str, Any]) -> str:
-    if not task:
-        return ""
-    overlap = task["topk_overlap"]
-    words = f"  top-{task['k']} overlap {overlap:.3f}" if overlap is not None else ""
-    return (
-        f"{words}  gene corr {task['gene_corr_median']:.4f}  "
-        f"PCC(ACG) {task['pcc_acg']:.4f} (fp32 {task['pcc_acg_fp32']:.4f})"
-    )
-
-
-def _outcome(path: Path, entry: Mapping[str, Any]) -> str:
-    """``-> path`` for a row whose parity held; FAILED, why, and what to do else."""
-    from mclx.export.gate import failures
-
-    precision = entry["precision"]
-    if precision == "fp32" and entry["max_rel_err"] > MAX_REL_ERR_FP32:
-        return f"FAILED parity (relative error > {MAX_REL_ERR_FP32:.0e}): {path} not usable"
-    if entry["held"]:
-        return f"-> {path}"
-    why = "; ".join(failures(entry["task"])) if entry.get("task") else f"cosine < {MIN_COSINE}"
-    return (
-        f"FAILED parity ({why}): --backend auto will not use it; for "
-        f"{precision.upper()} train with --recipe paper or real encoder weights (docs/inference.md)"
-    )
-
-
 def _record_torch_reduced(job: ExportJob, reference, report: dict, checkpoint, log) -> None:
     """PyTorch's own reduced precisions need no file, but ``--backend auto`` takes them
     only with a parity record: bf16 on CPUs with fast bf16, fp16 where PyTorch sees a
@@ -336,7 +294,7 @@ def _record_torch_reduced(job: ExportJob, reference, report: dict, checkpoint, l
         precision = FORMATS[name].precision
         got = job.timed(name, TorchEncoder(job.ck, precision=precision, device=device))
         job.ck.model.cpu()  # the encoder moved the shared model
-        report[name] = _record(job, name, Path(checkpoint), precision, reference, got, log)
+        report[name] = record(job, name, Path(checkpoint), precision, reference, got, log)
 
 
 def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
@@ -359,7 +317,7 @@ def _record_readers(job: ExportJob, reference, report: dict, log) -> bool:
         except RuntimeError as exc:
             log(f"{fmt.name:<13} {fmt.precision:<5} not recorded: {exc}")
             continue
-        report[fmt.name] = _record(job, fmt.name, path, fmt.precision, reference, got, log)
+        report[fmt.name] = record(job, fmt.name, path, fmt.precision, reference, got, log)
         recorded = True
     return recorded
 
@@ -378,7 +336,7 @@ def _publish(fmt: Format, job: ExportJob, reference, log) -> dict[str, Any]:
         precision = _build(fmt, job, stage, final)
         device = "cuda" if fmt.device == "cuda" else "cpu"
         got = job.timed(fmt.name, _open_stage(fmt, stage, device))
-        entry = _record(job, fmt.name, final, precision, reference, got, log)
+        entry = record(job, fmt.name, final, precision, reference, got, log)
         try:
             check_parity(fmt.name, final, entry, precision)
         except ParityError as exc:

@@ -236,7 +236,7 @@ def test_space_ranger_scale_factors_are_read_as_for_visium(tmp_path):
 def test_json_files_of_the_layouts_are_objects_or_absent(tmp_path):
     """The JSON files the layouts read (scale factors, HEST metadata) share one reader:
     absent is {}, anything but an object is refused saying what it is."""
-    from mclx.data.layout import json_object
+    from mclx.data.jsonfile import json_object
 
     path = tmp_path / "f.json"
     assert json_object(path, "things") == {}

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mclx.data.layout import Reader, check_inside, json_object, register
+from mclx.data.jsonfile import json_object
+from mclx.data.layout import Reader, check_inside, register
 from mclx.errors import DataError, short
 
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".jpg", ".png")

@@ -6,12 +6,11 @@ layouts add themselves to, and the checks they share. The layouts
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mclx.errors import DataError, short
+from mclx.errors import DataError
 
 LAYOUTS: dict[str, type[Reader]] = {}
 
@@ -157,27 +156,6 @@ def first_existing(folder: Path, names: Sequence[str]) -> Path | None:
         if (folder / n).is_file():
             return folder / n
     return None
-
-
-_JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
-
-
-def json_object(path: Path, what: str) -> dict:
-    """The JSON object in ``path`` ({} when there is no such file), ``what`` it holds
-    naming it in the :class:`DataError` for a file that cannot be read or parsed, or holds
-    something else (an array, a number...)."""
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        msg = f"{path}: cannot read {what} ({short(exc)})"
-        raise DataError(msg) from exc
-    if not isinstance(data, dict):
-        got = _JSON_TYPES.get(type(data), "a number")
-        msg = f"{path}: {what} must be a JSON object, not {got}"
-        raise DataError(msg)
-    return data
 
 
 def check_inside(image: Path, obs, size: Callable[[Path], tuple[int, int]] | None = None) -> None:

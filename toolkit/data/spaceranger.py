@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from mclx.data.arrays import SPOT_DIAMETER_UM
-from mclx.data.layout import json_object
+from mclx.data.jsonfile import json_object
 from mclx.errors import DataError
 
 POSITIONS = ("tissue_positions.parquet", "tissue_positions.csv", "tissue_positions_list.csv")
