@@ -85,6 +85,8 @@ class ModelOptions:
     separate_fusion: bool = False
     context: str | None = None
     context_radius: float | None = None
+    context_mode: str | None = None
+    context_fov: float | None = None
     model_opts: tuple[str, ...] = ()
 
     def models(self) -> list[str]:
@@ -111,6 +113,10 @@ class ModelOptions:
                 overrides[name] = getattr(self, name)
         if self.context_radius is not None:
             overrides["context_radius_um"] = self.context_radius
+        if self.context_mode is not None:
+            overrides["context_mode"] = self.context_mode
+        if self.context_fov is not None:
+            overrides["context_fov_um"] = self.context_fov
         if self.model_opts:
             from mclx.config import ModelCfg, parse_fields
 
@@ -270,7 +276,7 @@ def training_options() -> Decorator:
 
 def architecture_options() -> Decorator:
     """Ablations and sizes of the model (each default: the model's published value)."""
-    from mclx.config import Context
+    from mclx.config import Context, ContextMode
 
     return stack(
         click.option("--no-pos-embed", is_flag=True, help="Ablation: no positional embeddings."),
@@ -314,6 +320,18 @@ def architecture_options() -> Decorator:
             help="With --freeze-encoder: each spot reads its features pooled with those of "
             "the spots within UM µm (distance-weighted, on the slide's real scale; "
             "docs/training.md). Default 0: its own patch only.",
+        ),
+        click.option(
+            "--context-mode", type=literal_choice(ContextMode), default=None,
+            help="How --context-radius joins the neighbours: mean (default) replaces a "
+            "spot's features by the neighbourhood's weighted mean; concat appends the "
+            "weighted mean of the other spots to the spot's own features.",
+        ),
+        click.option(
+            "--context-fov", type=click.FloatRange(0), default=None, metavar="UM",
+            help="With --freeze-encoder: a second crop of UM µm around each spot (e.g. "
+            "3x the patch's field), resized to the patch size and encoded by the same "
+            "encoder; its features are appended to the spot's own. Default 0: none.",
         ),
         click.option(
             "--model-opt", "model_opts", multiple=True, metavar="FIELD=VALUE",

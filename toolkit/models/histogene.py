@@ -23,6 +23,7 @@ from torch import nn
 
 from mclx.config import ModelCfg
 from mclx.errors import DataError
+from mclx.models.backbones import feature_width
 from mclx.models.layers import TransformerBlock
 
 
@@ -39,7 +40,7 @@ class HisToGene(nn.Module):
         self.cfg = cfg
         d = cfg.embed_dim
         self.image_encoder = image_encoder
-        self.patch_embedding = nn.Linear(image_encoder.num_features, d)
+        self.patch_embedding = nn.Linear(feature_width(cfg, image_encoder), d)
         self.pos_size = tuple(cfg.pos_size)
         if cfg.pos_embed:
             self.x_embed = nn.Embedding(self.pos_size[0], d)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mclx.config import ModelCfg
+from mclx.config import ModelCfg, context_blocks
 from mclx.errors import DataError
 from mclx.models.graph import knn_adjacency
 
@@ -46,6 +46,13 @@ class SectionRegressor(nn.Module):
         # the published patch modules read the crop's pixels; other encoders' features
         # are pooled vectors
         self.crop: int | None = int(crop) if crop is not None else None
+        if self.crop is not None and context_blocks(cfg) > 1:
+            msg = (
+                f"{cfg.name}: its {cfg.encoder} modules read a patch's pixels, so "
+                "--context-fov / --context-mode concat (joined features) need a feature "
+                "encoder (e.g. --encoder densenet121)"
+            )
+            raise ValueError(msg)
 
     def pixels(self, feats: torch.Tensor) -> torch.Tensor:
         """Flattened centre crops (N, 3 * c * c) -> images (N, 3, c, c)."""
