@@ -208,6 +208,7 @@ def model_options(several: bool = False) -> Decorator:
         gene_options(),
         training_options(),
         architecture_options(),
+        context_options(),
         quiet_option(),
     )  # fmt: skip
 
@@ -276,7 +277,7 @@ def training_options() -> Decorator:
 
 def architecture_options() -> Decorator:
     """Ablations and sizes of the model (each default: the model's published value)."""
-    from mclx.config import Context, ContextMode
+    from mclx.config import Context
 
     return stack(
         click.option("--no-pos-embed", is_flag=True, help="Ablation: no positional embeddings."),
@@ -316,6 +317,20 @@ def architecture_options() -> Decorator:
             help="Attention context of the spot encoder (default batch).",
         ),
         click.option(
+            "--model-opt", "model_opts", multiple=True, metavar="FIELD=VALUE",
+            help="Any other model size or option (a ModelCfg field), e.g. his2st's "
+            "graph_k=4 graph_radius=2 graph_depth=4 mixer_channels=32 mixer_depth=2, "
+            "thitogene's graph_heads=8 capsules=20 capsule_dim=64; repeatable.",
+        ),
+    )  # fmt: skip
+
+
+def context_options() -> Decorator:
+    """A spot's neighbourhood and wider field of view on frozen features (issue #28)."""
+    from mclx.config import ContextMode
+
+    return stack(
+        click.option(
             "--context-radius", type=click.FloatRange(0), default=None, metavar="UM",
             help="With --freeze-encoder: each spot reads its features pooled with those of "
             "the spots within UM µm (distance-weighted, on the slide's real scale; "
@@ -332,11 +347,5 @@ def architecture_options() -> Decorator:
             help="With --freeze-encoder: a second crop of UM µm around each spot (e.g. "
             "3x the patch's field), resized to the patch size and encoded by the same "
             "encoder; its features are appended to the spot's own. Default 0: none.",
-        ),
-        click.option(
-            "--model-opt", "model_opts", multiple=True, metavar="FIELD=VALUE",
-            help="Any other model size or option (a ModelCfg field), e.g. his2st's "
-            "graph_k=4 graph_radius=2 graph_depth=4 mixer_channels=32 mixer_depth=2, "
-            "thitogene's graph_heads=8 capsules=20 capsule_dim=64; repeatable.",
         ),
     )  # fmt: skip

@@ -80,6 +80,7 @@ class PatchCache:
             return self._features[(*fp, *where, True)].mean(axis=1)
         if key not in self._features:
             kind, desc = ("tokens" if tokens else "pooled"), f"encode {section}"
+            desc += f" ({fov_um:g} µm field)" if fov_um else ""
 
             def encode() -> np.ndarray:
                 patches = self.patches(section, pre.mpp, fov_um)
