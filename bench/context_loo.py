@@ -6,7 +6,8 @@ process per seed so that every configuration reads the same cached features.
 
 OPT is a ModelOptions field (``encoder=densenet121``, ``epochs=100``, ``depth=2``) or
 ``opt.FIELD`` for a ModelCfg size (``--model-opt FIELD=VALUE``), e.g.
-``his2st:0:encoder=densenet121,opt.graph_depth=2``.
+``his2st:0:encoder=densenet121,opt.graph_depth=2``; the context options too:
+``ridge:0:context_fov=461`` (``--context-fov``), ``ridge:400:context_mode=concat``.
 
 One JSON line per run (mean metrics, per-section PCC(ACG), seconds) in OUT_DIR/log.jsonl.
 """

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 Context = Literal["batch", "section"]
+ContextMode = Literal["mean", "concat"]
 Distance = Literal["l1", "l2"]
 Weighting = Literal["inverse_square", "mean"]
 LogBase = Literal["10", "e"]
@@ -94,6 +95,14 @@ class ModelCfg:
         context_radius_um: each spot's frozen features pooled, distance-weighted, with
             those of the spots within this many µm (``mclx.training.context``); 0: the
             spot's own patch only.
+        context_mode: how the radius joins them: ``mean`` replaces a spot's features by
+            the weighted mean (itself included); ``concat`` appends the weighted mean of
+            the OTHER spots within the radius to the spot's own features.
+        context_fov_um: TRIPLEX's wider field of view: a second crop of this many µm a
+            side around each spot, resized to ``patch_size`` and encoded by the same
+            frozen encoder, its features appended to the spot's own (0: none). The
+            model's feature input is ``[own, wide, neighbourhood]`` in that order
+            (:func:`context_blocks`).
     """
 
     name: str = "mclstexp"
@@ -129,6 +138,18 @@ class ModelCfg:
     distill: float = 0.0
     distill_views: int = 5
     context_radius_um: float = 0.0
+    context_mode: ContextMode = "mean"
+    context_fov_um: float = 0.0
+
+
+def context_blocks(cfg: Any) -> int:
+    """How many encoder-width blocks a model's frozen feature input holds: the spot's
+    own, the wide field of view's (``context_fov_um``), the neighbourhood's
+    (``context_mode = "concat"`` with a radius), in that order."""
+    fov = float(getattr(cfg, "context_fov_um", 0.0) or 0.0) > 0
+    radius = float(getattr(cfg, "context_radius_um", 0.0) or 0.0) > 0
+    concat = radius and getattr(cfg, "context_mode", "mean") == "concat"
+    return 1 + int(fov) + int(concat)
 
 
 @dataclass(frozen=True)

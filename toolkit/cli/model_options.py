@@ -85,6 +85,8 @@ class ModelOptions:
     separate_fusion: bool = False
     context: str | None = None
     context_radius: float | None = None
+    context_mode: str | None = None
+    context_fov: float | None = None
     model_opts: tuple[str, ...] = ()
 
     def models(self) -> list[str]:
@@ -111,6 +113,10 @@ class ModelOptions:
                 overrides[name] = getattr(self, name)
         if self.context_radius is not None:
             overrides["context_radius_um"] = self.context_radius
+        if self.context_mode is not None:
+            overrides["context_mode"] = self.context_mode
+        if self.context_fov is not None:
+            overrides["context_fov_um"] = self.context_fov
         if self.model_opts:
             from mclx.config import ModelCfg, parse_fields
 
@@ -202,6 +208,7 @@ def model_options(several: bool = False) -> Decorator:
         gene_options(),
         training_options(),
         architecture_options(),
+        context_options(),
         quiet_option(),
     )  # fmt: skip
 
@@ -310,15 +317,35 @@ def architecture_options() -> Decorator:
             help="Attention context of the spot encoder (default batch).",
         ),
         click.option(
+            "--model-opt", "model_opts", multiple=True, metavar="FIELD=VALUE",
+            help="Any other model size or option (a ModelCfg field), e.g. his2st's "
+            "graph_k=4 graph_radius=2 graph_depth=4 mixer_channels=32 mixer_depth=2, "
+            "thitogene's graph_heads=8 capsules=20 capsule_dim=64; repeatable.",
+        ),
+    )  # fmt: skip
+
+
+def context_options() -> Decorator:
+    """A spot's neighbourhood and wider field of view on frozen features (issue #28)."""
+    from mclx.config import ContextMode
+
+    return stack(
+        click.option(
             "--context-radius", type=click.FloatRange(0), default=None, metavar="UM",
             help="With --freeze-encoder: each spot reads its features pooled with those of "
             "the spots within UM µm (distance-weighted, on the slide's real scale; "
             "docs/training.md). Default 0: its own patch only.",
         ),
         click.option(
-            "--model-opt", "model_opts", multiple=True, metavar="FIELD=VALUE",
-            help="Any other model size or option (a ModelCfg field), e.g. his2st's "
-            "graph_k=4 graph_radius=2 graph_depth=4 mixer_channels=32 mixer_depth=2, "
-            "thitogene's graph_heads=8 capsules=20 capsule_dim=64; repeatable.",
+            "--context-mode", type=literal_choice(ContextMode), default=None,
+            help="How --context-radius joins the neighbours: mean (default) replaces a "
+            "spot's features by the neighbourhood's weighted mean; concat appends the "
+            "weighted mean of the other spots to the spot's own features.",
+        ),
+        click.option(
+            "--context-fov", type=click.FloatRange(0), default=None, metavar="UM",
+            help="With --freeze-encoder: a second crop of UM µm around each spot (e.g. "
+            "3x the patch's field), resized to the patch size and encoded by the same "
+            "encoder; its features are appended to the spot's own. Default 0: none.",
         ),
     )  # fmt: skip

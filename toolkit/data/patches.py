@@ -43,10 +43,23 @@ def source_size(size: int, mpp: float | None, section_mpp: float | None, where: 
     return tile_size(SimpleNamespace(mpp=mpp, patch_size=size), section_mpp, where)
 
 
-def section_patches(adata, size: int = 224, mpp: float | None = None) -> np.ndarray:
+def fov_source(fov_um: float, section_mpp: float | None, where: str = "") -> int:
+    """Pixels of the section's image that cover ``fov_um`` µm (a wider field of view,
+    ``--context-fov``); refused when the image's µm/px is unknown."""
+    if not section_mpp:
+        msg = f"{where}: µm/px unknown, so a field of view of {fov_um:g} µm has no scale"
+        raise DataError(msg)
+    return max(1, round(float(fov_um) / float(section_mpp)))
+
+
+def section_patches(
+    adata, size: int = 224, mpp: float | None = None, fov_um: float = 0.0
+) -> np.ndarray:
     """Patches of every spot of a section that has an image, resampled to ``mpp`` µm/px
     (None: as the image is), read through the slide readers as whole-slide inference
-    reads tiles (whole-slide formats region by region, plain images decoded once)."""
+    reads tiles (whole-slide formats region by region, plain images decoded once).
+    With ``fov_um``, each patch instead covers ``fov_um`` µm around the spot, resized
+    to ``size`` pixels (zero beyond the image's border, as every patch)."""
     from mclx.data.slide import open_slide
 
     path = adata.uns.get("image_path")
@@ -54,7 +67,11 @@ def section_patches(adata, size: int = 224, mpp: float | None = None) -> np.ndar
         msg = f"section {adata.uns.get('section')}: has no image, cannot cut patches"
         raise DataError(msg)
     where = f"{path} (section {adata.uns.get('section')})"
-    src = source_size(size, mpp, adata.uns.get("mpp"), where)
+    section_mpp = adata.uns.get("mpp")
+    if fov_um:
+        src = fov_source(fov_um, section_mpp, where)
+    else:
+        src = source_size(size, mpp, section_mpp, where)
     corners = np.floor(np.asarray(adata.obsm["spatial"], np.float64)).astype(np.int64) - src // 2
     slide = open_slide(path)
     try:

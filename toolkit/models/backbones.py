@@ -201,3 +201,12 @@ def create_encoder(name: str, *, weights: str | os.PathLike | None = "auto") -> 
     if is_timm(name):
         return create_timm_encoder(name, weights=weights)
     return ENCODERS.create(name, weights=weights)
+
+
+def feature_width(cfg, encoder: nn.Module) -> int:
+    """Width of the features a model's heads read: the encoder's ``num_features`` times
+    the blocks of its frozen feature input (own, wide field of view, neighbourhood:
+    :func:`mclx.config.context_blocks`)."""
+    from mclx.config import context_blocks
+
+    return int(encoder.num_features) * context_blocks(cfg)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mclx.config import ModelCfg
+from mclx.models.backbones import feature_width
 
 # ridge penalties tried by the inner cross-validation (features are not standardised:
 # a wide grid covers encoders whose features differ in scale by orders of magnitude)
@@ -62,7 +63,7 @@ class RidgeProbe(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_encoder = image_encoder
-        f, c, g = image_encoder.num_features, cfg.embed_dim, cfg.n_genes
+        f, c, g = feature_width(cfg, image_encoder), cfg.embed_dim, cfg.n_genes
         self.register_buffer("mean", torch.zeros(f))
         self.register_buffer("components", torch.zeros(c, f))
         self.register_buffer("coef", torch.zeros(g, c))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mclx.config import ModelCfg
+from mclx.models.backbones import feature_width
 from mclx.models.bleep import bleep_loss
 from mclx.models.layers import ProjectionHead
 from mclx.models.vit import Attention, Mlp
@@ -108,7 +109,7 @@ class CMRCNet(nn.Module):
     def __init__(self, cfg: ModelCfg, image_encoder: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
-        f, d = image_encoder.num_features, cfg.embed_dim
+        f, d = feature_width(cfg, image_encoder), cfg.embed_dim
         self.image_encoder = image_encoder
         self.image_projection = ProjectionHead(f, d, cfg.dropout)
         self.spot_projection = ProjectionHead(cfg.n_genes, d, cfg.dropout)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mclx.config import ModelCfg
+from mclx.models.backbones import feature_width
 from mclx.models.graph import MeanGraphLayer
 from mclx.models.layers import TransformerBlock
 from mclx.models.section import SectionRegressor
@@ -142,7 +143,7 @@ class His2ST(SectionRegressor):
             self.mixer: nn.Module | None = ConvMixer(cfg, self.crop)
             n_in = self.mixer.num_features
         else:
-            self.mixer, n_in = None, image_encoder.num_features
+            self.mixer, n_in = None, feature_width(cfg, image_encoder)
         self.patch_embedding = nn.Identity() if n_in == d else nn.Linear(n_in, d)
         if cfg.pos_embed:
             self.x_embed = nn.Embedding(self.pos_size[0], d)

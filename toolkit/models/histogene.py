@@ -23,6 +23,7 @@ from torch import nn
 
 from mclx.config import ModelCfg
 from mclx.errors import DataError
+from mclx.models.backbones import feature_width
 from mclx.models.layers import TransformerBlock
 from mclx.models.section import pooled_feature_norm
 
@@ -40,7 +41,7 @@ class HisToGene(nn.Module):
         self.cfg = cfg
         d = cfg.embed_dim
         self.image_encoder = image_encoder
-        self.patch_embedding = nn.Linear(image_encoder.num_features, d)
+        self.patch_embedding = nn.Linear(feature_width(cfg, image_encoder), d)
         crop = getattr(image_encoder, "crop", None)
         self.feature_norm = pooled_feature_norm(cfg, image_encoder, crop)
         self.pos_size = tuple(cfg.pos_size)

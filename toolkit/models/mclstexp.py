@@ -16,7 +16,7 @@ from torch import nn
 
 from mclx.config import ModelCfg
 from mclx.errors import DataError
-from mclx.models.backbones import ImageEncoder
+from mclx.models.backbones import ImageEncoder, feature_width
 from mclx.models.layers import ProjectionHead, TransformerBlock, feature_stats
 
 
@@ -82,14 +82,14 @@ class MclSTExp(nn.Module):
         self.cfg = cfg
         self.image_encoder = image_encoder
         self.image_projection = ProjectionHead(
-            image_encoder.num_features, cfg.embed_dim, cfg.dropout
+            feature_width(cfg, image_encoder), cfg.embed_dim, cfg.dropout
         )
         self.spot_encoder = SpotEncoder(cfg)
         self.spot_projection = ProjectionHead(cfg.n_genes, cfg.embed_dim, cfg.dropout)
         self.loss_fn = loss_fn
         if cfg.feature_norm:  # training-set statistics, set by set_feature_stats
-            self.register_buffer("feature_mean", torch.zeros(image_encoder.num_features))
-            self.register_buffer("feature_std", torch.ones(image_encoder.num_features))
+            self.register_buffer("feature_mean", torch.zeros(feature_width(cfg, image_encoder)))
+            self.register_buffer("feature_std", torch.ones(feature_width(cfg, image_encoder)))
 
     def set_feature_stats(self, feats) -> None:
         """Mean and std (N, F) -> (F,) of the training spots' pooled features, for

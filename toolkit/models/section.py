@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mclx.config import ModelCfg
+from mclx.config import ModelCfg, context_blocks
 from mclx.errors import DataError
+from mclx.models.backbones import feature_width
 from mclx.models.graph import knn_adjacency
 from mclx.models.layers import FeatureNorm
 
@@ -35,7 +36,7 @@ def pooled_feature_norm(cfg: ModelCfg, image_encoder: nn.Module, crop) -> Featur
             "features (e.g. --encoder densenet121 --freeze-encoder), not to pixel crops"
         )
         raise ValueError(msg)
-    return FeatureNorm(image_encoder.num_features, cfg.feature_norm)
+    return FeatureNorm(feature_width(cfg, image_encoder), cfg.feature_norm)
 
 
 class SectionRegressor(nn.Module):
@@ -61,6 +62,13 @@ class SectionRegressor(nn.Module):
         # the published patch modules read the crop's pixels; other encoders' features
         # are pooled vectors
         self.crop: int | None = int(crop) if crop is not None else None
+        if self.crop is not None and context_blocks(cfg) > 1:
+            msg = (
+                f"{cfg.name}: its {cfg.encoder} modules read a patch's pixels, so "
+                "--context-fov / --context-mode concat (joined features) need a feature "
+                "encoder (e.g. --encoder densenet121)"
+            )
+            raise ValueError(msg)
         self.feature_norm = pooled_feature_norm(cfg, image_encoder, self.crop)
 
     def set_feature_stats(self, feats) -> None:

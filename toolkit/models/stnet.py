@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mclx.config import ModelCfg
-from mclx.models.backbones import ImageEncoder
+from mclx.models.backbones import ImageEncoder, feature_width
 
 
 class STNet(nn.Module):
@@ -19,7 +19,7 @@ class STNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_encoder = image_encoder
-        self.head = nn.Linear(image_encoder.num_features, cfg.n_genes)
+        self.head = nn.Linear(feature_width(cfg, image_encoder), cfg.n_genes)
 
     def embed_image_features(self, feats: torch.Tensor) -> torch.Tensor:
         """Pooled features (N, F) -> predicted expression (N, G)."""

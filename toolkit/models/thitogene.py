@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mclx.config import ModelCfg
+from mclx.models.backbones import feature_width
 from mclx.models.graph import MultiHeadGAT
 from mclx.models.layers import TransformerBlock
 from mclx.models.section import SectionRegressor
@@ -134,7 +135,7 @@ class THItoGene(SectionRegressor):
             self.caps: nn.Module = CapsuleEncoder(self.crop // 4, cfg.capsules, cd)
         else:  # pooled features of another encoder: one linear layer to the capsules
             self.odconv = None
-            self.caps = nn.Linear(image_encoder.num_features, cfg.capsules * cd)
+            self.caps = nn.Linear(feature_width(cfg, image_encoder), cfg.capsules * cd)
         if cfg.pos_embed:
             self.x_embed = nn.Embedding(self.pos_size[0], cd)
             self.y_embed = nn.Embedding(self.pos_size[1], cd)

@@ -1,4 +1,4 @@
-"""A spot's neighbourhood (issue #28): its frozen features pooled with its neighbours'.
+"""A spot's neighbourhood and wider field of view (issue #28), joined to its frozen features.
 
 Expression is spatially autocorrelated and a spot's own patch is not all an image says
 about it. With ``context_radius_um = R`` (``--context-radius R``) every model reads, in
@@ -13,6 +13,22 @@ same tissue on every scan. The weights sum to one, so the features keep their sc
 every model (mclstexp, bleep, stnet, knn, ridge, the section models) reads them through
 its usual input: the cached features of a section are pooled after encoding and before
 the heads, in training, in each fold of ``mclx evaluate`` and for a knn bank's keys.
+
+The mean blurs a spot's own signal into its neighbours'. Two options keep it apart by
+joining blocks of encoder width along the feature axis, in this fixed order:
+
+- ``[own]``: the spot's own features (always);
+- ``[wide]``: ``context_fov_um = W`` (``--context-fov W``), TRIPLEX's wider field of
+  view: a second crop of W µm around the spot (on the section's own µm/px, zero beyond
+  the image's border), resized to the patch size and encoded by the same frozen encoder
+  (its own entry of the feature cache);
+- ``[neighbourhood]``: ``context_mode = "concat"`` (``--context-mode concat``) with a
+  radius: the weighted mean above over the OTHER spots within R (a spot with none: its
+  own features).
+
+With ``context_mode = "mean"`` (the default) and a wider field of view, both the own and
+the wide block are pooled. The heads size from the joined width
+(:func:`mclx.models.backbones.feature_width`).
 """
 
 from __future__ import annotations
@@ -22,9 +38,10 @@ from typing import Any
 import numpy as np
 
 
-def neighbour_weights(xy_um: np.ndarray, radius_um: float):
+def neighbour_weights(xy_um: np.ndarray, radius_um: float, *, include_self: bool = True):
     """Row-normalised weights (N, N) as a scipy CSR matrix: row ``i`` weights the spots
-    within ``radius_um`` of spot ``i`` (itself included) by ``exp(-2 (d / R)^2)``."""
+    within ``radius_um`` of spot ``i`` by ``exp(-2 (d / R)^2)``, itself included; with
+    ``include_self=False`` only the others (a spot with none keeps weight 1 on itself)."""
     from scipy import sparse
     from scipy.spatial import cKDTree
 
@@ -34,6 +51,8 @@ def neighbour_weights(xy_um: np.ndarray, radius_um: float):
         raise ValueError(msg)
     n = len(xy)
     near = cKDTree(xy).query_ball_point(xy, radius_um)  # every spot finds itself
+    if not include_self:
+        near = [[j for j in js if j != i] or [i] for i, js in enumerate(near)]
     rows = np.repeat(np.arange(n), [len(j) for j in near])
     cols = np.concatenate([np.asarray(j, np.int64) for j in near]) if n else rows
     d = np.linalg.norm(xy[rows] - xy[cols], axis=1)
@@ -43,7 +62,9 @@ def neighbour_weights(xy_um: np.ndarray, radius_um: float):
     return sparse.diags(1.0 / norm) @ mat
 
 
-def pool(features: np.ndarray, xy_um: np.ndarray, radius_um: float) -> np.ndarray:
+def pool(
+    features: np.ndarray, xy_um: np.ndarray, radius_um: float, *, include_self: bool = True
+) -> np.ndarray:
     """``features`` (N, ...) of one section's spots at ``xy_um`` (N, 2), pooled over each
     spot's neighbourhood (:func:`neighbour_weights`); same shape and dtype."""
     feats = np.asarray(features)
@@ -53,7 +74,7 @@ def pool(features: np.ndarray, xy_um: np.ndarray, radius_um: float) -> np.ndarra
     if len(feats) == 0:
         return feats
     flat = feats.reshape(len(feats), -1).astype(np.float64)
-    out = neighbour_weights(xy_um, radius_um) @ flat
+    out = neighbour_weights(xy_um, radius_um, include_self=include_self) @ flat
     return np.asarray(out, dtype=feats.dtype).reshape(feats.shape)
 
 
@@ -72,22 +93,70 @@ def radius(model) -> float:
     return float(getattr(model.cfg, "context_radius_um", 0.0) or 0.0)
 
 
+def fov(model_cfg) -> float:
+    """The model's wider field of view in µm (0: none)."""
+    return float(getattr(model_cfg, "context_fov_um", 0.0) or 0.0)
+
+
+def options(model_cfg) -> list[str]:
+    """The context options ``model_cfg`` was made with, as the command line names them
+    (``--context-radius 400``, ``--context-mode concat``, ``--context-fov 540``)."""
+    out = []
+    r = float(getattr(model_cfg, "context_radius_um", 0.0) or 0.0)
+    if r:
+        out.append(f"--context-radius {r:g}")
+    if getattr(model_cfg, "context_mode", "mean") != "mean":
+        out.append(f"--context-mode {model_cfg.context_mode}")
+    if fov(model_cfg):
+        out.append(f"--context-fov {fov(model_cfg):g}")
+    return out
+
+
+def check(model_cfg) -> None:
+    """Refuse context settings that mean nothing (one line)."""
+    mode = getattr(model_cfg, "context_mode", "mean")
+    if mode not in ("mean", "concat"):
+        msg = f"--context-mode: {mode!r} is not one of mean, concat"
+        raise ValueError(msg)
+    r = float(getattr(model_cfg, "context_radius_um", 0.0) or 0.0)
+    if mode == "concat" and not r:
+        msg = "--context-mode concat joins the neighbourhood of --context-radius: give a radius"
+        raise ValueError(msg)
+    if fov(model_cfg) < 0:
+        msg = f"--context-fov must be a positive field of view in µm, not {fov(model_cfg):g}"
+        raise ValueError(msg)
+
+
 def section_features(cache, model, section: str, pre, **kw: Any) -> np.ndarray:
     """``section``'s frozen features as ``model`` reads them: the cache's
-    (:meth:`~mclx.training.features.PatchCache.features`, ``kw`` passed on), pooled over
-    each spot's neighbourhood when the model has a context radius."""
-    feats = cache.features(model.image_encoder, section, pre, **kw)
-    r = radius(model)
-    return pool(feats, section_xy_um(cache.adatas[section]), r) if r else feats
+    (:meth:`~mclx.training.features.PatchCache.features`, ``kw`` passed on), joined
+    along the last axis as ``[own, wide, neighbourhood]`` (the module's docstring)."""
+    cfg, enc = model.cfg, model.image_encoder
+    check(cfg)
+    feats = cache.features(enc, section, pre, **kw)
+    r, w = radius(model), fov(cfg)
+    if not r and not w:
+        return feats
+    parts = [feats]
+    if w:
+        parts.append(cache.features(enc, section, pre, fov_um=w, **kw))
+    if r:
+        xy = section_xy_um(cache.adatas[section])
+        if getattr(cfg, "context_mode", "mean") == "concat":
+            parts.append(pool(feats, xy, r, include_self=False))
+        else:
+            parts = [pool(p, xy, r) for p in parts]
+    return np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
 
 def require_none(model_cfg, where: str, what: str) -> None:
-    """Refuse, in one line, to run a model trained with a context radius where the
-    neighbourhood is not applied (it would silently predict from other inputs)."""
-    r = float(getattr(model_cfg, "context_radius_um", 0.0) or 0.0)
-    if r:
+    """Refuse, in one line, to run a model trained with context options where they are
+    not applied (it would silently predict from other inputs)."""
+    opts = options(model_cfg)
+    if opts:
         msg = (
-            f"{where}: the model was trained with --context-radius {r:g} (µm); {what} does "
-            "not pool spot neighbourhoods yet, so it cannot run this model"
+            f"{where}: the model was trained with {' '.join(opts)}; {what} does "
+            "not join spot neighbourhoods or wider fields of view yet, so it cannot run "
+            "this model"
         )
         raise ValueError(msg)

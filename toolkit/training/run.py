@@ -233,9 +233,11 @@ def _frozen_features(
     (``feature_kind = "tokens"``: CMRCNet); None when ``cfg`` trains the encoder."""
     from mclx.training import context
 
+    context.check(model.cfg)
     if cfg is not None and not cfg.freeze_encoder:
-        if context.radius(model):
-            msg = "--context-radius pools cached features: it needs --freeze-encoder"
+        if context.options(model.cfg):
+            opts = " ".join(context.options(model.cfg))
+            msg = f"{opts}: joins cached frozen features, it needs --freeze-encoder"
             raise ValueError(msg)
         return None
     tokens = getattr(model, "feature_kind", "pooled") == "tokens"

@@ -79,6 +79,7 @@ def open_region_encoder(model: Path, cfg: dict, *, backend: str, precision: str,
     from mclx.checkpoint import load_checkpoint
     from mclx.inference.device import torch_device
     from mclx.inference.encoders import TorchEncoder
+    from mclx.training.context import options as context_options
 
     what = describe(cfg)
     if model.suffix != ".pt":
@@ -96,6 +97,14 @@ def open_region_encoder(model: Path, cfg: dict, *, backend: str, precision: str,
         )
         raise ValueError(msg)
     ck = load_checkpoint(model)
+    joined = [o for o in context_options(ck.model_cfg) if not o.startswith("--context-radius")]
+    if joined:  # the region step pools the tiles' own features only
+        msg = (
+            f"{model}: the model was trained with {' '.join(joined)}; mclx infer pools "
+            "spot neighbourhoods but does not cut wider crops or join features yet, so it "
+            "cannot run this model"
+        )
+        raise ValueError(msg)
     dev = str(torch_device(device))
     return TorchEncoder(ck, precision="fp32" if precision == "auto" else precision,
                         device=dev, region=True)  # fmt: skip
