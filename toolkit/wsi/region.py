@@ -52,6 +52,15 @@ def model_config(model: Path) -> dict[str, Any]:
     return json.loads(read_onnx_metadata(model)["model"])
 
 
+def config_or_empty(model: Path) -> dict[str, Any]:
+    """:func:`model_config`, or {} when the file cannot be read: opening its encoder then
+    reports what is wrong with it (empty, truncated, not exported by mclx) in its words."""
+    try:
+        return model_config(model)
+    except Exception:  # noqa: BLE001 - reported by open_encoder with the file's problem
+        return {}
+
+
 def _radius(cfg: dict[str, Any]) -> float:
     return float(cfg.get("context_radius_um") or 0.0)
 

@@ -223,11 +223,11 @@ class Run:
         """Load the bank and the encoder and check that they belong together;
         ``checked``: the result of :func:`check_inputs` when already called."""
         from mclx.inference import open_encoder
-        from mclx.wsi.region import model_config, open_region_encoder, region_kind
+        from mclx.wsi.region import config_or_empty, open_region_encoder, region_kind
 
         bank, model, k = checked or check_inputs(bank_path, model, plot_genes, k)
         model = Path(model)
-        cfg = model_config(model)
+        cfg = config_or_empty(model)
         region = region_kind(cfg)
         if region:
             encoder = open_region_encoder(model, cfg, backend=backend, precision=precision,
