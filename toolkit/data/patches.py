@@ -32,24 +32,24 @@ def extract_patches(image: np.ndarray, centers: np.ndarray, size: int = 224) -> 
     return out
 
 
-def source_size(size: int, mpp: float | None, section_mpp: float | None, where: str = "") -> int:
+def source_size(
+    size: int, mpp: float | None, section_mpp: float | None, where: str = "", fov_um: float = 0.0
+) -> int:
     """Pixels of the section's image that cover a ``size``-pixel patch at ``mpp`` (the
     model's µm/px): the rule of whole-slide inference (:func:`mclx.data.resolution.tile_size`),
-    so that training, evaluation and inference cut the same tissue."""
+    so that training, evaluation and inference cut the same tissue. With ``fov_um`` (a
+    wider field of view, ``--context-fov``), the pixels that cover ``fov_um`` µm instead,
+    refused when the image's µm/px is unknown."""
     from types import SimpleNamespace
 
     from mclx.data.resolution import tile_size
 
+    if fov_um:
+        if not section_mpp:
+            msg = f"{where}: µm/px unknown, so a field of view of {fov_um:g} µm has no scale"
+            raise DataError(msg)
+        return max(1, round(float(fov_um) / float(section_mpp)))
     return tile_size(SimpleNamespace(mpp=mpp, patch_size=size), section_mpp, where)
-
-
-def fov_source(fov_um: float, section_mpp: float | None, where: str = "") -> int:
-    """Pixels of the section's image that cover ``fov_um`` µm (a wider field of view,
-    ``--context-fov``); refused when the image's µm/px is unknown."""
-    if not section_mpp:
-        msg = f"{where}: µm/px unknown, so a field of view of {fov_um:g} µm has no scale"
-        raise DataError(msg)
-    return max(1, round(float(fov_um) / float(section_mpp)))
 
 
 def section_patches(
@@ -67,11 +67,7 @@ def section_patches(
         msg = f"section {adata.uns.get('section')}: has no image, cannot cut patches"
         raise DataError(msg)
     where = f"{path} (section {adata.uns.get('section')})"
-    section_mpp = adata.uns.get("mpp")
-    if fov_um:
-        src = fov_source(fov_um, section_mpp, where)
-    else:
-        src = source_size(size, mpp, section_mpp, where)
+    src = source_size(size, mpp, adata.uns.get("mpp"), where, fov_um)
     corners = np.floor(np.asarray(adata.obsm["spatial"], np.float64)).astype(np.int64) - src // 2
     slide = open_slide(path)
     try:

@@ -88,9 +88,14 @@ def section_xy_um(adata) -> np.ndarray:
     return np.asarray(adata.obsm["spatial"], np.float64) * float(mpp)
 
 
+def radius_um(model_cfg) -> float:
+    """The context radius in µm that ``model_cfg`` asks for (0: none)."""
+    return float(getattr(model_cfg, "context_radius_um", 0.0) or 0.0)
+
+
 def radius(model) -> float:
     """The model's context radius in µm (0: none)."""
-    return float(getattr(model.cfg, "context_radius_um", 0.0) or 0.0)
+    return radius_um(model.cfg)
 
 
 def fov(model_cfg) -> float:
@@ -102,7 +107,7 @@ def options(model_cfg) -> list[str]:
     """The context options ``model_cfg`` was made with, as the command line names them
     (``--context-radius 400``, ``--context-mode concat``, ``--context-fov 540``)."""
     out = []
-    r = float(getattr(model_cfg, "context_radius_um", 0.0) or 0.0)
+    r = radius_um(model_cfg)
     if r:
         out.append(f"--context-radius {r:g}")
     if getattr(model_cfg, "context_mode", "mean") != "mean":
@@ -118,7 +123,7 @@ def check(model_cfg) -> None:
     if mode not in ("mean", "concat"):
         msg = f"--context-mode: {mode!r} is not one of mean, concat"
         raise ValueError(msg)
-    r = float(getattr(model_cfg, "context_radius_um", 0.0) or 0.0)
+    r = radius_um(model_cfg)
     if mode == "concat" and not r:
         msg = "--context-mode concat joins the neighbourhood of --context-radius: give a radius"
         raise ValueError(msg)

@@ -15,7 +15,7 @@ import numpy as np
 
 from mclx.config import PreprocessCfg
 from mclx.data.dataset import SpotTable, build_table
-from mclx.data.patches import fov_source, section_patches, source_size
+from mclx.data.patches import section_patches, source_size
 
 FEATURE_VIEWS = (1, 8)  # the patch as cut; its 8 dihedral views
 
@@ -34,10 +34,8 @@ class PatchCache:
     def _source(self, section: str, mpp: float | None, fov_um: float = 0.0) -> int:
         """Level-0 pixels a patch covers: ``patch_size`` at ``mpp``, or ``fov_um`` µm."""
         a = self.adatas[section]
-        where = str(a.uns.get("image_path"))
-        if fov_um:
-            return fov_source(fov_um, a.uns.get("mpp"), where)
-        return source_size(self.patch_size, mpp, a.uns.get("mpp"), where)
+        return source_size(self.patch_size, mpp, a.uns.get("mpp"), str(a.uns.get("image_path")),
+                           fov_um)  # fmt: skip
 
     def patches(self, section: str, mpp: float | None = None, fov_um: float = 0.0) -> np.ndarray:
         """``section``'s patches at ``mpp`` µm/px, or covering ``fov_um`` µm (the wider
