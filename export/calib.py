@@ -18,19 +18,26 @@ from mclx.data.her2st import IMAGE_SUFFIXES
 
 
 def calibration_patches(
-    source: str | os.PathLike | None, *, n: int = 64, size: int = 224, seed: int = 0
-) -> tuple[np.ndarray, str]:
-    """``n`` uint8 NHWC patches and a short description of where they came from."""
+    source: str | os.PathLike | None, *, n: int = 64, size: int = 224, seed: int = 0,
+    pre=None,
+) -> tuple[np.ndarray, str]:  # fmt: skip
+    """``n`` uint8 NHWC patches and a short description of where they came from. For a
+    model that also reads wider fields of view (``pre.views_um``), each patch carries
+    them on the channel axis, cut at ``pre``'s scale from her2st sections (random pixels
+    for each view without a source; a folder of plain images, whose scale is unknown,
+    is refused)."""
     rng = np.random.default_rng(seed)
+    views = len(pre.views_um) if pre is not None else 0
     if source is None:
-        return rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8), "random pixels"
+        shape = (n, size, size, 3 * (1 + views))
+        return rng.integers(0, 256, size=shape, dtype=np.uint8), "random pixels"
     path = Path(source)
     if not path.exists():
         msg = f"{path}: calibration data does not exist"
         raise FileNotFoundError(msg)
     if _is_her2st(path):
         from mclx.data.her2st import list_sections, read_section
-        from mclx.data.patches import section_patches
+        from mclx.data.patches import model_patches, section_patches
 
         sections = list_sections(path, with_image=True)
         if not sections:
@@ -39,12 +46,19 @@ def calibration_patches(
         per = max(1, -(-n // len(sections)))
         parts = []
         for s in sections:
-            p = section_patches(read_section(path, s), size)
+            a = read_section(path, s)
+            p = model_patches(a, pre) if views else section_patches(a, size)
             parts.append(p[rng.choice(len(p), size=min(per, len(p)), replace=False)])
         return np.concatenate(parts)[:n], f"{len(sections)} her2st sections under {path}"
     from mclx.data.patches import extract_patches
     from mclx.data.slide import load_image
 
+    if views:
+        msg = (
+            f"{path}: a folder of images has no µm/px, so the model's wider field of view "
+            f"({pre.views_um[0]:g} µm) cannot be cut from it: pass a her2st-layout folder"
+        )
+        raise ValueError(msg)
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         msg = f"{path}: no image files for calibration"
@@ -90,7 +104,8 @@ def calibration_set(
     n_calib = n if n_calib is None else n_calib
     size = ck.preprocess.patch_size
     if source is None or not _is_her2st(Path(source)):
-        got, where = calibration_patches(source, n=n + n_calib, size=size, seed=seed)
+        got, where = calibration_patches(source, n=n + n_calib, size=size, seed=seed,
+                                         pre=ck.preprocess)  # fmt: skip
         split = got[:n] if len(got) > n else got
         rest = got[n:] if len(got) > n else got
         return CalibrationSet(split, rest, where)
@@ -116,7 +131,8 @@ def _her2st_set(path: Path, ck, n: int, n_calib: int, seed: int) -> CalibrationS
     adatas = {s: read_section(path, s) for s in names}
     pre = ck.preprocess
     if any(not set(pre.genes) <= set(a.var_names) for a in adatas.values()):
-        got, where = calibration_patches(path, n=n + n_calib, size=pre.patch_size, seed=seed)
+        got, where = calibration_patches(path, n=n + n_calib, size=pre.patch_size, seed=seed,
+                                         pre=pre)  # fmt: skip
         where += " (without the checkpoint's genes: no task to judge)"
         return CalibrationSet(got[:n], got[n:] if len(got) > n else got, where)
     table = build_table(adatas, pre)
@@ -161,12 +177,13 @@ def _rows(table, rows: np.ndarray):
 
 def _cut(adatas, table, rows: np.ndarray, pre) -> np.ndarray:
     """The patches of ``table``'s spots ``rows`` (in that order), each section's cut once."""
-    from mclx.data.patches import section_patches
+    from mclx.data.patches import model_patches
 
-    out = np.zeros((len(rows), pre.patch_size, pre.patch_size, 3), np.uint8)
+    channels = 3 * (1 + len(pre.views_um))
+    out = np.zeros((len(rows), pre.patch_size, pre.patch_size, channels), np.uint8)
     for name, a in adatas.items():
         mine = np.flatnonzero(table.section[rows] == name)
         if len(mine):
             local = rows[mine] - np.flatnonzero(table.section == name)[0]
-            out[mine] = section_patches(a[local], pre.patch_size, pre.mpp)
+            out[mine] = model_patches(a[local], pre)
     return out

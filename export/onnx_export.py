@@ -2,7 +2,8 @@
 
 The graph maps an image batch (float32, N x 3 x H x W, the checkpoint's pixel scale) to
 its embeddings (image encoder + projection head; a ViT's tokens included), with a
-dynamic batch axis. A section-level model (HisToGene) takes a second input, the
+dynamic batch axis. A ``--context-fov`` model's batch is N x 6 x H x W (the patch, then
+its wider field of view): the graph runs both through the encoder and joins them. A section-level model (HisToGene) takes a second input, the
 spots' array ``positions`` (int64, N x 2), and N is the section's spots. The TorchScript
 exporter (``dynamo=False``) is used: it gives a correct graph for DenseNet's concatenations.
 The FP32 file is saved after ONNX Runtime's basic (portable, ONNX-only) optimisations,
@@ -45,10 +46,23 @@ def metadata(ck) -> dict[str, str]:
         "checkpoint": str(Path(ck.path).resolve()) if ck.path else "",
         "model": json.dumps(to_dict(ck.model_cfg)),
         "preprocess": json.dumps(to_dict(ck.preprocess)),
-        "input": f"{INPUT}: float32 N x 3 x H x W, pixel scale of 'preprocess'"
+        "input": f"{INPUT}: float32 N x {_channels(ck)} x H x W, pixel scale of 'preprocess'"
+        + _views_note(ck)
         + (f"; {POSITIONS}: int64 N x 2 array coordinates" if _section(ck) else ""),
         "output": f"{OUTPUT}: float32 N x D",
     }
+
+
+def _channels(ck) -> int:
+    """Input channels: 3 per view (the patch, then each wider field of view)."""
+    return 3 * (1 + len(ck.preprocess.views_um))
+
+
+def _views_note(ck) -> str:
+    views = ck.preprocess.views_um
+    if not views:
+        return ""
+    return f" (RGB of the patch, then of its {', '.join(f'{v:g}' for v in views)} µm field)"
 
 
 def _section(ck) -> bool:
@@ -165,7 +179,7 @@ def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17, precision: str =
     module = ck.model.cpu().eval()  # forward: images (, positions) -> embeddings
     if precision == "fp16":
         module = _half_encoder(module)
-    args: tuple = (torch.rand(3, 3, size, size),)
+    args: tuple = (torch.rand(3, _channels(ck), size, size),)
     names = [INPUT]
     if _section(ck):
         args += (torch.tensor([[0, 0], [1, 0], [0, 1]]),)

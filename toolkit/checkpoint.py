@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,15 @@ def read_checkpoint_dict(path: str | os.PathLike) -> dict[str, Any]:
 _FIELDS = {"model": dict, "preprocess": dict, "state_dict": dict, "fingerprint": str}
 
 
+def _views(pre: PreprocessCfg, model_cfg: ModelCfg) -> PreprocessCfg:
+    """``pre`` with the wide field of view of a ``--context-fov`` model, which
+    checkpoints written before PreprocessCfg had ``views_um`` record in the model only."""
+    wide = float(getattr(model_cfg, "context_fov_um", 0.0) or 0.0)
+    if wide > 0 and not pre.views_um:
+        return replace(pre, views_um=(wide,))
+    return pre
+
+
 def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Checkpoint:
     """Rebuild the model from a checkpoint and check its fingerprint."""
     from mclx.models import create_model
@@ -118,7 +127,7 @@ def load_checkpoint(path: str | os.PathLike, *, map_location: str = "cpu") -> Ch
     payload = read_checkpoint_dict(path)
     try:
         model_cfg = from_dict(ModelCfg, _upgrade(payload)["model"])
-        pre = from_dict(PreprocessCfg, payload["preprocess"])
+        pre = _views(from_dict(PreprocessCfg, payload["preprocess"]), model_cfg)
         model = create_model(model_cfg, encoder_weights=None)
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:

@@ -36,6 +36,10 @@ class PreprocessCfg:
         mpp: µm per pixel of the training images (None when unknown).
         mean, std: per-channel normalisation after scaling uint8 to ``[0, 1]`` (identity
             by default, as in the reference code).
+        views_um: wider fields of view the model also reads (``--context-fov``), in µm a
+            side: each a second crop around the patch's centre on the image's own µm/px,
+            resized to ``patch_size`` and stacked after the patch on the channel axis
+            (N x H x W x 3 (1 + len(views_um))). Empty: the patch alone.
     """
 
     genes: tuple[str, ...] = ()
@@ -45,6 +49,7 @@ class PreprocessCfg:
     mpp: float | None = None
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    views_um: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

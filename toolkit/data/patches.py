@@ -74,3 +74,12 @@ def section_patches(
         return np.stack([slide.read(int(x), int(y), src, size) for x, y in corners])
     finally:
         slide.close()
+
+
+def model_patches(adata, pre) -> np.ndarray:
+    """A section's patches as a model with preprocessing ``pre`` reads them: the patch
+    at ``pre.mpp``, then each wider field of view of ``pre.views_um`` (``--context-fov``)
+    on the channel axis, (N, S, S, 3 (1 + V)) uint8 (what whole-slide inference cuts)."""
+    views = [section_patches(adata, pre.patch_size, pre.mpp)]
+    views += [section_patches(adata, pre.patch_size, pre.mpp, w) for w in pre.views_um]
+    return np.concatenate(views, axis=-1) if len(views) > 1 else views[0]

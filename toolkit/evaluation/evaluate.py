@@ -233,7 +233,7 @@ def score_checkpoint(
 ) -> dict[str, Any]:
     """Table 1 for a trained checkpoint and bank on ``sections`` (no training)."""
     from mclx.checkpoint import load_checkpoint
-    from mclx.data.patches import section_patches
+    from mclx.data.patches import model_patches
     from mclx.data.readers import open_data
     from mclx.inference import predict
     from mclx.inference.device import torch_device
@@ -247,7 +247,7 @@ def score_checkpoint(
     section = ck.model.kind == "section"  # HisToGene: each section at once, with positions
     for name, adata in adatas.items():
         table = build_table({name: adata}, ck.preprocess)
-        patches = section_patches(adata, ck.preprocess.patch_size, ck.preprocess.mpp)
+        patches = model_patches(adata, ck.preprocess)
         pos = table.pos if section else None
         pred = predict(encoder, patches, bank, k=k, distance=distance, positions=pos)
         s, truth = score(pred, table.expr), table.expr

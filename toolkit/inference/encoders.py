@@ -101,8 +101,10 @@ class TorchEncoder:
 
     def _bf16_cpu(self, x):
         """The bf16 trunk, then the head (standardisation, projection) in float32."""
+        from mclx.models.backbones import encode
+
         self.warm_up()
-        return self.model.embed_image_features(self._frozen(x.bfloat16()).float())
+        return self.model.embed_image_features(encode(self._frozen, x.bfloat16()).float())
 
     def _context(self):
         """Autocast for bf16 / fp16; for fp32 on a GPU, no TF32 in cuDNN convolutions
@@ -116,19 +118,22 @@ class TorchEncoder:
         return no_tf32() if kind == "cuda" else contextlib.nullcontext()
 
     def features(self, batch) -> np.ndarray:
-        """The trunk's pooled features (N, F) float32 of a batch: what the model's head
-        reads (before its feature standardisation), per tile, for a region step
+        """The trunk's pooled features (N, V F) float32 of a batch: what the model's head
+        reads (before its feature standardisation and any neighbourhood), per tile, each
+        view's (:func:`~mclx.models.backbones.encode`), for a region step
         (:mod:`mclx.wsi.region`)."""
         import torch
+
+        from mclx.models.backbones import encode
 
         x = to_tensor(np.asarray(batch), self.pre, self.device)
         section = getattr(self.model, "kind", "") == "section"
         with torch.inference_mode():
             if self.precision == "bf16" and self.device == "cpu" and not section:
                 self.warm_up()
-                return self._frozen(x.bfloat16()).float().numpy()
+                return encode(self._frozen, x.bfloat16()).float().numpy()
             with self._context():
-                return self.model.image_encoder(x).float().cpu().numpy()
+                return encode(self.model.image_encoder, x).float().cpu().numpy()
 
     def __call__(self, batch, positions=None):
         import torch

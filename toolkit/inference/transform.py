@@ -3,8 +3,10 @@
 Slide readers and patch cutters give uint8 N x H x W x 3; every encoder (PyTorch in
 training and inference, ONNX Runtime, TensorRT) takes float32 N x 3 x H x W in the
 checkpoint's pixel scale: ``x / 255``, then ``(x - mean) / std`` when the
-:class:`~mclx.config.PreprocessCfg` asks for it (the reference code does not). The
-result has the input's array type (numpy, CuPy or torch).
+:class:`~mclx.config.PreprocessCfg` asks for it (the reference code does not). A
+``--context-fov`` model's patches hold two views side by side on the channel axis
+(N x H x W x 6: the patch, then its wider field of view), each scaled the same way.
+The result has the input's array type (numpy, CuPy or torch).
 """
 
 from __future__ import annotations
@@ -24,12 +26,18 @@ def _normalised(pre: PreprocessCfg) -> bool:
     return any(pre.mean) or any(s != 1 for s in pre.std)
 
 
+def _per_channel(pre: PreprocessCfg, channels: int) -> tuple[list[float], list[float]]:
+    """The RGB mean and std repeated for each 3-channel view of a batch."""
+    views = max(1, channels // 3)
+    return list(pre.mean) * views, list(pre.std) * views
+
+
 def to_model_input(batch: Any, pre: PreprocessCfg) -> Any:
     """uint8 NHWC -> float32 NCHW in the model's pixel scale; float NCHW passes through.
 
     Args:
-        batch: numpy, CuPy or torch array; uint8 N x H x W x 3, or float N x 3 x H x W
-            already scaled (it is only made float32 and contiguous).
+        batch: numpy, CuPy or torch array; uint8 N x H x W x 3V, or float N x 3V x H x W
+            already scaled (it is only made float32 and contiguous); V views of a patch.
         pre: the checkpoint's preprocessing (mean / std).
     """
     if _is_torch(batch):
@@ -38,16 +46,18 @@ def to_model_input(batch: Any, pre: PreprocessCfg) -> Any:
         x = batch.permute(0, 3, 1, 2).float() / 255.0 if batch.dtype == torch.uint8 else batch
         x = x.float()
         if _normalised(pre):
-            mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
-            std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+            mean, std = _per_channel(pre, x.shape[1])
+            mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
             x = (x - mean) / std
         return x
     xp = _array_module(batch)
     if batch.dtype == np.uint8:
         x = batch.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255)
         if _normalised(pre):
-            mean = xp.asarray(pre.mean, np.float32)[None, :, None, None]
-            std = xp.asarray(pre.std, np.float32)[None, :, None, None]
+            mean, std = _per_channel(pre, x.shape[1])
+            mean = xp.asarray(mean, np.float32)[None, :, None, None]
+            std = xp.asarray(std, np.float32)[None, :, None, None]
             x = (x - mean) / std
         return xp.ascontiguousarray(x)
     return xp.ascontiguousarray(batch, dtype=np.float32)

@@ -203,6 +203,26 @@ def create_encoder(name: str, *, weights: str | os.PathLike | None = "auto") -> 
     return ENCODERS.create(name, weights=weights)
 
 
+def encode(encoder, images: torch.Tensor) -> torch.Tensor:
+    """Pooled features of an image batch whose channels hold one or more views of each
+    patch: (N, 3 V, H, W) -> (N, V F), each 3-channel view through ``encoder`` (a module
+    or any callable on N x 3 x H x W, e.g. a frozen trace) in one call on V N images,
+    joined along the features in channel order. V = 2 is a ``--context-fov`` model's
+    input: the patch, then its wider field of view (the ``[own, wide]`` blocks of
+    :mod:`mclx.training.context`)."""
+    c, h, w = (int(d) for d in images.shape[1:])  # constants in an exported graph
+    if c == 3:
+        return encoder(images)
+    if c % 3:
+        msg = f"image batches hold 3-channel views; {c} channels is not a whole number of them"
+        raise ValueError(msg)
+    v = c // 3
+    views = images.reshape(-1, v, 3, h, w).transpose(0, 1).reshape(-1, 3, h, w)
+    feats = encoder(views)
+    f = int(feats.shape[-1])  # the batch stays dynamic; the head never reads the input
+    return feats.reshape(v, -1, f).transpose(0, 1).reshape(-1, v * f)
+
+
 def feature_width(cfg, encoder: nn.Module) -> int:
     """Width of the features a model's heads read: the encoder's ``num_features`` times
     the blocks of its frozen feature input (own, wide field of view, neighbourhood:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from mclx.config import ModelCfg
-from mclx.models.backbones import feature_width
+from mclx.models.backbones import encode, feature_width
 
 # ridge penalties tried by the inner cross-validation (features are not standardised:
 # a wide grid covers encoders whose features differ in scale by orders of magnitude)
@@ -47,7 +47,7 @@ class KNN(nn.Module):
         return feats
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.image_encoder(images)
+        return encode(self.image_encoder, images)
 
     def fit_features(self, feats: np.ndarray, table: Any) -> dict[str, Any]:
         """Nothing to learn: the bank is the training spots' features."""
@@ -76,7 +76,7 @@ class RidgeProbe(nn.Module):
         return z @ self.coef.T + self.intercept
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embed_image_features(self.image_encoder(images))
+        return self.embed_image_features(encode(self.image_encoder, images))
 
     def fit_features(self, feats: np.ndarray, table: Any) -> dict[str, Any]:
         """Fit PCA + ridge on ``feats`` (N, F) -> ``table.expr`` (N, G); alpha by

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mclx.config import ModelCfg
-from mclx.models.backbones import feature_width
+from mclx.models.backbones import encode, feature_width
 from mclx.models.bleep import bleep_loss
 from mclx.models.layers import ProjectionHead
 from mclx.models.vit import Attention, Mlp
@@ -131,7 +131,7 @@ class CMRCNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Image batch (N, 3, H, W) -> image embeddings (N, D): the query."""
-        return self.embed_image_features(self.image_encoder(images))
+        return self.embed_image_features(encode(self.image_encoder, images))
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """What training reads of an image batch: the encoder's tokens (N, T, F)."""

@@ -23,7 +23,7 @@ from torch import nn
 
 from mclx.config import ModelCfg
 from mclx.errors import DataError
-from mclx.models.backbones import feature_width
+from mclx.models.backbones import encode, feature_width
 from mclx.models.layers import TransformerBlock
 from mclx.models.section import pooled_feature_norm
 
@@ -86,7 +86,7 @@ class HisToGene(nn.Module):
 
     def forward(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Every spot of one section: images (N, 3, H, W), positions (N, 2) -> (N, G)."""
-        return self.embed_image_features(self.image_encoder(images), positions)
+        return self.embed_image_features(encode(self.image_encoder, images), positions)
 
     def loss(self, feats: torch.Tensor, expr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """MSE of one section's predictions."""

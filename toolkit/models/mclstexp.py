@@ -16,7 +16,7 @@ from torch import nn
 
 from mclx.config import ModelCfg
 from mclx.errors import DataError
-from mclx.models.backbones import ImageEncoder, feature_width
+from mclx.models.backbones import ImageEncoder, encode, feature_width
 from mclx.models.layers import ProjectionHead, TransformerBlock, feature_stats
 
 
@@ -104,7 +104,7 @@ class MclSTExp(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Image batch (N, 3, H, W) in the model's pixel scale -> embeddings (N, D)."""
-        return self.embed_image_features(self.image_encoder(images))
+        return self.embed_image_features(encode(self.image_encoder, images))
 
     def embed_spots(self, expr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """One spot sequence (N, G), (N, 2) -> spot embeddings (N, D)."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from mclx.config import ModelCfg, context_blocks
 from mclx.errors import DataError
-from mclx.models.backbones import feature_width
+from mclx.models.backbones import encode, feature_width
 from mclx.models.graph import knn_adjacency
 from mclx.models.layers import FeatureNorm
 
@@ -103,7 +103,7 @@ class SectionRegressor(nn.Module):
 
     def forward(self, images: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Every spot of one section: images (N, 3, H, W), positions (N, 2) -> (N, G)."""
-        return self.embed_image_features(self.image_encoder(images), positions)
+        return self.embed_image_features(encode(self.image_encoder, images), positions)
 
     def loss(self, feats: torch.Tensor, expr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """MSE of one section's predictions (the references' main term)."""

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mclx.config import ModelCfg
-from mclx.models.backbones import ImageEncoder, feature_width
+from mclx.models.backbones import ImageEncoder, encode, feature_width
 
 
 class STNet(nn.Module):
@@ -26,7 +26,7 @@ class STNet(nn.Module):
         return self.head(feats)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.embed_image_features(self.image_encoder(images))
+        return self.embed_image_features(encode(self.image_encoder, images))
 
     def loss(self, feats: torch.Tensor, expr: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(self.embed_image_features(feats), expr)

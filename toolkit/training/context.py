@@ -138,30 +138,39 @@ def section_features(cache, model, section: str, pre, **kw: Any) -> np.ndarray:
     along the last axis as ``[own, wide, neighbourhood]`` (the module's docstring)."""
     cfg, enc = model.cfg, model.image_encoder
     check(cfg)
-    feats = cache.features(enc, section, pre, **kw)
-    r, w = radius(model), fov(cfg)
-    if not r and not w:
-        return feats
-    parts = [feats]
-    if w:
-        parts.append(cache.features(enc, section, pre, fov_um=w, **kw))
+    views = [cache.features(enc, section, pre, **kw)]
+    if fov(cfg):
+        views.append(cache.features(enc, section, pre, fov_um=fov(cfg), **kw))
+    xy = section_xy_um(cache.adatas[section]) if radius(model) else None
+    return join(views, xy, cfg)
+
+
+def join(views: list[np.ndarray], xy_um: np.ndarray | None, model_cfg) -> np.ndarray:
+    """The features of one region's spots (or tiles) as a model reads them, from the
+    encoder's features of each view (``[own]``, or ``[own, wide]``): with a radius, each
+    view pooled over the neighbourhood (``mean``) or the own view's neighbourhood
+    appended (``concat``), at centres ``xy_um`` (N, 2) in µm; joined along the last
+    axis. Training, ``mclx evaluate`` and the whole-slide runtime's region step
+    (:mod:`mclx.wsi.region`) all call it."""
+    r = radius_um(model_cfg)
+    parts = list(views)
     if r:
-        xy = section_xy_um(cache.adatas[section])
-        if getattr(cfg, "context_mode", "mean") == "concat":
-            parts.append(pool(feats, xy, r, include_self=False))
+        if getattr(model_cfg, "context_mode", "mean") == "concat":
+            parts.append(pool(views[0], xy_um, r, include_self=False))
         else:
-            parts = [pool(p, xy, r) for p in parts]
+            parts = [pool(p, xy_um, r) for p in parts]
     return np.concatenate(parts, axis=-1) if len(parts) > 1 else parts[0]
 
 
 def require_none(model_cfg, where: str, what: str) -> None:
-    """Refuse, in one line, to run a model trained with context options where they are
-    not applied (it would silently predict from other inputs)."""
-    opts = options(model_cfg)
+    """Refuse, in one line, to run a model trained with a context radius where
+    neighbourhoods are not pooled (it would silently predict from other inputs). A wider
+    field of view alone is part of the model's input (``PreprocessCfg.views_um``:
+    every reader cuts it), so it runs anywhere."""
+    opts = [o for o in options(model_cfg) if not o.startswith("--context-fov")]
     if opts:
         msg = (
             f"{where}: the model was trained with {' '.join(opts)}; {what} does "
-            "not join spot neighbourhoods or wider fields of view yet, so it cannot run "
-            "this model"
+            "not join spot neighbourhoods, so it cannot run this model"
         )
         raise ValueError(msg)

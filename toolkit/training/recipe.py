@@ -181,10 +181,12 @@ class Recipe:
         mpp = float(np.median(mpps)) if mpps else None
         if self.fov_um:
             mpp = float(self.fov_um) / self.patch_size()
+        wide = float(self.model_overrides().get("context_fov_um") or 0.0)
         return PreprocessCfg(
             genes=tuple(self.genes(data, train, others)),
             mpp=mpp,
             log_base=self.log_base,
+            views_um=(wide,) if wide > 0 else (),
             **self.pixel_defaults(),
         )
 

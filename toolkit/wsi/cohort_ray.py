@@ -126,7 +126,7 @@ def read_tiles(row: dict[str, Any], *, jobs, tiles, patch_size: int, batch_size:
         finally:
             slide.close()
     except SLIDE_ERRORS as exc:
-        blank = np.zeros((patch_size, patch_size, 3), np.uint8)
+        blank = np.zeros((patch_size, patch_size, 3 * (1 + len(t.views))), np.uint8)
         yield {"job": i, "tile": -1, "patch": blank, "error": failure(job, exc).error}
 
 

@@ -33,10 +33,13 @@ SAVE_EVERY = 64  # batches: 4,096 tiles at batch 64, a minute or two of a CPU's 
 
 
 def tiles_digest(tiles) -> str:
-    """sha256 of where the tiles are: their ids, centres and size."""
+    """sha256 of where the tiles are: their ids, centres and size (and the sides of
+    their wider views, when the model reads any)."""
     h = hashlib.sha256("\n".join(tiles.ids).encode())
     h.update(np.ascontiguousarray(tiles.centres, np.float64).tobytes())
     h.update(str(int(tiles.size)).encode())
+    if tiles.views:
+        h.update(repr(tuple(int(v) for v in tiles.views)).encode())
     return h.hexdigest()[:16]
 
 

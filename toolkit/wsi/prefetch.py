@@ -27,10 +27,18 @@ _SLIDE = None  # a process reader's own slide (see _open_in_process)
 _OPEN_ERROR: Exception | None = None  # why it could not open it, raised by each read
 
 
-def _read(slide, origins: Sequence[tuple[int, int]], size: int, out: int):
+def _read(slide, crops: Sequence[Sequence[tuple[int, int, int]]], out: int):
+    """One batch: per tile its squares (x, y, side) each resized to ``out`` px, the
+    views of a tile stacked on the channel axis (:meth:`~mclx.wsi.tiling.Tiles.crops`)."""
     t0 = time.perf_counter()
-    batch = np.stack([slide.read(x, y, size, out) for x, y in origins])
+    batch = np.stack([_views(slide, tile, out) for tile in crops])
     return batch, time.perf_counter() - t0
+
+
+def _views(slide, crops: Sequence[tuple[int, int, int]], out: int) -> np.ndarray:
+    if len(crops) == 1:
+        return slide.read(*crops[0], out)
+    return np.concatenate([slide.read(x, y, s, out) for x, y, s in crops], axis=-1)
 
 
 def _open_in_process(path: str, mpp: float | None) -> None:
@@ -45,10 +53,10 @@ def _open_in_process(path: str, mpp: float | None) -> None:
         _OPEN_ERROR = exc
 
 
-def _read_in_process(origins, size: int, out: int):
+def _read_in_process(crops, out: int):
     if _OPEN_ERROR is not None:
         raise _OPEN_ERROR
-    return _read(_SLIDE, origins, size, out)
+    return _read(_SLIDE, crops, out)
 
 
 def pool_for(slide, pool: str) -> str:
@@ -84,7 +92,7 @@ def prefetch(
         queue: deque = deque()
 
         def submit(idx: range) -> None:
-            queue.append(ex.submit(read, [tiles.origin(i) for i in idx], tiles.size, out))
+            queue.append(ex.submit(read, [tiles.crops(i) for i in idx], out))
 
         for idx in batches:
             submit(idx)

@@ -88,7 +88,6 @@ def open_region_encoder(model: Path, cfg: dict, *, backend: str, precision: str,
     from mclx.checkpoint import load_checkpoint
     from mclx.inference.device import torch_device
     from mclx.inference.encoders import TorchEncoder
-    from mclx.training.context import options as context_options
 
     what = describe(cfg)
     if model.suffix != ".pt":
@@ -106,14 +105,6 @@ def open_region_encoder(model: Path, cfg: dict, *, backend: str, precision: str,
         )
         raise ValueError(msg)
     ck = load_checkpoint(model)
-    joined = [o for o in context_options(ck.model_cfg) if not o.startswith("--context-radius")]
-    if joined:  # the region step pools the tiles' own features only
-        msg = (
-            f"{model}: the model was trained with {' '.join(joined)}; mclx infer pools "
-            "spot neighbourhoods but does not cut wider crops or join features yet, so it "
-            "cannot run this model"
-        )
-        raise ValueError(msg)
     dev = str(torch_device(device))
     return TorchEncoder(ck, precision="fp32" if precision == "auto" else precision,
                         device=dev, region=True)  # fmt: skip
@@ -142,15 +133,16 @@ class Region:
     positions: np.ndarray | None = None
 
     def outputs(self, encoder, features: np.ndarray) -> np.ndarray:
-        """The model's outputs (N, D) over the region's ``features`` (N, F): pooled
-        over each tile's neighbourhood (a context radius), then the head, or the
-        section forward with the positions (a section model)."""
+        """The model's outputs (N, D) over the region's ``features`` (N, V F: each
+        view's, V = 2 for a ``--context-fov`` model) joined as training joins them
+        (:func:`mclx.training.context.join`: pooled over each tile's neighbourhood, or
+        the neighbourhood appended), then the head, or the section forward with the
+        positions (a section model)."""
         from mclx.inference.embed import head_outputs
+        from mclx.training.context import join
 
-        if self.radius_um > 0:
-            from mclx.training.context import pool
-
-            features = pool(features, self.xy_um, self.radius_um)
+        views = np.split(features, 1 + len(encoder.pre.views_um), axis=1)
+        features = join(views, self.xy_um, encoder.model.cfg)
         return head_outputs(encoder.model, np.ascontiguousarray(features, np.float32),
                             positions=self.positions, device=encoder.device)  # fmt: skip
 
@@ -214,7 +206,9 @@ def _check_memory(encoder, model: Path, where, n: int) -> None:
     pooled copy) would not fit in the memory available."""
     from mclx.wsi.plan import check_memory
 
-    dim = int(getattr(encoder.model.image_encoder, "num_features", 0) or 0)
+    from mclx.models.backbones import feature_width
+
+    dim = feature_width(encoder.model.cfg, encoder.model.image_encoder)
     need = 2 * n * dim * 4
     check_memory(need, where.source, f"{n:,} tiles x {dim} features of {model.name}, kept "
                  "for the region step")  # fmt: skip

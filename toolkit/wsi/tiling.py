@@ -23,20 +23,29 @@ from mclx.errors import DataError
 
 @dataclass
 class Tiles:
-    """Tile centres (N, 2) as level-0 (x, y), their ids, and the tile side in level-0 px."""
+    """Tile centres (N, 2) as level-0 (x, y), their ids, and the tile side in level-0 px;
+    ``views``: the level-0 sides of the wider fields of view read around each tile too
+    (a ``--context-fov`` model's), stacked after the tile on the channel axis."""
 
     centres: np.ndarray
     ids: list[str]
     size: int
     tissue_tiled: float | None = None  # share of the tissue mask the tiles cover (grid)
+    views: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def origin(self, i: int) -> tuple[int, int]:
-        """Top-left level-0 pixel of tile ``i`` (PIL ``crop`` semantics, as in training)."""
+    def origin(self, i: int, size: int | None = None) -> tuple[int, int]:
+        """Top-left level-0 pixel of tile ``i`` (PIL ``crop`` semantics, as in training),
+        or of a square of ``size`` px around its centre."""
+        size = self.size if size is None else size
         cx, cy = np.floor(self.centres[i]).astype(np.int64)
-        return int(cx - self.size // 2), int(cy - self.size // 2)
+        return int(cx - size // 2), int(cy - size // 2)
+
+    def crops(self, i: int) -> list[tuple[int, int, int]]:
+        """The level-0 squares (x, y, side) read for tile ``i``: itself, then its views."""
+        return [(*self.origin(i, s), s) for s in (self.size, *self.views)]
 
 
 # Pen ink, as RGB rules (blue: R < r, G < g, B > b; green: R < r, G > g, B > b), the
