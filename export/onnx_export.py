@@ -3,8 +3,9 @@
 The graph maps an image batch (float32, N x 3 x H x W, the checkpoint's pixel scale) to
 its embeddings (image encoder + projection head; a ViT's tokens included), with a
 dynamic batch axis. A ``--context-fov`` model's batch is N x 6 x H x W (the patch, then
-its wider field of view): the graph runs both through the encoder and joins them. A section-level model (HisToGene) takes a second input, the
-spots' array ``positions`` (int64, N x 2), and N is the section's spots. The TorchScript
+its wider field of view): the graph runs both through the encoder and joins them. A
+section-level model (HisToGene) takes a second input, the spots' array ``positions``
+(int64, N x 2), and N is the section's spots. The TorchScript
 exporter (``dynamo=False``) is used: it gives a correct graph for DenseNet's concatenations.
 The FP32 file is saved after ONNX Runtime's basic (portable, ONNX-only) optimisations,
 so TensorRT can still parse it; the runtime enables the rest when it opens a session.

@@ -63,7 +63,7 @@ def test_reader_stacks_the_wider_crop_after_the_tile():
     slide = open_slide(path, mpp=1.0)
     tiles = Tiles(np.array([[50.5, 60.2], [390.0, 10.0]]), ["a", "b"], size=40, views=(120,))
     assert tiles.crops(0) == [(30, 40, 40), (-10, 0, 120)]
-    (batch, _, _), = list(prefetch(slide, tiles, out=32, batch_size=2, workers=1))
+    ((batch, _, _),) = list(prefetch(slide, tiles, out=32, batch_size=2, workers=1))
     assert batch.shape == (2, 32, 32, 6)
     for i in range(2):
         own = slide.read(*tiles.origin(i), 40, 32)

@@ -204,9 +204,8 @@ def section_positions(net, model: Path, where) -> np.ndarray:
 def _check_memory(encoder, model: Path, where, n: int) -> None:
     """Refuse a region whose kept features (N x F float32, twice: the array and the
     pooled copy) would not fit in the memory available."""
-    from mclx.wsi.plan import check_memory
-
     from mclx.models.backbones import feature_width
+    from mclx.wsi.plan import check_memory
 
     dim = feature_width(encoder.model.cfg, encoder.model.image_encoder)
     need = 2 * n * dim * 4
