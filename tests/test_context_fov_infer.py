@@ -22,6 +22,7 @@ import torch
 from helpers.cli import mclx
 
 FOV, RADIUS = 600.0, 400.0
+FP32 = ("--backend", "torch", "--precision", "fp32")  # not auto's choice, which may be bf16
 
 
 def test_encode_runs_each_view_through_the_encoder_and_joins_them():
@@ -150,11 +151,14 @@ def test_infer_reads_the_wide_field_as_training_cut_it(name, fov_models, her2st,
     from mclx.data.her2st import read_section
 
     slide, spots = _c2(her2st)
-    pred = _infer(fov_models / f"{name}.pt", slide, tmp_path / "c2.h5ad", "--spots", spots)
+    pred = _infer(fov_models / f"{name}.pt", slide, tmp_path / "c2.h5ad", "--spots", spots,
+                  *FP32)  # fmt: skip
     c2 = read_section(her2st, "C2")
     c2 = c2[["C2_" + i for i in pred.obs_names]].copy()
     ck = load_checkpoint(fov_models / f"{name}.pt")
     assert ck.preprocess.views_um == (FOV,)
+    side = pred.uns["mclx"]["view_sizes_level0"]  # the wide crop's side at C2's µm/px
+    assert list(side) == [round(FOV / pred.uns["mclx"]["slide_mpp"])]
     own, wide = _views_f64(ck, c2)
     parts = [own, wide]
     if name == "concat":
@@ -176,7 +180,7 @@ def test_exported_graph_takes_both_views(fov_models, her2st, tmp_path):
     path = fov_models / "fov.onnx"
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert dims[1].dim_value == 6  # the patch's RGB, then the wide field's
-    a = _infer(fov_models / "fov.pt", slide, tmp_path / "a.h5ad", "--spots", spots)
-    b = _infer(path, slide, tmp_path / "b.h5ad", "--spots", spots)
+    a = _infer(fov_models / "fov.pt", slide, tmp_path / "a.h5ad", "--spots", spots, *FP32)
+    b = _infer(path, slide, tmp_path / "b.h5ad", "--spots", spots, "--precision", "fp32")
     assert b.uns["mclx"]["backend"] == "onnxruntime"
     np.testing.assert_allclose(b.X, a.X, rtol=1e-4, atol=1e-4)

@@ -36,9 +36,11 @@ class Plan:
     memory: int
 
     def record(self) -> dict[str, Any]:
+        views = [int(v) for v in self.tiles.views]  # wider fields of view (--context-fov)
         return {
             "tiles": len(self.tiles),
             "tile_size_level0": int(self.tiles.size),
+            **({"view_sizes_level0": views} if views else {}),
             "resample": float(self.resample),
             "read_level": int(self.level),
             "read_level_downsample": float(self.level_downsample),
