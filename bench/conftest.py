@@ -41,8 +41,9 @@ def her2st_model(tmp_path_factory, export_failures):
     (frozen-encoder training on C3-C6, or ``$MCLX_BENCH_CKPT``) with its ONNX / INT8
     exports and a bank of C3-C6; skipped without the her2st data."""
     from mclx.bank import build_bank, save_bank
+    from mclx.checkpoint import load_checkpoint
     from mclx.data.her2st import read_section
-    from mclx.data.patches import section_patches
+    from mclx.data.patches import model_patches
     from mclx.inference import FORMATS
 
     if not (HER2ST / "data" / "ST-cnts").is_dir():
@@ -79,4 +80,4 @@ def her2st_model(tmp_path_factory, export_failures):
         export(ck, log=lambda *_: None)
     bank = save_bank(build_bank(ck, HER2ST, sections=["C3", "C4", "C5", "C6"]), d / "bank.npz")
     c2 = read_section(HER2ST, "C2")
-    return ck, bank, c2, section_patches(c2, 224)
+    return ck, bank, c2, model_patches(c2, load_checkpoint(ck).preprocess)

@@ -90,7 +90,7 @@ def formats(ck_path: Path, bank_path: Path, data: Path) -> dict:  # long: one ta
     from mclx.checkpoint import load_checkpoint
     from mclx.data.dataset import build_table
     from mclx.data.her2st import read_section
-    from mclx.data.patches import section_patches
+    from mclx.data.patches import model_patches
     from mclx.evaluation.metrics import pearson_per_gene
     from mclx.inference import open_encoder
     from mclx.inference.formats import read_report
@@ -98,7 +98,7 @@ def formats(ck_path: Path, bank_path: Path, data: Path) -> dict:  # long: one ta
 
     ck, bank = load_checkpoint(ck_path), load_bank(bank_path)
     c2 = read_section(data, "C2")
-    patches = section_patches(c2, ck.preprocess.patch_size, ck.preprocess.mpp)
+    patches = model_patches(c2, ck.preprocess)
     truth = build_table({"C2": c2}, ck.preprocess).expr
     report = read_report(ck_path)
     rows, base = {}, None
@@ -133,6 +133,8 @@ def whole_slide(ck_path: Path, bank_path: Path, data: Path, work: Path) -> dict:
     from mclx.data.resolution import tile_size
     from mclx.data.slide import load_image, open_slide, write_pyramidal_tiff
     from mclx.inference import open_encoder
+    from mclx.wsi.plan import view_sizes
+    from mclx.wsi.prefetch import read_tile
     from mclx.wsi.runtime import stream
     from mclx.wsi.tiling import grid_tiles
 
@@ -143,8 +145,9 @@ def whole_slide(ck_path: Path, bank_path: Path, data: Path, work: Path) -> dict:
     slide, bank = open_slide(path), load_bank(bank_path)
     enc = open_encoder(ck_path, device="cpu")
     tiles = grid_tiles(slide, size=tile_size(enc.pre, slide.mpp, str(path)))
+    tiles.views = view_sizes(enc.pre, slide.mpp, str(path))  # the default's wide field
     size = enc.pre.patch_size
-    imgs = np.stack([slide.read(*tiles.origin(i), tiles.size, size) for i in range(len(tiles))])
+    imgs = np.stack([read_tile(slide, tiles.crops(i), size) for i in range(len(tiles))])
     _, before = encode_rate(enc, imgs)
     t = time.perf_counter()
     _, timings = stream(slide, tiles, enc, bank, batch_size=64, progress=False)

@@ -23,6 +23,7 @@ def slide_and_tiles(her2st_model, tmp_path_factory):
     from mclx.data.resolution import tile_size
     from mclx.data.slide import load_image, open_slide, write_pyramidal_tiff
     from mclx.inference import open_encoder
+    from mclx.wsi.plan import view_sizes
     from mclx.wsi.tiling import grid_tiles
 
     ck, bank, c2, _ = her2st_model
@@ -31,6 +32,7 @@ def slide_and_tiles(her2st_model, tmp_path_factory):
     slide = open_slide(path)
     enc = open_encoder(ck, backend="onnxruntime", precision="fp32", device="cpu")
     tiles = grid_tiles(slide, size=tile_size(enc.pre, slide.mpp, str(path)))
+    tiles.views = view_sizes(enc.pre, slide.mpp, str(path))  # a --context-fov model's
     return slide, tiles, enc, bank
 
 
@@ -63,9 +65,10 @@ def test_end_to_end_stream(benchmark, slide_and_tiles):
 
 def test_encoder_only(benchmark, slide_and_tiles):
     slide, tiles, enc, _ = slide_and_tiles
-    imgs = np.stack(
-        [slide.read(*tiles.origin(i), tiles.size, enc.pre.patch_size) for i in range(len(tiles))]
-    )
+    from mclx.wsi.prefetch import read_tile
+
+    size = enc.pre.patch_size
+    imgs = np.stack([read_tile(slide, tiles.crops(i), size) for i in range(len(tiles))])
     benchmark.group = "pipeline tiles/s (onnxruntime fp32, batch 32)"
 
     def run():

@@ -164,7 +164,7 @@ def test_evaluate_refuses_k_above_a_folds_bank_before_training(synthetic, monkey
 
 
 # the fields `--recipe default` may change from `--recipe paper` (ModelCfg fields)
-RECIPE_CHANGES = {"feature_norm", "temperature"}
+RECIPE_CHANGES = {"feature_norm", "temperature", "context_fov_um"}
 ONE_EPOCH = {"sections": "S1,S2", "epochs": 1, "batch_size": 32}
 FROZEN_ARGS = ["--encoder", "tiny_cnn", "--encoder-weights", "none", "--freeze-encoder"]
 
@@ -216,11 +216,14 @@ def test_default_recipe_differs_from_paper_only_in_its_chosen_fields():
             assert to_dict(paper[2]) == to_dict(new[2])  # no TrainCfg change (yet)
             want = set()
             if "--freeze-encoder" in frozen:
-                want = {"mclstexp": {"feature_norm", "temperature"}, "bleep": {"feature_norm"}}
+                want = {"mclstexp": {"feature_norm", "temperature", "context_fov_um"},
+                        "bleep": {"feature_norm"}}  # fmt: skip
                 want = want.get(model, set())
             assert changed == want, (model, frozen)
             if "temperature" in changed:
                 assert (paper[1].temperature, new[1].temperature) == (1.0, 10.0)
+            if "context_fov_um" in changed:
+                assert (paper[1].context_fov_um, new[1].context_fov_um) == (0.0, 461.0)
 
 
 def test_explicit_flags_override_the_recipe():
@@ -262,11 +265,43 @@ def test_recipe_is_recorded_in_checkpoint_and_results(synthetic, tmp_path, capsy
         ck = load_checkpoint(out)
         assert ck.provenance["recipe"] == name
         assert ck.model_cfg.feature_norm is (name == "default")
+        wide = (461.0,) if name == "default" else ()  # the synthetic images' µm/px is known
+        assert ck.preprocess.views_um == wide and ck.model_cfg.context_fov_um == sum(wide)
     out = tmp_path / "ev.json"
     res = run_cli(capsys, ["evaluate", *args, "--sections", "S1,S2", "--k", 20, "--out", out])
     assert res.returncode == 0, res.stderr
     cfg = json.loads(out.read_text())["config"]
     assert cfg["recipe"] == "default" and cfg["model"]["feature_norm"] is True
+
+
+def test_default_field_of_view_needs_every_training_sections_scale(synthetic):
+    """The recipe's 461 µm field of view is cut on each section's µm/px: with one
+    training section of unknown scale it is left out with a warning (the user's own
+    --context-fov is kept, and refused where the crops are cut); --context-fov 0 turns
+    it off; the model is built with what the preprocessing decided."""
+    import dataclasses
+    import warnings
+
+    from mclx.data.readers import open_data
+
+    adatas = open_data(synthetic).read(["S1", "S2"], with_image=True)
+    r, _, _ = _recipe_of(*FROZEN_ARGS)
+    assert r.views(adatas) == (461.0,)
+    assert _recipe_of(*FROZEN_ARGS, "--context-fov", "0")[0].views(adatas) == ()
+    assert _recipe_of(*FROZEN_ARGS, "--context-fov", "300")[0].views(adatas) == (300.0,)
+    adatas["S2"].uns["mpp"] = None
+    with pytest.warns(UserWarning, match="section S2: µm/px unknown.*461 µm field of view"):
+        assert r.views(adatas) == ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _recipe_of(*FROZEN_ARGS, "--context-fov", "300")[0].views(adatas) == (300.0,)
+    r = dataclasses.replace(r, genes_file=str(synthetic / "genes.txt"))
+    pre, model = r.setup(synthetic, {"S1": adatas["S1"], "S2": adatas["S2"]}, ["S1"])
+    assert pre.views_um == (461.0,) and model.cfg.context_fov_um == 461.0  # S1 has its scale
+    with pytest.warns(UserWarning, match="left out"):
+        pre, model = r.setup(synthetic, adatas, ["S1", "S2"])
+    assert pre.views_um == () and model.cfg.context_fov_um == 0.0
+    assert model.image_projection.projection.in_features == model.image_encoder.num_features
 
 
 def test_recipe_names_are_the_config_literal():

@@ -1,6 +1,8 @@
 """What the checks of ``python -m mclx.gpu_check`` share: the :class:`Workspace` (a
-DenseNet-121 checkpoint with random weights, synthetic her2st-layout data, its bank,
-slide and exports, each built once on first use), the work sizes and the comparison.
+DenseNet-121 checkpoint with random weights shaped as the default recipe's model, which
+reads a 461 µm wider field of view beside each patch (N x 6 x H x W input), synthetic
+her2st-layout data, its bank, slide and exports, each built once on first use), the
+work sizes and the comparison.
 
 Each check takes the workspace and returns ``(details, problems)``: what it measured,
 and why it failed (empty: passed); it raises :class:`Skipped` when what it needs is not
@@ -85,7 +87,7 @@ class Workspace:
         from mclx.export.calib import calibration_patches
 
         def make():
-            base, _ = calibration_patches(self.data(), n=1000)
+            base, _ = calibration_patches(self.data(), n=1000, pre=self.ck().preprocess)
             turns = [base, base[:, ::-1], base[:, :, ::-1], base.transpose(0, 2, 1, 3)]
             return np.ascontiguousarray(np.concatenate(turns))
 
@@ -130,14 +132,16 @@ def _densenet_checkpoint(ws: Workspace, name: str, seed: int) -> Path:
     from mclx.config import ModelCfg, PreprocessCfg
     from mclx.data.synthetic import PITCH_PX
     from mclx.models import create_model
+    from mclx.training.context import DEFAULT_FOV_UM
 
     genes = (ws.data() / "genes.txt").read_text().split()
     torch.manual_seed(seed)
-    net = create_model(ModelCfg(encoder="densenet121", n_genes=len(genes), pos_size=(64, 64)))
+    wide = DEFAULT_FOV_UM  # the default recipe's wider field of view
+    cfg = ModelCfg(encoder="densenet121", n_genes=len(genes), pos_size=(64, 64),
+                   context_fov_um=wide)  # fmt: skip
+    pre = PreprocessCfg(genes=tuple(genes), mpp=200 / PITCH_PX, views_um=(wide,))
     path = ws.root / name
-    save_checkpoint(
-        path, net.eval(), preprocess=PreprocessCfg(genes=tuple(genes), mpp=200 / PITCH_PX)
-    )
+    save_checkpoint(path, create_model(cfg).eval(), preprocess=pre)
     return path
 
 

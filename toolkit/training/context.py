@@ -37,6 +37,10 @@ from typing import Any
 
 import numpy as np
 
+# the default recipe's wider field of view for mclstexp with a frozen encoder, in µm a side
+# (3x the 154 µm of her2st's 224 px patches; won the recipe rule, docs/results.md)
+DEFAULT_FOV_UM = 461.0
+
 
 def neighbour_weights(xy_um: np.ndarray, radius_um: float, *, include_self: bool = True):
     """Row-normalised weights (N, N) as a scipy CSR matrix: row ``i`` weights the spots

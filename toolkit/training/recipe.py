@@ -21,6 +21,7 @@ import numpy as np
 
 from mclx.config import LogBase, PreprocessCfg, RecipeName, TrainCfg, to_dict
 from mclx.data.preprocess import check_genes, highly_variable_genes, load_gene_list
+from mclx.training.context import DEFAULT_FOV_UM
 
 if TYPE_CHECKING:
     from torch import nn
@@ -55,7 +56,7 @@ _FROZEN_TEMPERATURE = {"mclstexp": 10.0}
 # the wider field of view of `default` with a frozen encoder (--context-fov, issue #28;
 # measured for mclstexp: PCC(ACG) 0.200 against 0.192 on 4 of 5 sections, 0.194 against
 # 0.175 on 5 of 5 on seed 1); applied only where every training section's µm/px is known
-_FROZEN_FOV = {"mclstexp": 461.0}
+_FROZEN_FOV = {"mclstexp": DEFAULT_FOV_UM}
 
 
 def recipe_overrides(name: str, model: str, train: TrainCfg) -> dict[str, Any]:

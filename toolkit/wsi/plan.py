@@ -100,26 +100,26 @@ def make_plan(slide, where, pre, *, n_genes: int, stride: int | None = None,
     if slide.decoded_bytes():  # the tissue grid decodes a plain image: check it first
         check_memory(estimate_memory(slide, 0, **mem), source, "the decoded image")
     tiles = where.tiles(slide, size=size, stride=stride, max_tiles=max_tiles)
-    tiles.views = view_sizes(pre, where, source)
+    tiles.views = view_sizes(pre, where.mpp, source)
     need = estimate_memory(slide, len(tiles), **mem)
     check_memory(need, source, f"{len(tiles):,} tiles x {n_genes} genes, image and patches")
     return Plan(tiles, pre.patch_size, factor, level, ds, need)
 
 
-def view_sizes(pre, where, source: str) -> tuple[int, ...]:
+def view_sizes(pre, mpp: float | None, source: str) -> tuple[int, ...]:
     """Level-0 sides of the wider fields of view a model reads around each tile
     (``pre.views_um``, ``--context-fov``): the rule training cut them by
-    (:func:`mclx.data.patches.source_size`), on the slide's µm/px; refused in one line
-    when that is unknown."""
+    (:func:`mclx.data.patches.source_size`), on the slide's µm/px ``mpp``; refused in
+    one line when that is unknown."""
     from mclx.data.patches import source_size
 
-    if pre.views_um and not where.mpp:
+    if pre.views_um and not mpp:
         msg = (
             f"{source}: the slide's µm/px is unknown, so the model's {pre.views_um[0]:g} µm "
             "field of view (--context-fov) has no scale: pass --mpp"
         )
         raise DataError(msg)
-    return tuple(source_size(pre.patch_size, None, where.mpp, source, w) for w in pre.views_um)
+    return tuple(source_size(pre.patch_size, None, mpp, source, w) for w in pre.views_um)
 
 
 @dataclass

@@ -31,11 +31,13 @@ def _read(slide, crops: Sequence[Sequence[tuple[int, int, int]]], out: int):
     """One batch: per tile its squares (x, y, side) each resized to ``out`` px, the
     views of a tile stacked on the channel axis (:meth:`~mclx.wsi.tiling.Tiles.crops`)."""
     t0 = time.perf_counter()
-    batch = np.stack([_views(slide, tile, out) for tile in crops])
+    batch = np.stack([read_tile(slide, tile, out) for tile in crops])
     return batch, time.perf_counter() - t0
 
 
-def _views(slide, crops: Sequence[tuple[int, int, int]], out: int) -> np.ndarray:
+def read_tile(slide, crops: Sequence[tuple[int, int, int]], out: int) -> np.ndarray:
+    """One tile's squares (x, y, side), each resized to ``out`` px, stacked on the
+    channel axis: (out, out, 3 x len(crops)) uint8."""
     if len(crops) == 1:
         return slide.read(*crops[0], out)
     return np.concatenate([slide.read(x, y, s, out) for x, y, s in crops], axis=-1)
