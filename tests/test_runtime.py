@@ -2,8 +2,10 @@
 (bad inputs: test_bad_inputs.py).
 
 The expected predictions are computed without mclx's inference layer
-(:mod:`helpers.oracles`): patches cut with ``extract_patches``, the checkpoint's model
-run in float64 on pixels scaled by hand, then cosine top-k and inverse-square-distance
+(:mod:`helpers.oracles`): patches cut with ``extract_patches`` (the default recipe's
+wider field of view beside them as the training cutter resizes it: the resampling is
+the slide reader's), the checkpoint's model run in float64 on pixels scaled by hand,
+then cosine top-k and inverse-square-distance
 weights in float64 numpy. mclx runs in float32, which moves a query's cosines by at
 most ~6e-8 (measured: tiny CNN 4e-8, DenseNet-121 6e-8 on HER2+ patches): queries whose
 k-th and (k+1)-th neighbours are closer than ``MARGIN`` (5x that) in cosine could swap
@@ -24,18 +26,25 @@ from helpers.oracles import image_outputs_f64, knn_predict, normalised_expressio
 from mclx.bank import build_bank, load_bank, save_bank
 from mclx.checkpoint import load_checkpoint
 from mclx.data.her2st import find_data_root, read_section
-from mclx.data.patches import extract_patches
+from mclx.data.patches import extract_patches, section_patches
 from mclx.data.slide import load_image
 
 MARGIN = 3e-7  # cosine gap at the k-th neighbour below which float32 may reorder
 RTOL, ATOL = 1e-4, 1e-5
 
 
-def expected_predictions(ck, bank, adata, *, k=None):
-    """Independent float64 predictions for the spots of ``adata`` (see the module doc)."""
+def expected_predictions(ck, bank, adata, *, k=None, mpp=None):
+    """Independent float64 predictions for the spots of ``adata`` (see the module doc);
+    ``mpp``: the µm/px the run cut the wide field on (default: the section's)."""
+    pre = ck.preprocess
+    if mpp is not None:
+        adata = adata.copy()
+        adata.uns["mpp"] = mpp
     patches = extract_patches(
-        load_image(adata.uns["image_path"]), adata.obsm["spatial"], ck.preprocess.patch_size
+        load_image(adata.uns["image_path"]), adata.obsm["spatial"], pre.patch_size
     )
+    wide = [section_patches(adata, pre.patch_size, pre.mpp, w) for w in pre.views_um]
+    patches = np.concatenate([patches, *wide], axis=-1)
     queries = image_outputs_f64(ck.model, patches, ck.preprocess)
     return knn_predict(
         queries,
@@ -101,7 +110,9 @@ def test_infer_at_spots_matches_an_independent_computation(her2st, tmp_path):
     pred = ad.read_h5ad(out)  # rows in spot-file order, named as the reader names them
     assert list(pred.obs_names) == [f"{x}x{y}" for x, y in zip(spots.x, spots.y, strict=True)]
     c2 = c2[[f"C2_{name}" for name in pred.obs_names]]
-    assert_agrees(pred.X, expected_predictions(load_checkpoint(ck), load_bank(bank), c2))
+    # the slide's µm/px as the run found it (from the spots' array grid): the wide field's side
+    mpp = pred.uns["mclx"]["slide_mpp"]
+    assert_agrees(pred.X, expected_predictions(load_checkpoint(ck), load_bank(bank), c2, mpp=mpp))
     np.testing.assert_allclose(pred.obsm["spatial"], c2.obsm["spatial"])
     u = pred.uns["mclx"]
     assert u["checkpoint_fingerprint"] == u["bank_fingerprint"] == load_bank(bank).fingerprint

@@ -54,10 +54,13 @@ def differences(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = 
 
 def refuse_differences(path: Path, saved: Mapping[str, Any], now: Mapping[str, Any], command: str):
     """Refuse to resume from the state at ``path`` when its record differs from ``now``,
-    naming the first difference (and the next few)."""
+    naming the first difference (and the next few): the training options' first, since
+    a recipe derives model and preprocessing fields from them (``--freeze-encoder``
+    changes the default recipe's temperature, standardisation and field of view)."""
     from mclx.artifacts import brief_repr
 
     diffs = differences(saved, now)
+    diffs.sort(key=lambda d: not d[0].startswith("train."))  # stable: record order within
     if not diffs:
         return
     name, a, b = diffs[0]

@@ -62,12 +62,14 @@ def spot_embeddings_f64(
 
 def image_outputs_f64(model, patches: np.ndarray, pre, *, batch: int = 16) -> np.ndarray:
     """The model's image output (embeddings, or ST-Net's expression) of uint8 NHWC
-    patches, float64: pixels scaled to [0, 1] then ``(x - mean) / std`` by hand."""
+    patches, float64: pixels scaled to [0, 1] then ``(x - mean) / std`` by hand (the RGB
+    mean and std for each 3-channel view: a ``--context-fov`` model's patches hold two)."""
     import torch
 
     m = _f64(model)
-    mean = np.asarray(pre.mean, np.float64)[None, :, None, None]
-    std = np.asarray(pre.std, np.float64)[None, :, None, None]
+    views = patches.shape[-1] // 3
+    mean = np.tile(np.asarray(pre.mean, np.float64), views)[None, :, None, None]
+    std = np.tile(np.asarray(pre.std, np.float64), views)[None, :, None, None]
     out = []
     with torch.no_grad():
         for s in range(0, len(patches), batch):

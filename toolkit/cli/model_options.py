@@ -346,6 +346,8 @@ def context_options() -> Decorator:
             "--context-fov", type=click.FloatRange(0), default=None, metavar="UM",
             help="With --freeze-encoder: a second crop of UM µm around each spot (e.g. "
             "3x the patch's field), resized to the patch size and encoded by the same "
-            "encoder; its features are appended to the spot's own. Default 0: none.",
+            "encoder; its features are appended to the spot's own. Default: 461 for "
+            "mclstexp under --recipe default where the sections' µm/px is known, else "
+            "0 (none); 0 turns it off.",
         ),
     )  # fmt: skip

@@ -64,13 +64,15 @@ def available_memory() -> int | None:
 
 
 def estimate_memory(slide, n_tiles: int, *, size: int, level_ds: float, patch: int,
-                    n_genes: int, batch_size: int, workers: int) -> int:  # fmt: skip
+                    n_genes: int, batch_size: int, workers: int,
+                    views: tuple[int, ...] = ()) -> int:  # fmt: skip
     """Peak bytes of the run's slide-sized parts: the decoded image (plain images are
     decoded whole), ``workers + 2`` batches of patches in flight (uint8 and the float32
-    model input), each reader's level region (RGBA), and the predictions (twice: the
-    array and the AnnData written from it)."""
-    in_flight = (workers + 2) * batch_size * patch * patch * 3 + batch_size * 3 * patch**2 * 4
-    regions = workers * 4 * int(size / level_ds + 1) ** 2
+    model input; 3 channels per view), each reader's largest level region (RGBA), and
+    the predictions (twice: the array and the AnnData written from it)."""
+    ch = 3 * (1 + len(views))
+    in_flight = (workers + 2) * batch_size * patch * patch * ch + batch_size * ch * patch**2 * 4
+    regions = workers * 4 * int(max(size, *views) / level_ds + 1) ** 2
     preds = 2 * n_tiles * n_genes * 4 + n_tiles * 96  # float32 + centres and ids
     return int(slide.decoded_bytes() + in_flight + regions + preds)
 
@@ -95,12 +97,13 @@ def make_plan(slide, where, pre, *, n_genes: int, stride: int | None = None,
     factor = check_resampling(size, pre, where.mpp, source)
     level = slide.level_for(factor)
     ds = slide.level_downsamples[level]
+    views = view_sizes(pre, where.mpp, source)  # refused before the tissue is found
     mem = dict(size=size, level_ds=ds, patch=pre.patch_size, n_genes=n_genes,
-               batch_size=batch_size, workers=workers)  # fmt: skip
+               batch_size=batch_size, workers=workers, views=views)  # fmt: skip
     if slide.decoded_bytes():  # the tissue grid decodes a plain image: check it first
         check_memory(estimate_memory(slide, 0, **mem), source, "the decoded image")
     tiles = where.tiles(slide, size=size, stride=stride, max_tiles=max_tiles)
-    tiles.views = view_sizes(pre, where.mpp, source)
+    tiles.views = views
     need = estimate_memory(slide, len(tiles), **mem)
     check_memory(need, source, f"{len(tiles):,} tiles x {n_genes} genes, image and patches")
     return Plan(tiles, pre.patch_size, factor, level, ds, need)
