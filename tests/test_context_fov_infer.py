@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.cli import mclx
+from helpers.data import c2_slide_and_spots
 
 FOV, RADIUS = 600.0, 400.0
 FP32 = ("--backend", "torch", "--precision", "fp32")  # not auto's choice, which may be bf16
@@ -85,13 +86,6 @@ def _png(img: np.ndarray):
     return path
 
 
-def _c2(her2st):
-    return (
-        next((her2st / "data" / "ST-imgs" / "C" / "C2").glob("*.jpg")),
-        her2st / "data" / "ST-spotfiles" / "C2_selection.tsv",
-    )
-
-
 @pytest.fixture(scope="module")
 def fov_models(her2st, tmp_path_factory):
     """ridge with a 600 µm field of view, and with it a 400 µm neighbourhood in concat
@@ -150,7 +144,7 @@ def test_infer_reads_the_wide_field_as_training_cut_it(name, fov_models, her2st,
     from mclx.checkpoint import load_checkpoint
     from mclx.data.her2st import read_section
 
-    slide, spots = _c2(her2st)
+    slide, spots = c2_slide_and_spots(her2st)
     pred = _infer(fov_models / f"{name}.pt", slide, tmp_path / "c2.h5ad", "--spots", spots,
                   *FP32)  # fmt: skip
     c2 = read_section(her2st, "C2")
@@ -176,7 +170,7 @@ def test_infer_reads_the_wide_field_as_training_cut_it(name, fov_models, her2st,
 def test_exported_graph_takes_both_views(fov_models, her2st, tmp_path):
     import onnx
 
-    slide, spots = _c2(her2st)
+    slide, spots = c2_slide_and_spots(her2st)
     path = fov_models / "fov.onnx"
     dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
     assert dims[1].dim_value == 6  # the patch's RGB, then the wide field's

@@ -11,15 +11,9 @@ import anndata as ad
 import numpy as np
 import pytest
 from helpers.cli import assert_one_line_error, mclx, run_cli
+from helpers.data import c2_slide_and_spots
 
 RADIUS = 400.0
-
-
-def _c2(her2st):
-    return (
-        next((her2st / "data" / "ST-imgs" / "C" / "C2").glob("*.jpg")),
-        her2st / "data" / "ST-spotfiles" / "C2_selection.tsv",
-    )
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +60,7 @@ def test_section_model_predicts_the_section_as_its_own_forward(region_models, he
     from mclx.inference import predict
     from mclx.inference.encoders import TorchEncoder
 
-    slide, spots = _c2(her2st)
+    slide, spots = c2_slide_and_spots(her2st)
     pred = _infer(region_models / "his2st.pt", slide, tmp_path / "c2.h5ad", "--spots", spots)
     assert pred.uns["mclx"]["backend"] == "torch" and "region" in pred.uns["mclx"]["timings"]
     c2 = _section(her2st)
@@ -105,7 +99,7 @@ def test_context_model_pools_the_tiles_neighbourhoods(name, region_models, her2s
     from mclx.data.patches import section_patches
     from mclx.inference.embed import encode_features
 
-    slide, spots = _c2(her2st)
+    slide, spots = c2_slide_and_spots(her2st)
     pred = _infer(region_models / f"{name}.pt", slide, tmp_path / "c2.h5ad", "--spots", spots)
     c2 = _section(her2st)
     c2 = c2[["C2_" + i for i in pred.obs_names]].copy()  # infer's order (his2st's graph)
@@ -135,7 +129,7 @@ def test_context_model_pools_the_tiles_neighbourhoods(name, region_models, her2s
 def test_region_model_refusals_are_one_line(region_models, her2st, tmp_path, capsys):
     import pandas as pd
 
-    slide, spots = _c2(her2st)
+    slide, spots = c2_slide_and_spots(her2st)
     his2st = region_models / "his2st.pt"
     out = tmp_path / "x.h5ad"
     far = tmp_path / "C2_far_selection.tsv"  # array coordinates beyond the tables

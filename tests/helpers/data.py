@@ -52,3 +52,12 @@ def shared_missing(name: str) -> str | None:
     if (path / SHARED[name]).is_file():
         return None
     return f"needs the {name} data: not found at {path} (set MCLX_SHARED_DATA)"
+
+
+def c2_slide_and_spots(her2st: Path) -> tuple[Path, Path]:
+    """HER2+ section C2's full-resolution image and its spot file (the region tests'
+    slide)."""
+    return (
+        next((her2st / "data" / "ST-imgs" / "C" / "C2").glob("*.jpg")),
+        her2st / "data" / "ST-spotfiles" / "C2_selection.tsv",
+    )
