@@ -235,7 +235,8 @@ def test_engine_batches_and_neighbour_agreement():
 
 def test_workspace_inputs_are_made_on_the_cpu(tmp_path, synthetic):
     """What the GPU checks build their engines and runs from: a DenseNet-121
-    checkpoint for the synthetic genes, patches, a bank of it, a pyramidal slide."""
+    checkpoint for the synthetic genes shaped as the default recipe's model (its 461 µm
+    wider field of view: 6-channel patches), patches, a bank of it, a pyramidal slide."""
     from mclx.bank import load_bank
     from mclx.checkpoint import read_checkpoint_dict
     from mclx.gpu_check.workspace import Workspace
@@ -243,7 +244,8 @@ def test_workspace_inputs_are_made_on_the_cpu(tmp_path, synthetic):
     ws = Workspace(tmp_path)
     ws.made["data"] = synthetic  # the same synthetic sections, already written
     x = ws.patches(773)
-    assert x.shape == (773, 224, 224, 3) and x.dtype == np.uint8
+    assert ws.ck().preprocess.views_um == (461.0,) and ws.ck().model_cfg.context_fov_um == 461
+    assert x.shape == (773, 224, 224, 6) and x.dtype == np.uint8
     assert len({a.tobytes() for a in x[:400]}) == 400  # distinct images up to 4 x 100 spots
     fp = read_checkpoint_dict(ws.checkpoint())["fingerprint"]
     assert read_checkpoint_dict(ws.checkpoint("other.pt", seed=1))["fingerprint"] != fp

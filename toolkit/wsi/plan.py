@@ -72,7 +72,7 @@ def estimate_memory(slide, n_tiles: int, *, size: int, level_ds: float, patch: i
     the predictions (twice: the array and the AnnData written from it)."""
     ch = 3 * (1 + len(views))
     in_flight = (workers + 2) * batch_size * patch * patch * ch + batch_size * ch * patch**2 * 4
-    regions = workers * 4 * int(max(size, *views) / level_ds + 1) ** 2
+    regions = workers * 4 * int(max((size, *views)) / level_ds + 1) ** 2
     preds = 2 * n_tiles * n_genes * 4 + n_tiles * 96  # float32 + centres and ids
     return int(slide.decoded_bytes() + in_flight + regions + preds)
 
