@@ -29,7 +29,7 @@ def calibration_patches(
     rng = np.random.default_rng(seed)
     views = len(pre.views_um) if pre is not None else 0
     if source is None:
-        shape = (n, size, size, 3 * (1 + views))
+        shape = (n, size, size, 3 if pre is None else pre.channels())
         return rng.integers(0, 256, size=shape, dtype=np.uint8), "random pixels"
     path = Path(source)
     if not path.exists():
@@ -179,8 +179,7 @@ def _cut(adatas, table, rows: np.ndarray, pre) -> np.ndarray:
     """The patches of ``table``'s spots ``rows`` (in that order), each section's cut once."""
     from mclx.data.patches import model_patches
 
-    channels = 3 * (1 + len(pre.views_um))
-    out = np.zeros((len(rows), pre.patch_size, pre.patch_size, channels), np.uint8)
+    out = np.zeros((len(rows), pre.patch_size, pre.patch_size, pre.channels()), np.uint8)
     for name, a in adatas.items():
         mine = np.flatnonzero(table.section[rows] == name)
         if len(mine):

@@ -47,16 +47,12 @@ def metadata(ck) -> dict[str, str]:
         "checkpoint": str(Path(ck.path).resolve()) if ck.path else "",
         "model": json.dumps(to_dict(ck.model_cfg)),
         "preprocess": json.dumps(to_dict(ck.preprocess)),
-        "input": f"{INPUT}: float32 N x {_channels(ck)} x H x W, pixel scale of 'preprocess'"
+        "input": f"{INPUT}: float32 N x {ck.preprocess.channels()} x H x W, pixel scale of "
+        "'preprocess'"
         + _views_note(ck)
         + (f"; {POSITIONS}: int64 N x 2 array coordinates" if _section(ck) else ""),
         "output": f"{OUTPUT}: float32 N x D",
     }
-
-
-def _channels(ck) -> int:
-    """Input channels: 3 per view (the patch, then each wider field of view)."""
-    return 3 * (1 + len(ck.preprocess.views_um))
 
 
 def _views_note(ck) -> str:
@@ -180,7 +176,7 @@ def export_onnx(ck, out: str | os.PathLike, *, opset: int = 17, precision: str =
     module = ck.model.cpu().eval()  # forward: images (, positions) -> embeddings
     if precision == "fp16":
         module = _half_encoder(module)
-    args: tuple = (torch.rand(3, _channels(ck), size, size),)
+    args: tuple = (torch.rand(3, ck.preprocess.channels(), size, size),)
     names = [INPUT]
     if _section(ck):
         args += (torch.tensor([[0, 0], [1, 0], [0, 1]]),)

@@ -51,6 +51,10 @@ class PreprocessCfg:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     views_um: tuple[float, ...] = ()
 
+    def channels(self) -> int:
+        """Channels of the model's input: 3 (RGB) for the patch and for each view."""
+        return 3 * (1 + len(self.views_um))
+
 
 @dataclass(frozen=True)
 class ModelCfg:

@@ -124,11 +124,11 @@ def _recorded_checkpoint(model: Path) -> str:
 
 @dataclass
 class Region:
-    """What the region step needs besides the features: with a context radius the
-    tiles' centres in µm and the radius; for a section model the spots' array
-    coordinates (a section model trained with a radius has both)."""
+    """What the region step needs besides the features and the model's config (its
+    radius, mode and views): with a context radius the tiles' centres in µm; for a
+    section model the spots' array coordinates (a section model trained with a radius
+    has both)."""
 
-    radius_um: float = 0.0
     xy_um: np.ndarray | None = None
     positions: np.ndarray | None = None
 
@@ -163,7 +163,6 @@ def plan_region(encoder, model: Path, where, tiles) -> Region | None:
         if not where.mpp:
             msg = f"{where.source}: the slide's µm/px is unknown, so {describe_model(cfg)}"
             raise DataError(msg + " has no scale: pass --mpp")
-        region.radius_um = float(cfg.context_radius_um)
         region.xy_um = np.asarray(tiles.centres, np.float64) * float(where.mpp)
     _check_memory(encoder, model, where, len(tiles))
     return region
